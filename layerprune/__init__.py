@@ -1,0 +1,13 @@
+"""layerprune: post-training LLM sparsity with a different sparsity for each layer.
+
+Public API::
+
+    from layerprune import load_model, prune, allocate, evaluate
+"""
+
+__version__ = "0.1.0"
+
+from layerprune.api import allocate, evaluate, prune  # noqa: E402
+from layerprune.models import load_model  # noqa: E402
+
+__all__ = ["__version__", "allocate", "evaluate", "load_model", "prune"]

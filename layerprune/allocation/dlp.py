@@ -1,0 +1,68 @@
+"""DLP — Dynamic Layerwise Pruning (Chen et al., ICML 2025, arXiv 2505.23807; methods_dlp.md §1).
+
+Per block l, the unimportance S_l is a statistic of the concatenated Wanda scores A = |W|·‖X‖₂ of
+all the block's linears, on dense-model activations (§1.3): the **median** (paper, default) or the
+mean (released code, ``stat="mean"``). Then (§1.4)::
+
+    I_l = 1 − S_l / Σ_k S_k                       (relative importance)
+    d_l = 2α · (I_l − min I) / (max I − min I)     (min-max onto [0, 2α])
+    s_l = p + mean(d) − d_l                        (centre on the target: R_j = p + m − d_j)
+
+so blocks with larger S are pruned more; the band is exactly 2α wide and located at
+[p + m − 2α, p + m] (not [p − α, p + α], §8 A3). Sparsities are clamped to [0.01, 0.99] and the
+unclamped blocks shifted so the parameter-weighted mean stays p (the code only maps s ≤ 0 to 0.01).
+Equal S in every block → uniform, with a warning. ``granularity="linear"`` applies the same mapping
+to per-linear statistics (an option; the papers allocate per block).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from layerprune.allocation.common import AllocContext, Allocation, finish
+from layerprune.errors import UserError
+
+log = logging.getLogger("layerprune")
+
+
+def dlp_sparsities(S: np.ndarray, target: float, alpha: float) -> tuple[np.ndarray, dict]:
+    """Pure DLP mapping (Eq. for I, d, R above) before clamping. Returns sparsities and diagnostics."""
+    S = np.asarray(S, dtype=np.float64)
+    I = 1.0 - S / S.sum()
+    span = I.max() - I.min()
+    if not np.isfinite(span) or span <= 0:
+        log.warning("DLP: every block has the same statistic; falling back to uniform sparsity")
+        return np.full(len(S), target), {"degenerate": True, "importance": I.tolist()}
+    d = 2 * alpha * (I - I.min()) / span
+    s = target + d.mean() - d
+    return s, {"degenerate": False, "importance": I.tolist(), "d": d.tolist(), "m": float(d.mean())}
+
+
+def check_alpha(alpha: float, target: float) -> None:
+    if not (0 < alpha < 0.5):
+        raise UserError(f"DLP alpha must be in (0, 0.5) (got {alpha}): the band 2*alpha must fit inside [0, 1); the paper uses 0.15")
+    if not (0.01 <= target <= 0.99):
+        raise UserError(f"DLP needs a target sparsity in [0.01, 0.99] (got {target})")
+
+
+def allocate_dlp(ctx: AllocContext, target: float, alpha: float = 0.15, stat: str = "median",
+                 granularity: str = "block", **_: object) -> Allocation:
+    check_alpha(alpha, target)
+    if stat not in ("median", "mean"):
+        raise UserError(f"DLP statistic must be median (paper) or mean (released code), got '{stat}'")
+    stats = ctx.dense_stats()
+    if granularity == "block":
+        S = np.array([b[stat] for b in stats.per_block])
+        s, diag = dlp_sparsities(S, target, alpha)
+        diag.update(statistic=stat, S=S.tolist(), alpha=alpha, unclamped=s.tolist())
+        return finish("dlp", ctx.adapter, target, per_block=s.tolist(), lo=0.01, hi=0.99, diagnostics=diag)
+    if granularity == "linear":
+        names = list(stats.per_linear)
+        S = np.array([stats.per_linear[n][stat] for n in names])
+        s, diag = dlp_sparsities(S, target, alpha)
+        diag.update(statistic=stat, alpha=alpha, granularity="linear")
+        return finish("dlp", ctx.adapter, target, per_linear=dict(zip(names, s.tolist())), lo=0.01, hi=0.99,
+                      diagnostics=diag)
+    raise UserError(f"granularity must be block or linear, got '{granularity}'")

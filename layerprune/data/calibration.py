@@ -1,0 +1,77 @@
+"""Calibration sampling with the reference protocol (SparseGPT/Wanda/OWL/DLP ``get_c4``).
+
+Python's ``random`` is seeded; repeatedly a random document is drawn until its token count is
+strictly greater than ``seqlen``; a window of ``seqlen`` tokens starts uniformly in ``[0, T - seqlen - 1]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from layerprune.data.sources import load_documents
+from layerprune.errors import UserError
+
+
+@dataclass
+class CalibSet:
+    """``input_ids`` of shape (nsamples, seqlen) plus what produced them (for records and cache keys)."""
+
+    input_ids: torch.Tensor
+    source: str
+    seed: int
+    doc_ids: list[int] = field(default_factory=list)
+
+    @property
+    def nsamples(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seqlen(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.input_ids.numpy().tobytes()).hexdigest()[:16]
+
+
+def sample_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int,
+                   exclude: set[int] | None = None, max_tries: int = 200_000) -> tuple[torch.Tensor, list[int]]:
+    """Reference sampler; documents in ``exclude`` are skipped (for disjoint held-out sets)."""
+    if nsamples < 1:
+        raise UserError(f"nsamples must be at least 1 (got {nsamples})")
+    if seqlen < 2:
+        raise UserError(f"seqlen must be at least 2 (got {seqlen})")
+    rng = random.Random(seed)
+    cache: dict[int, torch.Tensor] = {}
+    out, ids = [], []
+    tries = 0
+    exclude = exclude or set()
+    for _ in range(nsamples):
+        while True:
+            tries += 1
+            if tries > max_tries:
+                raise UserError(f"too few calibration documents longer than {seqlen} tokens: lower --seqlen or use more data")
+            i = rng.randint(0, len(docs) - 1)
+            if i in exclude:
+                continue
+            if i not in cache:
+                cache[i] = tokenizer(docs[i], return_tensors="pt").input_ids[0]
+            if cache[i].shape[0] > seqlen:
+                break
+        enc = cache[i]
+        j = rng.randint(0, enc.shape[0] - seqlen - 1)
+        out.append(enc[j : j + seqlen])
+        ids.append(i)
+    return torch.stack(out), ids
+
+
+def sample_c4_windows(tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+                      source: str = "c4", exclude: set[int] | None = None) -> CalibSet:
+    """``nsamples`` windows of ``seqlen`` tokens from the calibration documents of ``source``."""
+    split = {"c4": "calib"}.get(source, "validation")
+    docs = load_documents(source, split)
+    ids, doc_ids = sample_windows(docs, tokenizer, nsamples, seqlen, seed, exclude)
+    return CalibSet(ids, source, seed, doc_ids)

@@ -1,0 +1,200 @@
+"""Capture every block's inputs and keyword arguments, then run blocks one at a time.
+
+Capture: each block's ``forward`` is replaced for one pass by a recorder that stores its hidden
+state (block 0) and **all** its keyword arguments (attention mask, ``position_embeddings``, per-layer
+masks such as Gemma3's sliding/global ones), returns the hidden state unchanged, and stops the forward
+at the last block. That pass costs only the embedding, mask and rotary computation, and it yields the
+right kwargs for every block type (the old "Catcher" that keeps only mask and position ids breaks on
+transformers 5).
+
+Memory: only the current block lives on the accelerator; activations stay there when they fit
+(``offload="auto"``) or are streamed from pinned CPU memory, one batch ahead, on a side stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from layerprune.models.adapter import ModelAdapter
+
+log = logging.getLogger("layerprune")
+
+_DROP_KWARGS = {"past_key_values", "past_key_value", "use_cache", "cache_position_ids"}
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _block_ids(adapter: ModelAdapter) -> set[int]:
+    return {id(m) for b in adapter.blocks for m in b.modules()}
+
+
+def move_non_block(model: nn.Module, adapter: ModelAdapter, device: torch.device) -> None:
+    """Move every parameter and buffer *outside* the decoder blocks (embeddings, norms, rotary, head)."""
+    inside = _block_ids(adapter)
+    seen: set[int] = set()
+    for mod in model.modules():
+        if id(mod) in inside:
+            continue
+        for k, p in mod._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                p.data = p.data.to(device)
+        for k, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[k] = b.to(device)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _same(a: Any, b: Any) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b if not torch.is_tensor(a) and not torch.is_tensor(b) else False
+
+
+def _dedupe(kw: dict, prev: dict | None) -> dict:
+    """Reuse the previous batch's objects for equal kwargs, so identical masks/rotary are stored once."""
+    if prev is None:
+        return kw
+    return {k: (prev[k] if k in prev and _same(v, prev[k]) else v) for k, v in kw.items()}
+
+
+class BlockRunner:
+    """Holds the calibration activations entering the current block and runs blocks over them.
+
+    ``acts[b]`` is batch ``b`` of hidden states; ``kwargs[b][i]`` are block ``i``'s keyword arguments
+    for batch ``b`` (on the execution device; equal ones are shared).
+    """
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, device: torch.device,
+                 batch_size: int = 8, offload: str = "auto") -> None:
+        self.model, self.adapter, self.device = model, adapter, device
+        self.batch_size = max(1, int(batch_size))
+        self.acts: list[torch.Tensor] = []
+        self.kwargs: list[list[dict]] = []
+        self.args: list[list[tuple]] = []
+        self._capture(input_ids)
+        self.on_device = self._decide_offload(offload)
+        if not self.on_device:
+            self.acts = [a.cpu().pin_memory() if device.type == "cuda" else a.cpu() for a in self.acts]
+        self.block = 0
+
+    # ---------------------------------------------------------------- capture
+    @torch.no_grad()
+    def _capture(self, input_ids: torch.Tensor) -> None:
+        model, adapter, dev = self.model, self.adapter, self.device
+        move_non_block(model, adapter, dev)
+        L = adapter.n_blocks
+        rec: dict[str, Any] = {}
+
+        def recorder(i: int) -> Callable:
+            def fwd(hidden_states, *args, **kwargs):
+                if i == 0:
+                    rec["h"] = hidden_states
+                rec.setdefault("kw", {})[i] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
+                rec.setdefault("args", {})[i] = args
+                if i == L - 1:
+                    raise _StopForward
+                return hidden_states
+
+            return fwd
+
+        for i, b in enumerate(adapter.blocks):
+            b.forward = recorder(i)
+        try:
+            prev: list[dict] | None = None
+            for s in range(0, input_ids.shape[0], self.batch_size):
+                rec.clear()
+                try:
+                    model(input_ids=input_ids[s : s + self.batch_size].to(dev), use_cache=False)
+                except _StopForward:
+                    pass
+                if "h" not in rec or len(rec.get("kw", {})) != L:
+                    raise RuntimeError("input capture failed: the model did not call every decoder block")
+                kws = [_dedupe(rec["kw"][i], prev[i] if prev else None) for i in range(L)]
+                for i in range(1, L):  # blocks of one type usually share kwargs: store once
+                    kws[i] = _dedupe(kws[i], kws[i - 1])
+                prev = kws
+                self.kwargs.append(kws)
+                self.args.append([rec["args"][i] for i in range(L)])
+                self.acts.append(rec["h"].detach())
+        finally:
+            for b in adapter.blocks:
+                if "forward" in b.__dict__:
+                    del b.forward
+
+    def _decide_offload(self, offload: str) -> bool:
+        if self.device.type != "cuda":
+            return True
+        if offload in ("device", "gpu"):
+            return True
+        if offload == "cpu":
+            return False
+        need = sum(a.numel() * a.element_size() for a in self.acts)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        block = sum(p.numel() * p.element_size() for p in self.adapter.blocks[0].parameters())
+        keep = need + 6 * block < 0.6 * free
+        log.info("calibration activations: %.1f MiB, kept on %s", need / 2**20, "GPU" if keep else "CPU (streamed)")
+        return keep
+
+    # ---------------------------------------------------------------- running
+    def _batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        if self.on_device or self.device.type != "cuda":
+            yield from enumerate(a.to(self.device) for a in self.acts)
+            return
+        stream = torch.cuda.Stream(self.device)
+        cur = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(stream):
+            nxt = self.acts[0].to(self.device, non_blocking=True)
+        for b in range(len(self.acts)):
+            cur.wait_stream(stream)
+            x = nxt
+            x.record_stream(cur)
+            if b + 1 < len(self.acts):
+                with torch.cuda.stream(stream):
+                    nxt = self.acts[b + 1].to(self.device, non_blocking=True)
+            yield b, x
+
+    @torch.no_grad()
+    def run(self, i: int, store: bool, block: nn.Module | None = None) -> None:
+        """Run block ``i`` over every batch; with ``store`` its outputs replace the activations."""
+        block = self.adapter.blocks[i] if block is None else block
+        for b, x in self._batches():
+            out = block(x, *self.args[b][i], **self.kwargs[b][i])
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            if store:
+                if self.on_device:
+                    self.acts[b] = out
+                else:
+                    self.acts[b].copy_(out, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if store:
+            self.block = i + 1
+
+    def tokens(self) -> int:
+        return sum(a.shape[0] * a.shape[1] for a in self.acts)
+
+    def free(self) -> None:
+        self.acts, self.kwargs, self.args = [], [], []

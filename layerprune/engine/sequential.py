@@ -1,0 +1,219 @@
+"""The sequential block-by-block loop (methods_dlp.md §4.4), generic and bounded in accelerator memory.
+
+For each block: move it to the accelerator; run the calibration batches through it once with hooks
+that feed every linear's pruner (inputs come from the already-pruned earlier blocks); prune every
+linear with **its own** pattern; run the pruned block once more to produce the next block's inputs;
+move it back. Two forwards per block, no more; samples are batched; statistics are fp32 on the
+accelerator. ``dense_stats_pass`` is the one-forward-per-block sweep over the dense model that DLP
+and OWL share (§1.6 pass 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerprune.engine.runner import BlockRunner, move_non_block
+from layerprune.models.adapter import ModelAdapter
+from layerprune.pruners import Pattern, get_pruner
+from layerprune.pruners.wanda import WandaPruner
+from layerprune.utils import peak_memory_mb, reset_peak, sync
+
+log = logging.getLogger("layerprune")
+
+
+@contextmanager
+def feed_hooks(linears: dict[str, nn.Linear], sinks: dict[str, object]) -> Iterator[None]:
+    """Forward hooks that hand each linear's input to ``sinks[name].add_batch``."""
+    handles = []
+    for name, lin in linears.items():
+        sink = sinks[name]
+
+        def hook(mod, inp, out, sink=sink):
+            sink.add_batch(inp[0].detach())
+
+        handles.append(lin.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class PruneResult:
+    per_linear: dict[str, dict] = field(default_factory=dict)
+    per_block: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    calib_tokens: int = 0
+    peak_mem_mb: float | None = None
+
+    def achieved(self) -> float:
+        z = sum(v["zeros"] for v in self.per_linear.values())
+        n = sum(v["numel"] for v in self.per_linear.values())
+        return z / max(n, 1)
+
+
+class Checkpointer:
+    """Protocol of the resume store (see export.RunDir): finished blocks, their weights and records."""
+
+    done: int = 0
+
+    def load_block(self, i: int, block: nn.Module) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def save_block(self, i: int, block: nn.Module, record: dict) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _linear_record(lin: nn.Linear, pattern: Pattern) -> dict:
+    zeros = int((lin.weight.data == 0).sum())
+    numel = lin.weight.numel()
+    return {"allocated": pattern.sparsity, "pattern": str(pattern) if pattern.is_nm else "unstructured",
+            "achieved": zeros / numel, "zeros": zeros, "numel": numel}
+
+
+def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor | None,
+                     plan: dict[str, Pattern], pruner: str, device: torch.device, batch_size: int = 8,
+                     offload: str = "auto", checkpoint: Checkpointer | None = None, progress: bool = True,
+                     pruner_kwargs: dict | None = None,
+                     on_block: Callable[[int, dict], None] | None = None) -> PruneResult:
+    """Prune ``model`` in place; ``plan`` maps each linear's full name to its :class:`Pattern`."""
+    cls = get_pruner(pruner)
+    pk = pruner_kwargs or {}
+    res = PruneResult()
+    reset_peak(device)
+    t_all = time.perf_counter()
+    runner = None
+    if cls.needs_data:
+        assert calib_ids is not None, "this pruner needs calibration data"
+        runner = BlockRunner(model, adapter, calib_ids, device, batch_size, offload)
+        res.calib_tokens = runner.tokens()
+    done = checkpoint.done if checkpoint is not None else 0
+    bar = tqdm(range(adapter.n_blocks), desc="prune", disable=not progress, unit="block")
+    for i in bar:
+        t0 = time.perf_counter()
+        block = adapter.blocks[i]
+        block.to(device)
+        linears = adapter.linears(i)
+        if i < done:
+            rec = checkpoint.load_block(i, block)  # type: ignore[union-attr]
+            if runner is not None:
+                runner.run(i, store=True)
+            res.per_linear.update(rec["linears"])
+            res.per_block.append(rec["block"])
+            block.to("cpu") if device.type == "cuda" else None
+            bar.set_postfix_str(f"block {i} resumed")
+            continue
+        pruners = {n: cls(lin, **pk) for n, lin in linears.items()}
+        if runner is not None:
+            with feed_hooks(linears, pruners):
+                runner.run(i, store=False)
+        sync(device)
+        t_mask = time.perf_counter()
+        recs = {}
+        for n, lin in linears.items():
+            full = adapter.full_name(i, n)
+            pat = plan[full]
+            pruners[n].prune(pat)
+            pruners[n].free()
+            recs[full] = _linear_record(lin, pat)
+        sync(device)
+        prune_s = time.perf_counter() - t_mask
+        del pruners
+        if runner is not None and i + 1 < adapter.n_blocks:
+            runner.run(i, store=True)
+        numel = sum(r["numel"] for r in recs.values())
+        brec = {"block": i,
+                "allocated": sum(r["allocated"] * r["numel"] for r in recs.values()) / numel,
+                "achieved": sum(r["zeros"] for r in recs.values()) / numel,
+                "seconds": time.perf_counter() - t0, "prune_seconds": prune_s,
+                "peak_mem_mb": peak_memory_mb(device)}
+        if device.type == "cuda":
+            block.to("cpu")
+        res.per_linear.update(recs)
+        res.per_block.append(brec)
+        if checkpoint is not None:
+            checkpoint.save_block(i, block, {"linears": recs, "block": brec})
+        if on_block:
+            on_block(i, brec)
+        bar.set_postfix_str(f"s={brec['achieved']:.3f}")
+    if runner is not None:
+        runner.free()
+    res.seconds = time.perf_counter() - t_all
+    res.peak_mem_mb = peak_memory_mb(device)
+    return res
+
+
+@dataclass
+class DenseStats:
+    """Per-block (and per-linear) statistics of the Wanda scores |W|·‖X‖ on the dense model."""
+
+    per_block: list[dict]
+    per_linear: dict[str, dict]
+    nsamples: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"per_block": self.per_block, "per_linear": self.per_linear, "nsamples": self.nsamples,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DenseStats":
+        pb = [{**b, "outlier": {float(k): v for k, v in b["outlier"].items()}} for b in d["per_block"]]
+        pl = {n: {**v, "outlier": {float(k): x for k, x in v["outlier"].items()}} for n, v in d["per_linear"].items()}
+        return cls(pb, pl, d["nsamples"], d["seconds"])
+
+
+OUTLIER_MS = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)
+
+
+def lower_median(x: torch.Tensor) -> float:
+    """The lower median (``torch.median`` convention): the ⌈n/2⌉-th smallest value; CPU ``kthvalue``."""
+    return float(torch.kthvalue(x.cpu().flatten(), (x.numel() + 1) // 2).values)
+
+
+def score_stats(scores: torch.Tensor, ms: tuple[float, ...]) -> dict:
+    mean = float(scores.double().mean())
+    return {"median": lower_median(scores), "mean": mean,
+            "outlier": {m: float((scores > m * mean).sum()) / scores.numel() for m in ms}}
+
+
+def dense_stats_pass(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor, device: torch.device,
+                     batch_size: int = 8, offload: str = "auto", ms: tuple[float, ...] = OUTLIER_MS,
+                     progress: bool = True) -> DenseStats:
+    """One forward per dense block: its outputs are the next block's inputs; nothing is pruned.
+
+    A block's scores are built one linear at a time on the accelerator and streamed to CPU memory,
+    where the block statistic (lower median, mean, outlier ratio ``#{A > M·mean(A)}/numel``) is taken.
+    """
+    t0 = time.perf_counter()
+    runner = BlockRunner(model, adapter, calib_ids, device, batch_size, offload)
+    per_block, per_linear = [], {}
+    for i in tqdm(range(adapter.n_blocks), desc="dense stats", disable=not progress, unit="block"):
+        block = adapter.blocks[i]
+        block.to(device)
+        linears = adapter.linears(i)
+        acc = {n: WandaPruner(lin) for n, lin in linears.items()}
+        with feed_hooks(linears, acc):
+            runner.run(i, store=True)
+        parts = []
+        for n, a in acc.items():
+            s = a.score().cpu()
+            per_linear[adapter.full_name(i, n)] = score_stats(s, ms)
+            parts.append(s.flatten())
+            a.free()
+        per_block.append(score_stats(torch.cat(parts), ms))
+        del parts, acc
+        if device.type == "cuda":
+            block.to("cpu")
+    runner.free()
+    move_non_block(model, adapter, torch.device("cpu")) if device.type == "cuda" else None
+    return DenseStats(per_block, per_linear, int(calib_ids.shape[0]), time.perf_counter() - t0)

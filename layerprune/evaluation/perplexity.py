@@ -1,0 +1,79 @@
+"""Perplexity with the reference protocol (methods_dlp.md §5.1).
+
+The text is joined once (WikiText-2 with ``"\\n\\n"``, C4/PTB with ``" "``), tokenised once,
+cut into ``floor(T / seqlen)`` non-overlapping windows (remainder dropped, no per-window BOS);
+each window contributes ``mean CE(logits[:-1], tokens[1:]) * seqlen`` and
+``PPL = exp(sum nll_i / (n * seqlen))``. C4 is truncated to 256 windows as in the reference.
+Windows are batched; the result does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerprune.data.sources import load_text
+from layerprune.errors import UserError
+from layerprune.utils import model_device, ppl_progress_disabled
+
+
+def context_length(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def check_seqlen(model: nn.Module, seqlen: int) -> None:
+    ctx = context_length(model)
+    if seqlen < 2:
+        raise UserError(f"seqlen must be at least 2 (got {seqlen})")
+    if ctx is not None and seqlen > ctx:
+        raise UserError(f"seqlen {seqlen} is beyond the model's context of {ctx} tokens: use --seqlen {ctx} or less")
+
+
+def tokenize_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise UserError(f"the text has fewer than seqlen={seqlen} tokens")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
+                          desc: str = "ppl", device: torch.device | str | None = None) -> float:
+    """Reference PPL over ``windows`` (n, seqlen). The model may sit on CPU with blocks offloaded."""
+    dev = torch.device(device) if device is not None else model_device(model)
+    n, seqlen = windows.shape
+    total = 0.0
+    for s in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=ppl_progress_disabled()):
+        batch = windows[s : s + batch_size].to(dev)
+        logits = model(input_ids=batch, use_cache=False).logits
+        shift = logits[:, :-1, :].float()
+        ce = nn.functional.cross_entropy(shift.reshape(-1, shift.size(-1)), batch[:, 1:].reshape(-1), reduction="none")
+        total += float(ce.view(batch.shape[0], -1).mean(dim=1).sum()) * seqlen
+        del logits, shift, ce
+    return math.exp(total / (n * seqlen))
+
+
+def perplexity(model: nn.Module, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
+               max_windows: int | None = None, batch_size: int = 1, split: str | None = None) -> dict:
+    """Return ``{"ppl", "windows", "tokens", "seqlen", "dataset"}`` for one dataset."""
+    check_seqlen(model, seqlen)
+    text = load_text(dataset, split)
+    if dataset == "c4":
+        max_windows = 256 if max_windows is None else min(max_windows, 256)
+    win = tokenize_windows(tokenizer, text, seqlen, max_windows)
+    ppl = perplexity_of_windows(model, win, batch_size, desc=f"ppl {dataset}")
+    return {"dataset": dataset, "ppl": ppl, "windows": int(win.shape[0]), "tokens": int(win.numel()), "seqlen": seqlen}
+
+
+def perplexity_many(model: nn.Module, tokenizer, datasets: Iterable[str], seqlen: int = 2048,
+                    max_windows: int | None = None, batch_size: int = 1) -> dict[str, dict]:
+    return {d: perplexity(model, tokenizer, d, seqlen, max_windows, batch_size) for d in datasets}

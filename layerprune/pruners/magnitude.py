@@ -1,0 +1,29 @@
+"""Magnitude pruning (methods_dlp.md §4.3): score |W|, one threshold per matrix; N:M per row group."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layerprune.pruners.masks import Pattern, matrix_mask, nm_mask
+
+
+class MagnitudePruner:
+    needs_data = False
+
+    def __init__(self, layer: nn.Linear, **_: object) -> None:
+        self.layer = layer
+
+    def add_batch(self, x: torch.Tensor) -> None:  # no statistics needed
+        pass
+
+    @torch.no_grad()
+    def prune(self, pattern: Pattern) -> torch.Tensor:
+        W = self.layer.weight.data
+        score = W.abs().float()
+        mask = nm_mask(score, pattern.n, pattern.m) if pattern.is_nm else matrix_mask(score, pattern.sparsity)
+        W[mask] = 0
+        return mask
+
+    def free(self) -> None:
+        pass

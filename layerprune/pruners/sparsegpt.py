@@ -1,0 +1,116 @@
+"""SparseGPT (Frantar & Alistarh 2023; methods_dlp.md §4.2): OBS pruning with weight reconstruction.
+
+H = (2/N) Σ x xᵀ in fp32; dead inputs get H_jj = 1 and W_:j = 0; damping ``percdamp·mean(diag H)``;
+Hinv = upper Cholesky factor of H⁻¹. Columns are processed in blocks of ``blocksize`` (128): the
+unstructured mask is chosen per column block by w² / diag(Hinv)² (adaptive mask selection), N:M per
+group of m columns on the already-updated weights; every pruned weight's error is spread over the
+remaining columns (the OBS update). TF32 is disabled while solving, as in the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from layerprune.pruners.masks import Pattern
+
+log = logging.getLogger("layerprune")
+
+
+class SparseGPTPruner:
+    needs_data = True
+
+    def __init__(self, layer: nn.Linear, blocksize: int = 128, percdamp: float = 0.01) -> None:
+        self.layer = layer
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+        cols = layer.in_features
+        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=layer.weight.device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        tmp = x.shape[0] if x.dim() == 3 else 1
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.H *= self.nsamples / (self.nsamples + tmp)
+        self.nsamples += tmp
+        x = math.sqrt(2 / self.nsamples) * x
+        self.H.addmm_(x.t(), x)
+
+    def _hinv(self, H: torch.Tensor) -> torch.Tensor:
+        cols = H.shape[0]
+        diag = torch.arange(cols, device=H.device)
+        damp = self.percdamp * torch.mean(torch.diag(H))
+        for attempt in range(6):
+            Hd = H.clone()
+            Hd[diag, diag] += damp
+            try:
+                L = torch.linalg.cholesky(Hd)
+                Hi = torch.cholesky_inverse(L)
+                return torch.linalg.cholesky(Hi, upper=True)
+            except torch.linalg.LinAlgError:
+                damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=H.device)
+                log.warning("SparseGPT: Cholesky failed, retrying with damping x10 (attempt %d)", attempt + 1)
+        raise RuntimeError("SparseGPT: Hessian is not positive definite even after heavy damping")
+
+    @torch.no_grad()
+    def prune(self, pattern: Pattern) -> torch.Tensor:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return self._prune(pattern)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+
+    def _prune(self, pattern: Pattern) -> torch.Tensor:
+        W = self.layer.weight.data.clone().float()
+        rows, cols = W.shape
+        H = self.H
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        Hinv = self._hinv(H)
+        prunen, prunem = pattern.n, pattern.m
+        full_mask = torch.zeros_like(W, dtype=torch.bool)
+        for i1 in range(0, cols, self.blocksize):
+            i2 = min(i1 + self.blocksize, cols)
+            count = i2 - i1
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            d1 = torch.diag(Hinv1)
+            if prunem == 0:
+                tmp = W1**2 / d1.reshape(1, -1) ** 2
+                k = int(tmp.numel() * pattern.sparsity)
+                mask1 = torch.zeros(tmp.numel(), dtype=torch.bool, device=W.device)
+                if k > 0:
+                    mask1[torch.sort(tmp.flatten(), stable=True)[1][:k]] = True
+                mask1 = mask1.view_as(W1)
+            else:
+                mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            for i in range(count):
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                if prunem and i % prunem == 0:
+                    tmp = W1[:, i : i + prunem] ** 2 / d1[i : i + prunem].reshape(1, -1) ** 2
+                    idx = torch.sort(tmp, dim=1, stable=True)[1][:, :prunen]
+                    mask1.scatter_(1, i + idx, True)
+                q = w.clone()
+                q[mask1[:, i]] = 0
+                Q1[:, i] = q
+                err1 = (w - q) / d
+                W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+                Err1[:, i] = err1
+            W[:, i1:i2] = Q1
+            full_mask[:, i1:i2] = mask1
+            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+        full_mask[:, dead] = True
+        self.layer.weight.data = W.to(self.layer.weight.dtype)
+        return full_mask
+
+    def free(self) -> None:
+        self.H = torch.empty(0)

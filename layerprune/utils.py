@@ -1,0 +1,59 @@
+"""Small shared helpers: devices, memory, logging, progress switches."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+from torch import nn
+
+log = logging.getLogger("layerprune")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("[layerprune] %(message)s"))
+        log.addHandler(h)
+    log.setLevel(os.environ.get("LAYERPRUNE_LOG", level))
+    log.propagate = False
+
+
+def ppl_progress_disabled() -> bool:
+    return os.environ.get("LAYERPRUNE_PROGRESS", "1") == "0"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from layerprune.errors import UserError
+
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
+    return dev
+
+
+def model_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
