@@ -93,6 +93,11 @@ def save_model(model: nn.Module, tokenizer, path: str | Path) -> None:
     model.to("cpu")
     for b in model.modules():
         b.__dict__.pop("forward", None)
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is not None and "gguf" in str(qc).lower():  # dequantised GGUF: plain weights, drop the marker
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

@@ -146,7 +146,7 @@ def resolve_spec(spec: str) -> tuple[str, Path | str]:
 def _gguf_to_dir(path: Path) -> Path:
     """Dequantise a GGUF with transformers once; cache it as a safetensors HF directory."""
     key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir() / "hf" / f"{path.stem}-{key}"
+    out = cache_dir() / "hf" / f"{path.stem}-{key}-v2"
     if (out / "config.json").is_file():
         return out
     try:
@@ -161,6 +161,8 @@ def _gguf_to_dir(path: Path) -> Path:
     # save_pretrained refuses a GGUF-loaded model: rebuild from the config and load the state dict.
     cfg = gm.config
     cfg.dtype = torch.float32
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # the dequantised weights are plain fp32
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(gm.state_dict(), strict=False)
     bad = [k for k in missing if "lm_head" not in k] + list(unexpected)

@@ -1,0 +1,159 @@
+"""GPU benchmarks for BENCHMARKS.md (run on the device machine; see bench/README.md).
+
+    python bench/gpu_bench.py --model smollm2-135m --part 4 --out $OUT/part4.json
+
+Each part appends records to its JSON file as runs finish, so a timed-out call still returns data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from layerprune.api import Session, evaluate_ppl, prune  # noqa: E402
+from layerprune.models.loading import load_model  # noqa: E402
+from layerprune.utils import setup_logging  # noqa: E402
+
+RESULTS: list[dict] = []
+
+
+def save(path: str) -> None:
+    Path(path).write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def slim(rec: dict) -> dict:
+    keep = ["config", "sparsity", "per_block", "per_block_achieved", "ppl", "timing", "peak_mem_mb", "dense_ppl"]
+    out = {k: rec.get(k) for k in keep}
+    d = rec.get("allocation", {}).get("diagnostics", {})
+    out["diagnostics"] = {k: v for k, v in d.items() if k in ("phi", "evaluations", "sv_seconds", "evals_per_second",
+                                                              "setup_seconds", "statistic", "S", "lod_percent", "alpha", "seconds")}
+    return out
+
+
+def run(model_spec: str, out: str, label: str, **kw) -> dict | None:
+    t = time.perf_counter()
+    try:
+        model, tok = load_model(model_spec, dtype=kw.pop("dtype", "float32"))
+        dev = torch.device("cuda")
+        sess = Session(model, tok, dev, kw.pop("calib", "c4"), kw.pop("nsamples", 128), kw.pop("seqlen", 2048),
+                       0, kw.pop("batch_size", 8), kw.pop("offload", "auto"), progress=False, use_cache=True)
+        rec = prune(model, session=sess, progress=False, **kw)
+        r = {"label": label, **slim(rec), "wall_seconds": time.perf_counter() - t}
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        r = {"label": label, "error": repr(e)}
+    RESULTS.append(r)
+    save(out)
+    ppl = r.get("ppl", {})
+    print(f"## {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in ppl.items()) +
+          f" | {r.get('wall_seconds', 0):.1f}s | peak {r.get('peak_mem_mb')}", flush=True)
+    torch.cuda.empty_cache()
+    return r
+
+
+def part3(m: str, out: str) -> None:
+    model, tok = load_model(m)
+    dev = torch.device("cuda")
+    for seqlen, mw in ((512, 8), (2048, None)):
+        t = time.perf_counter()
+        r = evaluate_ppl(model, tok, ["wikitext2"], seqlen, mw, dev)
+        RESULTS.append({"label": f"dense wikitext2 seqlen {seqlen} windows {mw or 'all'}", "ppl": r["wikitext2"],
+                        "seconds": time.perf_counter() - t})
+        print("##", RESULTS[-1], flush=True)
+    r = evaluate_ppl(model, tok, ["c4", "ptb"], 2048, None, dev)
+    RESULTS.append({"label": "dense c4/ptb seqlen 2048", "ppl": r})
+    save(out)
+
+
+def part4(m: str, out: str) -> None:
+    ev = dict(eval=["wikitext2"], eval_seqlen=2048)
+    for pruner in ("magnitude", "wanda", "sparsegpt"):
+        for pat, sp in (("unstructured", 0.5), ("unstructured", 0.7), ("2:4", None)):
+            run(m, out, f"{pruner} {pat} {sp or ''}", sparsity=sp, pruner=pruner, pattern=pat, **ev)
+    # accelerator memory capped below the model's size: activations stream from CPU, one block on the GPU
+    model_bytes = 134_515_008 * 4
+    frac = 0.6 * model_bytes / torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(frac)
+    r = run(m, out, f"sparsegpt 0.5 capped at {frac * torch.cuda.get_device_properties(0).total_memory / 2**20:.0f} MiB",
+            sparsity=0.5, pruner="sparsegpt", eval=[], offload="cpu")
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    r["cap_mib"] = frac * torch.cuda.get_device_properties(0).total_memory / 2**20
+    r["model_mib"] = model_bytes / 2**20
+    save(out)
+
+
+def part5(m: str, out: str) -> None:
+    ev = dict(eval=["wikitext2", "c4"], eval_seqlen=2048)
+    for pruner in ("wanda", "sparsegpt"):
+        for alloc, opts in (("uniform", {}), ("owl", {}), ("alphapruning", {}), ("dlp", {"stat": "median"}),
+                            ("dlp", {"stat": "mean"})):
+            run(m, out, f"{pruner} {alloc} {opts} 0.7", sparsity=0.7, pruner=pruner, allocation=alloc,
+                alloc_options=opts, **ev)
+    for sp in (0.5, 0.6, 0.8):
+        run(m, out, f"wanda uniform {sp}", sparsity=sp, pruner="wanda", **ev)
+        run(m, out, f"wanda dlp {sp}", sparsity=sp, pruner="wanda", allocation="dlp", **ev)
+    for a in (0.05, 0.10, 0.20, 0.25):
+        run(m, out, f"wanda dlp alpha={a} 0.7", sparsity=0.7, pruner="wanda", allocation="dlp",
+            alloc_options={"alpha": a}, **ev)
+    run(m, out, "wanda dlp granularity=linear 0.7", sparsity=0.7, pruner="wanda", allocation="dlp",
+        alloc_options={"granularity": "linear"}, **ev)
+    run(m, out, "wanda dlp 2:4 (mixed N:M)", pruner="wanda", pattern="2:4", allocation="dlp", **ev)
+    run(m, out, "wanda owl 2:4 (mixed N:M)", pruner="wanda", pattern="2:4", allocation="owl", **ev)
+
+
+def part6(m: str, out: str) -> None:
+    from layerprune.allocation.shapley import spearman
+    from layerprune.allocation.svnup import SVGame
+
+    ev = dict(eval=["wikitext2", "c4"], eval_seqlen=2048)
+    # SWSV vs exact Shapley over 8 player blocks
+    model, tok = load_model(m)
+    dev = torch.device("cuda")
+    sess = Session(model, tok, dev, nsamples=128, seqlen=2048, progress=False)
+    t = time.perf_counter()
+    game = SVGame(model, sess.adapter, sess.sv_ids(32), sess.calib().input_ids, 0.7, "sparsegpt", dev, progress=False)
+    setup = time.perf_counter() - t
+    players = list(range(11, 19))
+    t = time.perf_counter()
+    exact, ne = game.reference(players, "exact", progress=False)
+    t_exact = time.perf_counter() - t
+    rows = {"label": "SWSV vs exact over blocks 11-18 (sparsegpt 0.7, D/P, dense background)", "exact": exact.tolist(),
+            "exact_evals": ne, "exact_seconds": t_exact, "setup_seconds": setup, "windows": {}}
+    for w in range(2, 7):
+        t = time.perf_counter()
+        phi, n = game.swsv(players, w, progress=False)
+        rows["windows"][w] = {"phi": phi.tolist(), "evals": n, "seconds": time.perf_counter() - t,
+                              "spearman": spearman(phi, exact)}
+        print("## w", w, rows["windows"][w]["spearman"], n, flush=True)
+    game.close()
+    RESULTS.append(rows)
+    save(out)
+    del game, model
+    torch.cuda.empty_cache()
+    for pruner in ("sparsegpt", "wanda"):
+        for absent, bg in (("pruned", "dense"), ("removed", "dense"), ("pruned", "pruned")):
+            run(m, out, f"{pruner} svnup absent={absent} background={bg} 0.7", sparsity=0.7, pruner=pruner,
+                allocation="svnup", alloc_options={"absent": absent, "background": bg}, **ev)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--part", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    setup_logging("WARNING")
+    os.environ["LAYERPRUNE_PROGRESS"] = "0"
+    print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    {3: part3, 4: part4, 5: part5, 6: part6}[a.part](a.model, a.out)
+    save(a.out)

@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from layerprune.allocation import AllocContext, clip_and_restore, mixed_nm
+from layerprune.allocation.alphapruning import allocate_alphapruning, alphapruning_sparsities, hill_alpha
+from layerprune.allocation.dlp import allocate_dlp, dlp_sparsities
+from layerprune.allocation.owl import owl_sparsities
+from layerprune.engine.sequential import dense_stats_pass
+from layerprune.errors import UserError
+from layerprune.models.adapter import ModelAdapter
+
+
+def test_dlp_band_exactly_2alpha_and_mean():
+    S = np.array([0.3, 0.5, 0.45, 0.9, 1.2, 0.7])
+    s, d = dlp_sparsities(S, 0.7, 0.15)
+    assert s.max() - s.min() == pytest.approx(0.30)
+    assert s.mean() == pytest.approx(0.7)
+    assert np.argmax(s) == np.argmax(S) and np.argmin(s) == np.argmin(S)  # larger S → pruned more
+    # known answer: s = p + mean(d) - d with d = 2α (Smax - S)/(Smax - Smin)
+    dd = 0.3 * (S.max() - S) / (S.max() - S.min())
+    assert np.allclose(s, 0.7 + dd.mean() - dd)
+
+
+def test_dlp_scale_and_shift_invariant():
+    S = np.random.default_rng(0).random(10)
+    a, _ = dlp_sparsities(S, 0.6, 0.1)
+    b, _ = dlp_sparsities(S * 37.0, 0.6, 0.1)
+    assert np.allclose(a, b)
+
+
+def test_dlp_flat_falls_back_to_uniform(caplog):
+    s, d = dlp_sparsities(np.ones(5), 0.5, 0.15)
+    assert np.allclose(s, 0.5) and d["degenerate"]
+    assert "uniform" in caplog.text
+
+
+def test_clip_and_restore_keeps_weighted_mean():
+    s = np.array([1.05, 0.95, 0.6, 0.4, 0.5])
+    w = np.array([1.0, 2.0, 1.0, 3.0, 1.0])
+    out = clip_and_restore(s, w, 0.8, 0.01, 0.99)
+    assert (out <= 0.99).all() and (out >= 0.01).all()
+    assert (out * w).sum() / w.sum() == pytest.approx(0.8)
+    with pytest.raises(UserError):
+        clip_and_restore(s, w, 0.995, 0.01, 0.99)
+
+
+def test_owl_known_answer():
+    D = np.array([1.0, 3.0, 2.0])
+    s = owl_sparsities(D, 0.7, 0.08)
+    t = 0.16 * np.array([0.0, 1.0, 0.5])
+    assert np.allclose(s, 0.7 - (t - t.mean()))
+
+
+def test_hill_recovers_power_law_exponent():
+    rng = np.random.default_rng(0)
+    alpha = 2.5
+    x = (1 - rng.random(4000)) ** (-1 / (alpha - 1))  # Pareto with pdf ∝ x^-alpha, xmin = 1
+    est, _ = hill_alpha(torch.tensor(x), xmin_window="intended")
+    assert est == pytest.approx(alpha, abs=0.15)
+
+
+def test_alphapruning_weighted_mean_and_order():
+    a = np.array([2.0, 3.0, 4.0, 5.0])
+    n = np.array([10.0, 40.0, 10.0, 40.0])
+    s = alphapruning_sparsities(a, n, 0.6, 0.3)
+    assert (s * n).sum() / n.sum() == pytest.approx(0.6)
+    assert np.all(np.diff(s) > 0)  # larger alpha → more sparsity
+
+
+def _ctx(model, ids):
+    ad = ModelAdapter.of(model)
+    stats = dense_stats_pass(model, ad, ids, torch.device("cpu"), batch_size=2, progress=False)
+    return AllocContext(ad, dense_stats=lambda: stats, extra={"device": torch.device("cpu")})
+
+
+@pytest.mark.parametrize("gran", ["block", "linear"])
+def test_dlp_on_model_weighted_mean(gran):
+    m = tiny_model("llama", layers=5)
+    ctx = _ctx(m, torch.randint(0, 128, (4, 32)))
+    al = allocate_dlp(ctx, 0.7, 0.15, "median", gran)
+    sizes = ctx.adapter.linear_sizes()
+    mean = sum(al.per_linear[k] * sizes[k] for k in sizes) / sum(sizes.values())
+    assert mean == pytest.approx(0.7, abs=1e-9)
+    assert all(0.01 <= v <= 0.99 for v in al.per_linear.values())
+
+
+def test_dlp_mean_vs_median_statistic():
+    m = tiny_model("llama", layers=4)
+    ctx = _ctx(m, torch.randint(0, 128, (4, 32)))
+    st = ctx.dense_stats()
+    a = allocate_dlp(ctx, 0.5, stat="median")
+    b = allocate_dlp(ctx, 0.5, stat="mean")
+    assert a.diagnostics["S"] == [x["median"] for x in st.per_block]
+    assert b.diagnostics["S"] == [x["mean"] for x in st.per_block]
+
+
+def test_alphapruning_on_model():
+    m = tiny_model("llama", layers=4)
+    ad = ModelAdapter.of(m)
+    al = allocate_alphapruning(AllocContext(ad, extra={"device": torch.device("cpu")}), 0.5)
+    sizes = ad.linear_sizes()
+    assert sum(al.per_linear[k] * sizes[k] for k in sizes) / sum(sizes.values()) == pytest.approx(0.5)
+
+
+def test_mixed_nm_mean():
+    per_block = [0.3, 0.45, 0.5, 0.55, 0.7, 0.5]
+    ns = mixed_nm(per_block, [1] * 6, 2, 4)
+    assert sum(ns) == 12 and all(0 <= k <= 3 for k in ns)
+    assert ns[0] <= ns[-2]
+
+
+def test_bad_alpha():
+    with pytest.raises(UserError):
+        allocate_dlp(AllocContext(None), 0.7, alpha=0.6)

@@ -1,0 +1,56 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from layerprune.cli import main
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "no-such-model"], "unknown model"),
+    (["eval", "org/none", "--ppl", "nope"], "unknown dataset"),
+    (["prune", "smollm2-135m", "--sparsity", "1.2"], "sparsity must be in [0, 1)"),
+    (["prune", "smollm2-135m", "--pattern", "4:2"], "N:M"),
+    (["prune", "smollm2-135m", "--sparsity", "0.5", "--pruner", "bogus"], "unknown pruner"),
+    (["prune", "smollm2-135m", "--sparsity", "0.5", "--allocation", "bogus"], "unknown allocation"),
+    (["prune", "smollm2-135m", "--sparsity", "0.5", "--nsamples", "0"], "nsamples"),
+    (["allocate", "smollm2-135m", "--allocation", "dlp", "--alpha", "0.9", "--nsamples", "1"], "alpha"),
+    (["eval", "smollm2-135m", "--tasks", "nope"], "unknown task"),
+])
+def test_bad_input_one_line_exit_2(args, needle, capsys):
+    code, out, err = run(args, capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("layerprune: error")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_out_exists(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("1")
+    code, _, err = run(["prune", "smollm2-135m", "--sparsity", "0.5", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "not empty" in err
+
+
+def test_dir_without_model(tmp_path, capsys):
+    code, _, err = run(["eval", str(tmp_path)], capsys)
+    assert code == 2 and "config.json" in err
+
+
+def test_ls_json(capsys):
+    code, out, _ = run(["ls", "--json"], capsys)
+    d = json.loads(out)
+    assert code == 0 and "smollm2-135m" in d["models"] and "dlp" in d["allocations"]
+
+
+def test_console_script_json_only_stdout():
+    p = subprocess.run([sys.executable, "-m", "layerprune", "ls", "--json"], capture_output=True, text=True)
+    assert p.returncode == 0
+    json.loads(p.stdout)  # exactly one JSON object

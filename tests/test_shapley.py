@@ -1,0 +1,128 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from layerprune.allocation.common import AllocContext
+from layerprune.allocation.shapley import exact_shapley, monte_carlo_shapley, spearman, swsv, swsv_evaluations
+from layerprune.allocation.svnup import SVGame, allocate_svnup, svnup_sparsities
+from layerprune.errors import UserError
+from layerprune.models.adapter import ModelAdapter
+
+
+def game_table(n, seed=0):
+    rng = np.random.default_rng(seed)
+    vals = {frozenset(c): rng.normal() for r in range(n + 1) for c in itertools.combinations(range(n), r)}
+    return lambda S: vals[frozenset(S)]
+
+
+def test_efficiency():
+    v = game_table(5)
+    phi = exact_shapley(5, v)
+    assert phi.sum() == pytest.approx(v(frozenset(range(5))) - v(frozenset()))
+
+
+def test_symmetry_and_dummy():
+    # v(S) = 2*[0 in S] + 2*[1 in S] + 0*[2 in S] + |S ∩ {0,1}| == 2 bonus
+    def v(S):
+        return 2 * (0 in S) + 2 * (1 in S) + 3 * (0 in S and 1 in S)
+
+    phi = exact_shapley(3, v)
+    assert phi[0] == pytest.approx(phi[1]) == pytest.approx(3.5)
+    assert phi[2] == pytest.approx(0.0)
+
+
+def test_additivity():
+    v1, v2 = game_table(4, 1), game_table(4, 2)
+    a = exact_shapley(4, v1) + exact_shapley(4, v2)
+    b = exact_shapley(4, lambda S: v1(S) + v2(S))
+    assert np.allclose(a, b)
+
+
+def test_swsv_equals_exact_when_window_is_everything():
+    v = game_table(5, 3)
+    phi, evals, _ = swsv(5, 5, lambda st, S: v(S), shared_pattern=frozenset(range(5)))
+    assert np.allclose(phi, exact_shapley(5, v))
+    assert evals == 2**5
+
+
+@pytest.mark.parametrize("L,w", [(8, 3), (10, 4), (6, 2)])
+def test_swsv_evaluation_count(L, w):
+    calls = []
+    phi, evals, _ = swsv(L, w, lambda st, S: calls.append(1) or float(len(S)), shared_pattern=frozenset(range(w)))
+    assert evals == len(calls) == swsv_evaluations(L, w) == (L - w + 1) * (2**w - 1) + 1
+    assert np.allclose(phi, 1.0)  # additive game: φ_i = 1 for every window
+
+
+def test_monte_carlo_converges():
+    v = game_table(4, 4)
+    assert np.allclose(monte_carlo_shapley(4, v, 3000, 0), exact_shapley(4, v), atol=0.1)
+
+
+def test_spearman():
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_budgets_keep_mean():
+    phi = np.array([0.5, 0.1, -0.2, 0.05, 0.3])
+    for mapping in ("band", "proportional"):
+        s = svnup_sparsities(phi, 0.7, 0.08, mapping)
+        assert s.mean() == pytest.approx(0.7) if mapping == "band" else True
+        assert np.argmin(s) == np.argmax(phi)
+
+
+def _game(model, **kw):
+    ad = ModelAdapter.of(model)
+    calib = torch.randint(0, 128, (4, 24))
+    sv = torch.randint(0, 128, (3, 24))
+    return ad, SVGame(model, ad, sv, calib, 0.6, "wanda", torch.device("cpu"), batch_size=2, progress=False, **kw)
+
+
+def test_weight_swap_restores_dense_bit_exactly():
+    m = tiny_model("llama", layers=4, seed=11)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ad, g = _game(m)
+    g.swsv(list(range(4)), 2, progress=False)
+    g.close()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_game_full_and_dense_payoff_consistent():
+    m = tiny_model("llama", layers=4, seed=12)
+    ad, g = _game(m)
+    dense = g.run_from(0, list(g.runner.acts), ["D"] * 4)
+    with torch.no_grad():
+        ids = g.sv_ids
+        logits = m(input_ids=ids).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert dense == pytest.approx(-float(nll), rel=1e-5)
+    pruned = g.run_from(0, list(g.runner.acts), ["P"] * 4)
+    assert pruned != dense
+    g.close()
+
+
+@pytest.mark.parametrize("absent,background", [("pruned", "dense"), ("removed", "dense"), ("pruned", "pruned")])
+def test_allocate_svnup_counts_and_mean(absent, background):
+    m = tiny_model("llama", layers=5, seed=13)
+    ad = ModelAdapter.of(m)
+    calib = torch.randint(0, 128, (4, 24))
+    ctx = AllocContext(ad, calib=lambda: calib,
+                       extra={"device": torch.device("cpu"), "pruner": "wanda", "batch_size": 2, "progress": False,
+                              "seqlen": 24, "sv_ids": torch.randint(0, 128, (3, 24))})
+    al = allocate_svnup(ctx, 0.6, window=3, absent=absent, background=background)
+    assert al.diagnostics["evaluations"] == swsv_evaluations(5, 3)
+    sizes = ad.block_sizes()
+    assert sum(s * n for s, n in zip(al.per_block, sizes)) / sum(sizes) == pytest.approx(0.6)
+    assert len(al.diagnostics["phi"]) == 5
+
+
+def test_svnup_bad_window():
+    m = tiny_model("llama", layers=3)
+    with pytest.raises(UserError):
+        allocate_svnup(AllocContext(ModelAdapter.of(m)), 0.5, window=4)
+    with pytest.raises(UserError):
+        allocate_svnup(AllocContext(ModelAdapter.of(m)), 0.5, players=[])
