@@ -80,16 +80,6 @@ def part4(m: str, out: str) -> None:
     for pruner in ("magnitude", "wanda", "sparsegpt"):
         for pat, sp in (("unstructured", 0.5), ("unstructured", 0.7), ("2:4", None)):
             run(m, out, f"{pruner} {pat} {sp or ''}", sparsity=sp, pruner=pruner, pattern=pat, **ev)
-    # accelerator memory capped below the model's size: activations stream from CPU, one block on the GPU
-    model_bytes = 134_515_008 * 4
-    frac = 0.6 * model_bytes / torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(frac)
-    r = run(m, out, f"sparsegpt 0.5 capped at {frac * torch.cuda.get_device_properties(0).total_memory / 2**20:.0f} MiB",
-            sparsity=0.5, pruner="sparsegpt", eval=[], offload="cpu")
-    torch.cuda.set_per_process_memory_fraction(1.0)
-    r["cap_mib"] = frac * torch.cuda.get_device_properties(0).total_memory / 2**20
-    r["model_mib"] = model_bytes / 2**20
-    save(out)
 
 
 def part5(m: str, out: str) -> None:
@@ -99,6 +89,10 @@ def part5(m: str, out: str) -> None:
                             ("dlp", {"stat": "mean"})):
             run(m, out, f"{pruner} {alloc} {opts} 0.7", sparsity=0.7, pruner=pruner, allocation=alloc,
                 alloc_options=opts, **ev)
+
+
+def part7(m: str, out: str) -> None:
+    ev = dict(eval=["wikitext2", "c4"], eval_seqlen=2048)
     for sp in (0.5, 0.6, 0.8):
         run(m, out, f"wanda uniform {sp}", sparsity=sp, pruner="wanda", **ev)
         run(m, out, f"wanda dlp {sp}", sparsity=sp, pruner="wanda", allocation="dlp", **ev)
@@ -109,6 +103,23 @@ def part5(m: str, out: str) -> None:
         alloc_options={"granularity": "linear"}, **ev)
     run(m, out, "wanda dlp 2:4 (mixed N:M)", pruner="wanda", pattern="2:4", allocation="dlp", **ev)
     run(m, out, "wanda owl 2:4 (mixed N:M)", pruner="wanda", pattern="2:4", allocation="owl", **ev)
+
+
+def part8(m: str, out: str) -> None:
+    # reference-style loop: one sample per forward (still two forwards per block) vs batched
+    for bs in (1, 8, 32):
+        run(m, out, f"wanda 0.5 batch_size={bs}", sparsity=0.5, pruner="wanda", eval=[], batch_size=bs)
+        run(m, out, f"sparsegpt 0.5 batch_size={bs}", sparsity=0.5, pruner="sparsegpt", eval=[], batch_size=bs)
+    # accelerator memory capped below the model's size: activations stream from CPU, one block on the GPU
+    model_bytes = 134_515_008 * 4
+    total = torch.cuda.get_device_properties(0).total_memory
+    frac = 0.9 * model_bytes / total
+    torch.cuda.set_per_process_memory_fraction(frac)
+    r = run(m, out, f"sparsegpt 0.5 capped at {frac * total / 2**20:.0f} MiB (model {model_bytes / 2**20:.0f} MiB)",
+            sparsity=0.5, pruner="sparsegpt", eval=[], offload="cpu", batch_size=2)
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    model, tok = load_model(m)
+    assert r is not None
 
 
 def part6(m: str, out: str) -> None:
@@ -155,5 +166,5 @@ if __name__ == "__main__":
     setup_logging("WARNING")
     os.environ["LAYERPRUNE_PROGRESS"] = "0"
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
-    {3: part3, 4: part4, 5: part5, 6: part6}[a.part](a.model, a.out)
+    {3: part3, 4: part4, 5: part5, 6: part6, 7: part7, 8: part8}[a.part](a.model, a.out)
     save(a.out)
