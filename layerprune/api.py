@@ -80,10 +80,21 @@ class Session:
         return self._calib
 
     def sv_ids(self, n: int = 32) -> torch.Tensor:
-        """SV-evaluation windows: C4 calibration documents *not* used by the pruning calibration set."""
+        """SV-evaluation windows, disjoint from the pruning calibration set: the calibration
+        documents it did not use are joined with "\\n\\n", tokenised, cut into non-overlapping
+        windows of ``seqlen``, and ``n`` of them are drawn with ``random.Random(seed + 1)``."""
         if self._sv is None or self._sv.shape[0] < n:
+            import random
+
             used = set(self.calib().doc_ids)
-            self._sv = sample_c4_windows(self.tokenizer, n, self.seqlen, self.seed + 1, self.calib_name, exclude=used).input_ids
+            docs = load_documents(self.calib_name, {"c4": "calib"}.get(self.calib_name, "validation"))
+            text = "\n\n".join(d for i, d in enumerate(docs) if i not in used)
+            ids = self.tokenizer(text, return_tensors="pt").input_ids[0]
+            nwin = ids.numel() // self.seqlen
+            if nwin < n:
+                raise UserError(f"only {nwin} held-out windows of {self.seqlen} tokens for the SV set: lower --sv-samples or --seqlen")
+            pick = sorted(random.Random(self.seed + 1).sample(range(nwin), n))
+            self._sv = torch.stack([ids[k * self.seqlen:(k + 1) * self.seqlen] for k in pick])
         return self._sv[:n]
 
     def dense_stats(self) -> DenseStats:
