@@ -91,6 +91,14 @@ def part5(m: str, out: str) -> None:
                 alloc_options=opts, **ev)
 
 
+def part9(m: str, out: str) -> None:
+    ev = dict(eval=["wikitext2", "c4"], eval_seqlen=2048)
+    for pruner in ("sparsegpt",):
+        for absent, bg in (("removed", "dense"), ("pruned", "pruned")):
+            run(m, out, f"{pruner} svnup absent={absent} background={bg} 0.7", sparsity=0.7, pruner=pruner,
+                allocation="svnup", alloc_options={"absent": absent, "background": bg}, **ev)
+
+
 def part7(m: str, out: str) -> None:
     ev = dict(eval=["wikitext2", "c4"], eval_seqlen=2048)
     for sp in (0.5, 0.6, 0.8):
@@ -146,13 +154,15 @@ def part6(m: str, out: str) -> None:
         rows["windows"][w] = {"phi": phi.tolist(), "evals": n, "seconds": time.perf_counter() - t,
                               "spearman": spearman(phi, exact)}
         print("## w", w, rows["windows"][w]["spearman"], n, flush=True)
+        if w == 2:
+            RESULTS.append(rows)
+        save(out)
     game.close()
-    RESULTS.append(rows)
     save(out)
     del game, model
     torch.cuda.empty_cache()
     for pruner in ("sparsegpt", "wanda"):
-        for absent, bg in (("pruned", "dense"), ("removed", "dense"), ("pruned", "pruned")):
+        for absent, bg in (("pruned", "dense"),):
             run(m, out, f"{pruner} svnup absent={absent} background={bg} 0.7", sparsity=0.7, pruner=pruner,
                 allocation="svnup", alloc_options={"absent": absent, "background": bg}, **ev)
 
@@ -166,5 +176,5 @@ if __name__ == "__main__":
     setup_logging("WARNING")
     os.environ["LAYERPRUNE_PROGRESS"] = "0"
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
-    {3: part3, 4: part4, 5: part5, 6: part6, 7: part7, 8: part8}[a.part](a.model, a.out)
+    {3: part3, 4: part4, 5: part5, 6: part6, 7: part7, 8: part8, 9: part9}[a.part](a.model, a.out)
     save(a.out)

@@ -223,7 +223,9 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
         mdl, tok, src = _load(model, tokenizer, dtype, dev, trust_remote_code)
         session = Session(mdl, tok, dev, calib, nsamples, seqlen, seed, batch_size, offload, progress, use_cache)
     mdl, tok = session.model, session.tokenizer
-    eseq = eval_seqlen or seqlen
+    config.update(calib=session.calib_name, nsamples=session.nsamples, seqlen=session.seqlen, seed=session.seed,
+                  batch_size=session.batch_size)
+    eseq = eval_seqlen or session.seqlen
     if evals:
         check_seqlen(mdl, eseq)
     record: dict[str, Any] = {"config": config, "versions": versions(), "started": now(), "device": str(dev),

@@ -66,6 +66,7 @@ def _alloc(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stride", type=int, default=None, help="SV-NUP window stride: 1 or w")
     g.add_argument("--mapping", default=None, choices=["band", "proportional"], help="SV-NUP φ → sparsity")
     g.add_argument("--yes", action="store_true", help="run an SV computation estimated to take over an hour")
+    g.add_argument("--sv-fp32", action="store_true", help="SV-NUP coalition forwards in full fp32 (default TF32 on CUDA)")
 
 
 def alloc_options(method: str, a: argparse.Namespace) -> dict:
@@ -75,7 +76,7 @@ def alloc_options(method: str, a: argparse.Namespace) -> dict:
         "alphapruning": {"epsilon": a.epsilon, "mapping": a.mapping_type, "xmin_window": a.xmin_window},
         "svnup": {"window": a.window, "lam": a.lam, "absent": a.absent, "background": a.background,
                   "payoff": a.payoff, "sv_samples": a.sv_samples, "aggregate": a.aggregate, "stride": a.stride,
-                  "mapping": a.mapping, "yes": a.yes or None},
+                  "mapping": a.mapping, "yes": a.yes or None, "tf32": False if a.sv_fp32 else None},
         "uniform": {},
     }
     return {k: v for k, v in table.get(method, {}).items() if v is not None}

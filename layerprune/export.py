@@ -71,7 +71,8 @@ class RunDir:
         block.load_state_dict({k: v.to(dev) for k, v in sd.items()})
         return json.loads((self.partial / "blocks" / f"block_{i}.json").read_text())
 
-    def finalize(self, model: nn.Module, tokenizer, record: dict, extra_files: dict[str, bytes] | None = None) -> Path:
+    def finalize(self, model: nn.Module, tokenizer, record: dict, extra_files: dict[str, bytes] | None = None,
+                 before_rename=None) -> Path:
         final = self.partial / "model"
         if final.exists():
             shutil.rmtree(final)
@@ -79,6 +80,8 @@ class RunDir:
         (final / RECORD).write_text(json.dumps(record, indent=2, default=str))
         for name, data in (extra_files or {}).items():
             (final / name).write_bytes(data)
+        if before_rename is not None:
+            before_rename(final)
         if self.out.exists():
             self.out.rmdir()  # empty (checked at start)
         final.rename(self.out)
