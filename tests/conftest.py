@@ -72,3 +72,15 @@ def smol_tokenizer(smol):
 def tiny_with_tok(smol_tokenizer):
     """A tiny random LLaMA whose vocabulary matches the real tokenizer (for data-driven tests)."""
     return tiny_model("llama", vocab=len(smol_tokenizer), layers=4), smol_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _capture_layerprune_log(caplog):
+    """The CLI's logger does not propagate; attach pytest's capture handler to it directly."""
+    import logging
+
+    lg = logging.getLogger("layerprune")
+    lg.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="layerprune")
+    yield
+    lg.removeHandler(caplog.handler)
