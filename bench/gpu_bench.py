@@ -161,6 +161,20 @@ def part6(m: str, out: str) -> None:
     save(out)
 
 
+def part11(m: str, out: str) -> None:
+    model_bytes = 134_515_008 * 4
+    total = torch.cuda.get_device_properties(0).total_memory
+    frac = 0.9 * model_bytes / total
+    torch.cuda.set_per_process_memory_fraction(frac)
+    run(m, out, f"sparsegpt 0.5 capped at {frac * total / 2**20:.0f} MiB (model {model_bytes / 2**20:.0f} MiB)",
+        sparsity=0.5, pruner="sparsegpt", eval=[], offload="cpu", batch_size=2)
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    run(m, out, "sparsegpt 0.5 uncapped, offload=cpu, batch 2 (same masks expected)", sparsity=0.5,
+        pruner="sparsegpt", eval=["wikitext2"], eval_seqlen=2048, offload="cpu", batch_size=2)
+    run(m, out, "sparsegpt svnup sv_samples=16 0.7", sparsity=0.7, pruner="sparsegpt", allocation="svnup",
+        alloc_options={"sv_samples": 16}, eval=["wikitext2", "c4"], eval_seqlen=2048)
+
+
 def part10(m: str, out: str) -> None:
     ev = dict(eval=["wikitext2", "c4"], eval_seqlen=2048)
     for pruner in ("sparsegpt", "wanda"):
@@ -178,5 +192,5 @@ if __name__ == "__main__":
     setup_logging("WARNING")
     os.environ["LAYERPRUNE_PROGRESS"] = "0"
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
-    {3: part3, 4: part4, 5: part5, 6: part6, 7: part7, 8: part8, 9: part9, 10: part10}[a.part](a.model, a.out)
+    {3: part3, 4: part4, 5: part5, 6: part6, 7: part7, 8: part8, 9: part9, 10: part10, 11: part11}[a.part](a.model, a.out)
     save(a.out)

@@ -93,10 +93,8 @@ class BlockRunner:
         self.acts: list[torch.Tensor] = []
         self.kwargs: list[list[dict]] = []
         self.args: list[list[tuple]] = []
+        self.on_device = self._decide_offload(offload, input_ids)
         self._capture(input_ids)
-        self.on_device = self._decide_offload(offload)
-        if not self.on_device:
-            self.acts = [a.cpu().pin_memory() if device.type == "cuda" else a.cpu() for a in self.acts]
         self.block = 0
 
     # ---------------------------------------------------------------- capture
@@ -137,20 +135,25 @@ class BlockRunner:
                 prev = kws
                 self.kwargs.append(kws)
                 self.args.append([rec["args"][i] for i in range(L)])
-                self.acts.append(rec["h"].detach())
+                h = rec["h"].detach()
+                if not self.on_device:  # stream to pinned CPU memory batch by batch
+                    h = h.to("cpu").pin_memory()
+                self.acts.append(h)
         finally:
             for b in adapter.blocks:
                 if "forward" in b.__dict__:
                     del b.forward
 
-    def _decide_offload(self, offload: str) -> bool:
+    def _decide_offload(self, offload: str, input_ids: torch.Tensor) -> bool:
         if self.device.type != "cuda":
             return True
         if offload in ("device", "gpu"):
             return True
         if offload == "cpu":
             return False
-        need = sum(a.numel() * a.element_size() for a in self.acts)
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        el = torch.tensor([], dtype=self.adapter.block_dtype()).element_size()
+        need = input_ids.numel() * int(getattr(cfg, "hidden_size")) * el
         free, _ = torch.cuda.mem_get_info(self.device)
         block = sum(p.numel() * p.element_size() for p in self.adapter.blocks[0].parameters())
         keep = need + 6 * block < 0.6 * free
