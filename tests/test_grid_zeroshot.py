@@ -76,3 +76,27 @@ def test_zero_shot_real_smollm2_arc_easy(smol):
     acc = r["tasks"]["arc_easy"]["acc"]
     # the data README measured 0.510 on the first 200 documents; 50 documents, ±3 stderr
     assert 0.3 <= acc <= 0.75
+
+
+def test_cli_prune_quantize_finetune_chain(tiny_dir, tmp_path, capsys):
+    """prune --json --out → quantize → finetune, each a layerprune output that keeps the zeros."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "p"
+    assert main(["prune", str(tiny_dir), "--sparsity", "0.5", "--pruner", "wanda", "--allocation", "dlp",
+                 "--nsamples", "2", "--seqlen", "64", "--eval", "wikitext2", "--eval-max-windows", "2",
+                 "--out", str(out), "--json", "--quiet", "--no-cache"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["sparsity"]["target"] == 0.5 and len(rec["per_block"]) == 3 and "wikitext2" in rec["ppl"]
+    assert json.loads((out / "layerprune.json").read_text())["per_block"] == rec["per_block"]
+    assert main(["quantize", str(out), "--bits", "int4", "--group-size", "16", "--seqlen", "64",
+                 "--eval-max-windows", "2", "--out", str(tmp_path / "q"), "--json", "--quiet"]) == 0
+    q = json.loads(capsys.readouterr().out)
+    assert q["sparsity_after"] >= q["sparsity_before"] - 1e-12
+    assert main(["finetune", str(out), "--steps", "2", "--seqlen", "32", "--batch-size", "2", "--eval-max-windows", "2",
+                 "--eval-seqlen", "64", "--out", str(tmp_path / "f"), "--json", "--quiet"]) == 0
+    f = json.loads(capsys.readouterr().out)
+    assert f["sparsity_after"] >= f["sparsity_before"] - 1e-12
+    assert (tmp_path / "f" / "adapter" / "adapter_config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "f")
+    assert main(["quantize", str(out), "--bits", "int3", "--out", str(tmp_path / "q3")]) == 2
