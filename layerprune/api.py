@@ -223,6 +223,7 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
         mdl, tok, src = _load(model, tokenizer, dtype, dev, trust_remote_code)
         session = Session(mdl, tok, dev, calib, nsamples, seqlen, seed, batch_size, offload, progress, use_cache)
     mdl, tok = session.model, session.tokenizer
+    batch_size, offload = session.batch_size, session.offload  # the session's settings win
     config.update(calib=session.calib_name, nsamples=session.nsamples, seqlen=session.seqlen, seed=session.seed,
                   batch_size=session.batch_size)
     eseq = eval_seqlen or session.seqlen
