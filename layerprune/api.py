@@ -177,8 +177,6 @@ def _load(model: str | nn.Module, tokenizer, dtype: str, device: torch.device, t
 def evaluate_ppl(model: nn.Module, tokenizer, datasets: list[str], seqlen: int, max_windows: int | None,
                  device: torch.device, batch_size: int = 1) -> dict[str, dict]:
     model.to(device)
-    for b in model.modules():
-        b.__dict__.pop("forward", None)
     out = {}
     for d in datasets:
         t = time.perf_counter()

@@ -116,7 +116,8 @@ def finetune(model: nn.Module, tokenizer, steps: int = 100, lr: float = 1e-4, r:
     pm.eval()
     rec = {"mode": mode, "steps": steps, "batch_size": batch_size, "seqlen": seqlen, "tokens": steps * batch_size * seqlen,
            "lr": lr, "r": r, "alpha": alpha, "dropout": dropout, "targets": targets, "data": data, "seed": seed,
-           "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "seconds": time.perf_counter() - t,
+           "loss_first": losses[0], "loss_last": losses[-1],
+           "loss_first5_mean": sum(losses[:5]) / len(losses[:5]), "loss_last5_mean": sum(losses[-5:]) / len(losses[-5:]), "losses": losses, "seconds": time.perf_counter() - t,
            "trainable_params": sum(p.numel() for p in pm.parameters() if p.requires_grad)}
     return pm, rec
 
@@ -200,5 +201,5 @@ def cmd_finetune(a: argparse.Namespace) -> tuple[dict, str]:
     rows = [["pruned", s0] + [v["ppl"] for v in before.values()],
             [f"+ LoRA ({mode}, {a.steps} steps)", s1] + list(out_rec["ppl"].values())]
     txt = table(["model", "sparsity"] + [f"ppl {k}" for k in evals], rows)
-    txt += f"\nloss {rec['loss_first']:.3f} → {rec['loss_last']:.3f} over {rec['tokens']} tokens; saved to {out}"
+    txt += f"\nloss (mean of 5 steps) {rec['loss_first5_mean']:.3f} → {rec['loss_last5_mean']:.3f} over {rec['tokens']} tokens; saved to {out}"
     return {k: v for k, v in out_rec.items() if k != "blocks"}, txt

@@ -80,3 +80,19 @@ def test_finetune_cli_rejects_non_layerprune_dir(tmp_path, capsys):
 
     assert main(["finetune", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a layerprune output" in capsys.readouterr().err
+
+
+def test_masked_lora_merge_is_the_trained_function(smol_tokenizer):
+    """The masked adapter's output equals the merged model's output (evaluation keeps the mask)."""
+    from layerprune.api import evaluate_ppl
+
+    m = pruned_tiny(vocab=len(smol_tokenizer), seed=2)
+    masks = {k: v.clone() for k, v in masks_of(m).items()}
+    pm, _ = finetune(m, smol_tokenizer, steps=5, lr=1e-2, seqlen=32, batch_size=2, mode="masked-lora", progress=False)
+    ids = torch.randint(0, len(smol_tokenizer), (2, 16))
+    evaluate_ppl(pm, smol_tokenizer, [], 16, None, torch.device("cpu"))  # must not strip the masked forward
+    with torch.no_grad():
+        a = pm(input_ids=ids).logits
+        merged = merge_keep_mask(pm, masks, "masked-lora")
+        b = merged(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4)

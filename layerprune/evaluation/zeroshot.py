@@ -79,8 +79,6 @@ def zero_shot(model: nn.Module, tokenizer, tasks: list[str], limit: int | None =
     from lm_eval.tasks import TaskManager
 
     model.to(device)
-    for b in model.modules():
-        b.__dict__.pop("forward", None)
     tdir, sources = write_task_dir(tasks)
     if any(v == "hub" for v in sources.values()) and os.environ.get("HF_DATASETS_OFFLINE") == "1":
         missing = [t for t, v in sources.items() if v == "hub"]
