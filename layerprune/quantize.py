@@ -42,10 +42,9 @@ def quantize_tensor(w: torch.Tensor, bits: int, group_size: int | None = None) -
     """Round-to-nearest asymmetric quantization of ``w`` (rows × cols), per row or per group of columns;
     returns the dequantized tensor. Exact zeros stay exact zeros."""
     rows, cols = w.shape
-    g = cols if group_size is None else group_size
-    if cols % g:
-        raise UserError(f"--group-size {g} must divide the input width {cols}")
-    x = w.float().reshape(rows, cols // g, g)
+    g = cols if group_size is None else min(group_size, cols)
+    pad = (-cols) % g  # a last, shorter group: zero padding changes nothing (the range always holds 0)
+    x = torch.nn.functional.pad(w.float(), (0, pad)).reshape(rows, (cols + pad) // g, g)
     qmax = 2**bits - 1
     xmin = torch.minimum(x.min(-1, keepdim=True).values, torch.zeros(1, device=x.device))
     xmax = torch.maximum(x.max(-1, keepdim=True).values, torch.zeros(1, device=x.device))
@@ -54,7 +53,7 @@ def quantize_tensor(w: torch.Tensor, bits: int, group_size: int | None = None) -
     zero = torch.round(-xmin / scale)
     q = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
     deq = (q - zero) * scale
-    return deq.reshape(rows, cols).to(w.dtype)
+    return deq.reshape(rows, cols + pad)[:, :cols].to(w.dtype)
 
 
 def quantize_model(model: nn.Module, bits: str, group_size: int | None = None) -> dict:
@@ -73,7 +72,7 @@ def quantize_model(model: nn.Module, bits: str, group_size: int | None = None) -
         err_den += float((W.float() ** 2).sum())
         lin.weight.data = Q
         rows, cols = W.shape
-        groups = rows * (cols // (group_size or cols))
+        groups = rows * -(-cols // (group_size or cols))
         nnz = int((~mask).sum())
         dense_bytes += W.numel() * W.element_size()
         packed += W.numel() / 8 + nnz * nb / 8 + groups * (2 + 1)  # bitmask + values + fp16 scale & int8 zero
