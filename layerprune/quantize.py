@@ -87,7 +87,7 @@ def cmd_quantize(a: argparse.Namespace) -> tuple[dict, str]:
     from layerprune.api import check_datasets, evaluate_ppl
     from layerprune.cli import _csv
     from layerprune.evaluation.audit import sparsity_audit
-    from layerprune.export import RunDir, load_record
+    from layerprune.export import RunDir, check_out_dir, load_record
     from layerprune.record import args_hash, now
     from layerprune.utils import resolve_device
 
@@ -97,7 +97,7 @@ def cmd_quantize(a: argparse.Namespace) -> tuple[dict, str]:
         raise UserError("--method gptq is not implemented yet: use --method rtn")
     evals = check_datasets(_csv(a.eval))
     dev = resolve_device(a.device)
-    RunDir(a.out, "q")  # validates --out before any work
+    check_out_dir(a.out)  # validates --out before any work
     model = AutoModelForCausalLM.from_pretrained(a.pruned_dir, dtype=torch.float32, trust_remote_code=a.trust_remote_code).eval()
     tok = AutoTokenizer.from_pretrained(a.pruned_dir)
     before = sparsity_audit(model)
