@@ -50,7 +50,7 @@ t = time.perf_counter()
 res = prune_sequential(model, ad, ids, plan, a.pruner, torch.device("cuda"), batch_size=1, offload="cpu", progress=False)
 rec = {"model_gib": size / 2**30, "cap_gib": a.cap_gib, "layers": a.layers, "pruner": a.pruner, "nsamples": a.nsamples,
        "seqlen": a.seqlen, "build_seconds": build_s, "prune_seconds": res.seconds, "peak_mem_gib": (res.peak_mem_mb or 0) / 1024,
-       "achieved": res.achieved(), "tokens_per_second_calib": 2 * res.calib_tokens * ad.n_blocks / res.seconds,
+       "achieved": res.achieved(), "tokens_per_second_calib": res.calib_tokens * res.block_forwards / res.seconds,
        "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
 Path(a.out).write_text(json.dumps(rec, indent=1))
 print(json.dumps(rec))

@@ -11,9 +11,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from layerprune.allocation import NEEDS_DENSE_STATS, AllocContext, Allocation, get_allocator, mixed_nm
-from layerprune.data.calibration import CalibSet, sample_c4_windows
-from layerprune.data.sources import SOURCES, load_documents
+from layerprune.allocation import AllocContext, Allocation, get_allocator, mixed_nm
+from layerprune.allocation.common import expand_blocks
+from layerprune.data.calibration import CalibSet, sample_c4_windows, token_windows
+from layerprune.data.sources import SOURCES, calib_split, load_documents
 from layerprune.engine.sequential import DenseStats, dense_stats_pass, prune_sequential
 from layerprune.errors import UserError, require
 from layerprune.evaluation.perplexity import check_seqlen, perplexity
@@ -87,14 +88,12 @@ class Session:
             import random
 
             used = set(self.calib().doc_ids)
-            docs = load_documents(self.calib_name, {"c4": "calib"}.get(self.calib_name, "validation"))
-            text = "\n\n".join(d for i, d in enumerate(docs) if i not in used)
-            ids = self.tokenizer(text, return_tensors="pt").input_ids[0]
-            nwin = ids.numel() // self.seqlen
-            if nwin < n:
-                raise UserError(f"only {nwin} held-out windows of {self.seqlen} tokens for the SV set: lower --sv-samples or --seqlen")
-            pick = sorted(random.Random(self.seed + 1).sample(range(nwin), n))
-            self._sv = torch.stack([ids[k * self.seqlen:(k + 1) * self.seqlen] for k in pick])
+            docs = load_documents(self.calib_name, calib_split(self.calib_name))
+            win = token_windows(self.tokenizer, "\n\n".join(d for i, d in enumerate(docs) if i not in used), self.seqlen)
+            if win.shape[0] < n:
+                raise UserError(f"only {win.shape[0]} held-out windows of {self.seqlen} tokens for the SV set: "
+                                "lower --sv-samples or --seqlen")
+            self._sv = win[sorted(random.Random(self.seed + 1).sample(range(win.shape[0]), n))]
         return self._sv[:n]
 
     def dense_stats(self) -> DenseStats:
@@ -123,6 +122,8 @@ class Session:
     def allocate(self, method: str, target: float, options: dict | None = None, pruner: str = "wanda",
                  nm: tuple[int, int] | None = None, pruner_kwargs: dict | None = None) -> Allocation:
         fn = get_allocator(method)
+        if nm is not None and method not in ("uniform", "dlp", "owl"):
+            raise UserError(f"N:M patterns work with uniform, dlp or owl allocation, not {method}")
         opts = {k: v for k, v in (options or {}).items() if v is not None}
         key_d = {"w": self.weights_hash(), "method": method, "target": target, "opts": opts, "nm": nm}
         if method != "alphapruning":
@@ -142,29 +143,24 @@ class Session:
         if nm is not None:
             n, m = nm
             if method == "uniform":
-                alloc.nm, alloc.m = [n] * self.adapter.n_blocks, m
-            elif method in ("dlp", "owl"):
+                alloc.nm = [n] * self.adapter.n_blocks
+            else:  # dlp / owl: round the allocated profile to a per-block N
                 alloc.nm = mixed_nm(alloc.per_block, self.adapter.block_sizes(), n, m)
-                alloc.m = m
-                alloc.per_block = [k / m for k in alloc.nm]
-                alloc.per_linear = {ln: alloc.per_block[i] for i in range(self.adapter.n_blocks)
-                                    for ln in [self.adapter.full_name(i, x) for x in self.adapter.linear_names[i]]}
-            else:
-                raise UserError(f"N:M patterns work with uniform, dlp or owl allocation, not {method}")
+            alloc.m = m
+            alloc.per_block = [k / m for k in alloc.nm]
+            alloc.per_linear = expand_blocks(self.adapter, alloc.per_block)
         if self.use_cache and method != "uniform":
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({**alloc.to_json(), "key": key_d}, default=str))
         return alloc
 
     def plan(self, alloc: Allocation) -> dict[str, Pattern]:
+        """Per-linear patterns: ``n`` zeros in every ``m`` (``n = 0`` keeps the block dense), or unstructured."""
         if alloc.nm is not None:
-            return {self.adapter.full_name(i, n): Pattern(alloc.nm[i] / alloc.m, alloc.nm[i], alloc.m)
-                    for i in range(self.adapter.n_blocks) for n in self.adapter.linear_names[i]
-                    if alloc.nm[i] > 0} | {self.adapter.full_name(i, n): Pattern(0.0)
-                                           for i in range(self.adapter.n_blocks) for n in self.adapter.linear_names[i]
-                                           if alloc.nm[i] == 0}
+            m = alloc.m
+            return {self.adapter.full_name(i, n): Pattern(k / m, k, m) if k > 0 else Pattern(0.0)
+                    for i, k in enumerate(alloc.nm) for n in self.adapter.linear_names[i]}
         return {k: Pattern(v) for k, v in alloc.per_linear.items()}
-
 
 def _load(model: str | nn.Module, tokenizer, dtype: str, device: torch.device, trust_remote_code: bool):
     if isinstance(model, str):
@@ -194,7 +190,8 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
           eval_max_windows: int | None = None, eval_batch_size: int = 1, out: str | Path | None = None,
           tokenizer: Any = None, trust_remote_code: bool = False, progress: bool = True, use_cache: bool = True,
           pruner_kwargs: dict | None = None, dense_ppl: bool = False, session: Session | None = None,
-          keep_model: bool = False) -> dict:
+          keep_model: bool = False, quantize: str | None = None, group_size: int | None = None,
+          tasks: Iterable[str] = (), limit: int | None = None) -> dict:
     """Prune a causal LM and return the run record (see README, "Run record").
 
     ``model`` is a spec (hub id, local dir, ``.gguf``, alias) or a model object with ``tokenizer``.
@@ -205,6 +202,15 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
     get_pruner(pruner)
     get_allocator(allocation)
     evals = check_datasets(eval)
+    tasks = [t for t in tasks if t]
+    if tasks:
+        from layerprune.evaluation.zeroshot import check_tasks
+
+        check_tasks(tasks)
+    if quantize:
+        from layerprune.quantize import check_bits
+
+        check_bits(quantize, group_size)
     require(nsamples >= 1, f"--nsamples must be at least 1 (got {nsamples})")
     if out is not None:
         check_out_dir(out)
@@ -215,7 +221,8 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
     config = {"model": model if isinstance(model, str) else getattr(model, "layerprune_source", "object"),
               "sparsity": target, "pruner": pruner, "pattern": pattern, "allocation": allocation,
               "alloc_options": alloc_options or {}, "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
-              "seed": seed, "dtype": dtype, "batch_size": batch_size, "pruner_kwargs": pruner_kwargs or {}}
+              "seed": seed, "dtype": dtype, "batch_size": batch_size, "pruner_kwargs": pruner_kwargs or {},
+              "quantize": quantize, "group_size": group_size}
     # ---- load
     if session is None:
         mdl, tok, src = _load(model, tokenizer, dtype, dev, trust_remote_code)
@@ -240,8 +247,21 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
     needs = get_pruner(pruner).needs_data
     res = prune_sequential(mdl, session.adapter, session.calib().input_ids if needs else None, plan, pruner, dev,
                            batch_size, offload, run_dir, progress, pruner_kwargs)
-    # ---- evaluate
+    # ---- compose, evaluate (everything lands in the record before the output directory is renamed)
+    ppl_pruned = None
+    quant = None
+    if quantize:
+        from layerprune.quantize import quantize_model
+
+        if evals:
+            ppl_pruned = evaluate_ppl(mdl, tok, evals, eseq, eval_max_windows, dev, eval_batch_size)
+        quant = quantize_model(mdl, quantize, group_size)
     ppl = evaluate_ppl(mdl, tok, evals, eseq, eval_max_windows, dev, eval_batch_size) if evals else {}
+    zs: dict = {}
+    if tasks:
+        from layerprune.evaluation.zeroshot import zero_shot
+
+        zs = zero_shot(mdl, tok, tasks, limit=limit, device=dev)
     linear_names = list(res.per_linear)
     record.update({
         "sparsity": {"target": target, "achieved": res.achieved(),
@@ -254,16 +274,24 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
         "blocks": res.per_block,
         "ppl": {k: v["ppl"] for k, v in ppl.items()},
         "ppl_details": ppl,
-        "tasks": {},
+        "tasks": zs.get("tasks", {}),
         "timing": {"prune_seconds": res.seconds, "mask_seconds": sum(b["prune_seconds"] for b in res.per_block),
                    "calib_tokens": res.calib_tokens,
-                   "calib_tokens_per_second": 2 * res.calib_tokens * session.adapter.n_blocks / max(res.seconds, 1e-9) if needs else None,
+                   "block_forwards": res.block_forwards,
+                   "calib_tokens_per_second": res.calib_tokens * res.block_forwards / max(res.seconds, 1e-9) if needs else None,
                    "allocation_seconds": alloc.diagnostics.get("seconds"),
                    "total_seconds": time.perf_counter() - t_start},
         "peak_mem_mb": res.peak_mem_mb,
         "size": sparse_size_bytes(mdl, linear_names),
         "finished": now(),
     })
+    if quant is not None:
+        record["quantization"] = quant
+        record["size"] = quant["size"]
+        if ppl_pruned is not None:
+            record["ppl_before_quantization"] = {k: v["ppl"] for k, v in ppl_pruned.items()}
+    if zs:
+        record["zero_shot"] = {k: v for k, v in zs.items() if k != "tasks"}
     if run_dir is not None:
         mdl.to("cpu")
         run_dir.finalize(mdl, tok, record)

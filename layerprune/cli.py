@@ -251,46 +251,11 @@ def cmd_prune(a: argparse.Namespace) -> tuple[dict, str]:
     pk = {k: v for k, v in {"blocksize": a.blocksize, "percdamp": a.percdamp}.items() if v is not None}
     if a.pruner != "sparsegpt" and pk:
         raise UserError("--blocksize and --percdamp apply to --pruner sparsegpt only")
-    tasks = _csv(a.tasks)
-    if tasks:
-        from layerprune.evaluation.zeroshot import check_tasks
-
-        check_tasks(tasks)
-    if a.quantize:
-        from layerprune.quantize import check_bits
-
-        check_bits(a.quantize, a.group_size)
     rec = prune(a.model, a.sparsity, a.pruner, a.pattern, a.allocation, alloc_options(a.allocation, a), a.calib,
                 a.nsamples, a.seqlen, a.seed, a.device, a.dtype, a.batch_size, a.offload, _csv(a.eval),
-                a.eval_seqlen, a.eval_max_windows, out=a.out if not a.quantize else None,
-                progress=not a.quiet, use_cache=not a.no_cache,
-                pruner_kwargs=pk, dense_ppl=a.dense_ppl, keep_model=True, trust_remote_code=a.trust_remote_code)
-    model, tok = rec.pop("_model"), rec.pop("_tokenizer")
-    if a.quantize:
-        from layerprune.quantize import quantize_model
-
-        rec["quantization"] = quantize_model(model, a.quantize, a.group_size)
-        from layerprune.api import evaluate_ppl
-        from layerprune.utils import resolve_device
-
-        ppl = evaluate_ppl(model, tok, _csv(a.eval), a.eval_seqlen or a.seqlen, a.eval_max_windows, resolve_device(a.device))
-        rec["ppl_before_quantization"] = rec["ppl"]
-        rec["ppl"] = {k: v["ppl"] for k, v in ppl.items()}
-        if a.out:
-            from layerprune.export import RunDir
-            from layerprune.record import args_hash
-
-            RunDir(a.out, args_hash(rec["config"])).finalize(model, tok, rec)
-            rec["out"] = a.out
-    if tasks:
-        from layerprune.evaluation.zeroshot import zero_shot
-        from layerprune.utils import resolve_device
-
-        zs = zero_shot(model, tok, tasks, limit=a.limit, device=resolve_device(a.device))
-        rec["tasks"], rec["zero_shot"] = zs["tasks"], {k: v for k, v in zs.items() if k != "tasks"}
-        if a.out:
-            p = Path(a.out) / "layerprune.json"
-            p.write_text(json.dumps(rec, indent=2, default=str))
+                a.eval_seqlen, a.eval_max_windows, out=a.out, progress=not a.quiet, use_cache=not a.no_cache,
+                pruner_kwargs=pk, dense_ppl=a.dense_ppl, trust_remote_code=a.trust_remote_code,
+                quantize=a.quantize, group_size=a.group_size, tasks=_csv(a.tasks), limit=a.limit)
     return rec, prune_summary(rec)
 
 

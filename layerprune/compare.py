@@ -16,7 +16,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from layerprune.errors import UserError
 
@@ -135,16 +134,13 @@ def cmd_compare(a: argparse.Namespace) -> tuple[dict, str]:
                 log.info("grid run %s", key)
                 rec = prune(model, sp, pr, a.pattern, al, alloc_options(al, a), eval=ppl, eval_seqlen=a.eval_seqlen,
                             eval_max_windows=a.eval_max_windows, session=sess, progress=not a.quiet,
-                            use_cache=not a.no_cache)
+                            use_cache=not a.no_cache, tasks=tasks, limit=a.limit)
                 run = {"key": key, "allocation": al, "pruner": pr, "sparsity": rec["sparsity"]["target"],
                        "pattern": a.pattern, "achieved": rec["sparsity"]["achieved"], "per_block": rec["per_block"],
                        "ppl": rec["ppl"], "prune_seconds": rec["timing"]["prune_seconds"],
                        "diagnostics": {k: v for k, v in rec["allocation"]["diagnostics"].items() if k != "alpha"}}
                 if tasks:
-                    from layerprune.evaluation.zeroshot import zero_shot
-
-                    zs = zero_shot(model, tok, tasks, a.limit, device=dev)
-                    run["tasks"], run["zs_average"] = zs["tasks"], zs["average"]["acc"]
+                    run["tasks"], run["zs_average"] = rec["tasks"], rec["zero_shot"]["average"]["acc"]
                 model.to("cpu")
                 res["runs"].append(run)
                 save()

@@ -94,8 +94,6 @@ def save_model(model: nn.Module, tokenizer, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.to("cpu")
-    for b in model.modules():
-        b.__dict__.pop("forward", None)
     qc = getattr(model.config, "quantization_config", None)
     if qc is not None and "gguf" in str(qc).lower():  # dequantised GGUF: plain weights, drop the marker
         del model.config.quantization_config
@@ -106,16 +104,20 @@ def save_model(model: nn.Module, tokenizer, path: str | Path) -> None:
         tokenizer.save_pretrained(path)
 
 
-def sparse_size_bytes(model: nn.Module, linear_names: list[str], bits: int | None = None) -> dict:
-    """On-disk size estimate of a bitmask + values encoding of the pruned linears vs dense."""
+def sparse_size_bytes(model: nn.Module, linear_names: list[str], bits: int | None = None,
+                      group_size: int | None = None) -> dict:
+    """On-disk size estimate of the pruned linears as a bitmask + values (fp values, or ``bits``-bit
+    integers plus an fp16 scale and an int8 zero point per group of ``group_size`` inputs) vs dense."""
     mods = dict(model.named_modules())
-    dense = sparse = 0
+    dense = sparse = 0.0
     for n in linear_names:
         w = mods[n].weight
-        el = (bits / 8) if bits else w.element_size()
+        rows, cols = w.shape
         dense += w.numel() * w.element_size()
         nnz = int((w != 0).sum())
-        sparse += w.numel() / 8 + nnz * el
+        sparse += w.numel() / 8 + nnz * ((bits / 8) if bits else w.element_size())
+        if bits:
+            sparse += rows * -(-cols // (group_size or cols)) * 3
     return {"dense_bytes": int(dense), "bitmask_bytes": int(sparse), "ratio": sparse / max(dense, 1)}
 
 

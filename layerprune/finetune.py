@@ -14,7 +14,6 @@ targets q_proj and v_proj, lr 1e-4, causal-LM loss on C4 text (methods_dlp.md §
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import random
@@ -39,19 +38,15 @@ def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def training_windows(tokenizer, source: str, seqlen: int, n: int, seed: int) -> torch.Tensor:
-    """Non-overlapping ``seqlen`` windows of the source's training/calibration text, shuffled."""
-    from layerprune.data.sources import load_documents
+    """``n`` non-overlapping ``seqlen`` windows of the source's training/calibration text, shuffled
+    (cycled when the text holds fewer than ``n``)."""
+    from layerprune.data.calibration import token_windows
+    from layerprune.data.sources import calib_split, load_documents
 
-    docs = load_documents(source, {"c4": "calib"}.get(source, "validation"))
-    ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]
-    k = ids.numel() // seqlen
-    if k == 0:
-        raise UserError(f"not enough {source} text for one window of {seqlen} tokens")
-    win = ids[: k * seqlen].view(k, seqlen)
-    order = list(range(k))
+    win = token_windows(tokenizer, "\n\n".join(load_documents(source, calib_split(source))), seqlen)
+    order = list(range(win.shape[0]))
     random.Random(seed).shuffle(order)
-    reps = math.ceil(n / k)
-    return torch.cat([win[order]] * reps)[:n]
+    return win[order].repeat(math.ceil(n / len(order)), 1)[:n]
 
 
 def _mask_lora_forward(layer: nn.Module, mask: torch.Tensor, adapter: str = "default") -> None:

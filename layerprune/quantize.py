@@ -14,10 +14,8 @@ bitsandbytes is CUDA-only and knows nothing about masks. The math needed is a do
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -62,7 +60,6 @@ def quantize_model(model: nn.Module, bits: str, group_size: int | None = None) -
     ad = ModelAdapter.of(model)
     t = time.perf_counter()
     err_num = err_den = 0.0
-    dense_bytes = packed = 0.0
     for i, n, lin in ad.all_linears():
         W = lin.weight.data
         mask = W == 0
@@ -71,14 +68,13 @@ def quantize_model(model: nn.Module, bits: str, group_size: int | None = None) -
         err_num += float(((Q.float() - W.float()) ** 2).sum())
         err_den += float((W.float() ** 2).sum())
         lin.weight.data = Q
-        rows, cols = W.shape
-        groups = rows * -(-cols // (group_size or cols))
-        nnz = int((~mask).sum())
-        dense_bytes += W.numel() * W.element_size()
-        packed += W.numel() / 8 + nnz * nb / 8 + groups * (2 + 1)  # bitmask + values + fp16 scale & int8 zero
+    from layerprune.export import sparse_size_bytes
+
+    sz = sparse_size_bytes(model, [ad.full_name(i, n) for i, n, _ in ad.all_linears()], nb, group_size)
+    size = {"dense_bytes": sz["dense_bytes"], "sparse_quantized_bytes": sz["bitmask_bytes"], "ratio": sz["ratio"]}
     return {"bits": bits, "group_size": group_size, "method": "rtn", "relative_error": (err_num / max(err_den, 1e-30)) ** 0.5,
             "seconds": time.perf_counter() - t,
-            "size": {"dense_bytes": int(dense_bytes), "sparse_quantized_bytes": int(packed), "ratio": packed / dense_bytes}}
+            "size": size}
 
 
 def cmd_quantize(a: argparse.Namespace) -> tuple[dict, str]:

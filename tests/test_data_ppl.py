@@ -7,7 +7,8 @@ import torch
 from layerprune.data.calibration import sample_windows
 from layerprune.data.sources import load_documents, load_text
 from layerprune.errors import UserError
-from layerprune.evaluation.perplexity import perplexity_of_windows, tokenize_windows
+from layerprune.data.calibration import token_windows
+from layerprune.evaluation.perplexity import perplexity_of_windows
 
 
 class CharTok:
@@ -67,5 +68,5 @@ def test_perplexity_protocol_known_answer(llama):
 
 
 def test_windows_drop_remainder():
-    w = tokenize_windows(CharTok(), "z" * 35, 10)
+    w = token_windows(CharTok(), "z" * 35, 10)
     assert w.shape == (3, 10)

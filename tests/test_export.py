@@ -5,7 +5,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model
-from layerprune.api import Session, prune
 from layerprune.errors import UserError
 from layerprune.export import RunDir
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import tiny_model
 from layerprune.cli import main
@@ -100,3 +99,16 @@ def test_cli_prune_quantize_finetune_chain(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "f" / "adapter" / "adapter_config.json").is_file()
     AutoModelForCausalLM.from_pretrained(tmp_path / "f")
     assert main(["quantize", str(out), "--bits", "int3", "--out", str(tmp_path / "q3")]) == 2
+
+
+def test_prune_with_quantize_and_tasks_writes_one_complete_record(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "pq"
+    assert main(["prune", str(tiny_dir), "--sparsity", "0.5", "--pruner", "magnitude", "--quantize", "int8",
+                 "--group-size", "32", "--tasks", "arc_easy", "--limit", "2", "--eval", "wikitext2",
+                 "--seqlen", "64", "--eval-max-windows", "2", "--out", str(out), "--json", "--quiet"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "layerprune.json").read_text())
+    for r in (rec, saved):
+        assert r["quantization"]["bits"] == "int8" and "wikitext2" in r["ppl_before_quantization"]
+        assert 0.0 <= r["tasks"]["arc_easy"]["acc"] <= 1.0
+    assert rec["sparsity"]["achieved"] >= 0.5

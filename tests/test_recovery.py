@@ -1,6 +1,5 @@
 """LoRA recovery and quantization keep the sparsity (issue: recovery and composition)."""
 
-import json
 
 import pytest
 import torch

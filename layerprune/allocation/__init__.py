@@ -23,7 +23,6 @@ ALLOCATORS: dict[str, Callable[..., Allocation]] = {
     "dlp": allocate_dlp,
     "svnup": allocate_svnup,
 }
-NEEDS_DENSE_STATS = {"owl", "dlp"}
 
 
 def get_allocator(name: str) -> Callable[..., Allocation]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from layerprune.allocation.common import AllocContext, Allocation, band_from_importance, finish
 from layerprune.allocation.shapley import exact_shapley, monte_carlo_shapley, swsv, swsv_evaluations
 from layerprune.engine.runner import BlockRunner, move_non_block
-from layerprune.engine.sequential import feed_hooks, prune_sequential
+from layerprune.engine.sequential import dense_sweep, prune_sequential
 from layerprune.errors import UserError
 from layerprune.pruners import Pattern, get_pruner
 
@@ -85,17 +84,11 @@ class SVGame:
             prune_sequential(self.model, ad, calib_ids, plan, pruner, dev, batch_size, progress=progress, pruner_kwargs=pk)
             self.pruned = [{n: lin.weight.data.clone() for n, lin in ad.linears(i).items()} for i in range(ad.n_blocks)]
         else:
-            # P copies from dense-model inputs: one forward per dense block feeds stats and the next block
+            # P copies from dense-model inputs: the engine's dense sweep feeds each pruner, then
+            # every linear is pruned, copied, and given its dense weights back
             cls = get_pruner(pruner)
-            runner = BlockRunner(self.model, ad, calib_ids, dev, batch_size) if cls.needs_data else None
-            for i in tqdm(range(ad.n_blocks), desc="SV: pruned copies", disable=not progress, unit="block"):
-                block = ad.blocks[i]
-                block.to(dev)
-                lins = ad.linears(i)
-                prs = {n: cls(lin, **pk) for n, lin in lins.items()}
-                if runner is not None:
-                    with feed_hooks(lins, prs):
-                        runner.run(i, store=True)
+
+            def copy_pruned(i: int, lins: dict, prs: dict) -> None:
                 copies = {}
                 for n, lin in lins.items():
                     prs[n].prune(Pattern(target))
@@ -103,10 +96,10 @@ class SVGame:
                     copies[n] = lin.weight.data.clone()
                     lin.weight.data = self.dense[i][n].clone()
                 self.pruned.append(copies)
-                if dev.type == "cuda":
-                    block.to("cpu")
-            if runner is not None:
-                runner.free()
+
+            dense_sweep(self.model, ad, calib_ids if cls.needs_data else None, dev,
+                        lambda i, lins: {n: cls(lin, **pk) for n, lin in lins.items()}, copy_pruned, batch_size,
+                        progress=progress, desc="SV: pruned copies")
         for i in range(ad.n_blocks):  # restore the dense weights bit-exactly
             for n, lin in ad.linears(i).items():
                 lin.weight.data = self.dense[i][n]
@@ -238,8 +231,6 @@ class SVGame:
 
     def restore_dense(self) -> None:
         self._apply(["D"] * self.adapter.n_blocks, force=True)
-        for b in self.adapter.blocks:
-            b.__dict__.pop("forward", None)
 
     def close(self) -> None:
         self.restore_dense()
@@ -263,7 +254,8 @@ def svnup_sparsities(phi: np.ndarray, target: float, lam: float = 0.08, mapping:
 
 def estimate_seconds(model: nn.Module, tokens: int, evaluations: int, device: torch.device) -> float:
     params = sum(p.numel() for p in model.parameters())
-    rate = 2e14 if device.type == "cuda" else 5e10  # rough effective FLOP/s
+    # effective FLOP/s: ~3.8e13 measured on an H100 (smollm2, 32×2048 SV tokens, TF32); the CPU figure is a guess
+    rate = 3e13 if device.type == "cuda" else 5e10
     return evaluations * 2 * params * tokens / rate
 
 

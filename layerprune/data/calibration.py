@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from layerprune.data.sources import load_documents
+from layerprune.data.sources import calib_split, load_documents
 from layerprune.errors import UserError
 
 
@@ -71,7 +71,19 @@ def sample_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed:
 def sample_c4_windows(tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
                       source: str = "c4", exclude: set[int] | None = None) -> CalibSet:
     """``nsamples`` windows of ``seqlen`` tokens from the calibration documents of ``source``."""
-    split = {"c4": "calib"}.get(source, "validation")
-    docs = load_documents(source, split)
+    docs = load_documents(source, calib_split(source))
     ids, doc_ids = sample_windows(docs, tokenizer, nsamples, seqlen, seed, exclude)
     return CalibSet(ids, source, seed, doc_ids)
+
+
+
+def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Tokenise ``text`` once and cut it into non-overlapping ``seqlen`` windows, remainder dropped
+    (the reference perplexity protocol; also the SV set and the LoRA training windows)."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise UserError(f"the text has fewer than seqlen={seqlen} tokens")
+    return ids[: n * seqlen].view(n, seqlen)

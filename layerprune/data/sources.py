@@ -89,6 +89,11 @@ SOURCES: dict[str, Source] = {
 DEFAULT_EVAL_SPLIT = {"wikitext2": "test", "c4": "eval", "ptb": "test"}
 
 
+def calib_split(source: str) -> str:
+    """The split a source's calibration / training text comes from (never an evaluation split)."""
+    return "calib" if source == "c4" else "validation"
+
+
 def _read_local(path: Path) -> list[str]:
     if path.name.endswith(".jsonl.gz"):
         with gzip.open(path, "rt", encoding="utf-8") as fh:

@@ -53,6 +53,7 @@ class PruneResult:
     per_block: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     calib_tokens: int = 0
+    block_forwards: int = 0  # block forwards over the whole calibration set (two per block, one for the last)
     peak_mem_mb: float | None = None
 
     def achieved(self) -> float:
@@ -105,17 +106,20 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
         linears = adapter.linears(i)
         if i < done:
             rec = checkpoint.load_block(i, block)  # type: ignore[union-attr]
-            if runner is not None:
-                runner.run(i, store=True)
+            if runner is not None and i + 1 < adapter.n_blocks:
+                runner.run(i, store=True)  # regenerate the next block's inputs from the saved pruned block
+                res.block_forwards += 1
             res.per_linear.update(rec["linears"])
             res.per_block.append(rec["block"])
-            block.to("cpu") if device.type == "cuda" else None
+            if device.type == "cuda":
+                block.to("cpu")
             bar.set_postfix_str(f"block {i} resumed")
             continue
         pruners = {n: cls(lin, **pk) for n, lin in linears.items()}
         if runner is not None:
             with feed_hooks(linears, pruners):
                 runner.run(i, store=False)
+            res.block_forwards += 1
         sync(device)
         t_mask = time.perf_counter()
         recs = {}
@@ -130,6 +134,7 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
         del pruners
         if runner is not None and i + 1 < adapter.n_blocks:
             runner.run(i, store=True)
+            res.block_forwards += 1
         numel = sum(r["numel"] for r in recs.values())
         brec = {"block": i,
                 "allocated": sum(r["allocated"] * r["numel"] for r in recs.values()) / numel,
@@ -186,34 +191,51 @@ def score_stats(scores: torch.Tensor, ms: tuple[float, ...]) -> dict:
             "outlier": {m: float((scores > m * mean).sum()) / scores.numel() for m in ms}}
 
 
+def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor | None, device: torch.device,
+                make_sinks: Callable[[int, dict[str, nn.Linear]], dict], on_block: Callable[[int, dict, dict], None],
+                batch_size: int = 8, offload: str = "auto", progress: bool = True, desc: str = "dense sweep") -> None:
+    """One forward per **dense** block (§1.6 pass 1): hooks feed ``make_sinks(i, linears)`` while the
+    block's outputs become the next block's inputs; then ``on_block(i, linears, sinks)`` (which may
+    compute pruned copies, but must leave the dense weights in place). Without ``calib_ids`` no data runs."""
+    runner = BlockRunner(model, adapter, calib_ids, device, batch_size, offload) if calib_ids is not None else None
+    for i in tqdm(range(adapter.n_blocks), desc=desc, disable=not progress, unit="block"):
+        block = adapter.blocks[i]
+        block.to(device)
+        linears = adapter.linears(i)
+        sinks = make_sinks(i, linears)
+        if runner is not None:
+            with feed_hooks(linears, sinks):
+                runner.run(i, store=True)
+        on_block(i, linears, sinks)
+        if device.type == "cuda":
+            block.to("cpu")
+    if runner is not None:
+        runner.free()
+    if device.type == "cuda":
+        move_non_block(model, adapter, torch.device("cpu"))
+
+
 def dense_stats_pass(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor, device: torch.device,
                      batch_size: int = 8, offload: str = "auto", ms: tuple[float, ...] = OUTLIER_MS,
                      progress: bool = True) -> DenseStats:
-    """One forward per dense block: its outputs are the next block's inputs; nothing is pruned.
+    """The dense sweep with Wanda accumulators: per block and per linear, the statistics of A = |W|·‖X‖.
 
     A block's scores are built one linear at a time on the accelerator and streamed to CPU memory,
     where the block statistic (lower median, mean, outlier ratio ``#{A > M·mean(A)}/numel``) is taken.
     """
     t0 = time.perf_counter()
-    runner = BlockRunner(model, adapter, calib_ids, device, batch_size, offload)
-    per_block, per_linear = [], {}
-    for i in tqdm(range(adapter.n_blocks), desc="dense stats", disable=not progress, unit="block"):
-        block = adapter.blocks[i]
-        block.to(device)
-        linears = adapter.linears(i)
-        acc = {n: WandaPruner(lin) for n, lin in linears.items()}
-        with feed_hooks(linears, acc):
-            runner.run(i, store=True)
+    per_block: list[dict] = []
+    per_linear: dict[str, dict] = {}
+
+    def on_block(i: int, linears: dict, acc: dict) -> None:
         parts = []
         for n, a in acc.items():
-            s = a.score().cpu()
-            per_linear[adapter.full_name(i, n)] = score_stats(s, ms)
-            parts.append(s.flatten())
+            sc = a.score().cpu()
+            per_linear[adapter.full_name(i, n)] = score_stats(sc, ms)
+            parts.append(sc.flatten())
             a.free()
         per_block.append(score_stats(torch.cat(parts), ms))
-        del parts, acc
-        if device.type == "cuda":
-            block.to("cpu")
-    runner.free()
-    move_non_block(model, adapter, torch.device("cpu")) if device.type == "cuda" else None
+
+    dense_sweep(model, adapter, calib_ids, device, lambda i, lins: {n: WandaPruner(lin) for n, lin in lins.items()},
+                on_block, batch_size, offload, progress, desc="dense stats")
     return DenseStats(per_block, per_linear, int(calib_ids.shape[0]), time.perf_counter() - t0)

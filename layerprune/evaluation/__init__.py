@@ -1,6 +1,6 @@
 """Perplexity, zero-shot (lm-eval), sparsity audit and speed."""
 
 from layerprune.evaluation.audit import sparsity_audit
-from layerprune.evaluation.perplexity import perplexity, perplexity_many
+from layerprune.evaluation.perplexity import perplexity
 
-__all__ = ["perplexity", "perplexity_many", "sparsity_audit"]
+__all__ = ["perplexity", "sparsity_audit"]

@@ -10,12 +10,11 @@ Windows are batched; the result does not depend on the batch size.
 from __future__ import annotations
 
 import math
-from typing import Iterable
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from layerprune.data.calibration import token_windows
 from layerprune.data.sources import load_text
 from layerprune.errors import UserError
 from layerprune.utils import model_device, ppl_progress_disabled
@@ -33,16 +32,6 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
         raise UserError(f"seqlen must be at least 2 (got {seqlen})")
     if ctx is not None and seqlen > ctx:
         raise UserError(f"seqlen {seqlen} is beyond the model's context of {ctx} tokens: use --seqlen {ctx} or less")
-
-
-def tokenize_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n = ids.numel() // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise UserError(f"the text has fewer than seqlen={seqlen} tokens")
-    return ids[: n * seqlen].view(n, seqlen)
 
 
 @torch.no_grad()
@@ -69,11 +58,6 @@ def perplexity(model: nn.Module, tokenizer, dataset: str = "wikitext2", seqlen: 
     text = load_text(dataset, split)
     if dataset == "c4":
         max_windows = 256 if max_windows is None else min(max_windows, 256)
-    win = tokenize_windows(tokenizer, text, seqlen, max_windows)
+    win = token_windows(tokenizer, text, seqlen, max_windows)
     ppl = perplexity_of_windows(model, win, batch_size, desc=f"ppl {dataset}")
     return {"dataset": dataset, "ppl": ppl, "windows": int(win.shape[0]), "tokens": int(win.numel()), "seqlen": seqlen}
-
-
-def perplexity_many(model: nn.Module, tokenizer, datasets: Iterable[str], seqlen: int = 2048,
-                    max_windows: int | None = None, batch_size: int = 1) -> dict[str, dict]:
-    return {d: perplexity(model, tokenizer, d, seqlen, max_windows, batch_size) for d in datasets}
