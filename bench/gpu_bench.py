@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from layerprune.api import Session, evaluate_ppl, prune  # noqa: E402
-from layerprune.models.loading import load_model  # noqa: E402
-from layerprune.utils import setup_logging  # noqa: E402
+from layerprune.api import Session, evaluate_ppl, prune
+from layerprune.models.loading import load_model
+from layerprune.utils import setup_logging
 
 RESULTS: list[dict] = []
 
@@ -75,14 +75,14 @@ def part3(m: str, out: str) -> None:
 
 
 def part4(m: str, out: str) -> None:
-    ev = dict(eval=["wikitext2"], eval_seqlen=2048)
+    ev = {"eval": ["wikitext2"], "eval_seqlen": 2048}
     for pruner in ("magnitude", "wanda", "sparsegpt"):
         for pat, sp in (("unstructured", 0.5), ("unstructured", 0.7), ("2:4", None)):
             run(m, out, f"{pruner} {pat} {sp or ''}", sparsity=sp, pruner=pruner, pattern=pat, **ev)
 
 
 def part5(m: str, out: str) -> None:
-    ev = dict(eval=["wikitext2", "c4"], eval_seqlen=2048)
+    ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
     for pruner in ("wanda", "sparsegpt"):
         for alloc, opts in (("uniform", {}), ("owl", {}), ("alphapruning", {}), ("dlp", {"stat": "median"}),
                             ("dlp", {"stat": "mean"})):
@@ -91,7 +91,7 @@ def part5(m: str, out: str) -> None:
 
 
 def part9(m: str, out: str) -> None:
-    ev = dict(eval=["wikitext2", "c4"], eval_seqlen=2048)
+    ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
     for pruner in ("sparsegpt",):
         for absent, bg in (("removed", "dense"), ("pruned", "pruned")):
             run(m, out, f"{pruner} svnup absent={absent} background={bg} 0.7", sparsity=0.7, pruner=pruner,
@@ -99,7 +99,7 @@ def part9(m: str, out: str) -> None:
 
 
 def part7(m: str, out: str) -> None:
-    ev = dict(eval=["wikitext2", "c4"], eval_seqlen=2048)
+    ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
     for sp in (0.5, 0.6, 0.8):
         run(m, out, f"wanda uniform {sp}", sparsity=sp, pruner="wanda", **ev)
         run(m, out, f"wanda dlp {sp}", sparsity=sp, pruner="wanda", allocation="dlp", **ev)
@@ -112,11 +112,75 @@ def part7(m: str, out: str) -> None:
     run(m, out, "wanda owl 2:4 (mixed N:M)", pruner="wanda", pattern="2:4", allocation="owl", **ev)
 
 
+def _masks(model) -> dict[str, torch.Tensor]:
+    from layerprune.models.adapter import ModelAdapter
+    ad = ModelAdapter.of(model)
+    return {ad.full_name(i, n): (lin.weight.data == 0).cpu() for i, n, lin in ad.all_linears()}
+
+
 def part8(m: str, out: str) -> None:
-    # reference-style loop: one sample per forward (still two forwards per block) vs batched
-    for bs in (1, 8):
-        run(m, out, f"wanda 0.5 batch_size={bs}", sparsity=0.5, pruner="wanda", eval=[], batch_size=bs)
-        run(m, out, f"sparsegpt 0.5 batch_size={bs}", sparsity=0.5, pruner="sparsegpt", eval=[], batch_size=bs)
+    """Batching and precision: batch 1 has the reference loop's structure (one calibration sequence per
+    block forward, two forwards per block); the masks of every run are compared with the batch-1 run."""
+    dev = torch.device("cuda")
+    for pruner in ("wanda", "sparsegpt"):
+        ref = None
+        for bs, dtype in ((1, "float32"), (8, "float32"), (32, "float32"), (1, "bfloat16"), (8, "bfloat16")):
+            label = f"{pruner} 0.5 batch_size={bs} {dtype}"
+            try:
+                model, tok = load_model(m, dtype=dtype)
+                sess = Session(model, tok, dev, "c4", 128, 2048, 0, bs, "gpu", progress=False, use_cache=True)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                rec = prune(model, session=sess, progress=False, sparsity=0.5, pruner=pruner, eval=["wikitext2"],
+                            eval_seqlen=2048)
+                masks = _masks(model)
+                r = {"label": label, **slim(rec)}
+                if ref is None:
+                    ref = masks
+                else:
+                    same = sum(int((masks[k] == ref[k]).sum()) for k in ref)
+                    tot = sum(ref[k].numel() for k in ref)
+                    r["mask_agreement_vs_batch1_fp32"] = same / tot
+                del model, sess
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                r = {"label": label, "error": repr(e)}
+            RESULTS.append(r)
+            save(out)
+            print("##", label, r.get("timing", {}).get("prune_seconds"), r.get("ppl"),
+                  r.get("mask_agreement_vs_batch1_fp32"), r.get("peak_mem_mb"), flush=True)
+            torch.cuda.empty_cache()
+
+
+def part12(m: str, out: str) -> None:
+    """SWSV w = 4 (check against part 6), 5, 6 against part 6's stored exact Shapley values."""
+    import numpy as np
+
+    from layerprune.allocation.shapley import spearman
+    from layerprune.allocation.svnup import SVGame
+
+    prev = json.loads((Path(__file__).parent / "results" / "smollm2_part6_swsv_vs_exact.json").read_text())[0]
+    exact = np.array(prev["exact"])
+    model, tok = load_model(m)
+    dev = torch.device("cuda")
+    sess = Session(model, tok, dev, nsamples=128, seqlen=2048, progress=False)
+    t = time.perf_counter()
+    game = SVGame(model, sess.adapter, sess.sv_ids(32), sess.calib().input_ids, 0.7, "sparsegpt", dev, background="dense",
+                  progress=False)
+    rows = {"label": "SWSV w=4..6 vs part-6 exact over blocks 11-18", "setup_seconds": time.perf_counter() - t,
+            "windows": {}}
+    RESULTS.append(rows)
+    players = list(range(11, 19))
+    for w in (4, 5, 6):
+        t = time.perf_counter()
+        phi, n = game.swsv(players, w, progress=False)
+        rows["windows"][w] = {"phi": phi.tolist(), "evals": n, "seconds": time.perf_counter() - t,
+                              "spearman": spearman(phi, exact)}
+        if w == 4:
+            rows["w4_max_abs_diff_vs_part6"] = float(np.abs(phi - np.array(prev["windows"]["4"]["phi"])).max())
+        print("## w", w, rows["windows"][w]["spearman"], n, rows["windows"][w]["seconds"], flush=True)
+        save(out)
+    game.close()
 
 
 def part6(m: str, out: str) -> None:
@@ -128,7 +192,8 @@ def part6(m: str, out: str) -> None:
     dev = torch.device("cuda")
     sess = Session(model, tok, dev, nsamples=128, seqlen=2048, progress=False)
     t = time.perf_counter()
-    game = SVGame(model, sess.adapter, sess.sv_ids(32), sess.calib().input_ids, 0.7, "sparsegpt", dev, progress=False)
+    game = SVGame(model, sess.adapter, sess.sv_ids(32), sess.calib().input_ids, 0.7, "sparsegpt", dev, background="dense",
+                  progress=False)
     setup = time.perf_counter() - t
     players = list(range(11, 19))
     t = time.perf_counter()
@@ -160,15 +225,64 @@ def part11(m: str, out: str) -> None:
     run(m, out, "sparsegpt 0.5 uncapped, offload=cpu, batch 2 (same masks expected)", sparsity=0.5,
         pruner="sparsegpt", eval=["wikitext2"], eval_seqlen=2048, offload="cpu", batch_size=2)
     run(m, out, "sparsegpt svnup sv_samples=16 0.7", sparsity=0.7, pruner="sparsegpt", allocation="svnup",
-        alloc_options={"sv_samples": 16}, eval=["wikitext2", "c4"], eval_seqlen=2048)
+        alloc_options={"sv_samples": 16, "background": "dense"}, eval=["wikitext2", "c4"], eval_seqlen=2048)
 
 
 def part10(m: str, out: str) -> None:
-    ev = dict(eval=["wikitext2", "c4"], eval_seqlen=2048)
+    ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
     for pruner in ("sparsegpt", "wanda"):
         for absent, bg in (("pruned", "dense"),):
             run(m, out, f"{pruner} svnup absent={absent} background={bg} 0.7", sparsity=0.7, pruner=pruner,
                 allocation="svnup", alloc_options={"absent": absent, "background": bg}, **ev)
+
+
+def part13(m: str, out: str) -> None:
+    """Zero-shot, the eight tasks at full size: dense vs 70% Wanda uniform vs 70% Wanda+DLP."""
+    from layerprune.evaluation.zeroshot import zero_shot
+
+    tasks = ["arc_easy", "arc_challenge", "boolq", "piqa", "winogrande", "openbookqa", "hellaswag", "rte"]
+    dev = torch.device("cuda")
+    for label, alloc in (("dense", None), ("wanda 0.7 uniform", "uniform"), ("wanda 0.7 dlp", "dlp")):
+        t = time.perf_counter()
+        try:
+            model, tok = load_model(m)
+            r: dict = {"label": label}
+            if alloc is not None:
+                sess = Session(model, tok, dev, progress=False)
+                rec = prune(model, session=sess, progress=False, sparsity=0.7, pruner="wanda", allocation=alloc,
+                            eval=["wikitext2"], eval_seqlen=2048)
+                r.update(slim(rec))
+            t0 = time.perf_counter()
+            r["zero_shot"] = zero_shot(model, tok, tasks, limit=None, batch_size=64, device=dev)
+            r["zero_shot_seconds"] = time.perf_counter() - t0
+            r["wall_seconds"] = time.perf_counter() - t
+            del model
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            r = {"label": label, "error": repr(e)}
+        RESULTS.append(r)
+        save(out)
+        zs = r.get("zero_shot", {})
+        print("##", label, {k: round(v["acc"], 4) for k, v in zs.get("tasks", {}).items()},
+              zs.get("average", {}).get("acc"), r.get("zero_shot_seconds"), flush=True)
+        torch.cuda.empty_cache()
+
+
+def part14(m: str, out: str, pruners: tuple[str, ...] = ("wanda", "sparsegpt")) -> None:
+    """Part 5's allocation table for another model (gemma3-270m), one pruner per call if needed."""
+    ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
+    for pruner in pruners:
+        for alloc, opts in (("uniform", {}), ("owl", {}), ("alphapruning", {}), ("dlp", {"stat": "median"}),
+                            ("dlp", {"stat": "mean"})):
+            run(m, out, f"{pruner} {alloc} {opts} 0.7", sparsity=0.7, pruner=pruner, allocation=alloc,
+                alloc_options=opts, **ev)
+
+
+def part15(m: str, out: str) -> None:
+    """SV-NUP (default game) on another model, both bases."""
+    ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
+    for pruner in ("sparsegpt", "wanda"):
+        run(m, out, f"{pruner} svnup 0.7", sparsity=0.7, pruner=pruner, allocation="svnup", **ev)
 
 
 if __name__ == "__main__":
@@ -176,9 +290,15 @@ if __name__ == "__main__":
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--part", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--pruners", default="wanda,sparsegpt", help="part 14 only")
     a = ap.parse_args()
     setup_logging("WARNING")
     os.environ["LAYERPRUNE_PROGRESS"] = "0"
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
-    {3: part3, 4: part4, 5: part5, 6: part6, 7: part7, 8: part8, 9: part9, 10: part10, 11: part11}[a.part](a.model, a.out)
+    fn = {3: part3, 4: part4, 5: part5, 6: part6, 7: part7, 8: part8, 9: part9, 10: part10, 11: part11, 12: part12,
+          13: part13, 15: part15}.get(a.part)
+    if a.part == 14:
+        part14(a.model, a.out, tuple(a.pruners.split(",")))
+    else:
+        fn(a.model, a.out)
     save(a.out)

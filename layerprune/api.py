@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -125,7 +126,10 @@ class Session:
         if nm is not None and method not in ("uniform", "dlp", "owl"):
             raise UserError(f"N:M patterns work with uniform, dlp or owl allocation, not {method}")
         opts = {k: v for k, v in (options or {}).items() if v is not None}
-        key_d = {"w": self.weights_hash(), "method": method, "target": target, "opts": opts, "nm": nm}
+        # the cache key holds every option with its *resolved* value, so a changed default never reuses a stale entry
+        resolved = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                    if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+        key_d = {"w": self.weights_hash(), "method": method, "target": target, "opts": {**resolved, **opts}, "nm": nm}
         if method != "alphapruning":
             key_d.update(calib=self.calib_name, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed)
         if method == "svnup":
@@ -146,6 +150,11 @@ class Session:
                 alloc.nm = [n] * self.adapter.n_blocks
             else:  # dlp / owl: round the allocated profile to a per-block N
                 alloc.nm = mixed_nm(alloc.per_block, self.adapter.block_sizes(), n, m)
+                if len(set(alloc.nm)) == 1:
+                    spread = max(alloc.per_block) - min(alloc.per_block)
+                    log.warning("%s: the allocated spread (%.3f) is smaller than one N:M step (1/%d), so every "
+                                "block rounds to %d:%d, i.e. uniform; use a larger M (e.g. %d:%d) or a wider band",
+                                method, spread, m, n, m, 2 * n, 2 * m)
             alloc.m = m
             alloc.per_block = [k / m for k in alloc.nm]
             alloc.per_linear = expand_blocks(self.adapter, alloc.per_block)

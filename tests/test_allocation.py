@@ -114,3 +114,22 @@ def test_mixed_nm_mean():
 def test_bad_alpha():
     with pytest.raises(UserError):
         allocate_dlp(AllocContext(None), 0.7, alpha=0.6)
+
+
+def test_ratio_cache_keys_on_resolved_options_and_mixed_nm_warning(tmp_path, monkeypatch, tiny_with_tok, caplog):
+    from layerprune.api import Session
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path))
+    model, tok = tiny_with_tok
+    s = Session(model, tok, torch.device("cpu"), nsamples=2, seqlen=32, batch_size=2, progress=False)
+    a = s.allocate("dlp", 0.7, {})
+    assert "cached" not in a.diagnostics
+    b = s.allocate("dlp", 0.7, {"alpha": 0.15})  # the default spelled out: the same entry
+    assert "cached" in b.diagnostics and b.per_block == a.per_block
+    c = s.allocate("dlp", 0.7, {"alpha": 0.2})
+    assert "cached" not in c.diagnostics
+    assert len(list((tmp_path / "ratios").glob("dlp-*.json"))) == 2
+    # a band narrower than one 2:4 step rounds to uniform 2:4, and says so
+    d = s.allocate("dlp", 0.5, {"alpha": 0.01}, nm=(2, 4))
+    assert d.nm == [2] * s.adapter.n_blocks
+    assert "smaller than one N:M step" in caplog.text

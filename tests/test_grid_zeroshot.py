@@ -112,3 +112,14 @@ def test_prune_with_quantize_and_tasks_writes_one_complete_record(tiny_dir, tmp_
         assert r["quantization"]["bits"] == "int8" and "wikitext2" in r["ppl_before_quantization"]
         assert 0.0 <= r["tasks"]["arc_easy"]["acc"] <= 1.0
     assert rec["sparsity"]["achieved"] >= 0.5
+
+
+def test_task_data_neither_local_nor_reachable(tiny_dir, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    monkeypatch.setenv("LAYERPRUNE_DATA", str(empty))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    code = main(["eval", str(tiny_dir), "--ppl", "", "--tasks", "arc_easy", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "no local data for task(s) arc_easy" in err[-1] and "Traceback" not in "\n".join(err)

@@ -39,7 +39,7 @@ class SVGame:
     """The block game on one model: weight copies, cached SV-set inputs, and the payoff."""
 
     def __init__(self, model: nn.Module, adapter, sv_ids: torch.Tensor, calib_ids: torch.Tensor | None,
-                 target: float, pruner: str, device: torch.device, background: str = "dense",
+                 target: float, pruner: str, device: torch.device, background: str = "pruned",
                  absent: str = "pruned", payoff: str = "nll", batch_size: int = 8, progress: bool = True,
                  pruner_kwargs: dict | None = None, tf32: bool = True) -> None:
         if background not in ("dense", "pruned"):
@@ -260,7 +260,7 @@ def estimate_seconds(model: nn.Module, tokens: int, evaluations: int, device: to
 
 
 def allocate_svnup(ctx: AllocContext, target: float, window: int = 4, lam: float = 0.08, absent: str = "pruned",
-                   background: str = "dense", payoff: str = "nll", sv_samples: int = 32, aggregate: str = "center",
+                   background: str = "pruned", payoff: str = "nll", sv_samples: int = 32, aggregate: str = "center",
                    stride: int = 1, mapping: str = "band", local_weights: str = "shapley", yes: bool = False,
                    players: list[int] | None = None, tf32: bool = True, **_: object) -> Allocation:
     ad = ctx.adapter
