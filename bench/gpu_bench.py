@@ -1,7 +1,11 @@
-"""GPU benchmarks for BENCHMARKS.md (run on the device machine; see bench/README.md).
+"""GPU benchmarks for BENCHMARKS.md (run on the device machine; BENCHMARKS.md has the set-up commands).
 
     python bench/gpu_bench.py --model smollm2-135m --part 4 --out $OUT/part4.json
 
+Parts: 3 dense ppl · 4 pruners × patterns · 5 allocators at 70% (14 = the same for another model) ·
+6 SWSV vs exact Shapley (12 = w 4-6 against stored exact) · 7 DLP sparsities / α / granularity / mixed N:M ·
+8 batching and bf16 vs the batch-1 loop · 9, 10, 15, 16 SV-NUP game variants × base pruners ·
+11 capped memory + SV-NUP with 16 windows · 13 full-size zero-shot.
 Each part appends records to its JSON file as runs finish, so a timed-out call still returns data.
 """
 
@@ -81,21 +85,15 @@ def part4(m: str, out: str) -> None:
             run(m, out, f"{pruner} {pat} {sp or ''}", sparsity=sp, pruner=pruner, pattern=pat, **ev)
 
 
-def part5(m: str, out: str) -> None:
+def part5(m: str, out: str, pruners: tuple[str, ...] = ("wanda", "sparsegpt")) -> None:
+    """The allocation table at 70%: each base pruner × uniform / OWL / AlphaPruning / DLP (median, mean).
+    Part 14 is the same table for another model (gemma3-270m), one pruner per call if needed."""
     ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
-    for pruner in ("wanda", "sparsegpt"):
+    for pruner in pruners:
         for alloc, opts in (("uniform", {}), ("owl", {}), ("alphapruning", {}), ("dlp", {"stat": "median"}),
                             ("dlp", {"stat": "mean"})):
             run(m, out, f"{pruner} {alloc} {opts} 0.7", sparsity=0.7, pruner=pruner, allocation=alloc,
                 alloc_options=opts, **ev)
-
-
-def part9(m: str, out: str) -> None:
-    ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
-    for pruner in ("sparsegpt",):
-        for absent, bg in (("removed", "dense"), ("pruned", "pruned")):
-            run(m, out, f"{pruner} svnup absent={absent} background={bg} 0.7", sparsity=0.7, pruner=pruner,
-                allocation="svnup", alloc_options={"absent": absent, "background": bg}, **ev)
 
 
 def part7(m: str, out: str) -> None:
@@ -152,66 +150,42 @@ def part8(m: str, out: str) -> None:
             torch.cuda.empty_cache()
 
 
-def part12(m: str, out: str) -> None:
-    """SWSV w = 4 (check against part 6), 5, 6 against part 6's stored exact Shapley values."""
+def part6(m: str, out: str, windows: tuple[int, ...] = (2, 3, 4, 5, 6), stored_exact: bool = False) -> None:
+    """SWSV vs exact Shapley over 8 player blocks (11-18), SparseGPT 70% copies, D/P game, dense background.
+    Part 12 = windows 4-6 against the exact values part 6 stored (w = 4 recomputed as a determinism check)."""
     import numpy as np
 
     from layerprune.allocation.shapley import spearman
     from layerprune.allocation.svnup import SVGame
 
-    prev = json.loads((Path(__file__).parent / "results" / "smollm2_part6_swsv_vs_exact.json").read_text())[0]
-    exact = np.array(prev["exact"])
     model, tok = load_model(m)
     dev = torch.device("cuda")
     sess = Session(model, tok, dev, nsamples=128, seqlen=2048, progress=False)
     t = time.perf_counter()
-    game = SVGame(model, sess.adapter, sess.sv_ids(32), sess.calib().input_ids, 0.7, "sparsegpt", dev, background="dense",
-                  progress=False)
-    rows = {"label": "SWSV w=4..6 vs part-6 exact over blocks 11-18", "setup_seconds": time.perf_counter() - t,
-            "windows": {}}
-    RESULTS.append(rows)
+    game = SVGame(model, sess.adapter, sess.sv_ids(32), sess.calib().input_ids, 0.7, "sparsegpt", dev,
+                  background="dense", progress=False)
     players = list(range(11, 19))
-    for w in (4, 5, 6):
+    rows: dict = {"label": "SWSV vs exact over blocks 11-18 (sparsegpt 0.7, D/P, dense background)",
+                  "setup_seconds": time.perf_counter() - t, "windows": {}}
+    prev = None
+    if stored_exact:
+        prev = json.loads((Path(__file__).parent / "results" / "smollm2_part6_swsv_vs_exact.json").read_text())[0]
+        exact = np.array(prev["exact"])
+    else:
+        t = time.perf_counter()
+        exact, ne = game.reference(players, "exact", progress=False)
+        rows.update(exact=exact.tolist(), exact_evals=ne, exact_seconds=time.perf_counter() - t)
+    RESULTS.append(rows)
+    for w in windows:
         t = time.perf_counter()
         phi, n = game.swsv(players, w, progress=False)
         rows["windows"][w] = {"phi": phi.tolist(), "evals": n, "seconds": time.perf_counter() - t,
                               "spearman": spearman(phi, exact)}
-        if w == 4:
-            rows["w4_max_abs_diff_vs_part6"] = float(np.abs(phi - np.array(prev["windows"]["4"]["phi"])).max())
+        if prev is not None and str(w) in prev["windows"]:
+            rows[f"w{w}_max_abs_diff_vs_part6"] = float(np.abs(phi - np.array(prev["windows"][str(w)]["phi"])).max())
         print("## w", w, rows["windows"][w]["spearman"], n, rows["windows"][w]["seconds"], flush=True)
         save(out)
     game.close()
-
-
-def part6(m: str, out: str) -> None:
-    from layerprune.allocation.shapley import spearman
-    from layerprune.allocation.svnup import SVGame
-
-    # SWSV vs exact Shapley over 8 player blocks
-    model, tok = load_model(m)
-    dev = torch.device("cuda")
-    sess = Session(model, tok, dev, nsamples=128, seqlen=2048, progress=False)
-    t = time.perf_counter()
-    game = SVGame(model, sess.adapter, sess.sv_ids(32), sess.calib().input_ids, 0.7, "sparsegpt", dev, background="dense",
-                  progress=False)
-    setup = time.perf_counter() - t
-    players = list(range(11, 19))
-    t = time.perf_counter()
-    exact, ne = game.reference(players, "exact", progress=False)
-    t_exact = time.perf_counter() - t
-    rows = {"label": "SWSV vs exact over blocks 11-18 (sparsegpt 0.7, D/P, dense background)", "exact": exact.tolist(),
-            "exact_evals": ne, "exact_seconds": t_exact, "setup_seconds": setup, "windows": {}}
-    for w in range(2, 7):
-        t = time.perf_counter()
-        phi, n = game.swsv(players, w, progress=False)
-        rows["windows"][w] = {"phi": phi.tolist(), "evals": n, "seconds": time.perf_counter() - t,
-                              "spearman": spearman(phi, exact)}
-        print("## w", w, rows["windows"][w]["spearman"], n, flush=True)
-        if w == 2:
-            RESULTS.append(rows)
-        save(out)
-    game.close()
-    save(out)
 
 
 def part11(m: str, out: str) -> None:
@@ -226,14 +200,6 @@ def part11(m: str, out: str) -> None:
         pruner="sparsegpt", eval=["wikitext2"], eval_seqlen=2048, offload="cpu", batch_size=2)
     run(m, out, "sparsegpt svnup sv_samples=16 0.7", sparsity=0.7, pruner="sparsegpt", allocation="svnup",
         alloc_options={"sv_samples": 16, "background": "dense"}, eval=["wikitext2", "c4"], eval_seqlen=2048)
-
-
-def part10(m: str, out: str) -> None:
-    ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
-    for pruner in ("sparsegpt", "wanda"):
-        for absent, bg in (("pruned", "dense"),):
-            run(m, out, f"{pruner} svnup absent={absent} background={bg} 0.7", sparsity=0.7, pruner=pruner,
-                allocation="svnup", alloc_options={"absent": absent, "background": bg}, **ev)
 
 
 def part13(m: str, out: str) -> None:
@@ -268,37 +234,41 @@ def part13(m: str, out: str) -> None:
         torch.cuda.empty_cache()
 
 
-def part14(m: str, out: str, pruners: tuple[str, ...] = ("wanda", "sparsegpt")) -> None:
-    """Part 5's allocation table for another model (gemma3-270m), one pruner per call if needed."""
+SV_GAMES = (("pruned", "pruned"), ("pruned", "dense"), ("removed", "dense"))  # (absent, background); default first
+
+
+def part15(m: str, out: str, pruners: tuple[str, ...] = ("sparsegpt", "wanda"),
+           games: tuple[tuple[str, str], ...] = SV_GAMES) -> None:
+    """SV-NUP at 70%: every game variant on each base pruner (part 16 = the smollm2 Wanda variants not yet run)."""
     ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
     for pruner in pruners:
-        for alloc, opts in (("uniform", {}), ("owl", {}), ("alphapruning", {}), ("dlp", {"stat": "median"}),
-                            ("dlp", {"stat": "mean"})):
-            run(m, out, f"{pruner} {alloc} {opts} 0.7", sparsity=0.7, pruner=pruner, allocation=alloc,
-                alloc_options=opts, **ev)
-
-
-def part15(m: str, out: str) -> None:
-    """SV-NUP (default game) on another model, both bases."""
-    ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
-    for pruner in ("sparsegpt", "wanda"):
-        run(m, out, f"{pruner} svnup 0.7", sparsity=0.7, pruner=pruner, allocation="svnup", **ev)
-
+        for absent, bg in games:
+            run(m, out, f"{pruner} svnup absent={absent} background={bg} 0.7", sparsity=0.7, pruner=pruner,
+                allocation="svnup", alloc_options={"absent": absent, "background": bg}, **ev)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--part", type=int, required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--pruners", default="wanda,sparsegpt", help="part 14 only")
+    ap.add_argument("--pruners", default=None, help="parts 5/14/15: comma-separated base pruners")
     a = ap.parse_args()
     setup_logging("WARNING")
     os.environ["LAYERPRUNE_PROGRESS"] = "0"
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
-    fn = {3: part3, 4: part4, 5: part5, 6: part6, 7: part7, 8: part8, 9: part9, 10: part10, 11: part11, 12: part12,
-          13: part13, 15: part15}.get(a.part)
-    if a.part == 14:
-        part14(a.model, a.out, tuple(a.pruners.split(",")))
+    prs = tuple(a.pruners.split(",")) if a.pruners else None
+    if a.part in (5, 14):
+        part5(a.model, a.out, prs or ("wanda", "sparsegpt"))
+    elif a.part == 15:
+        part15(a.model, a.out, prs or ("sparsegpt", "wanda"))
+    elif a.part == 9:  # the two non-default games on SparseGPT
+        part15(a.model, a.out, ("sparsegpt",), (("removed", "dense"), ("pruned", "pruned")))
+    elif a.part == 10:  # D/P with dense background on both bases
+        part15(a.model, a.out, ("sparsegpt", "wanda"), (("pruned", "dense"),))
+    elif a.part == 12:
+        part6(a.model, a.out, (4, 5, 6), stored_exact=True)
+    elif a.part == 16:
+        part15(a.model, a.out, ("wanda",), SV_GAMES[:1] + SV_GAMES[2:])
     else:
-        fn(a.model, a.out)
+        {3: part3, 4: part4, 6: part6, 7: part7, 8: part8, 11: part11, 13: part13}[a.part](a.model, a.out)
     save(a.out)

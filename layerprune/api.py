@@ -16,6 +16,7 @@ from layerprune.allocation import AllocContext, Allocation, get_allocator, mixed
 from layerprune.allocation.common import expand_blocks
 from layerprune.data.calibration import CalibSet, sample_c4_windows, token_windows
 from layerprune.data.sources import SOURCES, calib_split, load_documents
+from layerprune.distributed import active, init_from_env, is_main, world_size
 from layerprune.engine.sequential import DenseStats, dense_stats_pass, prune_sequential
 from layerprune.errors import UserError, require
 from layerprune.evaluation.perplexity import check_seqlen, perplexity
@@ -107,7 +108,7 @@ class Session:
             else:
                 self._stats = dense_stats_pass(self.model, self.adapter, self.calib().input_ids, self.device,
                                                self.batch_size, self.offload, progress=self.progress)
-                if self.use_cache:
+                if self.use_cache and is_main():
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(self._stats.to_json()))
         return self._stats
@@ -158,7 +159,7 @@ class Session:
             alloc.m = m
             alloc.per_block = [k / m for k in alloc.nm]
             alloc.per_linear = expand_blocks(self.adapter, alloc.per_block)
-        if self.use_cache and method != "uniform":
+        if self.use_cache and method != "uniform" and is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({**alloc.to_json(), "key": key_d}, default=str))
         return alloc
@@ -225,13 +226,15 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
         check_out_dir(out)
     if m and allocation not in ("uniform", "dlp", "owl"):
         raise UserError(f"N:M patterns work with uniform, dlp or owl allocation, not {allocation}")
-    dev = resolve_device(device)
+    dev = resolve_device(init_from_env(device))
+    if not is_main():  # data-parallel: only rank 0 evaluates, composes and exports
+        evals, tasks, out, quantize, dense_ppl = [], [], None, None, False
     t_start = time.perf_counter()
     config = {"model": model if isinstance(model, str) else getattr(model, "layerprune_source", "object"),
               "sparsity": target, "pruner": pruner, "pattern": pattern, "allocation": allocation,
               "alloc_options": alloc_options or {}, "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
               "seed": seed, "dtype": dtype, "batch_size": batch_size, "pruner_kwargs": pruner_kwargs or {},
-              "quantize": quantize, "group_size": group_size}
+              "quantize": quantize, "group_size": group_size, "world_size": world_size()}
     # ---- load
     if session is None:
         mdl, tok, src = _load(model, tokenizer, dtype, dev, trust_remote_code)
@@ -253,6 +256,9 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
     plan = session.plan(alloc)
     # ---- prune
     run_dir = RunDir(out, args_hash({**config, "w": session.weights_hash()})) if out is not None else None
+    if run_dir is not None and run_dir.done and active():
+        raise UserError(f"resuming {out} works in a single process only: rerun it without torchrun "
+                        f"(or delete .{Path(out).name}.partial to start again)")
     needs = get_pruner(pruner).needs_data
     res = prune_sequential(mdl, session.adapter, session.calib().input_ids if needs else None, plan, pruner, dev,
                            batch_size, offload, run_dir, progress, pruner_kwargs)
@@ -320,7 +326,7 @@ def allocate(model: str | nn.Module, sparsity: float = 0.7, allocation: str = "d
     target, n, m = parse_pattern(pattern, sparsity)
     get_allocator(allocation)
     get_pruner(pruner)
-    dev = resolve_device(device)
+    dev = resolve_device(init_from_env(device))
     mdl, tok, src = _load(model, tokenizer, dtype, dev, trust_remote_code)
     s = Session(mdl, tok, dev, calib, nsamples, seqlen, seed, batch_size, offload, progress, use_cache)
     alloc = s.allocate(allocation, target, options, pruner, (n, m) if m else None)

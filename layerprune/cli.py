@@ -59,7 +59,8 @@ def _alloc(p: argparse.ArgumentParser) -> None:
     g.add_argument("--xmin-window", default=None, choices=["code", "intended"], help="AlphaPruning (default code)")
     g.add_argument("--window", type=int, default=None, help="SV-NUP window w (default 4)")
     g.add_argument("--absent", default=None, choices=["pruned", "removed"], help="SV-NUP non-member state (default pruned)")
-    g.add_argument("--background", default=None, choices=["dense", "pruned"], help="SV-NUP blocks outside the window (default pruned: chosen on C4 held-out ppl, BENCHMARKS.md)")
+    g.add_argument("--background", default=None, choices=["dense", "pruned"],
+                   help="SV-NUP blocks outside the window (default pruned: chosen on C4 held-out ppl, BENCHMARKS.md)")
     g.add_argument("--payoff", default=None, choices=["nll", "ppl"], help="SV-NUP payoff (default nll)")
     g.add_argument("--sv-samples", type=int, default=None, help="SV-NUP evaluation windows (default 32)")
     g.add_argument("--aggregate", default=None, choices=["center", "mean"], help="SV-NUP window aggregation")
@@ -366,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         set_data_dir(getattr(a, "data_dir", None))
         with contextlib.redirect_stdout(sys.stderr):  # stray prints from libraries never reach stdout
             rec, text = COMMANDS[a.cmd](a)
+        from layerprune.distributed import is_main
+
+        if not is_main():  # under torchrun only rank 0 reports
+            return 0
         if a.json:
             real_stdout.write(json.dumps(rec, default=str) + "\n")
         else:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from layerprune.distributed import broadcast_module, reduce_count, shard
 from layerprune.engine.runner import BlockRunner, move_non_block
 from layerprune.models.adapter import ModelAdapter
 from layerprune.pruners import Pattern, get_pruner
@@ -45,6 +46,14 @@ def feed_hooks(linears: dict[str, nn.Linear], sinks: dict[str, object]) -> Itera
     finally:
         for h in handles:
             h.remove()
+
+
+def reduce_stats(sinks: dict[str, object]) -> None:
+    """Data-parallel runs: sum every accumulator over the ranks (no-op in one process)."""
+    for s in sinks.values():
+        red = getattr(s, "reduce", None)
+        if red is not None:
+            red()
 
 
 @dataclass
@@ -95,8 +104,8 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
     runner = None
     if cls.needs_data:
         assert calib_ids is not None, "this pruner needs calibration data"
-        runner = BlockRunner(model, adapter, calib_ids, device, batch_size, offload)
-        res.calib_tokens = runner.tokens()
+        runner = BlockRunner(model, adapter, shard(calib_ids), device, batch_size, offload)
+        res.calib_tokens = reduce_count(runner.tokens(), device)
     done = checkpoint.done if checkpoint is not None else 0
     bar = tqdm(range(adapter.n_blocks), desc="prune", disable=not progress, unit="block")
     for i in bar:
@@ -120,6 +129,7 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
             with feed_hooks(linears, pruners):
                 runner.run(i, store=False)
             res.block_forwards += 1
+            reduce_stats(pruners)
         sync(device)
         t_mask = time.perf_counter()
         recs = {}
@@ -129,6 +139,7 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
             pruners[n].prune(pat)
             pruners[n].free()
             recs[full] = _linear_record(lin, pat)
+        broadcast_module(block)  # data-parallel: every rank continues with rank 0's pruned block
         sync(device)
         prune_s = time.perf_counter() - t_mask
         del pruners
@@ -197,7 +208,7 @@ def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor
     """One forward per **dense** block (§1.6 pass 1): hooks feed ``make_sinks(i, linears)`` while the
     block's outputs become the next block's inputs; then ``on_block(i, linears, sinks)`` (which may
     compute pruned copies, but must leave the dense weights in place). Without ``calib_ids`` no data runs."""
-    runner = BlockRunner(model, adapter, calib_ids, device, batch_size, offload) if calib_ids is not None else None
+    runner = BlockRunner(model, adapter, shard(calib_ids), device, batch_size, offload) if calib_ids is not None else None
     for i in tqdm(range(adapter.n_blocks), desc=desc, disable=not progress, unit="block"):
         block = adapter.blocks[i]
         block.to(device)
@@ -206,6 +217,7 @@ def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor
         if runner is not None:
             with feed_hooks(linears, sinks):
                 runner.run(i, store=True)
+            reduce_stats(sinks)
         on_block(i, linears, sinks)
         if device.type == "cuda":
             block.to("cpu")

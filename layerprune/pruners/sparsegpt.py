@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from layerprune.distributed import active, all_reduce_sum, reduce_count
 from layerprune.pruners.masks import Pattern
 
 log = logging.getLogger("layerprune")
@@ -39,6 +40,14 @@ class SparseGPTPruner:
         self.nsamples += tmp
         x = math.sqrt(2 / self.nsamples) * x
         self.H.addmm_(x.t(), x)
+
+    def reduce(self) -> None:
+        """Combine the ranks' running means into the Hessian of the whole calibration set (no-op in one process)."""
+        if active():
+            self.H *= self.nsamples
+            all_reduce_sum(self.H)
+            self.nsamples = reduce_count(self.nsamples, self.H.device)
+            self.H /= max(self.nsamples, 1)
 
     def _hinv(self, H: torch.Tensor) -> torch.Tensor:
         cols = H.shape[0]
@@ -99,11 +108,11 @@ class SparseGPTPruner:
                     tmp = W1[:, i : i + prunem] ** 2 / d1[i : i + prunem].reshape(1, -1) ** 2
                     idx = torch.sort(tmp, dim=1, stable=True)[1][:, :prunen]
                     mask1.scatter_(1, i + idx, True)
-                q = w.clone()
-                q[mask1[:, i]] = 0
+                # masked_fill, not q[mask] = 0: boolean-index assignment syncs the device every column
+                q = w.masked_fill(mask1[:, i], 0)
                 Q1[:, i] = q
                 err1 = (w - q) / d
-                W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+                W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
                 Err1[:, i] = err1
             W[:, i1:i2] = Q1
             full_mask[:, i1:i2] = mask1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from layerprune.distributed import all_reduce_sum, reduce_count
 from layerprune.pruners.masks import Pattern, nm_mask, row_mask
 
 
@@ -25,6 +26,11 @@ class WandaPruner:
         self.nseq += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()
         self.sq += (x * x).sum(dim=0)
+
+    def reduce(self) -> None:
+        """Sum the statistics over data-parallel ranks (no-op in one process)."""
+        all_reduce_sum(self.sq)
+        self.nseq = reduce_count(self.nseq, self.sq.device)
 
     def scaler_row(self) -> torch.Tensor:
         """The reference's ``scaler_row``: (1/N_seq) Σ_tokens x_j²."""

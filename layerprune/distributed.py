@@ -1,0 +1,83 @@
+"""Data-parallel calibration over several processes with ``torch.distributed`` (no scheduler of our own).
+
+Launch with ``torchrun --nproc-per-node N -m layerprune.cli prune ...``. Every rank loads the model and
+draws the same calibration set (same seed); rank r runs the samples ``r, r+N, r+2N, …`` through each
+block. Pruner statistics are sums over tokens, so one ``all_reduce`` per linear makes every rank hold the
+statistics of the whole calibration set (Wanda's Σx², SparseGPT's Hessian); rank 0 prunes and broadcasts
+the pruned block, so all ranks continue with identical weights. Evaluation, export and printing happen
+on rank 0 only. Without an initialised process group every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def shard(ids: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's calibration samples (strided, so every rank gets the same count ±1)."""
+    if ids is None or not active():
+        return ids
+    part = ids[rank()::world_size()]
+    if part.shape[0] == 0:
+        from layerprune.errors import UserError
+
+        raise UserError(f"--nsamples {ids.shape[0]} is smaller than the {world_size()} processes: raise it")
+    return part
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (gloo needs CPU tensors; NCCL device tensors)."""
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def reduce_count(n: int, device: torch.device) -> int:
+    if not active():
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s parameters (the block rank 0 just pruned)."""
+    if active():
+        for p in module.parameters():
+            dist.broadcast(p.data, src)
+
+
+def init_from_env(device: str) -> str:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group and pick this rank's device.
+    Returns the device string to use (``cuda:LOCAL_RANK`` with NCCL, else the given one with gloo)."""
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if ws <= 1 or (dist.is_available() and dist.is_initialized()):
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return f"cuda:{local}"
+    dist.init_process_group("gloo")
+    return device
