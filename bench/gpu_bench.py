@@ -28,6 +28,7 @@ from layerprune.models.loading import load_model
 from layerprune.utils import setup_logging
 
 RESULTS: list[dict] = []
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def save(path: str) -> None:
@@ -43,30 +44,39 @@ def slim(rec: dict) -> dict:
     return out
 
 
-def run(model_spec: str, out: str, label: str, **kw) -> dict | None:
-    t = time.perf_counter()
+def guarded(label: str, out: str, fn) -> dict:
+    """Run one benchmark record: a failure is logged and recorded, never fatal; results are saved at once."""
     try:
-        model, tok = load_model(model_spec, dtype=kw.pop("dtype", "float32"))
-        dev = torch.device("cuda")
-        sess = Session(model, tok, dev, kw.pop("calib", "c4"), kw.pop("nsamples", 128), kw.pop("seqlen", 2048),
-                       0, kw.pop("batch_size", 8), kw.pop("offload", "auto"), progress=False, use_cache=True)
-        rec = prune(model, session=sess, progress=False, **kw)
-        r = {"label": label, **slim(rec), "wall_seconds": time.perf_counter() - t}
+        r = {"label": label, **fn()}
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         r = {"label": label, "error": repr(e)}
     RESULTS.append(r)
     save(out)
+    return r
+
+
+def run(model_spec: str, out: str, label: str, **kw) -> dict:
+    def one() -> dict:
+        t = time.perf_counter()
+        model, tok = load_model(model_spec, dtype=kw.pop("dtype", "float32"))
+        sess = Session(model, tok, DEV, kw.pop("calib", "c4"), kw.pop("nsamples", 128), kw.pop("seqlen", 2048),
+                       0, kw.pop("batch_size", 8), kw.pop("offload", "auto"), progress=False, use_cache=True)
+        rec = prune(model, session=sess, progress=False, **kw)
+        return {**slim(rec), "wall_seconds": time.perf_counter() - t}
+
+    r = guarded(label, out, one)
     ppl = r.get("ppl", {})
     print(f"## {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in ppl.items()) +
           f" | {r.get('wall_seconds', 0):.1f}s | peak {r.get('peak_mem_mb')}", flush=True)
-    torch.cuda.empty_cache()
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
     return r
 
 
 def part3(m: str, out: str) -> None:
     model, tok = load_model(m)
-    dev = torch.device("cuda")
+    dev = DEV
     for seqlen, mw in ((512, 8), (2048, None)):
         t = time.perf_counter()
         r = evaluate_ppl(model, tok, ["wikitext2"], seqlen, mw, dev)
@@ -116,38 +126,30 @@ def _masks(model) -> dict[str, torch.Tensor]:
     return {ad.full_name(i, n): (lin.weight.data == 0).cpu() for i, n, lin in ad.all_linears()}
 
 
-def part8(m: str, out: str) -> None:
+def part8(m: str, out: str, nsamples: int = 128, seqlen: int = 2048) -> None:
     """Batching and precision: batch 1 has the reference loop's structure (one calibration sequence per
     block forward, two forwards per block); the masks of every run are compared with the batch-1 run."""
-    dev = torch.device("cuda")
     for pruner in ("wanda", "sparsegpt"):
-        ref = None
+        ref: dict = {}
         for bs, dtype in ((1, "float32"), (8, "float32"), (32, "float32"), (1, "bfloat16"), (8, "bfloat16")):
-            label = f"{pruner} 0.5 batch_size={bs} {dtype}"
-            try:
+            def one(bs: int = bs, dtype: str = dtype) -> dict:
                 model, tok = load_model(m, dtype=dtype)
-                sess = Session(model, tok, dev, "c4", 128, 2048, 0, bs, "gpu", progress=False, use_cache=True)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                sess = Session(model, tok, DEV, "c4", nsamples, seqlen, 0, bs, "device", progress=False)
                 rec = prune(model, session=sess, progress=False, sparsity=0.5, pruner=pruner, eval=["wikitext2"],
-                            eval_seqlen=2048)
+                            eval_seqlen=seqlen)
                 masks = _masks(model)
-                r = {"label": label, **slim(rec)}
-                if ref is None:
-                    ref = masks
+                r = slim(rec)
+                if not ref:
+                    ref.update(masks)
                 else:
                     same = sum(int((masks[k] == ref[k]).sum()) for k in ref)
-                    tot = sum(ref[k].numel() for k in ref)
-                    r["mask_agreement_vs_batch1_fp32"] = same / tot
-                del model, sess
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                r = {"label": label, "error": repr(e)}
-            RESULTS.append(r)
-            save(out)
+                    r["mask_agreement_vs_batch1_fp32"] = same / sum(v.numel() for v in ref.values())
+                return r
+
+            label = f"{pruner} 0.5 batch_size={bs} {dtype}"
+            r = guarded(label, out, one)
             print("##", label, r.get("timing", {}).get("prune_seconds"), r.get("ppl"),
                   r.get("mask_agreement_vs_batch1_fp32"), r.get("peak_mem_mb"), flush=True)
-            torch.cuda.empty_cache()
 
 
 def part6(m: str, out: str, windows: tuple[int, ...] = (2, 3, 4, 5, 6), stored_exact: bool = False) -> None:
@@ -159,7 +161,7 @@ def part6(m: str, out: str, windows: tuple[int, ...] = (2, 3, 4, 5, 6), stored_e
     from layerprune.allocation.svnup import SVGame
 
     model, tok = load_model(m)
-    dev = torch.device("cuda")
+    dev = DEV
     sess = Session(model, tok, dev, nsamples=128, seqlen=2048, progress=False)
     t = time.perf_counter()
     game = SVGame(model, sess.adapter, sess.sv_ids(32), sess.calib().input_ids, 0.7, "sparsegpt", dev,
@@ -207,31 +209,25 @@ def part13(m: str, out: str) -> None:
     from layerprune.evaluation.zeroshot import zero_shot
 
     tasks = ["arc_easy", "arc_challenge", "boolq", "piqa", "winogrande", "openbookqa", "hellaswag", "rte"]
-    dev = torch.device("cuda")
     for label, alloc in (("dense", None), ("wanda 0.7 uniform", "uniform"), ("wanda 0.7 dlp", "dlp")):
-        t = time.perf_counter()
-        try:
+        def one(alloc: str | None = alloc) -> dict:
+            t = time.perf_counter()
             model, tok = load_model(m)
-            r: dict = {"label": label}
+            r: dict = {}
             if alloc is not None:
-                sess = Session(model, tok, dev, progress=False)
-                rec = prune(model, session=sess, progress=False, sparsity=0.7, pruner="wanda", allocation=alloc,
-                            eval=["wikitext2"], eval_seqlen=2048)
-                r.update(slim(rec))
+                sess = Session(model, tok, DEV, progress=False)
+                r.update(slim(prune(model, session=sess, progress=False, sparsity=0.7, pruner="wanda",
+                                    allocation=alloc, eval=["wikitext2"], eval_seqlen=2048)))
             t0 = time.perf_counter()
-            r["zero_shot"] = zero_shot(model, tok, tasks, limit=None, batch_size=64, device=dev)
+            r["zero_shot"] = zero_shot(model, tok, tasks, limit=None, batch_size=64, device=DEV)
             r["zero_shot_seconds"] = time.perf_counter() - t0
             r["wall_seconds"] = time.perf_counter() - t
-            del model
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            r = {"label": label, "error": repr(e)}
-        RESULTS.append(r)
-        save(out)
+            return r
+
+        r = guarded(label, out, one)
         zs = r.get("zero_shot", {})
         print("##", label, {k: round(v["acc"], 4) for k, v in zs.get("tasks", {}).items()},
               zs.get("average", {}).get("acc"), r.get("zero_shot_seconds"), flush=True)
-        torch.cuda.empty_cache()
 
 
 SV_GAMES = (("pruned", "pruned"), ("pruned", "dense"), ("removed", "dense"))  # (absent, background); default first
@@ -255,7 +251,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     setup_logging("WARNING")
     os.environ["LAYERPRUNE_PROGRESS"] = "0"
-    print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    print(torch.__version__, torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu", flush=True)
     prs = tuple(a.pruners.split(",")) if a.pruners else None
     if a.part in (5, 14):
         part5(a.model, a.out, prs or ("wanda", "sparsegpt"))
