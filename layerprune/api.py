@@ -123,9 +123,7 @@ class Session:
 
     def allocate(self, method: str, target: float, options: dict | None = None, pruner: str = "wanda",
                  nm: tuple[int, int] | None = None, pruner_kwargs: dict | None = None) -> Allocation:
-        fn = get_allocator(method)
-        if nm is not None and method not in ("uniform", "dlp", "owl"):
-            raise UserError(f"N:M patterns work with uniform, dlp or owl allocation, not {method}")
+        fn = get_allocator(method, nm is not None)
         opts = {k: v for k, v in (options or {}).items() if v is not None}
         # the cache key holds every option with its *resolved* value, so a changed default never reuses a stale entry
         resolved = {k: p.default for k, p in inspect.signature(fn).parameters.items()
@@ -210,7 +208,7 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
     # ---- validate everything before any heavy work
     target, n, m = parse_pattern(pattern, sparsity)
     get_pruner(pruner)
-    get_allocator(allocation)
+    get_allocator(allocation, bool(m))
     evals = check_datasets(eval)
     tasks = [t for t in tasks if t]
     if tasks:
@@ -224,8 +222,6 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
     require(nsamples >= 1, f"--nsamples must be at least 1 (got {nsamples})")
     if out is not None:
         check_out_dir(out)
-    if m and allocation not in ("uniform", "dlp", "owl"):
-        raise UserError(f"N:M patterns work with uniform, dlp or owl allocation, not {allocation}")
     dev = resolve_device(init_from_env(device))
     if not is_main():  # data-parallel: only rank 0 evaluates, composes and exports
         evals, tasks, out, quantize, dense_ppl = [], [], None, None, False
@@ -248,6 +244,11 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
         check_seqlen(mdl, eseq)
     record: dict[str, Any] = {"config": config, "versions": versions(), "started": now(), "device": str(dev),
                               "model": config["model"]}
+    # the resume store is opened before any heavy work, so a refused resume costs nothing
+    run_dir = RunDir(out, args_hash({**config, "w": session.weights_hash()})) if out is not None else None
+    if run_dir is not None and run_dir.done and active():
+        raise UserError(f"resuming {out} works in a single process only: rerun it without torchrun "
+                        f"(or delete .{Path(out).name}.partial to start again)")
     if dense_ppl and evals:
         record["dense_ppl"] = {k: v["ppl"] for k, v in evaluate_ppl(mdl, tok, evals, eseq, eval_max_windows, dev, eval_batch_size).items()}
         mdl.to("cpu")
@@ -255,10 +256,6 @@ def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "w
     alloc = session.allocate(allocation, target, alloc_options, pruner, (n, m) if m else None, pruner_kwargs)
     plan = session.plan(alloc)
     # ---- prune
-    run_dir = RunDir(out, args_hash({**config, "w": session.weights_hash()})) if out is not None else None
-    if run_dir is not None and run_dir.done and active():
-        raise UserError(f"resuming {out} works in a single process only: rerun it without torchrun "
-                        f"(or delete .{Path(out).name}.partial to start again)")
     needs = get_pruner(pruner).needs_data
     res = prune_sequential(mdl, session.adapter, session.calib().input_ids if needs else None, plan, pruner, dev,
                            batch_size, offload, run_dir, progress, pruner_kwargs)
@@ -324,7 +321,7 @@ def allocate(model: str | nn.Module, sparsity: float = 0.7, allocation: str = "d
              use_cache: bool = True) -> dict:
     """Compute (and cache) the per-block sparsities of one allocation method; returns its JSON."""
     target, n, m = parse_pattern(pattern, sparsity)
-    get_allocator(allocation)
+    get_allocator(allocation, bool(m))
     get_pruner(pruner)
     dev = resolve_device(init_from_env(device))
     mdl, tok, src = _load(model, tokenizer, dtype, dev, trust_remote_code)

@@ -74,7 +74,7 @@ def cmd_compare(a: argparse.Namespace) -> tuple[dict, str]:
     allocs, pruners = _csv(a.allocations), _csv(a.pruners)
     sps = [float(x) for x in _csv(a.sparsities)] if a.pattern == "unstructured" else [None]
     for x in allocs:
-        get_allocator(x)
+        get_allocator(x, a.pattern != "unstructured")
     for x in pruners:
         get_pruner(x)
     for s in sps:

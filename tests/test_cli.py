@@ -21,6 +21,7 @@ def run(args, capsys):
     (["prune", "smollm2-135m", "--sparsity", "0.5", "--pruner", "bogus"], "unknown pruner"),
     (["prune", "smollm2-135m", "--sparsity", "0.5", "--allocation", "bogus"], "unknown allocation"),
     (["prune", "smollm2-135m", "--sparsity", "0.5", "--nsamples", "0"], "nsamples"),
+    (["prune", "smollm2-135m", "--pattern", "2:4", "--allocation", "svnup"], "N:M patterns work with"),
     (["allocate", "smollm2-135m", "--allocation", "dlp", "--alpha", "0.9", "--nsamples", "1"], "alpha"),
     (["eval", "smollm2-135m", "--tasks", "nope"], "unknown task"),
 ])

@@ -25,9 +25,16 @@ ALLOCATORS: dict[str, Callable[..., Allocation]] = {
 }
 
 
-def get_allocator(name: str) -> Callable[..., Allocation]:
+# allocations that can give every block its own N of an N:M pattern (mixed N:M, methods_dlp.md §2.3)
+NM_ALLOCATIONS = ("uniform", "dlp", "owl")
+
+
+def get_allocator(name: str, nm: bool = False) -> Callable[..., Allocation]:
+    """The allocator called ``name``; with ``nm`` it must also support an N:M pattern."""
     if name not in ALLOCATORS:
         raise UserError(f"unknown allocation '{name}': use one of {', '.join(ALLOCATORS)}")
+    if nm and name not in NM_ALLOCATIONS:
+        raise UserError(f"N:M patterns work with {', '.join(NM_ALLOCATIONS)} allocation, not {name}")
     return ALLOCATORS[name]
 
 
