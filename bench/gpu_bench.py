@@ -95,13 +95,16 @@ def part4(m: str, out: str) -> None:
             run(m, out, f"{pruner} {pat} {sp or ''}", sparsity=sp, pruner=pruner, pattern=pat, **ev)
 
 
-def part5(m: str, out: str, pruners: tuple[str, ...] = ("wanda", "sparsegpt")) -> None:
+ALLOCS = (("uniform", {}), ("owl", {}), ("alphapruning", {}), ("dlp", {"stat": "median"}), ("dlp", {"stat": "mean"}))
+
+
+def part5(m: str, out: str, pruners: tuple[str, ...] = ("wanda", "sparsegpt"),
+          allocs: tuple[tuple[str, dict], ...] = ALLOCS) -> None:
     """The allocation table at 70%: each base pruner × uniform / OWL / AlphaPruning / DLP (median, mean).
     Part 14 is the same table for another model (gemma3-270m), one pruner per call if needed."""
     ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
     for pruner in pruners:
-        for alloc, opts in (("uniform", {}), ("owl", {}), ("alphapruning", {}), ("dlp", {"stat": "median"}),
-                            ("dlp", {"stat": "mean"})):
+        for alloc, opts in allocs:
             run(m, out, f"{pruner} {alloc} {opts} 0.7", sparsity=0.7, pruner=pruner, allocation=alloc,
                 alloc_options=opts, **ev)
 
@@ -248,15 +251,21 @@ if __name__ == "__main__":
     ap.add_argument("--part", type=int, required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--pruners", default=None, help="parts 5/14/15: comma-separated base pruners")
+    ap.add_argument("--allocs", default=None, help="parts 5/14: subset of the table, e.g. alphapruning,dlp-mean")
+    ap.add_argument("--games", default=None, help="part 15: subset of the games as absent:background, e.g. "
+                                                  "pruned:pruned,removed:dense")
     a = ap.parse_args()
     setup_logging("WARNING")
     os.environ["LAYERPRUNE_PROGRESS"] = "0"
     print(torch.__version__, torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu", flush=True)
     prs = tuple(a.pruners.split(",")) if a.pruners else None
+    names = {"uniform": 0, "owl": 1, "alphapruning": 2, "dlp-median": 3, "dlp-mean": 4}
+    allocs = tuple(ALLOCS[names[x]] for x in a.allocs.split(",")) if a.allocs else ALLOCS
+    games = tuple(tuple(g.split(":")) for g in a.games.split(",")) if a.games else SV_GAMES
     if a.part in (5, 14):
-        part5(a.model, a.out, prs or ("wanda", "sparsegpt"))
+        part5(a.model, a.out, prs or ("wanda", "sparsegpt"), allocs)
     elif a.part == 15:
-        part15(a.model, a.out, prs or ("sparsegpt", "wanda"))
+        part15(a.model, a.out, prs or ("sparsegpt", "wanda"), games)
     elif a.part == 9:  # the two non-default games on SparseGPT
         part15(a.model, a.out, ("sparsegpt",), (("removed", "dense"), ("pruned", "pruned")))
     elif a.part == 10:  # D/P with dense background on both bases

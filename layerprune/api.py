@@ -26,7 +26,7 @@ from layerprune.models.loading import cache_dir, load_model, parse_dtype
 from layerprune.pruners import Pattern, get_pruner, parse_nm
 from layerprune.pruners.masks import check_sparsity
 from layerprune.record import args_hash, now, versions, weights_hash
-from layerprune.utils import resolve_device
+from layerprune.utils import resolve_device, write_atomic
 
 log = logging.getLogger("layerprune")
 
@@ -109,8 +109,7 @@ class Session:
                 self._stats = dense_stats_pass(self.model, self.adapter, self.calib().input_ids, self.device,
                                                self.batch_size, self.offload, progress=self.progress)
                 if self.use_cache and is_main():
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(self._stats.to_json()))
+                    write_atomic(path, json.dumps(self._stats.to_json()))
         return self._stats
 
     def context(self, pruner: str, pruner_kwargs: dict | None = None) -> AllocContext:
@@ -158,8 +157,7 @@ class Session:
             alloc.per_block = [k / m for k in alloc.nm]
             alloc.per_linear = expand_blocks(self.adapter, alloc.per_block)
         if self.use_cache and method != "uniform" and is_main():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({**alloc.to_json(), "key": key_d}, default=str))
+            write_atomic(path, json.dumps({**alloc.to_json(), "key": key_d}, default=str))
         return alloc
 
     def plan(self, alloc: Allocation) -> dict[str, Pattern]:

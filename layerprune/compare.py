@@ -16,20 +16,14 @@ import logging
 import time
 from pathlib import Path
 
-
 from layerprune.errors import UserError
+from layerprune.utils import write_atomic
 
 log = logging.getLogger("layerprune")
 
 
 def run_key(allocation: str, pruner: str, sparsity: float | str, pattern: str) -> str:
     return f"{allocation}|{pruner}|{sparsity}|{pattern}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def load_results(d: Path) -> dict:
@@ -56,11 +50,11 @@ def write_tables(d: Path, res: dict) -> None:
     w = csv.writer(buf)
     w.writerow(header)
     w.writerows(rows)
-    _write_atomic(d / "results.csv", buf.getvalue())
+    write_atomic(d / "results.csv", buf.getvalue())
     from layerprune.cli import table
 
     md = [f"# {res.get('model')} — comparison grid", "", table(header, rows), ""]
-    _write_atomic(d / "results.md", "\n".join(md))
+    write_atomic(d / "results.md", "\n".join(md))
 
 
 def cmd_compare(a: argparse.Namespace) -> tuple[dict, str]:
@@ -108,7 +102,7 @@ def cmd_compare(a: argparse.Namespace) -> tuple[dict, str]:
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def save() -> None:
-        _write_atomic(d / "results.json", json.dumps(res, indent=1, default=str))
+        write_atomic(d / "results.json", json.dumps(res, indent=1, default=str))
         write_tables(d, res)
 
     if "dense" not in res:

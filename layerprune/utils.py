@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -57,3 +59,12 @@ def reset_peak(device: torch.device) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so a reader never sees it half-written, even with several runs sharing one cache:
+    a per-process temporary name, then an atomic rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -91,9 +91,11 @@ def test_weight_swap_restores_dense_bit_exactly():
         assert torch.equal(v, before[k]), k
 
 
-def test_game_full_and_dense_payoff_consistent():
-    m = tiny_model("llama", layers=4, seed=12)
-    ad, g = _game(m)
+@pytest.mark.parametrize("arch,head_tokens", [("llama", None), ("llama", 7), ("llama", 48), ("gemma3", 5)])
+def test_game_full_and_dense_payoff_consistent(arch, head_tokens):
+    # the head runs in pieces (positions of one row, or whole rows) and must still give the model's own NLL
+    m = tiny_model(arch, layers=4, seed=12)
+    ad, g = _game(m, head_tokens=head_tokens)
     dense = g.run_from(0, list(g.runner.acts), ["D"] * 4)
     with torch.no_grad():
         ids = g.sv_ids

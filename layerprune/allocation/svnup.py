@@ -41,7 +41,7 @@ class SVGame:
     def __init__(self, model: nn.Module, adapter, sv_ids: torch.Tensor, calib_ids: torch.Tensor | None,
                  target: float, pruner: str, device: torch.device, background: str = "pruned",
                  absent: str = "pruned", payoff: str = "nll", batch_size: int = 8, progress: bool = True,
-                 pruner_kwargs: dict | None = None, tf32: bool = True) -> None:
+                 pruner_kwargs: dict | None = None, tf32: bool = True, head_tokens: int | None = None) -> None:
         if background not in ("dense", "pruned"):
             raise UserError("--background must be dense or pruned")
         if absent not in ("pruned", "removed"):
@@ -51,6 +51,9 @@ class SVGame:
         self.model, self.adapter, self.device = model, adapter, device
         self.background, self.absent, self.payoff_kind = background, absent, payoff
         self.sv_ids = sv_ids
+        # positions per head call: about 1 GiB of fp32 logits (2**28 values) unless given
+        vocab = getattr(model.config, "vocab_size", None) or 50_000
+        self.head_tokens = head_tokens or max(1, 2**28 // vocab)
         self.tf32 = tf32 and device.type == "cuda"
         self.evaluations = 0
         L = adapter.n_blocks
@@ -118,16 +121,31 @@ class SVGame:
     @torch.no_grad()
     def _head_nll(self, b: int, hidden: torch.Tensor) -> tuple[float, int]:
         """Run the model's own head (final norm, lm_head, softcapping) on ``hidden``: every block is
-        an identity except the last, which returns ``hidden``."""
+        an identity except the last, which returns ``hidden``.
+
+        The head is per token, so it runs on pieces of at most ``head_tokens`` positions: the fp32 logits
+        of a whole batch would be batch × seqlen × vocab × 4 bytes (16 GiB for 8 × 2048 tokens of
+        Gemma3's 262k vocabulary, three times over with the slice and the softmax)."""
         blocks = self.adapter.blocks
         L = len(blocks)
-        for i, blk in enumerate(blocks):
-            blk.forward = (lambda h, *a, **k: h) if i < L - 1 else (lambda h, *a, _x=hidden, **k: _x)
+        ids = self.sv_ids[b * self.runner.batch_size : (b + 1) * self.runner.batch_size].to(self.device)
+        n, T = ids.shape
+        rows = max(1, self.head_tokens // T)  # whole rows per call when they fit, else pieces of one row
+        step = T - 1 if rows > 1 else max(1, min(T - 1, self.head_tokens))
+        tot = 0.0
         try:
-            ids = self.sv_ids[b * self.runner.batch_size : (b + 1) * self.runner.batch_size].to(self.device)
-            logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            ce = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum")
-            return float(ce), int(ids[:, 1:].numel())
+            for r0 in range(0, n, rows):
+                for s in range(0, T - 1, step):
+                    e = min(s + step, T - 1)
+                    h = hidden[r0 : r0 + rows, s:e]
+                    for i, blk in enumerate(blocks):
+                        blk.forward = (lambda x, *a, **k: x) if i < L - 1 else (lambda x, *a, _h=h, **k: _h)
+                    logits = self.model(input_ids=ids[r0 : r0 + rows, s:e], use_cache=False).logits.float()
+                    tgt = ids[r0 : r0 + rows, s + 1 : e + 1]
+                    tot += float(nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
+                                                             reduction="sum"))
+                    del logits
+            return tot, n * (T - 1)
         finally:
             for blk in blocks:
                 blk.__dict__.pop("forward", None)
