@@ -99,13 +99,13 @@ ALLOCS = (("uniform", {}), ("owl", {}), ("alphapruning", {}), ("dlp", {"stat": "
 
 
 def part5(m: str, out: str, pruners: tuple[str, ...] = ("wanda", "sparsegpt"),
-          allocs: tuple[tuple[str, dict], ...] = ALLOCS) -> None:
+          allocs: tuple[tuple[str, dict], ...] = ALLOCS, sparsity: float = 0.7) -> None:
     """The allocation table at 70%: each base pruner × uniform / OWL / AlphaPruning / DLP (median, mean).
     Part 14 is the same table for another model (gemma3-270m), one pruner per call if needed."""
     ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
     for pruner in pruners:
         for alloc, opts in allocs:
-            run(m, out, f"{pruner} {alloc} {opts} 0.7", sparsity=0.7, pruner=pruner, allocation=alloc,
+            run(m, out, f"{pruner} {alloc} {opts} {sparsity}", sparsity=sparsity, pruner=pruner, allocation=alloc,
                 alloc_options=opts, **ev)
 
 
@@ -237,12 +237,13 @@ SV_GAMES = (("pruned", "pruned"), ("pruned", "dense"), ("removed", "dense"))  # 
 
 
 def part15(m: str, out: str, pruners: tuple[str, ...] = ("sparsegpt", "wanda"),
-           games: tuple[tuple[str, str], ...] = SV_GAMES) -> None:
-    """SV-NUP at 70%: every game variant on each base pruner (part 16 = the smollm2 Wanda variants not yet run)."""
+           games: tuple[tuple[str, str], ...] = SV_GAMES, sparsity: float = 0.7) -> None:
+    """SV-NUP at 70% (``--sparsity``): every game variant on each base pruner (part 16 = the smollm2 Wanda
+    variants not yet run)."""
     ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
     for pruner in pruners:
         for absent, bg in games:
-            run(m, out, f"{pruner} svnup absent={absent} background={bg} 0.7", sparsity=0.7, pruner=pruner,
+            run(m, out, f"{pruner} svnup absent={absent} background={bg} {sparsity}", sparsity=sparsity, pruner=pruner,
                 allocation="svnup", alloc_options={"absent": absent, "background": bg}, **ev)
 
 if __name__ == "__main__":
@@ -252,6 +253,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", required=True)
     ap.add_argument("--pruners", default=None, help="parts 5/14/15: comma-separated base pruners")
     ap.add_argument("--allocs", default=None, help="parts 5/14: subset of the table, e.g. alphapruning,dlp-mean")
+    ap.add_argument("--sparsity", type=float, default=0.7, help="parts 5/14/15: target sparsity")
     ap.add_argument("--games", default=None, help="part 15: subset of the games as absent:background, e.g. "
                                                   "pruned:pruned,removed:dense")
     a = ap.parse_args()
@@ -263,9 +265,9 @@ if __name__ == "__main__":
     allocs = tuple(ALLOCS[names[x]] for x in a.allocs.split(",")) if a.allocs else ALLOCS
     games = tuple(tuple(g.split(":")) for g in a.games.split(",")) if a.games else SV_GAMES
     if a.part in (5, 14):
-        part5(a.model, a.out, prs or ("wanda", "sparsegpt"), allocs)
+        part5(a.model, a.out, prs or ("wanda", "sparsegpt"), allocs, a.sparsity)
     elif a.part == 15:
-        part15(a.model, a.out, prs or ("sparsegpt", "wanda"), games)
+        part15(a.model, a.out, prs or ("sparsegpt", "wanda"), games, a.sparsity)
     elif a.part == 9:  # the two non-default games on SparseGPT
         part15(a.model, a.out, ("sparsegpt",), (("removed", "dense"), ("pruned", "pruned")))
     elif a.part == 10:  # D/P with dense background on both bases
