@@ -99,10 +99,11 @@ ALLOCS = (("uniform", {}), ("owl", {}), ("alphapruning", {}), ("dlp", {"stat": "
 
 
 def part5(m: str, out: str, pruners: tuple[str, ...] = ("wanda", "sparsegpt"),
-          allocs: tuple[tuple[str, dict], ...] = ALLOCS, sparsity: float = 0.7) -> None:
+          allocs: tuple[tuple[str, dict], ...] = ALLOCS, sparsity: float = 0.7,
+          evals: tuple[str, ...] = ("wikitext2", "c4")) -> None:
     """The allocation table at 70%: each base pruner × uniform / OWL / AlphaPruning / DLP (median, mean).
     Part 14 is the same table for another model (gemma3-270m), one pruner per call if needed."""
-    ev = {"eval": ["wikitext2", "c4"], "eval_seqlen": 2048}
+    ev = {"eval": list(evals), "eval_seqlen": 2048}
     for pruner in pruners:
         for alloc, opts in allocs:
             run(m, out, f"{pruner} {alloc} {opts} {sparsity}", sparsity=sparsity, pruner=pruner, allocation=alloc,
@@ -253,6 +254,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", required=True)
     ap.add_argument("--pruners", default=None, help="parts 5/14/15: comma-separated base pruners")
     ap.add_argument("--allocs", default=None, help="parts 5/14: subset of the table, e.g. alphapruning,dlp-mean")
+    ap.add_argument("--eval", default="wikitext2,c4", help="parts 5/14: perplexity datasets")
     ap.add_argument("--sparsity", type=float, default=0.7, help="parts 5/14/15: target sparsity")
     ap.add_argument("--games", default=None, help="part 15: subset of the games as absent:background, e.g. "
                                                   "pruned:pruned,removed:dense")
@@ -265,7 +267,7 @@ if __name__ == "__main__":
     allocs = tuple(ALLOCS[names[x]] for x in a.allocs.split(",")) if a.allocs else ALLOCS
     games = tuple(tuple(g.split(":")) for g in a.games.split(",")) if a.games else SV_GAMES
     if a.part in (5, 14):
-        part5(a.model, a.out, prs or ("wanda", "sparsegpt"), allocs, a.sparsity)
+        part5(a.model, a.out, prs or ("wanda", "sparsegpt"), allocs, a.sparsity, tuple(a.eval.split(",")))
     elif a.part == 15:
         part15(a.model, a.out, prs or ("sparsegpt", "wanda"), games, a.sparsity)
     elif a.part == 9:  # the two non-default games on SparseGPT

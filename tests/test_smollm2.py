@@ -42,3 +42,16 @@ def test_prune_dlp_export_roundtrip(tmp_path, smol_tokenizer):
     mem = rec["_model"].to("cpu")
     with torch.no_grad():
         assert torch.equal(mem(ids).logits, loaded(ids).logits)
+
+
+def test_gguf_tokenizer_check(smol_tokenizer):
+    from layerprune.errors import UserError
+    from layerprune.models.loading import check_tokenizer
+
+    check_tokenizer(smol_tokenizer, "smollm2")  # a real subword tokenizer passes
+
+    def char_level(text, add_special_tokens=False):  # what transformers 5.17 made of Gemma3's GGUF tokenizer
+        return {"input_ids": [ord(c) for c in text]}
+
+    with pytest.raises(UserError, match="single characters"):
+        check_tokenizer(char_level, "/cache/hf/gemma")

@@ -182,6 +182,24 @@ def _gguf_to_dir(path: Path) -> Path:
     return out
 
 
+_PROBE = "The quick brown fox jumps over the lazy dog, and the results were reported in the paper."
+
+
+def check_tokenizer(tok, where: str) -> None:
+    """Refuse a tokenizer that splits plain English into single characters.
+
+    transformers 5.17.0 converts Gemma3's GGUF tokenizer that way (and without ``<bos>``); the model
+    then scores perplexities in the thousands with nothing else visibly wrong. 5.23.0 converts it
+    correctly. A healthy subword tokenizer needs about a quarter as many tokens as characters."""
+    n = len(tok(_PROBE, add_special_tokens=False)["input_ids"])
+    if n > 0.5 * len(_PROBE):
+        raise UserError(
+            f"the tokenizer in {where} splits plain English into single characters ({n} tokens for "
+            f"{len(_PROBE)} characters), a GGUF tokenizer-conversion bug of some transformers versions (seen in "
+            f"5.17.0, fixed in 5.23.0): upgrade transformers, delete {where} and run again"
+        )
+
+
 def load_model(
     spec: str,
     dtype: torch.dtype | str = torch.float32,
@@ -203,6 +221,8 @@ def load_model(
     try:
         cfg_kw = dict(trust_remote_code=trust_remote_code)
         tok = AutoTokenizer.from_pretrained(str(loc), **cfg_kw)
+        if kind in ("alias", "gguf"):
+            check_tokenizer(tok, str(loc))
         model = AutoModelForCausalLM.from_pretrained(str(loc), dtype=dtype, **cfg_kw)
     except (OSError, ValueError) as e:
         if kind == "hub":
