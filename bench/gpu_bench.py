@@ -95,11 +95,13 @@ def part4(m: str, out: str) -> None:
             run(m, out, f"{pruner} {pat} {sp or ''}", sparsity=sp, pruner=pruner, pattern=pat, **ev)
 
 
-ALLOCS = (("uniform", {}), ("owl", {}), ("alphapruning", {}), ("dlp", {"stat": "median"}), ("dlp", {"stat": "mean"}))
+# the allocation table's columns, by the names --allocs takes
+ALLOCS = {"uniform": ("uniform", {}), "owl": ("owl", {}), "alphapruning": ("alphapruning", {}),
+          "dlp-median": ("dlp", {"stat": "median"}), "dlp-mean": ("dlp", {"stat": "mean"})}
 
 
 def part5(m: str, out: str, pruners: tuple[str, ...] = ("wanda", "sparsegpt"),
-          allocs: tuple[tuple[str, dict], ...] = ALLOCS, sparsity: float = 0.7,
+          allocs: tuple[tuple[str, dict], ...] = tuple(ALLOCS.values()), sparsity: float = 0.7,
           evals: tuple[str, ...] = ("wikitext2", "c4")) -> None:
     """The allocation table at 70%: each base pruner × uniform / OWL / AlphaPruning / DLP (median, mean).
     Part 14 is the same table for another model (gemma3-270m), one pruner per call if needed."""
@@ -263,8 +265,7 @@ if __name__ == "__main__":
     os.environ["LAYERPRUNE_PROGRESS"] = "0"
     print(torch.__version__, torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu", flush=True)
     prs = tuple(a.pruners.split(",")) if a.pruners else None
-    names = {"uniform": 0, "owl": 1, "alphapruning": 2, "dlp-median": 3, "dlp-mean": 4}
-    allocs = tuple(ALLOCS[names[x]] for x in a.allocs.split(",")) if a.allocs else ALLOCS
+    allocs = tuple(ALLOCS[x] for x in (a.allocs.split(",") if a.allocs else ALLOCS))
     games = tuple(tuple(g.split(":")) for g in a.games.split(",")) if a.games else SV_GAMES
     if a.part in (5, 14):
         part5(a.model, a.out, prs or ("wanda", "sparsegpt"), allocs, a.sparsity, tuple(a.eval.split(",")))

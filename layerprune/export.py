@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from layerprune.errors import UserError
+from layerprune.utils import write_atomic
 
 log = logging.getLogger("layerprune")
 
@@ -54,9 +55,7 @@ class RunDir:
         self._write_state()
 
     def _write_state(self) -> None:
-        tmp = self.partial / "progress.json.tmp"
-        tmp.write_text(json.dumps({"args_hash": self.args_hash, "done": self.done}))
-        tmp.replace(self.partial / "progress.json")
+        write_atomic(self.partial / "progress.json", json.dumps({"args_hash": self.args_hash, "done": self.done}))
 
     def save_block(self, i: int, block: nn.Module, record: dict) -> None:
         sd = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}

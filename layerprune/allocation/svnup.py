@@ -52,7 +52,8 @@ class SVGame:
         self.background, self.absent, self.payoff_kind = background, absent, payoff
         self.sv_ids = sv_ids
         # positions per head call: about 1 GiB of fp32 logits (2**28 values) unless given
-        vocab = getattr(model.config, "vocab_size", None) or 50_000
+        head = model.get_output_embeddings()
+        vocab = head.weight.shape[0] if head is not None else getattr(model.config, "vocab_size", 50_000)
         self.head_tokens = head_tokens or max(1, 2**28 // vocab)
         self.tf32 = tf32 and device.type == "cuda"
         self.evaluations = 0
@@ -119,20 +120,21 @@ class SVGame:
 
     # -------------------------------------------------------------- payoff
     @torch.no_grad()
-    def _head_nll(self, b: int, hidden: torch.Tensor) -> tuple[float, int]:
+    def _head_nll(self, b: int, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Run the model's own head (final norm, lm_head, softcapping) on ``hidden``: every block is
         an identity except the last, which returns ``hidden``.
 
         The head is per token, so it runs on pieces of at most ``head_tokens`` positions: the fp32 logits
         of a whole batch would be batch × seqlen × vocab × 4 bytes (16 GiB for 8 × 2048 tokens of
-        Gemma3's 262k vocabulary, three times over with the slice and the softmax)."""
+        Gemma3's 262k vocabulary, several times over with the slice and the softmax). The sum stays on
+        the device: one host sync per evaluation, not per piece."""
         blocks = self.adapter.blocks
         L = len(blocks)
         ids = self.sv_ids[b * self.runner.batch_size : (b + 1) * self.runner.batch_size].to(self.device)
         n, T = ids.shape
         rows = max(1, self.head_tokens // T)  # whole rows per call when they fit, else pieces of one row
         step = T - 1 if rows > 1 else max(1, min(T - 1, self.head_tokens))
-        tot = 0.0
+        tot = torch.zeros((), dtype=torch.float64, device=self.device)
         try:
             for r0 in range(0, n, rows):
                 for s in range(0, T - 1, step):
@@ -142,8 +144,8 @@ class SVGame:
                         blk.forward = (lambda x, *a, **k: x) if i < L - 1 else (lambda x, *a, _h=h, **k: _h)
                     logits = self.model(input_ids=ids[r0 : r0 + rows, s:e], use_cache=False).logits.float()
                     tgt = ids[r0 : r0 + rows, s + 1 : e + 1]
-                    tot += float(nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
-                                                             reduction="sum"))
+                    tot += nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
+                                                       reduction="sum")
                     del logits
             return tot, n * (T - 1)
         finally:
@@ -165,7 +167,7 @@ class SVGame:
 
     def _run_from(self, start: int, hidden: list[torch.Tensor], states: list[str]) -> float:
         self._apply(states)
-        tot, cnt = 0.0, 0
+        tot, cnt = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for b, h in enumerate(hidden):
             x = h
             for i in range(start, self.adapter.n_blocks):
@@ -176,7 +178,7 @@ class SVGame:
             s, c = self._head_nll(b, x)
             tot, cnt = tot + s, cnt + c
         self.evaluations += 1
-        nll = tot / cnt
+        nll = float(tot) / cnt
         return -nll if self.payoff_kind == "nll" else -math.exp(nll)
 
     @torch.no_grad()

@@ -188,9 +188,10 @@ _PROBE = "The quick brown fox jumps over the lazy dog, and the results were repo
 def check_tokenizer(tok, where: str) -> None:
     """Refuse a tokenizer that splits plain English into single characters.
 
-    transformers 5.17.0 converts Gemma3's GGUF tokenizer that way (and without ``<bos>``); the model
-    then scores perplexities in the thousands with nothing else visibly wrong. 5.23.0 converts it
-    correctly. A healthy subword tokenizer needs about a quarter as many tokens as characters."""
+    transformers 5.17.0's Gemma3 GGUF tokenizer, once saved into the cached HF directory and reloaded,
+    is like that (and has no ``<bos>``); the model then scores perplexities in the thousands with nothing
+    else visibly wrong (``bench/gguf_tokenizer_versions.py``). 5.23.0 converts it correctly. A healthy
+    subword tokenizer needs about a quarter as many tokens as characters."""
     n = len(tok(_PROBE, add_special_tokens=False)["input_ids"])
     if n > 0.5 * len(_PROBE):
         raise UserError(
