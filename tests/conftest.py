@@ -68,6 +68,16 @@ def smol_tokenizer(smol):
     return smol[1]
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smol_tokenizer):
+    """A tiny random 3-block LLaMA saved as an HF directory with the real SmolLM2 tokenizer (for CLI tests)."""
+    d = tmp_path_factory.mktemp("tiny")
+    m = tiny_model("llama", vocab=len(smol_tokenizer), layers=3)
+    m.save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def tiny_with_tok(smol_tokenizer):
     """A tiny random LLaMA whose vocabulary matches the real tokenizer (for data-driven tests)."""

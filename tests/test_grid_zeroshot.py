@@ -8,15 +8,6 @@ from conftest import tiny_model
 from layerprune.cli import main
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smol_tokenizer):
-    d = tmp_path_factory.mktemp("tiny")
-    m = tiny_model("llama", vocab=len(smol_tokenizer), layers=3)
-    m.save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
-
-
 def test_grid_resumes_and_report_lists_every_run(tiny_dir, tmp_path, capsys):
     args = ["compare", str(tiny_dir), "--allocations", "uniform,dlp", "--pruners", "wanda,magnitude",
             "--sparsities", "0.5", "--nsamples", "2", "--seqlen", "64", "--ppl", "wikitext2",

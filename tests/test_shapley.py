@@ -1,4 +1,5 @@
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -128,3 +129,46 @@ def test_svnup_bad_window():
         allocate_svnup(AllocContext(ModelAdapter.of(m)), 0.5, window=4)
     with pytest.raises(UserError):
         allocate_svnup(AllocContext(ModelAdapter.of(m)), 0.5, players=[])
+
+
+def test_svnup_long_window_needs_yes_before_any_work():
+    """w > 10 (or an estimate over an hour) stops with the evaluation count and the way out, before the game."""
+    m = tiny_model("llama", layers=12)
+    ctx = AllocContext(ModelAdapter.of(m), calib=lambda: pytest.fail("calibration read before the --yes check"),
+                       extra={"device": torch.device("cpu")})  # no sv_ids: any work past the check would fail
+    with pytest.raises(UserError, match=r"window 11 needs 4095 evaluations .*--yes"):
+        allocate_svnup(ctx, 0.5, window=11)
+    assert swsv_evaluations(12, 11) == 4095
+
+
+def test_cli_allocate_and_prune_svnup(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`allocate --allocation svnup --json` carries per_block, phi and the evaluation count E(L, w); a second
+    call comes from the ratio cache; `prune` records φ, budgets, evaluations and the SV wall time."""
+    from layerprune.cli import main
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    args = ["allocate", str(tiny_dir), "--allocation", "svnup", "--sparsity", "0.6", "--window", "2",
+            "--sv-samples", "2", "--pruner", "wanda", "--nsamples", "2", "--seqlen", "32", "--device", "cpu",
+            "--json", "--quiet"]
+    assert main(args) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["evaluations"] == swsv_evaluations(3, 2) == 7 and len(rec["phi"]) == 3 and len(rec["per_block"]) == 3
+    assert sum(s * n for s, n in zip(rec["per_block"], rec["block_sizes"])) / sum(rec["block_sizes"]) == \
+        pytest.approx(0.6)
+    assert "cached" not in rec
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert "cached" in again and again["phi"] == rec["phi"] and again["per_block"] == rec["per_block"]
+
+    assert main(["prune", str(tiny_dir), "--allocation", "svnup", "--sparsity", "0.6", "--window", "2",
+                 "--sv-samples", "2", "--pruner", "wanda", "--nsamples", "2", "--seqlen", "32", "--device", "cpu",
+                 "--eval", "", "--json", "--quiet", "--no-cache"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    d = run["allocation"]["diagnostics"]
+    assert d["evaluations"] == 7 and len(d["phi"]) == 3 and d["sv_seconds"] > 0
+    assert run["per_block"] == pytest.approx(rec["per_block"])
+
+    assert main(["allocate", str(tiny_dir), "--allocation", "svnup", "--window", "4", "--device", "cpu",
+                 "--nsamples", "2", "--seqlen", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "--window 4 must be between 1 and the number of player blocks (3)" in err and "Traceback" not in err
