@@ -12,8 +12,9 @@ Budgets (§1.6): band ``s = p − 2λ(φ̃ − mean φ̃)`` (φ̃ = minmax φ) o
 clip to [0, 0.99] and restore the parameter-weighted mean.
 
 Default game: D/P with the background pruned, chosen on C4 held-out perplexity at 70% over SmolLM2,
-Gemma3 and Qwen2.5 with Wanda and SparseGPT (BENCHMARKS.md, SV-NUP): 1% better than a dense background
-on average (a near tie) and 20% better than removing blocks (D/R).
+Gemma3 and Qwen2.5 with Wanda and SparseGPT (BENCHMARKS.md, SV-NUP): better than a dense background
+on average (2.9% over six model × base cells, a near tie except on Qwen2.5-Wanda) and 20% better than
+removing blocks (D/R).
 """
 
 from __future__ import annotations
