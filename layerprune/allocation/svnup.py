@@ -55,7 +55,7 @@ class SVGame:
             raise UserError("--payoff must be nll or ppl")
         self.model, self.adapter, self.device = model, adapter, device
         self.background, self.absent, self.payoff_kind = background, absent, payoff
-        self.sv_ids = sv_ids
+        self.sv_ids = sv_ids.to(device)  # once: the payoff slices it every evaluation
         # positions per head call: about 1 GiB of fp32 logits (2**28 values) unless given
         head = model.get_output_embeddings()
         vocab = head.weight.shape[0] if head is not None else getattr(model.config, "vocab_size", 50_000)
@@ -134,19 +134,20 @@ class SVGame:
         Gemma3's 262k vocabulary, several times over with the slice and the softmax). The sum stays on
         the device: one host sync per evaluation, not per piece."""
         blocks = self.adapter.blocks
-        L = len(blocks)
-        ids = self.sv_ids[b * self.runner.batch_size : (b + 1) * self.runner.batch_size].to(self.device)
+        ids = self.sv_ids[b * self.runner.batch_size : (b + 1) * self.runner.batch_size]
         n, T = ids.shape
         rows = max(1, self.head_tokens // T)  # whole rows per call when they fit, else pieces of one row
         step = T - 1 if rows > 1 else max(1, min(T - 1, self.head_tokens))
         tot = torch.zeros((), dtype=torch.float64, device=self.device)
+        piece: list[torch.Tensor] = []  # what the last block hands to the head on this call
+        for blk in blocks[:-1]:
+            blk.forward = lambda x, *a, **k: x
+        blocks[-1].forward = lambda x, *a, **k: piece[0]
         try:
             for r0 in range(0, n, rows):
                 for s in range(0, T - 1, step):
                     e = min(s + step, T - 1)
-                    h = hidden[r0 : r0 + rows, s:e]
-                    for i, blk in enumerate(blocks):
-                        blk.forward = (lambda x, *a, **k: x) if i < L - 1 else (lambda x, *a, _h=h, **k: _h)
+                    piece[:] = [hidden[r0 : r0 + rows, s:e]]
                     logits = self.model(input_ids=ids[r0 : r0 + rows, s:e], use_cache=False).logits.float()
                     tgt = ids[r0 : r0 + rows, s + 1 : e + 1]
                     tot += nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
