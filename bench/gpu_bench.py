@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from layerprune.api import Session, evaluate_ppl, prune
+from layerprune.api import Session, prune
+from layerprune.evaluation.perplexity import evaluate_ppl
 from layerprune.models.loading import load_model
 from layerprune.utils import setup_logging
 
@@ -60,8 +61,9 @@ def run(model_spec: str, out: str, label: str, **kw) -> dict:
     def one() -> dict:
         t = time.perf_counter()
         model, tok = load_model(model_spec, dtype=kw.pop("dtype", "float32"))
-        sess = Session(model, tok, DEV, kw.pop("calib", "c4"), kw.pop("nsamples", 128), kw.pop("seqlen", 2048),
-                       0, kw.pop("batch_size", 8), kw.pop("offload", "auto"), progress=False, use_cache=True)
+        sess = Session(model, tok, DEV, kw.pop("calib", "c4"), nsamples=kw.pop("nsamples", 128),
+                       seqlen=kw.pop("seqlen", 2048), batch_size=kw.pop("batch_size", 8),
+                       offload=kw.pop("offload", "auto"), progress=False, use_cache=True)
         rec = prune(model, session=sess, progress=False, **kw)
         return {**slim(rec), "wall_seconds": time.perf_counter() - t}
 
@@ -140,7 +142,7 @@ def part8(m: str, out: str, nsamples: int = 128, seqlen: int = 2048) -> None:
         for bs, dtype in ((1, "float32"), (8, "float32"), (32, "float32"), (1, "bfloat16"), (8, "bfloat16")):
             def one(bs: int = bs, dtype: str = dtype) -> dict:
                 model, tok = load_model(m, dtype=dtype)
-                sess = Session(model, tok, DEV, "c4", nsamples, seqlen, 0, bs, "device", progress=False)
+                sess = Session(model, tok, DEV, "c4", nsamples=nsamples, seqlen=seqlen, seed=0, batch_size=bs, offload="device", progress=False)
                 rec = prune(model, session=sess, progress=False, sparsity=0.5, pruner=pruner, eval=["wikitext2"],
                             eval_seqlen=seqlen)
                 masks = _masks(model)
@@ -262,7 +264,6 @@ if __name__ == "__main__":
                                                   "pruned:pruned,removed:dense")
     a = ap.parse_args()
     setup_logging("WARNING")
-    os.environ["LAYERPRUNE_PROGRESS"] = "0"
     print(torch.__version__, torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu", flush=True)
     prs = tuple(a.pruners.split(",")) if a.pruners else None
     allocs = tuple(ALLOCS[x] for x in (a.allocs.split(",") if a.allocs else ALLOCS))

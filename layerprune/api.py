@@ -1,85 +1,156 @@
-"""The one way through layerprune: load → calibrate → allocate → prune → evaluate → export."""
+"""The one way through layerprune: validate → load → allocate → prune → evaluate → export.
+
+``prune()`` reads as that sequence. Calibration and evaluation settings are two small dataclasses
+(:class:`CalibConfig`, :class:`EvalConfig`) owned by the :class:`Session`, which also owns the lazily
+computed products shared by every run on one model (calibration windows, dense statistics, SV set).
+Every input is validated before the model is loaded and before any directory is created.
+"""
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from layerprune.allocation import AllocContext, Allocation, get_allocator, mixed_nm
+from layerprune.allocation import AllocContext, Allocation, check_target, get_allocator, mixed_nm
 from layerprune.allocation.common import expand_blocks
+from layerprune.allocation.stats import DenseStats, dense_stats_pass
 from layerprune.data.calibration import CalibSet, sample_c4_windows, token_windows
-from layerprune.data.sources import SOURCES, calib_split, load_documents
+from layerprune.data.sources import SOURCES, calib_split, check_datasets, load_documents
+from layerprune.data.sources import data_dir as resolve_data_dir
 from layerprune.distributed import active, init_from_env, is_main, world_size
-from layerprune.engine.sequential import DenseStats, dense_stats_pass, prune_sequential
+from layerprune.engine.sequential import prune_sequential
 from layerprune.errors import UserError, require
-from layerprune.evaluation.perplexity import check_seqlen, perplexity
-from layerprune.export import RunDir, check_out_dir, sparse_size_bytes
+from layerprune.evaluation.perplexity import check_seqlen, evaluate_ppl
+from layerprune.export import RunDir, check_out_dir, open_run_dir
 from layerprune.models.adapter import ModelAdapter
-from layerprune.models.loading import cache_dir, load_model, parse_dtype
-from layerprune.pruners import Pattern, get_pruner, parse_nm
-from layerprune.pruners.masks import check_sparsity
-from layerprune.record import args_hash, now, versions, weights_hash
+from layerprune.models.loading import cache_dir, check_model_spec, load_model, parse_dtype
+from layerprune.options import resolved
+from layerprune.pruners import Pattern, get_pruner, parse_pattern
+from layerprune.record import args_hash, now, run_record, versions, weights_hash
+from layerprune.specs import AllocatorSpec, PrunerSpec
 from layerprune.utils import resolve_device, write_atomic
 
 log = logging.getLogger("layerprune")
 
-
-def parse_pattern(pattern: str, sparsity: float | None) -> tuple[float, int, int]:
-    """``unstructured`` → (sparsity, 0, 0); ``N:M`` → (N/M, N, M)."""
-    if pattern == "unstructured":
-        require(sparsity is not None, "--sparsity is required for unstructured pruning")
-        check_sparsity(float(sparsity))  # type: ignore[arg-type]
-        return float(sparsity), 0, 0  # type: ignore[arg-type]
-    n, m = parse_nm(pattern)
-    if sparsity is not None and abs(float(sparsity) - n / m) > 1e-9:
-        log.info("pattern %s fixes the sparsity at %.3f (ignoring --sparsity %s)", pattern, n / m, sparsity)
-    return n / m, n, m
+OFFLOAD = ("auto", "cpu", "device")
 
 
-def check_datasets(names: Iterable[str]) -> list[str]:
-    out = [d.strip() for d in names if d and d.strip()]
-    for d in out:
-        require(d in SOURCES, f"unknown dataset '{d}': use one of {', '.join(SOURCES)}")
-    return out
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration settings: ``nsamples`` windows of ``seqlen`` tokens from ``source`` (seed ``seed``),
+    run ``batch_size`` at a time; activations on the accelerator or streamed from the CPU (``offload``)."""
+
+    source: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    offload: str = "auto"
+
+    def validate(self) -> "CalibConfig":
+        require(self.source in SOURCES, f"unknown calibration dataset '{self.source}': use one of {', '.join(SOURCES)}")
+        require(self.nsamples >= 1, f"--nsamples must be at least 1 (got {self.nsamples})")
+        require(self.seqlen >= 2, f"--seqlen must be at least 2 (got {self.seqlen})")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
+        require(self.offload in OFFLOAD, f"--offload must be one of {', '.join(OFFLOAD)} (got {self.offload!r})")
+        return self
+
+    def key(self) -> dict:
+        """What determines the calibration windows (batching and offload change no result)."""
+        return {"calib": self.source, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation settings: perplexity ``datasets`` at ``seqlen`` (``None``: the calibration seqlen) over the
+    first ``max_windows`` windows, and lm-eval zero-shot ``tasks`` on ``limit`` documents each."""
+
+    datasets: tuple[str, ...] = ("wikitext2",)
+    seqlen: int | None = None
+    max_windows: int | None = None
+    batch_size: int = 1
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    task_batch_size: int | str = 16
+
+    def validate(self) -> "EvalConfig":
+        ds = tuple(check_datasets(self.datasets))
+        tasks = tuple(t.strip() for t in self.tasks if t and t.strip())
+        if tasks:
+            from layerprune.evaluation.zeroshot import check_tasks
+
+            check_tasks(list(tasks))
+        require(self.seqlen is None or self.seqlen >= 2, f"--eval-seqlen must be at least 2 (got {self.seqlen})")
+        require(self.max_windows is None or self.max_windows >= 1,
+                f"--eval-max-windows must be at least 1 (got {self.max_windows}); leave it out for all windows")
+        require(self.batch_size >= 1, f"the evaluation batch size must be at least 1 (got {self.batch_size})")
+        require(self.limit is None or self.limit >= 1, f"--limit must be at least 1 (got {self.limit})")
+        tbs = self.task_batch_size
+        require(tbs == "auto" or (isinstance(tbs, int) and tbs >= 1),
+                f"--task-batch-size must be a positive integer or auto (got {tbs!r})")
+        return dataclasses.replace(self, datasets=ds, tasks=tasks)
+
+
+_CALIB_KW = {"nsamples", "seqlen", "seed", "batch_size", "offload"}
+_EVAL_KW = {"eval": "datasets", "eval_seqlen": "seqlen", "eval_max_windows": "max_windows",
+            "eval_batch_size": "batch_size", "tasks": "tasks", "limit": "limit"}
+
+
+def calib_config(calib: CalibConfig | str | None = None, **kw: Any) -> CalibConfig:
+    """A :class:`CalibConfig` from a config, a source name (``"c4"``) and/or flat field values."""
+    base = calib if isinstance(calib, CalibConfig) else CalibConfig(source=calib or "c4")
+    return dataclasses.replace(base, **{k: v for k, v in kw.items() if v is not None}).validate()
 
 
 class Session:
     """A loaded model plus its lazily computed, shared calibration products (computed at most once)."""
 
-    def __init__(self, model: nn.Module, tokenizer, device: torch.device, calib: str = "c4", nsamples: int = 128,
-                 seqlen: int = 2048, seed: int = 0, batch_size: int = 8, offload: str = "auto",
-                 progress: bool = True, use_cache: bool = True) -> None:
-        require(nsamples >= 1, f"--nsamples must be at least 1 (got {nsamples})")
-        require(batch_size >= 1, f"--batch-size must be at least 1 (got {batch_size})")
-        require(calib in SOURCES, f"unknown calibration dataset '{calib}': use one of {', '.join(SOURCES)}")
-        check_seqlen(model, seqlen)
-        self.model, self.tokenizer, self.device = model, tokenizer, device
+    def __init__(self, model: nn.Module, tokenizer, device: torch.device | str = "cpu",
+                 calib: CalibConfig | str | None = None, *, progress: bool = True, use_cache: bool = True,
+                 data_dir: str | Path | None = None, **calib_fields: Any) -> None:
+        unknown = set(calib_fields) - _CALIB_KW
+        if unknown:
+            raise TypeError(f"Session() got unexpected arguments {sorted(unknown)}")
+        self.calib_cfg = calib_config(calib, **calib_fields)
+        check_seqlen(model, self.calib_cfg.seqlen)
+        self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.adapter = ModelAdapter.of(model)
-        self.calib_name, self.nsamples, self.seqlen, self.seed = calib, nsamples, seqlen, seed
-        self.batch_size, self.offload, self.progress, self.use_cache = batch_size, offload, progress, use_cache
+        self.progress, self.use_cache, self.data_dir = progress, use_cache, data_dir
         self._calib: CalibSet | None = None
         self._stats: DenseStats | None = None
         self._sv: torch.Tensor | None = None
         self._whash: str | None = None
 
+    # the calibration settings, read-only (tests and bench read them by these names)
+    nsamples = property(lambda self: self.calib_cfg.nsamples)
+    seqlen = property(lambda self: self.calib_cfg.seqlen)
+    seed = property(lambda self: self.calib_cfg.seed)
+    batch_size = property(lambda self: self.calib_cfg.batch_size)
+    offload = property(lambda self: self.calib_cfg.offload)
+
     def weights_hash(self) -> str:
         if self._whash is None:
+            t = time.perf_counter()
             self._whash = weights_hash(self.model)
+            log.debug("weights hash in %.2f s", time.perf_counter() - t)
         return self._whash
 
     def calib(self) -> CalibSet:
         if self._calib is None:
+            c = self.calib_cfg
             t = time.perf_counter()
-            self._calib = sample_c4_windows(self.tokenizer, self.nsamples, self.seqlen, self.seed, self.calib_name)
-            log.info("calibration: %d x %d tokens from %s (seed %d) in %.1f s", self.nsamples, self.seqlen,
-                     self.calib_name, self.seed, time.perf_counter() - t)
+            self._calib = sample_c4_windows(self.tokenizer, c.nsamples, c.seqlen, c.seed, c.source,
+                                            data_dir=self.data_dir)
+            log.info("calibration: %d x %d tokens from %s (seed %d) in %.1f s", c.nsamples, c.seqlen, c.source,
+                     c.seed, time.perf_counter() - t)
         return self._calib
 
     def sv_ids(self, n: int = 32) -> torch.Tensor:
@@ -89,13 +160,14 @@ class Session:
         if self._sv is None or self._sv.shape[0] < n:
             import random
 
+            c = self.calib_cfg
             used = set(self.calib().doc_ids)
-            docs = load_documents(self.calib_name, calib_split(self.calib_name))
-            win = token_windows(self.tokenizer, "\n\n".join(d for i, d in enumerate(docs) if i not in used), self.seqlen)
+            docs = load_documents(c.source, calib_split(c.source), self.data_dir)
+            win = token_windows(self.tokenizer, "\n\n".join(d for i, d in enumerate(docs) if i not in used), c.seqlen)
             if win.shape[0] < n:
-                raise UserError(f"only {win.shape[0]} held-out windows of {self.seqlen} tokens for the SV set: "
+                raise UserError(f"only {win.shape[0]} held-out windows of {c.seqlen} tokens for the SV set: "
                                 "lower --sv-samples or --seqlen")
-            self._sv = win[sorted(random.Random(self.seed + 1).sample(range(win.shape[0]), n))]
+            self._sv = win[sorted(random.Random(c.seed + 1).sample(range(win.shape[0]), n))]
         return self._sv[:n]
 
     def dense_stats(self) -> DenseStats:
@@ -112,53 +184,64 @@ class Session:
                     write_atomic(path, json.dumps(self._stats.to_json()))
         return self._stats
 
-    def context(self, pruner: str, pruner_kwargs: dict | None = None) -> AllocContext:
-        needs = get_pruner(pruner).needs_data
+    def context(self, pruner: PrunerSpec, pruner_options: Any, allow_long: bool = False) -> AllocContext:
         return AllocContext(self.adapter, dense_stats=self.dense_stats,
-                            calib=lambda: self.calib().input_ids if needs else None,
-                            extra={"device": self.device, "pruner": pruner, "batch_size": self.batch_size,
+                            calib=lambda: self.calib().input_ids if pruner.needs_data else None,
+                            extra={"device": self.device, "pruner": pruner.name, "batch_size": self.batch_size,
                                    "progress": self.progress, "seqlen": self.seqlen, "sv_ids": self.sv_ids,
-                                   "pruner_kwargs": pruner_kwargs or {}})
+                                   "pruner_kwargs": pruner_options},
+                            allow_long=allow_long)
 
-    def allocate(self, method: str, target: float, options: dict | None = None, pruner: str = "wanda",
-                 nm: tuple[int, int] | None = None, pruner_kwargs: dict | None = None) -> Allocation:
-        fn = get_allocator(method, nm is not None)
-        opts = {k: v for k, v in (options or {}).items() if v is not None}
-        # the cache key holds every option with its *resolved* value, so a changed default never reuses a stale entry
-        resolved = {k: p.default for k, p in inspect.signature(fn).parameters.items()
-                    if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
-        key_d = {"w": self.weights_hash(), "method": method, "target": target, "opts": {**resolved, **opts}, "nm": nm}
-        if method != "alphapruning":
-            key_d.update(calib=self.calib_name, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed)
-        if method == "svnup":
-            key_d.update(pruner=pruner, pruner_kwargs=pruner_kwargs)
+    def cache_key(self, spec: AllocatorSpec, target: float, opts: Any, nm: tuple[int, int] | None,
+                  pruner: PrunerSpec, pruner_options: Any) -> dict:
+        """Everything the allocation depends on, generated from the spec: every option with its resolved
+        value, the calibration settings if it reads calibration data, the base pruner if it runs one."""
+        key = {"w": self.weights_hash(), "method": spec.name, "target": target, "opts": resolved(opts), "nm": nm}
+        if spec.needs_calibration or spec.needs_pruner:
+            key.update(self.calib_cfg.key())
+        if spec.needs_pruner:
+            key.update(pruner=pruner.name, pruner_options=resolved(pruner_options))
+        return key
+
+    def allocate(self, method: str, target: float, options: Any = None, pruner: str = "wanda",
+                 nm: tuple[int, int] | None = None, pruner_kwargs: Any = None, allow_long: bool = False) -> Allocation:
+        spec = get_allocator(method, nm is not None)
+        check_target(spec, target)
+        opts = spec.make_options(options)
+        pspec = get_pruner(pruner)
+        popts = pspec.make_options(pruner_kwargs)
+        key_d = self.cache_key(spec, target, opts, nm, pspec, popts)
         key = args_hash(key_d)
         path = cache_dir() / "ratios" / f"{method}-{key}.json"
-        if self.use_cache and method != "uniform" and path.is_file():
+        if self.use_cache and spec.cached and path.is_file():
             alloc = Allocation.from_json(json.loads(path.read_text()))
             alloc.diagnostics["cached"] = str(path)
             log.info("allocation %s: loaded from cache %s", method, path.name)
             return alloc
         t = time.perf_counter()
-        alloc = fn(self.context(pruner, pruner_kwargs), target, **opts)
+        alloc = spec.fn(self.context(pspec, popts, allow_long), target, opts)
         alloc.diagnostics["seconds"] = time.perf_counter() - t
         if nm is not None:
-            n, m = nm
-            if method == "uniform":
-                alloc.nm = [n] * self.adapter.n_blocks
-            else:  # dlp / owl: round the allocated profile to a per-block N
-                alloc.nm = mixed_nm(alloc.per_block, self.adapter.block_sizes(), n, m)
-                if len(set(alloc.nm)) == 1:
-                    spread = max(alloc.per_block) - min(alloc.per_block)
-                    log.warning("%s: the allocated spread (%.3f) is smaller than one N:M step (1/%d), so every "
-                                "block rounds to %d:%d, i.e. uniform; use a larger M (e.g. %d:%d) or a wider band",
-                                method, spread, m, n, m, 2 * n, 2 * m)
-            alloc.m = m
-            alloc.per_block = [k / m for k in alloc.nm]
-            alloc.per_linear = expand_blocks(self.adapter, alloc.per_block)
-        if self.use_cache and method != "uniform" and is_main():
+            self._round_nm(alloc, method, spec, nm)
+        if self.use_cache and spec.cached and is_main():
             write_atomic(path, json.dumps({**alloc.to_json(), "key": key_d}, default=str))
         return alloc
+
+    def _round_nm(self, alloc: Allocation, method: str, spec: AllocatorSpec, nm: tuple[int, int]) -> None:
+        """Mixed N:M: round the allocated profile to a per-block N (uniform: every block N)."""
+        n, m = nm
+        if not spec.needs_calibration and not spec.needs_pruner:  # data-free uniform profile
+            alloc.nm = [n] * self.adapter.n_blocks
+        else:
+            alloc.nm = mixed_nm(alloc.per_block, self.adapter.block_sizes(), n, m)
+            if len(set(alloc.nm)) == 1:
+                spread = max(alloc.per_block) - min(alloc.per_block)
+                log.warning("%s: the allocated spread (%.3f) is smaller than one N:M step (1/%d), so every "
+                            "block rounds to %d:%d, i.e. uniform; use a larger M (e.g. %d:%d) or a wider band",
+                            method, spread, m, n, m, 2 * n, 2 * m)
+        alloc.m = m
+        alloc.per_block = [k / m for k in alloc.nm]
+        alloc.per_linear = expand_blocks(self.adapter, alloc.per_block)
 
     def plan(self, alloc: Allocation) -> dict[str, Pattern]:
         """Per-linear patterns: ``n`` zeros in every ``m`` (``n = 0`` keeps the block dense), or unstructured."""
@@ -168,7 +251,16 @@ class Session:
                     for i, k in enumerate(alloc.nm) for n in self.adapter.linear_names[i]}
         return {k: Pattern(v) for k, v in alloc.per_linear.items()}
 
-def _load(model: str | nn.Module, tokenizer, dtype: str, device: torch.device, trust_remote_code: bool):
+    def evaluate(self, ev: EvalConfig, seqlen_default: int | None = None) -> dict[str, dict]:
+        """Perplexities of the session's model under ``ev``."""
+        seq = ev.seqlen or seqlen_default or self.seqlen
+        return evaluate_ppl(self.model, self.tokenizer, list(ev.datasets), seq, ev.max_windows, self.device,
+                            ev.batch_size, self.data_dir, progress=False,
+                            flag="--eval-seqlen" if ev.seqlen else "--seqlen")
+
+
+def load(model: str | nn.Module, tokenizer=None, dtype: str = "float32", trust_remote_code: bool = False):
+    """``(model, tokenizer, source name)`` from a model spec, or a model object with its tokenizer."""
     if isinstance(model, str):
         m, tok = load_model(model, dtype=parse_dtype(dtype), device="cpu", trust_remote_code=trust_remote_code)
         return m, tok, model
@@ -176,183 +268,215 @@ def _load(model: str | nn.Module, tokenizer, dtype: str, device: torch.device, t
     return model, tokenizer, getattr(model, "layerprune_source", type(model).__name__)
 
 
-def evaluate_ppl(model: nn.Module, tokenizer, datasets: list[str], seqlen: int, max_windows: int | None,
-                 device: torch.device, batch_size: int = 1) -> dict[str, dict]:
-    model.to(device)
-    out = {}
-    for d in datasets:
-        t = time.perf_counter()
-        r = perplexity(model, tokenizer, d, seqlen, max_windows, batch_size)
-        r["seconds"] = time.perf_counter() - t
-        out[d] = r
-        log.info("ppl %s (seqlen %d, %d windows): %.3f", d, seqlen, r["windows"], r["ppl"])
-    return out
+@dataclass
+class PruneRequest:
+    """A validated prune: the pattern, both methods with their options, and the run's settings."""
+
+    target: float
+    n: int
+    m: int
+    pattern: str
+    pruner: PrunerSpec
+    pruner_options: Any
+    allocator: AllocatorSpec
+    alloc_options: Any
+    quantize: str | None = None
+    group_size: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return (self.n, self.m) if self.m else None
+
+    def config(self, model_name: str, calib: CalibConfig, dtype: str) -> dict:
+        """The run configuration recorded in ``layerprune.json`` and hashed for resuming."""
+        return {"model": model_name, "sparsity": self.target, "pruner": self.pruner.name, "pattern": self.pattern,
+                "allocation": self.allocator.name, "alloc_options": resolved(self.alloc_options),
+                **calib.key(), "batch_size": calib.batch_size, "dtype": dtype,
+                "pruner_kwargs": resolved(self.pruner_options), "quantize": self.quantize,
+                "group_size": self.group_size, "world_size": world_size()}
 
 
-def prune(model: str | nn.Module, sparsity: float | None = 0.5, pruner: str = "wanda", pattern: str = "unstructured",
-          allocation: str = "uniform", alloc_options: dict | None = None, calib: str = "c4", nsamples: int = 128,
-          seqlen: int = 2048, seed: int = 0, device: str = "auto", dtype: str = "float32", batch_size: int = 8,
-          offload: str = "auto", eval: Iterable[str] = ("wikitext2",), eval_seqlen: int | None = None,
-          eval_max_windows: int | None = None, eval_batch_size: int = 1, out: str | Path | None = None,
-          tokenizer: Any = None, trust_remote_code: bool = False, progress: bool = True, use_cache: bool = True,
-          pruner_kwargs: dict | None = None, dense_ppl: bool = False, session: Session | None = None,
-          keep_model: bool = False, quantize: str | None = None, group_size: int | None = None,
-          tasks: Iterable[str] = (), limit: int | None = None) -> dict:
-    """Prune a causal LM and return the run record (see README, "Run record").
-
-    ``model`` is a spec (hub id, local dir, ``.gguf``, alias) or a model object with ``tokenizer``.
-    The model is pruned in place; with ``out`` it is exported atomically (resumable).
-    """
-    # ---- validate everything before any heavy work
+def plan_prune(sparsity: float | None, pruner: str, pattern: str, allocation: str, alloc_options: Any,
+               pruner_options: Any, quantize: str | None = None, group_size: int | None = None) -> PruneRequest:
+    """Validate every method choice and option (nothing is loaded); one ``UserError`` on the first problem."""
     target, n, m = parse_pattern(pattern, sparsity)
-    get_pruner(pruner)
-    get_allocator(allocation, bool(m))
-    evals = check_datasets(eval)
-    tasks = [t for t in tasks if t]
-    if tasks:
-        from layerprune.evaluation.zeroshot import check_tasks
-
-        check_tasks(tasks)
+    pspec = get_pruner(pruner)
+    aspec = get_allocator(allocation, bool(m))
+    check_target(aspec, target)
+    req = PruneRequest(target, n, m, pattern if m else "unstructured", pspec, pspec.make_options(pruner_options),
+                       aspec, aspec.make_options(alloc_options), quantize, group_size)
     if quantize:
         from layerprune.quantize import check_bits
 
         check_bits(quantize, group_size)
-    require(nsamples >= 1, f"--nsamples must be at least 1 (got {nsamples})")
+    return req
+
+
+def _split_legacy(kw: dict) -> tuple[dict, dict, Any]:
+    """The flat keywords of earlier versions (``nsamples=``, ``eval=``, ``pruner_kwargs=`` …)."""
+    calib_kw = {k: kw.pop(k) for k in list(kw) if k in _CALIB_KW}
+    eval_kw = {_EVAL_KW[k]: kw.pop(k) for k in list(kw) if k in _EVAL_KW}
+    pk = kw.pop("pruner_kwargs", None)
+    if kw:
+        raise TypeError(f"prune() got unexpected keyword arguments {sorted(kw)}")
+    for k in ("datasets", "tasks"):
+        if k in eval_kw:
+            eval_kw[k] = tuple(eval_kw[k] or ())
+    return calib_kw, eval_kw, pk
+
+
+def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str = "wanda",
+          pattern: str = "unstructured", allocation: str = "uniform", alloc_options: Any = None,
+          pruner_options: Any = None, calib: CalibConfig | str | None = None, evaluation: EvalConfig | None = None,
+          device: str = "auto", dtype: str = "float32", out: str | Path | None = None, tokenizer: Any = None,
+          trust_remote_code: bool = False, progress: bool = True, use_cache: bool = True, dense_ppl: bool = False,
+          session: Session | None = None, keep_model: bool = False, quantize: str | None = None,
+          group_size: int | None = None, allow_long: bool = False, data_dir: str | Path | None = None,
+          **legacy: Any) -> dict:
+    """Prune a causal LM and return the run record (see README, "Run record").
+
+    ``model`` is a spec (hub id, local dir, ``.gguf``, alias) or a model object with ``tokenizer``.
+    The model is pruned in place; with ``out`` it is exported atomically (resumable). Calibration and
+    evaluation settings come as :class:`CalibConfig` / :class:`EvalConfig` or, as before, as flat
+    keywords (``nsamples=``, ``seqlen=``, ``eval=[...]``, ``eval_seqlen=``, ``tasks=`` …).
+    """
+    t_start = time.perf_counter()
+    # ---- validate everything before any heavy work (nothing loaded, nothing created)
+    calib_kw, eval_kw, pk = _split_legacy(dict(legacy))
+    if pk is not None:
+        require(pruner_options is None, "pass pruner_options= or pruner_kwargs=, not both")
+        pruner_options = pk
+    req = plan_prune(sparsity, pruner, pattern, allocation, alloc_options, pruner_options, quantize, group_size)
+    if session is not None:
+        c = session.calib_cfg
+        clash = {k: v for k, v in calib_kw.items() if getattr(c, k) != v}
+        if calib is not None and calib_config(calib) != c:
+            clash["calib"] = calib
+        require(not clash, f"prune(session=...) calibrates with the session's settings; these differ: {clash} "
+                           "(make a new Session with them)")
+        cal = c
+    else:
+        cal = calib_config(calib, **calib_kw)
+    ev = dataclasses.replace(evaluation or EvalConfig(), **eval_kw).validate()
     if out is not None:
         check_out_dir(out)
+    root = resolve_data_dir(session.data_dir if session is not None and data_dir is None else data_dir)
+    if isinstance(model, str) and session is None:
+        check_model_spec(model)
     dev = resolve_device(init_from_env(device))
     if not is_main():  # data-parallel: only rank 0 evaluates, composes and exports
-        evals, tasks, out, quantize, dense_ppl = [], [], None, None, False
-    t_start = time.perf_counter()
-    config = {"model": model if isinstance(model, str) else getattr(model, "layerprune_source", "object"),
-              "sparsity": target, "pruner": pruner, "pattern": pattern, "allocation": allocation,
-              "alloc_options": alloc_options or {}, "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
-              "seed": seed, "dtype": dtype, "batch_size": batch_size, "pruner_kwargs": pruner_kwargs or {},
-              "quantize": quantize, "group_size": group_size, "world_size": world_size()}
+        ev, out, dense_ppl = EvalConfig(datasets=()), None, False
+        req.quantize = None
     # ---- load
+    t_load = time.perf_counter()
     if session is None:
-        mdl, tok, src = _load(model, tokenizer, dtype, dev, trust_remote_code)
-        session = Session(mdl, tok, dev, calib, nsamples, seqlen, seed, batch_size, offload, progress, use_cache)
+        mdl, tok, src = load(model, tokenizer, dtype, trust_remote_code)
+        session = Session(mdl, tok, dev, cal, progress=progress, use_cache=use_cache, data_dir=root)
+    load_s = time.perf_counter() - t_load
     mdl, tok = session.model, session.tokenizer
-    batch_size, offload = session.batch_size, session.offload  # the session's settings win
-    config.update(calib=session.calib_name, nsamples=session.nsamples, seqlen=session.seqlen, seed=session.seed,
-                  batch_size=session.batch_size)
-    eseq = eval_seqlen or session.seqlen
-    if evals:
-        check_seqlen(mdl, eseq)
-    record: dict[str, Any] = {"config": config, "versions": versions(), "started": now(), "device": str(dev),
-                              "model": config["model"]}
-    # the resume store is opened before any heavy work, so a refused resume costs nothing
-    run_dir = RunDir(out, args_hash({**config, "w": session.weights_hash()})) if out is not None else None
-    if run_dir is not None and run_dir.done and active():
-        raise UserError(f"resuming {out} works in a single process only: rerun it without torchrun "
-                        f"(or delete .{Path(out).name}.partial to start again)")
-    if dense_ppl and evals:
-        record["dense_ppl"] = {k: v["ppl"] for k, v in evaluate_ppl(mdl, tok, evals, eseq, eval_max_windows, dev, eval_batch_size).items()}
+    model_name = model if isinstance(model, str) else getattr(model, "layerprune_source", "object")
+    config = req.config(model_name, cal, dtype)
+    if ev.datasets:
+        check_seqlen(mdl, ev.seqlen or cal.seqlen, "--eval-seqlen" if ev.seqlen else "--seqlen")
+    timing: dict[str, Any] = {"load_seconds": load_s}
+    with open_run_dir(out, lambda: args_hash({**config, "w": session.weights_hash()}), mdl) as run_dir:
+        if run_dir is not None and run_dir.done and active():
+            raise UserError(f"resuming {out} works in a single process only: rerun it without torchrun "
+                            f"(or delete .{Path(out).name}.partial to start again)")
+        dense = session.evaluate(ev) if dense_ppl and ev.datasets else {}
         mdl.to("cpu")
-    # ---- allocate
-    alloc = session.allocate(allocation, target, alloc_options, pruner, (n, m) if m else None, pruner_kwargs)
-    plan = session.plan(alloc)
-    # ---- prune
-    needs = get_pruner(pruner).needs_data
-    res = prune_sequential(mdl, session.adapter, session.calib().input_ids if needs else None, plan, pruner, dev,
-                           batch_size, offload, run_dir, progress, pruner_kwargs)
-    # ---- compose, evaluate (everything lands in the record before the output directory is renamed)
-    ppl_pruned = None
-    quant = None
-    if quantize:
-        from layerprune.quantize import quantize_model
+        # ---- allocate
+        alloc = session.allocate(req.allocator.name, req.target, req.alloc_options, req.pruner.name, req.nm,
+                                 req.pruner_options, allow_long)
+        # ---- prune
+        res = prune_sequential(mdl, session.adapter, session.calib().input_ids if req.pruner.needs_data else None,
+                               session.plan(alloc), req.pruner.name, dev, session.batch_size, session.offload,
+                               run_dir, progress, req.pruner_options)
+        # ---- compose, evaluate (everything lands in the record before the output directory is renamed)
+        t_eval = time.perf_counter()
+        before_q, quant = {}, None
+        if req.quantize:
+            from layerprune.quantize import quantize_model
 
-        if evals:
-            ppl_pruned = evaluate_ppl(mdl, tok, evals, eseq, eval_max_windows, dev, eval_batch_size)
-        quant = quantize_model(mdl, quantize, group_size)
-    ppl = evaluate_ppl(mdl, tok, evals, eseq, eval_max_windows, dev, eval_batch_size) if evals else {}
-    zs: dict = {}
-    if tasks:
-        from layerprune.evaluation.zeroshot import zero_shot
+            before_q = session.evaluate(ev) if ev.datasets else {}
+            quant = quantize_model(mdl, req.quantize, req.group_size)
+        ppl = session.evaluate(ev) if ev.datasets else {}
+        zs: dict = {}
+        if ev.tasks:
+            from layerprune.evaluation.zeroshot import zero_shot
 
-        zs = zero_shot(mdl, tok, tasks, limit=limit, device=dev)
-    linear_names = list(res.per_linear)
-    record.update({
-        "sparsity": {"target": target, "achieved": res.achieved(),
-                     "pattern": pattern if m else "unstructured"},
-        "per_block": alloc.per_block,
-        "per_block_achieved": [b["achieved"] for b in res.per_block],
-        "allocation": {"method": allocation, "options": alloc_options or {}, "diagnostics": alloc.diagnostics,
-                       "nm": alloc.nm, "m": alloc.m},
-        "per_linear": res.per_linear,
-        "blocks": res.per_block,
-        "ppl": {k: v["ppl"] for k, v in ppl.items()},
-        "ppl_details": ppl,
-        "tasks": zs.get("tasks", {}),
-        "timing": {"prune_seconds": res.seconds, "mask_seconds": sum(b["prune_seconds"] for b in res.per_block),
-                   "calib_tokens": res.calib_tokens,
-                   "block_forwards": res.block_forwards,
-                   "calib_tokens_per_second": res.calib_tokens * res.block_forwards / max(res.seconds, 1e-9) if needs else None,
-                   "allocation_seconds": alloc.diagnostics.get("seconds"),
-                   "total_seconds": time.perf_counter() - t_start},
-        "peak_mem_mb": res.peak_mem_mb,
-        "size": sparse_size_bytes(mdl, linear_names),
-        "finished": now(),
-    })
-    if quant is not None:
-        record["quantization"] = quant
-        record["size"] = quant["size"]
-        if ppl_pruned is not None:
-            record["ppl_before_quantization"] = {k: v["ppl"] for k, v in ppl_pruned.items()}
-    if zs:
-        record["zero_shot"] = {k: v for k, v in zs.items() if k != "tasks"}
-    if run_dir is not None:
-        mdl.to("cpu")
-        run_dir.finalize(mdl, tok, record)
-        record["out"] = str(out)
+            zs = zero_shot(mdl, tok, list(ev.tasks), limit=ev.limit, device=dev, data_dir=root)
+        timing["eval_seconds"] = time.perf_counter() - t_eval
+        timing["total_seconds"] = time.perf_counter() - t_start
+        record = run_record(config, mdl, str(dev), alloc, res, ppl, dense, zs, quant, before_q, timing,
+                            req.pruner.needs_data)
+        if run_dir is not None:
+            mdl.to("cpu")
+            t_exp = time.perf_counter()
+            run_dir.finalize(mdl, tok, record)
+            record["timing"]["export_seconds"] = time.perf_counter() - t_exp
+            record["out"] = str(out)
     if keep_model:
         record["_model"] = mdl
         record["_tokenizer"] = tok
     return record
 
 
-def allocate(model: str | nn.Module, sparsity: float = 0.7, allocation: str = "dlp", options: dict | None = None,
-             pattern: str = "unstructured", pruner: str = "wanda", calib: str = "c4", nsamples: int = 128,
-             seqlen: int = 2048, seed: int = 0, device: str = "auto", dtype: str = "float32", batch_size: int = 8,
-             offload: str = "auto", tokenizer: Any = None, trust_remote_code: bool = False, progress: bool = True,
-             use_cache: bool = True) -> dict:
+def allocate(model: str | nn.Module, *, sparsity: float = 0.7, allocation: str = "dlp", options: Any = None,
+             pattern: str = "unstructured", pruner: str = "wanda", pruner_options: Any = None,
+             calib: CalibConfig | str | None = None, device: str = "auto", dtype: str = "float32",
+             tokenizer: Any = None, trust_remote_code: bool = False, progress: bool = True, use_cache: bool = True,
+             allow_long: bool = False, data_dir: str | Path | None = None, **calib_kw: Any) -> dict:
     """Compute (and cache) the per-block sparsities of one allocation method; returns its JSON."""
-    target, n, m = parse_pattern(pattern, sparsity)
-    get_allocator(allocation, bool(m))
-    get_pruner(pruner)
+    req = plan_prune(sparsity, pruner, pattern, allocation, options, pruner_options)
+    cal = calib_config(calib, **calib_kw)
+    root = resolve_data_dir(data_dir)
+    if isinstance(model, str):
+        check_model_spec(model)
     dev = resolve_device(init_from_env(device))
-    mdl, tok, src = _load(model, tokenizer, dtype, dev, trust_remote_code)
-    s = Session(mdl, tok, dev, calib, nsamples, seqlen, seed, batch_size, offload, progress, use_cache)
-    alloc = s.allocate(allocation, target, options, pruner, (n, m) if m else None)
-    return {"model": src, "method": allocation, "target": target, "per_block": alloc.per_block,
+    mdl, tok, src = load(model, tokenizer, dtype, trust_remote_code)
+    s = Session(mdl, tok, dev, cal, progress=progress, use_cache=use_cache, data_dir=root)
+    alloc = s.allocate(allocation, req.target, req.alloc_options, pruner, req.nm, req.pruner_options, allow_long)
+    return {"model": src, "method": allocation, "target": req.target, "per_block": alloc.per_block,
             "block_sizes": s.adapter.block_sizes(), "nm": alloc.nm, "m": alloc.m, **alloc.diagnostics}
 
 
-def evaluate(model: str | nn.Module, ppl: Iterable[str] = ("wikitext2",), seqlen: int = 2048,
+def evaluate(model: str | nn.Module, *, ppl: Iterable[str] | None = None, seqlen: int = 2048,
              max_windows: int | None = None, tasks: Iterable[str] = (), limit: int | None = None,
              device: str = "auto", dtype: str = "float32", batch_size: int = 1, tokenizer: Any = None,
-             trust_remote_code: bool = False, task_batch_size: int = 16) -> dict:
-    """Perplexity (reference protocol) and zero-shot accuracy of a model; the ``eval`` record."""
-    names = check_datasets(ppl)
-    task_list = [t.strip() for t in tasks if t and t.strip()]
-    if task_list:
-        from layerprune.evaluation.zeroshot import check_tasks
+             trust_remote_code: bool = False, task_batch_size: int | str = 16,
+             data_dir: str | Path | None = None) -> dict:
+    """Perplexity (reference protocol) and zero-shot accuracy of a model; the ``eval`` record.
 
-        check_tasks(task_list)
+    ``ppl=None`` means WikiText-2 unless ``tasks`` are given, in which case only the tasks run."""
+    task_list = tuple(t.strip() for t in tasks if t and t.strip())
+    names = ("wikitext2",) if ppl is None and not task_list else tuple(ppl or ())
+    ev = EvalConfig(datasets=names, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
+                    tasks=task_list, limit=limit, task_batch_size=task_batch_size).validate()
+    require(seqlen >= 2, f"--seqlen must be at least 2 (got {seqlen})")
+    root = resolve_data_dir(data_dir)
+    if isinstance(model, str):
+        check_model_spec(model)
     dev = resolve_device(device)
-    mdl, tok, src = _load(model, tokenizer, dtype, dev, trust_remote_code)
-    if names:
+    mdl, tok, src = load(model, tokenizer, dtype, trust_remote_code)
+    if ev.datasets:
         check_seqlen(mdl, seqlen)
     t = time.perf_counter()
-    res = evaluate_ppl(mdl, tok, names, seqlen, max_windows, dev, batch_size)
+    res = evaluate_ppl(mdl, tok, list(ev.datasets), seqlen, ev.max_windows, dev, ev.batch_size, root,
+                       flag="--seqlen")
     out: dict[str, Any] = {"model": src, "ppl": {k: v["ppl"] for k, v in res.items()}, "ppl_details": res,
                            "tasks": {}, "device": str(dev), "dtype": dtype, "versions": versions()}
-    if task_list:
+    if ev.tasks:
         from layerprune.evaluation.zeroshot import zero_shot
 
-        zs = zero_shot(mdl, tok, task_list, limit=limit, batch_size=task_batch_size, device=dev)
+        zs = zero_shot(mdl, tok, list(ev.tasks), limit=ev.limit, batch_size=ev.task_batch_size, device=dev,
+                       data_dir=root)
         out["tasks"] = zs["tasks"]
         out["zero_shot"] = {k: v for k, v in zs.items() if k != "tasks"}
     out["seconds"] = time.perf_counter() - t
     return out
+
+
+__all__ = ["CalibConfig", "EvalConfig", "PruneRequest", "RunDir", "Session", "allocate", "calib_config",
+           "evaluate", "load", "plan_prune", "prune"]

@@ -11,3 +11,8 @@ def require(cond: bool, message: str) -> None:
     """Raise :class:`UserError` with ``message`` unless ``cond`` holds."""
     if not cond:
         raise UserError(message)
+
+
+class RunFailure(Exception):
+    """A failure that is not a bug and needs no traceback (a full disk, another run holding the output):
+    the message says what happened and what to do. CLI exit code 1."""

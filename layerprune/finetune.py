@@ -13,7 +13,6 @@ targets q_proj and v_proj, lr 1e-4, causal-LM loss on C4 text (methods_dlp.md §
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import random
@@ -37,13 +36,13 @@ def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {ad.full_name(i, n): (lin.weight.data != 0) for i, n, lin in ad.all_linears()}
 
 
-def training_windows(tokenizer, source: str, seqlen: int, n: int, seed: int) -> torch.Tensor:
+def training_windows(tokenizer, source: str, seqlen: int, n: int, seed: int, data_dir: str | None = None) -> torch.Tensor:
     """``n`` non-overlapping ``seqlen`` windows of the source's training/calibration text, shuffled
     (cycled when the text holds fewer than ``n``)."""
     from layerprune.data.calibration import token_windows
     from layerprune.data.sources import calib_split, load_documents
 
-    win = token_windows(tokenizer, "\n\n".join(load_documents(source, calib_split(source))), seqlen)
+    win = token_windows(tokenizer, "\n\n".join(load_documents(source, calib_split(source), data_dir)), seqlen)
     order = list(range(win.shape[0]))
     random.Random(seed).shuffle(order)
     return win[order].repeat(math.ceil(n / len(order)), 1)[:n]
@@ -66,23 +65,19 @@ def _mask_lora_forward(layer: nn.Module, mask: torch.Tensor, adapter: str = "def
 def finetune(model: nn.Module, tokenizer, steps: int = 100, lr: float = 1e-4, r: int = 8, alpha: int = 16,
              dropout: float = 0.05, targets: list[str] | None = None, seqlen: int = 1024, batch_size: int = 4,
              seed: int = 0, mode: str = "separate", data: str = "c4", device: torch.device | str = "cpu",
-             progress: bool = True) -> tuple[nn.Module, dict]:
+             progress: bool = True, data_dir: str | None = None) -> tuple[nn.Module, dict]:
     """Train a LoRA adapter on the pruned ``model``; returns (peft model or merged model, record)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UserError("fine-tuning needs peft: pip install 'layerprune[finetune]'") from None
-    if mode not in ("separate", "merge", "masked-lora"):
-        raise UserError("--mode must be separate, merge or masked-lora")
+    if mode not in MODES:
+        raise UserError(f"--mode must be one of {', '.join(MODES)}")
     if steps < 1:
         raise UserError("--steps must be at least 1")
     targets = targets or ["q_proj", "v_proj"]
+    check_targets(model, targets)
     masks = masks_of(model)
-    names = list(masks)
-    for t in targets:
-        if not any(n.split(".")[-1] == t or n.endswith("." + t) for n in names):
-            leaf = sorted({n.split(".")[-1] for n in names})
-            raise UserError(f"target module '{t}' does not exist in this model: choose from {', '.join(leaf)}")
     torch.manual_seed(seed)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     pm = get_peft_model(model, cfg)
@@ -95,7 +90,7 @@ def finetune(model: nn.Module, tokenizer, steps: int = 100, lr: float = 1e-4, r:
                 _mask_lora_forward(mod, masks[key].to(mod.base_layer.weight.device))
     pm.to(device)
     pm.train()
-    data_ids = training_windows(tokenizer, data, seqlen, steps * batch_size, seed)
+    data_ids = training_windows(tokenizer, data, seqlen, steps * batch_size, seed, data_dir)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
     losses = []
     t = time.perf_counter()
@@ -140,61 +135,100 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         mods[n].weight.data *= m.to(mods[n].weight.device, mods[n].weight.dtype)
 
 
-def cmd_finetune(a: argparse.Namespace) -> tuple[dict, str]:
+MODES = ("separate", "merge", "masked-lora")
+
+
+def finetune_dir(pruned_dir: str | Path, out: str | Path, *, steps: int = 100, lr: float = 1e-4, r: int = 8,
+                 alpha: int = 16, dropout: float = 0.05, targets: list[str] | None = None, seqlen: int = 1024,
+                 batch_size: int = 4, seed: int = 0, mode: str = "separate", data: str = "c4", evaluation=None,
+                 device: str = "auto", progress: bool = True, trust_remote_code: bool = False,
+                 data_dir: str | None = None) -> dict:
+    """LoRA recovery of a pruned output directory into ``out`` (atomic), evaluated before and after.
+    Every setting is checked before the model is loaded or anything is evaluated."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layerprune.api import check_datasets, evaluate_ppl
-    from layerprune.cli import _csv, table
+    from layerprune.api import EvalConfig
+    from layerprune.data.sources import SOURCES
+    from layerprune.data.sources import data_dir as resolve_data_dir
     from layerprune.evaluation.audit import sparsity_audit
-    from layerprune.export import RunDir, load_record
+    from layerprune.evaluation.perplexity import evaluate_ppl
+    from layerprune.export import RunDir, check_out_dir, load_record
     from layerprune.record import args_hash, now
     from layerprune.utils import resolve_device
 
-    rec0 = load_record(a.pruned_dir)
-    mode = "merge" if a.merge else "masked-lora" if a.masked_lora else a.mode
-    evals = check_datasets(_csv(a.eval))
-    run_dir = RunDir(a.out, args_hash(vars(a)))
-    dev = resolve_device(a.device)
-    model = AutoModelForCausalLM.from_pretrained(a.pruned_dir, dtype=torch.float32, trust_remote_code=a.trust_remote_code).eval()
-    tok = AutoTokenizer.from_pretrained(a.pruned_dir)
-    seqlen = a.eval_seqlen or a.seqlen
+    rec0 = load_record(pruned_dir)
+    if mode not in MODES:
+        raise UserError(f"--mode must be one of {', '.join(MODES)}")
+    for name, v, lo in (("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--seqlen", seqlen, 2),
+                        ("--lora-r", r, 1)):
+        if v < lo:
+            raise UserError(f"{name} must be at least {lo} (got {v})")
+    if not (lr > 0):
+        raise UserError(f"--lr must be positive (got {lr})")
+    if not (0 <= dropout < 1):
+        raise UserError(f"--lora-dropout must be in [0, 1) (got {dropout})")
+    if data not in SOURCES:
+        raise UserError(f"unknown --data '{data}': use one of {', '.join(SOURCES)}")
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise UserError("fine-tuning needs peft: pip install 'layerprune[finetune]'") from None
+    ev = (evaluation or EvalConfig()).validate()
+    root = resolve_data_dir(data_dir)
+    check_out_dir(out)
+    dev = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(str(pruned_dir), dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code).eval()
+    tok = AutoTokenizer.from_pretrained(str(pruned_dir))
+    check_targets(model, targets or ["q_proj", "v_proj"])
+    eseq = ev.seqlen or seqlen
     masks = {k: v.clone() for k, v in masks_of(model).items()}
     s0 = sparsity_audit(model)["global"]
-    before = evaluate_ppl(model, tok, evals, seqlen, a.eval_max_windows, dev)
-    pm, rec = finetune(model, tok, a.steps, a.lr, a.lora_r, a.lora_alpha, a.lora_dropout, _csv(a.targets), a.seqlen,
-                       a.batch_size, a.seed, mode, a.data, dev, progress=not a.quiet)
-    after = evaluate_ppl(pm, tok, evals, seqlen, a.eval_max_windows, dev)
-    out_rec = {**{k: v for k, v in rec0.items() if k != "per_linear"}, "finetune": rec, "source": str(a.pruned_dir),
-               "finetuned": now(), "ppl_before_finetune": {k: v["ppl"] for k, v in before.items()},
-               "ppl_with_adapter": {k: v["ppl"] for k, v in after.items()}}
-    hook = None
-    if mode == "separate":
-        adapter_tmp = run_dir.partial / "adapter"
-        pm.save_pretrained(adapter_tmp)
-        out_rec["adapter"] = "adapter/ (peft format; load with PeftModel.from_pretrained(base, DIR/adapter))"
+    cfg = dict(steps=steps, lr=lr, r=r, alpha=alpha, dropout=dropout, targets=targets, seqlen=seqlen,
+               batch_size=batch_size, seed=seed, mode=mode, data=data)
+    run_dir = RunDir(out, args_hash({**cfg, "src": str(pruned_dir)}), model)
+    try:
+        before = evaluate_ppl(model, tok, list(ev.datasets), eseq, ev.max_windows, dev, data_dir=root)
+        pm, rec = finetune(model, tok, steps, lr, r, alpha, dropout, targets, seqlen, batch_size, seed, mode, data,
+                           dev, progress=progress, data_dir=root)
+        after = evaluate_ppl(pm, tok, list(ev.datasets), eseq, ev.max_windows, dev, data_dir=root)
+        out_rec = {**{k: v for k, v in rec0.items() if k != "per_linear"}, "finetune": rec, "source": str(pruned_dir),
+                   "finetuned": now(), "ppl_before_finetune": {k: v["ppl"] for k, v in before.items()},
+                   "ppl_with_adapter": {k: v["ppl"] for k, v in after.items()}}
+        hook = None
+        if mode == "separate":
+            adapter_tmp = run_dir.partial / "adapter"
+            pm.save_pretrained(adapter_tmp)
+            out_rec["adapter"] = "adapter/ (peft format; load with PeftModel.from_pretrained(base, DIR/adapter))"
 
-        def hook(final_dir: Path) -> None:
-            shutil.move(str(adapter_tmp), str(final_dir / "adapter"))
+            def hook(final_dir: Path) -> None:
+                shutil.move(str(adapter_tmp), str(final_dir / "adapter"))
 
-        final = pm.unload()  # the untouched sparse base
-        out_rec["ppl"] = out_rec["ppl_with_adapter"]
-    else:
-        final = merge_keep_mask(pm, masks, mode)
-        if mode == "merge":
-            merged = evaluate_ppl(final, tok, evals, seqlen, a.eval_max_windows, dev)
-            out_rec["ppl_merged_before_remask"] = {k: v["ppl"] for k, v in merged.items()}
-            apply_masks(final, masks)
+            final = pm.unload()  # the untouched sparse base
+            out_rec["ppl"] = out_rec["ppl_with_adapter"]
         else:
-            apply_masks(final, masks)  # no-op up to float: the masked delta is exactly zero there
-        remasked = evaluate_ppl(final, tok, evals, seqlen, a.eval_max_windows, dev)
-        out_rec["ppl"] = {k: v["ppl"] for k, v in remasked.items()}
-    s1 = sparsity_audit(final)["global"]
-    out_rec["sparsity_before"], out_rec["sparsity_after"] = s0, s1
-    if s1 + 1e-12 < s0:
-        raise RuntimeError(f"sparsity dropped from {s0} to {s1}: refusing to save")
-    out = run_dir.finalize(final.to("cpu"), tok, out_rec, before_rename=hook)
-    rows = [["pruned", s0] + [v["ppl"] for v in before.values()],
-            [f"+ LoRA ({mode}, {a.steps} steps)", s1] + list(out_rec["ppl"].values())]
-    txt = table(["model", "sparsity"] + [f"ppl {k}" for k in evals], rows)
-    txt += f"\nloss (mean of 5 steps) {rec['loss_first5_mean']:.3f} → {rec['loss_last5_mean']:.3f} over {rec['tokens']} tokens; saved to {out}"
-    return {k: v for k, v in out_rec.items() if k != "blocks"}, txt
+            final = merge_keep_mask(pm, masks, mode)
+            if mode == "merge":
+                merged = evaluate_ppl(final, tok, list(ev.datasets), eseq, ev.max_windows, dev, data_dir=root)
+                out_rec["ppl_merged_before_remask"] = {k: v["ppl"] for k, v in merged.items()}
+            apply_masks(final, masks)  # masked-lora: a no-op up to float, the masked delta is zero there
+            remasked = evaluate_ppl(final, tok, list(ev.datasets), eseq, ev.max_windows, dev, data_dir=root)
+            out_rec["ppl"] = {k: v["ppl"] for k, v in remasked.items()}
+        s1 = sparsity_audit(final)["global"]
+        out_rec["sparsity_before"], out_rec["sparsity_after"] = s0, s1
+        if s1 + 1e-12 < s0:
+            raise RuntimeError(f"sparsity dropped from {s0} to {s1}: refusing to save")
+        run_dir.finalize(final.to("cpu"), tok, out_rec, before_rename=hook)
+    except BaseException:
+        run_dir.abandon()
+        raise
+    out_rec["out"] = str(out)
+    return {k: v for k, v in out_rec.items() if k != "blocks"}
+
+
+def check_targets(model: nn.Module, targets: list[str]) -> None:
+    names = list(masks_of(model))
+    for t in targets:
+        if not any(n.split(".")[-1] == t or n.endswith("." + t) for n in names):
+            leaf = sorted({n.split(".")[-1] for n in names})
+            raise UserError(f"target module '{t}' does not exist in this model: choose from {', '.join(leaf)}")

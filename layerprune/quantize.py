@@ -13,9 +13,9 @@ bitsandbytes is CUDA-only and knows nothing about masks. The math needed is a do
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -77,40 +77,40 @@ def quantize_model(model: nn.Module, bits: str, group_size: int | None = None) -
             "size": size}
 
 
-def cmd_quantize(a: argparse.Namespace) -> tuple[dict, str]:
+def quantize_dir(pruned_dir: str | Path, out: str | Path, bits: str = "int4", group_size: int | None = None,
+                 method: str = "rtn", evaluation=None, device: str = "auto", trust_remote_code: bool = False,
+                 data_dir: str | None = None) -> dict:
+    """Quantize a pruned output directory into ``out`` (atomic), evaluating before and after."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layerprune.api import check_datasets, evaluate_ppl
-    from layerprune.cli import _csv
+    from layerprune.api import EvalConfig
+    from layerprune.data.sources import data_dir as resolve_data_dir
     from layerprune.evaluation.audit import sparsity_audit
+    from layerprune.evaluation.perplexity import evaluate_ppl
     from layerprune.export import RunDir, check_out_dir, load_record
     from layerprune.record import args_hash, now
     from layerprune.utils import resolve_device
 
-    rec0 = load_record(a.pruned_dir)
-    check_bits(a.bits, a.group_size)
-    if a.method != "rtn":
+    rec0 = load_record(pruned_dir)
+    check_bits(bits, group_size)
+    if method != "rtn":
         raise UserError("--method gptq is not implemented yet: use --method rtn")
-    evals = check_datasets(_csv(a.eval))
-    dev = resolve_device(a.device)
-    check_out_dir(a.out)  # validates --out before any work
-    model = AutoModelForCausalLM.from_pretrained(a.pruned_dir, dtype=torch.float32, trust_remote_code=a.trust_remote_code).eval()
-    tok = AutoTokenizer.from_pretrained(a.pruned_dir)
+    ev = (evaluation or EvalConfig()).validate()
+    root = resolve_data_dir(data_dir)
+    check_out_dir(out)
+    dev = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(str(pruned_dir), dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code).eval()
+    tok = AutoTokenizer.from_pretrained(str(pruned_dir))
     before = sparsity_audit(model)
-    seqlen = a.eval_seqlen or a.seqlen
-    ppl0 = evaluate_ppl(model, tok, evals, seqlen, a.eval_max_windows, dev)
-    q = quantize_model(model.to("cpu"), a.bits, a.group_size)
+    seqlen = ev.seqlen or 2048
+    ppl0 = evaluate_ppl(model, tok, list(ev.datasets), seqlen, ev.max_windows, dev, data_dir=root)
+    q = quantize_model(model.to("cpu"), bits, group_size)
     after = sparsity_audit(model)
-    ppl1 = evaluate_ppl(model, tok, evals, seqlen, a.eval_max_windows, dev)
-    rec = {**rec0, "quantization": q, "source": str(a.pruned_dir), "quantized": now(),
+    ppl1 = evaluate_ppl(model, tok, list(ev.datasets), seqlen, ev.max_windows, dev, data_dir=root)
+    rec = {**rec0, "quantization": q, "source": str(pruned_dir), "quantized": now(),
            "sparsity_before": before["global"], "sparsity_after": after["global"],
            "ppl_before_quantization": {k: v["ppl"] for k, v in ppl0.items()},
            "ppl": {k: v["ppl"] for k, v in ppl1.items()}}
-    RunDir(a.out, args_hash({"q": a.bits, "g": a.group_size})).finalize(model.to("cpu"), tok, rec)
-    from layerprune.cli import table
-
-    txt = table(["", "sparsity"] + [f"ppl {k}" for k in ppl1],
-                [["pruned", before["global"]] + [v["ppl"] for v in ppl0.values()],
-                 [f"+ {a.bits} g{a.group_size or 'row'}", after["global"]] + [v["ppl"] for v in ppl1.values()]])
-    txt += f"\nsize: dense {q['size']['dense_bytes'] / 2**20:.1f} MiB → bitmask+{a.bits} {q['size']['sparse_quantized_bytes'] / 2**20:.1f} MiB"
-    return {k: v for k, v in rec.items() if k not in ("per_linear",)}, txt
+    RunDir(out, args_hash({"q": bits, "g": group_size}), model).finalize(model.to("cpu"), tok, rec)
+    return {k: v for k, v in rec.items() if k != "per_linear"}

@@ -49,3 +49,43 @@ def weights_hash(model: torch.nn.Module) -> str:
         step = max(1, flat.numel() // 4096)
         h.update(flat[::step].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def run_record(config: dict, model: torch.nn.Module, device: str, alloc, res, ppl: dict, dense_ppl: dict, zs: dict,
+               quant: dict | None, ppl_before_quant: dict, timing: dict, uses_data: bool) -> dict:
+    """The run record (README, "Run record") from the pieces of one prune: configuration, versions,
+    allocation with its diagnostics, per-linear and per-block results, timings, evaluation, size."""
+    from layerprune.export import sparse_size_bytes
+
+    rec: dict = {"config": config, "versions": versions(), "started": timing.get("started") or now(),
+                 "device": device, "model": config["model"]}
+    if dense_ppl:
+        rec["dense_ppl"] = {k: v["ppl"] for k, v in dense_ppl.items()}
+    per_sec = res.calib_tokens * res.block_forwards / max(res.seconds, 1e-9) if uses_data else None
+    rec.update({
+        "sparsity": {"target": config["sparsity"], "achieved": res.achieved(), "pattern": config["pattern"]},
+        "per_block": alloc.per_block,
+        "per_block_achieved": [b["achieved"] for b in res.per_block],
+        "allocation": {"method": alloc.method, "options": config["alloc_options"], "diagnostics": alloc.diagnostics,
+                       "nm": alloc.nm, "m": alloc.m},
+        "per_linear": res.per_linear,
+        "blocks": res.per_block,
+        "ppl": {k: v["ppl"] for k, v in ppl.items()},
+        "ppl_details": ppl,
+        "tasks": zs.get("tasks", {}),
+        "timing": {"prune_seconds": res.seconds, "mask_seconds": sum(b["prune_seconds"] for b in res.per_block),
+                   "calib_tokens": res.calib_tokens, "block_forwards": res.block_forwards,
+                   "calib_tokens_per_second": per_sec, "allocation_seconds": alloc.diagnostics.get("seconds"),
+                   **{k: v for k, v in timing.items() if k != "started"}},
+        "peak_mem_mb": res.peak_mem_mb,
+        "size": sparse_size_bytes(model, list(res.per_linear)),
+        "finished": now(),
+    })
+    if quant is not None:
+        rec["quantization"] = quant
+        rec["size"] = quant["size"]
+        if ppl_before_quant:
+            rec["ppl_before_quantization"] = {k: v["ppl"] for k, v in ppl_before_quant.items()}
+    if zs:
+        rec["zero_shot"] = {k: v for k, v in zs.items() if k != "tasks"}
+    return rec

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -84,11 +83,7 @@ def make_figures(d: Path, res: dict) -> list[str]:
     return out
 
 
-def render_html(d: Path) -> Path:
-    p = d / "results.json"
-    if not p.is_file():
-        raise UserError(f"{d} has no results.json: run `layerprune compare ... --out {d}` first")
-    res = json.loads(p.read_text())
+def render_html(d: Path, res: dict) -> Path:
     runs = res.get("runs", [])
     ppl_keys = sorted({k for r in runs for k in r.get("ppl", {})})
     task_keys = sorted({k for r in runs for k in r.get("tasks", {})})
@@ -127,13 +122,21 @@ th{{background:#eee}}figure{{display:inline-block;margin:1em}}img{{max-width:520
     return out
 
 
-def cmd_report(a: argparse.Namespace) -> tuple[dict, str]:
-    d = Path(a.dir)
-    res = json.loads((d / "results.json").read_text()) if (d / "results.json").is_file() else None
-    if res is not None and not list(d.glob("*.png")):
+def write_report(d: str | Path) -> dict:
+    """Figures (when missing) and ``report.html`` for a results directory; refuses before writing anything
+    when ``results.json`` is missing, damaged or holds no runs."""
+    from layerprune.compare import load_results
+
+    d = Path(d)
+    if not (d / "results.json").is_file():
+        raise UserError(f"{d} has no results.json: run `layerprune compare ... --out {d}` first")
+    res = load_results(d)
+    if not res.get("runs"):
+        raise UserError(f"{d}/results.json holds no finished runs yet: run `layerprune compare ... --out {d}` first")
+    if not list(d.glob("*.png")):
         try:
             make_figures(d, res)
         except UserError:
             pass
-    out = render_html(d)
-    return {"report": str(out), "runs": len(res["runs"]) if res else 0}, f"wrote {out}"
+    out = render_html(d, res)
+    return {"report": str(out), "runs": len(res["runs"])}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -20,10 +22,6 @@ def setup_logging(level: str = "INFO") -> None:
         log.addHandler(h)
     log.setLevel(os.environ.get("LAYERPRUNE_LOG", level))
     log.propagate = False
-
-
-def ppl_progress_disabled() -> bool:
-    return os.environ.get("LAYERPRUNE_PROGRESS", "1") == "0"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -67,3 +65,15 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+@contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """The one switch for TF32 matmuls on CUDA: set for the block, restored afterwards (SparseGPT's solve
+    turns it off as the reference does; the SV-NUP game turns it on unless asked for full fp32)."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev

@@ -11,10 +11,11 @@ import torch
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if "LAYERPRUNE_DATA" not in os.environ and DATA.is_dir():
     os.environ["LAYERPRUNE_DATA"] = str(DATA)
-os.environ.setdefault("LAYERPRUNE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if not torch.cuda.is_available():  # the Triton kernels run under Triton's interpreter (read at its import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_config(arch: str, vocab: int = 128, layers: int = 3):

@@ -5,9 +5,10 @@ import torch
 from conftest import tiny_model
 from layerprune.allocation import AllocContext, clip_and_restore, mixed_nm
 from layerprune.allocation.alphapruning import allocate_alphapruning, alphapruning_sparsities, hill_alpha
+from layerprune.allocation.dlp import DLPOptions
 from layerprune.allocation.dlp import allocate_dlp, dlp_sparsities
 from layerprune.allocation.owl import owl_sparsities
-from layerprune.engine.sequential import dense_stats_pass
+from layerprune.allocation.stats import dense_stats_pass
 from layerprune.errors import UserError
 from layerprune.models.adapter import ModelAdapter
 
@@ -79,7 +80,7 @@ def _ctx(model, ids):
 def test_dlp_on_model_weighted_mean(gran):
     m = tiny_model("llama", layers=5)
     ctx = _ctx(m, torch.randint(0, 128, (4, 32)))
-    al = allocate_dlp(ctx, 0.7, 0.15, "median", gran)
+    al = allocate_dlp(ctx, 0.7, DLPOptions(0.15, "median", gran))
     sizes = ctx.adapter.linear_sizes()
     mean = sum(al.per_linear[k] * sizes[k] for k in sizes) / sum(sizes.values())
     assert mean == pytest.approx(0.7, abs=1e-9)
@@ -90,8 +91,8 @@ def test_dlp_mean_vs_median_statistic():
     m = tiny_model("llama", layers=4)
     ctx = _ctx(m, torch.randint(0, 128, (4, 32)))
     st = ctx.dense_stats()
-    a = allocate_dlp(ctx, 0.5, stat="median")
-    b = allocate_dlp(ctx, 0.5, stat="mean")
+    a = allocate_dlp(ctx, 0.5, DLPOptions(stat="median"))
+    b = allocate_dlp(ctx, 0.5, DLPOptions(stat="mean"))
     assert a.diagnostics["S"] == [x["median"] for x in st.per_block]
     assert b.diagnostics["S"] == [x["mean"] for x in st.per_block]
 
@@ -112,8 +113,10 @@ def test_mixed_nm_mean():
 
 
 def test_bad_alpha():
-    with pytest.raises(UserError):
-        allocate_dlp(AllocContext(None), 0.7, alpha=0.6)
+    from layerprune.allocation import get_allocator
+
+    with pytest.raises(UserError, match=r"--alpha must be in \(0, 0.5\)"):
+        get_allocator("dlp").make_options({"alpha": 0.6})
 
 
 def test_ratio_cache_keys_on_resolved_options_and_mixed_nm_warning(tmp_path, monkeypatch, tiny_with_tok, caplog):

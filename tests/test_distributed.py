@@ -7,7 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import tiny_model
-from layerprune.engine.sequential import dense_stats_pass, prune_sequential
+from layerprune.allocation.stats import dense_stats_pass
+from layerprune.engine.sequential import prune_sequential
 from layerprune.models.adapter import ModelAdapter
 from layerprune.pruners import Pattern
 

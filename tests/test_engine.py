@@ -16,7 +16,7 @@ def reference_loop(model, ids, sparsity, method):
     masks = {}
     for i in range(L):
         lins = ad.linears(i)
-        prs = {n: PRUNERS[method](lin) for n, lin in lins.items()}
+        prs = {n: PRUNERS[method].make(lin) for n, lin in lins.items()}
         hooks = [lin.register_forward_hook(lambda m, inp, out, p=prs[n]: p.add_batch(inp[0])) for n, lin in lins.items()]
         # block i's inputs come from the already-pruned blocks 0..i-1: just run the whole model per sample
         # with only blocks 0..i active (later blocks see data but have no hooks)

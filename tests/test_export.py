@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model
 from layerprune.errors import UserError
-from layerprune.export import RunDir
+from layerprune.export import RunDir, open_run_dir
 
 
 class _Tok:
@@ -23,14 +23,13 @@ def _prune(model, out, ids, stop_after=None):
 
     ad = ModelAdapter.of(model)
     plan = {ad.full_name(i, n): Pattern(0.5) for i in range(ad.n_blocks) for n in ad.linear_names[i]}
-    rd = RunDir(out, "h1")
-
     def stop(i, rec):
         if stop_after is not None and i == stop_after:
             raise KeyboardInterrupt
 
-    prune_sequential(model, ad, ids, plan, "sparsegpt", torch.device("cpu"), batch_size=2, checkpoint=rd,
-                     progress=False, on_block=stop)
+    with open_run_dir(out, lambda: "h1", model) as rd:
+        prune_sequential(model, ad, ids, plan, "sparsegpt", torch.device("cpu"), batch_size=2, checkpoint=rd,
+                         progress=False, on_block=stop)
     return rd
 
 

@@ -25,7 +25,7 @@ def make_layer(d_in=256, d_out=64, seed=1):
 def recon_error(method, pattern, X, seed=1):
     lin = make_layer(X.shape[1], seed=seed)
     W0 = lin.weight.data.clone()
-    p = PRUNERS[method](lin)
+    p = PRUNERS[method].make(lin)
     for chunk in X.split(256):
         p.add_batch(chunk.unsqueeze(0))
     p.prune(pattern)

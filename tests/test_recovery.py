@@ -83,7 +83,7 @@ def test_finetune_cli_rejects_non_layerprune_dir(tmp_path, capsys):
 
 def test_masked_lora_merge_is_the_trained_function(smol_tokenizer):
     """The masked adapter's output equals the merged model's output (evaluation keeps the mask)."""
-    from layerprune.api import evaluate_ppl
+    from layerprune.evaluation.perplexity import evaluate_ppl
 
     m = pruned_tiny(vocab=len(smol_tokenizer), seed=2)
     masks = {k: v.clone() for k, v in masks_of(m).items()}

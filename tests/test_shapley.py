@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from layerprune.allocation.common import AllocContext
 from layerprune.allocation.shapley import exact_shapley, monte_carlo_shapley, spearman, swsv, swsv_evaluations
-from layerprune.allocation.svnup import SVGame, allocate_svnup, svnup_sparsities
+from layerprune.allocation.svnup import SVGame, SVNUPOptions, allocate_svnup, svnup_sparsities
 from layerprune.errors import UserError
 from layerprune.models.adapter import ModelAdapter
 
@@ -71,7 +71,10 @@ def test_budgets_keep_mean():
     phi = np.array([0.5, 0.1, -0.2, 0.05, 0.3])
     for mapping in ("band", "proportional"):
         s = svnup_sparsities(phi, 0.7, 0.08, mapping)
-        assert s.mean() == pytest.approx(0.7) if mapping == "band" else True
+        if mapping == "band":  # the band keeps the unweighted mean; proportional keeps the mean density
+            assert s.mean() == pytest.approx(0.7)
+        else:
+            assert (1 - s).mean() == pytest.approx(0.3)
         assert np.argmin(s) == np.argmax(phi)
 
 
@@ -97,13 +100,13 @@ def test_game_full_and_dense_payoff_consistent(arch, head_tokens):
     # the head runs in pieces (positions of one row, or whole rows) and must still give the model's own NLL
     m = tiny_model(arch, layers=4, seed=12)
     ad, g = _game(m, head_tokens=head_tokens)
-    dense = g.run_from(0, list(g.runner.acts), ["D"] * 4)
+    dense = g.run_from(0, g.runner.hidden(), ["D"] * 4)
     with torch.no_grad():
         ids = g.sv_ids
         logits = m(input_ids=ids).logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     assert dense == pytest.approx(-float(nll), rel=1e-5)
-    pruned = g.run_from(0, list(g.runner.acts), ["P"] * 4)
+    pruned = g.run_from(0, g.runner.hidden(), ["P"] * 4)
     assert pruned != dense
     g.close()
 
@@ -116,7 +119,7 @@ def test_allocate_svnup_counts_and_mean(absent, background):
     ctx = AllocContext(ad, calib=lambda: calib,
                        extra={"device": torch.device("cpu"), "pruner": "wanda", "batch_size": 2, "progress": False,
                               "seqlen": 24, "sv_ids": torch.randint(0, 128, (3, 24))})
-    al = allocate_svnup(ctx, 0.6, window=3, absent=absent, background=background)
+    al = allocate_svnup(ctx, 0.6, SVNUPOptions(window=3, absent=absent, background=background))
     assert al.diagnostics["evaluations"] == swsv_evaluations(5, 3)
     sizes = ad.block_sizes()
     assert sum(s * n for s, n in zip(al.per_block, sizes)) / sum(sizes) == pytest.approx(0.6)
@@ -126,9 +129,9 @@ def test_allocate_svnup_counts_and_mean(absent, background):
 def test_svnup_bad_window():
     m = tiny_model("llama", layers=3)
     with pytest.raises(UserError):
-        allocate_svnup(AllocContext(ModelAdapter.of(m)), 0.5, window=4)
+        allocate_svnup(AllocContext(ModelAdapter.of(m)), 0.5, SVNUPOptions(window=4))
     with pytest.raises(UserError):
-        allocate_svnup(AllocContext(ModelAdapter.of(m)), 0.5, players=[])
+        allocate_svnup(AllocContext(ModelAdapter.of(m)), 0.5, SVNUPOptions(players=[]))
 
 
 def test_svnup_long_window_needs_yes_before_any_work():
@@ -137,7 +140,7 @@ def test_svnup_long_window_needs_yes_before_any_work():
     ctx = AllocContext(ModelAdapter.of(m), calib=lambda: pytest.fail("calibration read before the --yes check"),
                        extra={"device": torch.device("cpu")})  # no sv_ids: any work past the check would fail
     with pytest.raises(UserError, match=r"window 11 needs 4095 evaluations .*--yes"):
-        allocate_svnup(ctx, 0.5, window=11)
+        allocate_svnup(ctx, 0.5, SVNUPOptions(window=11))
     assert swsv_evaluations(12, 11) == 4095
 
 

@@ -26,7 +26,7 @@ def test_prune_dlp_export_roundtrip(tmp_path, smol_tokenizer):
     model, tok = load_model("smollm2-135m")
     sess = Session(model, tok, torch.device("cpu"), nsamples=8, seqlen=256, batch_size=4, progress=False,
                    use_cache=False)
-    rec = prune(model, 0.5, "wanda", allocation="dlp", eval=["wikitext2"], eval_seqlen=256, eval_max_windows=4,
+    rec = prune(model, sparsity=0.5, pruner="wanda", allocation="dlp", eval=["wikitext2"], eval_seqlen=256, eval_max_windows=4,
                 out=tmp_path / "m", session=sess, progress=False, keep_model=True)
     pb = np.array(rec["per_block"])
     # DLP on a real model: shallow blocks get lower sparsity than deep ones

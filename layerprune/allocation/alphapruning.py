@@ -16,12 +16,14 @@ has no clamp; layerprune clamps to [0, 0.99] with restore and warns when that ch
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from layerprune.allocation.common import AllocContext, Allocation, clip_and_restore, block_means
-from layerprune.errors import UserError
+from layerprune.allocation.common import AllocContext, Allocation, block_means, clip_and_restore
+from layerprune.options import option
+from layerprune.specs import AllocatorSpec
 
 log = logging.getLogger("layerprune")
 
@@ -71,14 +73,19 @@ def alphapruning_sparsities(alphas: np.ndarray, sizes: np.ndarray, target: float
     return r * (target * sizes.sum() / (sizes * r).sum())
 
 
-def allocate_alphapruning(ctx: AllocContext, target: float, epsilon: float = 0.3, mapping: str = "block_wise",
-                          xmin_window: str = "code", **_: object) -> Allocation:
-    if not (0 < epsilon < 1):
-        raise UserError(f"AlphaPruning epsilon must be in (0, 1) (got {epsilon}); the default is 0.3")
-    if xmin_window not in ("code", "intended"):
-        raise UserError("xmin_window must be 'code' (released code) or 'intended'")
-    if not (0.0 <= target <= 0.99):
-        raise UserError(f"AlphaPruning needs a target sparsity in [0, 0.99] (got {target})")
+@dataclass(frozen=True)
+class AlphaPruningOptions:
+    epsilon: float = option(0.3, "AlphaPruning ε: sparsities span [1−ε, 1+ε]·p before rescaling",
+                            check=lambda v: 0 < v < 1, must="in (0, 1); the default is 0.3")
+    mapping: str = option("block_wise", "AlphaPruning: mean α per block, or per linear", flag="--mapping-type",
+                          choices=("block_wise", "layer_wise"))
+    xmin_window: str = option("code", "AlphaPruning x_min window: released code's, or the intended one",
+                              choices=("code", "intended"))
+
+
+def allocate_alphapruning(ctx: AllocContext, target: float, options: AlphaPruningOptions | None = None) -> Allocation:
+    o = options or AlphaPruningOptions()
+    epsilon, mapping, xmin_window = o.epsilon, o.mapping, o.xmin_window
     alphas = layer_alphas(ctx, xmin_window)
     names = list(alphas)
     a = np.array([alphas[n] for n in names])
@@ -87,8 +94,6 @@ def allocate_alphapruning(ctx: AllocContext, target: float, epsilon: float = 0.3
         for i, prefix in enumerate(blocks):
             idx = [k for k, n in enumerate(names) if n.startswith(prefix + ".")]
             a[idx] = a[idx].mean()
-    elif mapping != "layer_wise":
-        raise UserError("AlphaPruning mapping must be block_wise or layer_wise")
     sizes_d = ctx.adapter.linear_sizes()
     sizes = np.array([sizes_d[n] for n in names], dtype=np.float64)
     s = alphapruning_sparsities(a, sizes, target, epsilon)
@@ -99,3 +104,7 @@ def allocate_alphapruning(ctx: AllocContext, target: float, epsilon: float = 0.3
     per_linear = dict(zip(names, s.tolist()))
     diag = {"epsilon": epsilon, "mapping": mapping, "xmin_window": xmin_window, "alpha": alphas, "clamped": clipped}
     return Allocation("alphapruning", target, block_means(ctx.adapter, per_linear), per_linear, diag)
+
+
+SPEC = AllocatorSpec("alphapruning", AlphaPruningOptions, fn=allocate_alphapruning, needs_calibration=False,
+                     doc="heavy-tailed self-regularisation, PL_Alpha_Hill (Lu et al., NeurIPS 2024)")

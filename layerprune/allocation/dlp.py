@@ -18,11 +18,13 @@ to per-linear statistics (an option; the papers allocate per block).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
 from layerprune.allocation.common import AllocContext, Allocation, finish
-from layerprune.errors import UserError
+from layerprune.options import option
+from layerprune.specs import AllocatorSpec
 
 log = logging.getLogger("layerprune")
 
@@ -40,29 +42,32 @@ def dlp_sparsities(S: np.ndarray, target: float, alpha: float) -> tuple[np.ndarr
     return s, {"degenerate": False, "importance": I.tolist(), "d": d.tolist(), "m": float(d.mean())}
 
 
-def check_alpha(alpha: float, target: float) -> None:
-    if not (0 < alpha < 0.5):
-        raise UserError(f"DLP alpha must be in (0, 0.5) (got {alpha}): the band 2*alpha must fit inside [0, 1); the paper uses 0.15")
-    if not (0.01 <= target <= 0.99):
-        raise UserError(f"DLP needs a target sparsity in [0.01, 0.99] (got {target})")
+@dataclass(frozen=True)
+class DLPOptions:
+    alpha: float = option(0.15, "DLP band half-width α (the band 2α spans the per-block sparsities)",
+                          check=lambda v: 0 < v < 0.5,
+                          must="in (0, 0.5): the band 2*alpha must fit inside [0, 1); the paper uses 0.15")
+    stat: str = option("median", "DLP statistic of the Wanda scores: median (paper) or mean (released code)",
+                       choices=("median", "mean"))
+    granularity: str = option("block", "one ratio per block (papers) or per linear", choices=("block", "linear"))
 
 
-def allocate_dlp(ctx: AllocContext, target: float, alpha: float = 0.15, stat: str = "median",
-                 granularity: str = "block", **_: object) -> Allocation:
-    check_alpha(alpha, target)
-    if stat not in ("median", "mean"):
-        raise UserError(f"DLP statistic must be median (paper) or mean (released code), got '{stat}'")
+def allocate_dlp(ctx: AllocContext, target: float, options: DLPOptions | None = None) -> Allocation:
+    o = options or DLPOptions()
+    alpha, stat, granularity = o.alpha, o.stat, o.granularity
     stats = ctx.dense_stats()
     if granularity == "block":
         S = np.array([b[stat] for b in stats.per_block])
         s, diag = dlp_sparsities(S, target, alpha)
         diag.update(statistic=stat, S=S.tolist(), alpha=alpha, unclamped=s.tolist())
         return finish("dlp", ctx.adapter, target, per_block=s.tolist(), lo=0.01, hi=0.99, diagnostics=diag)
-    if granularity == "linear":
-        names = list(stats.per_linear)
-        S = np.array([stats.per_linear[n][stat] for n in names])
-        s, diag = dlp_sparsities(S, target, alpha)
-        diag.update(statistic=stat, alpha=alpha, granularity="linear")
-        return finish("dlp", ctx.adapter, target, per_linear=dict(zip(names, s.tolist())), lo=0.01, hi=0.99,
-                      diagnostics=diag)
-    raise UserError(f"granularity must be block or linear, got '{granularity}'")
+    names = list(stats.per_linear)
+    S = np.array([stats.per_linear[n][stat] for n in names])
+    s, diag = dlp_sparsities(S, target, alpha)
+    diag.update(statistic=stat, alpha=alpha, granularity="linear")
+    return finish("dlp", ctx.adapter, target, per_linear=dict(zip(names, s.tolist())), lo=0.01, hi=0.99,
+                  diagnostics=diag)
+
+
+SPEC = AllocatorSpec("dlp", DLPOptions, fn=allocate_dlp, supports_nm=True, target_range=(0.01, 0.99),
+                     doc="Dynamic Layerwise Pruning (Chen et al., ICML 2025)")

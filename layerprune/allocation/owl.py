@@ -8,11 +8,14 @@ Defaults M = 5, λ = 0.08 (OWL README and DLP's run.py; OWL's main.py has M = 3,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from layerprune.allocation.common import AllocContext, Allocation, band_from_importance, finish
-from layerprune.engine.sequential import OUTLIER_MS
-from layerprune.errors import UserError
+from layerprune.allocation.stats import OUTLIER_MS
+from layerprune.options import option
+from layerprune.specs import AllocatorSpec
 
 
 def owl_sparsities(D: np.ndarray, target: float, lam: float) -> np.ndarray:
@@ -20,14 +23,18 @@ def owl_sparsities(D: np.ndarray, target: float, lam: float) -> np.ndarray:
     return np.full(len(D), target) if s is None else s
 
 
-def allocate_owl(ctx: AllocContext, target: float, M: float = 5.0, lam: float = 0.08,
-                 granularity: str = "block", **_: object) -> Allocation:
-    if not (0 < lam < 0.5):
-        raise UserError(f"OWL lambda must be in (0, 0.5) (got {lam}); the README uses 0.08")
-    if float(M) not in OUTLIER_MS:
-        raise UserError(f"OWL M must be one of {', '.join(str(int(m)) for m in OUTLIER_MS)} (got {M}); the default is 5")
-    if not (0.01 <= target <= 0.99):
-        raise UserError(f"OWL needs a target sparsity in [0.01, 0.99] (got {target})")
+@dataclass(frozen=True)
+class OWLOptions:
+    lam: float = option(0.08, "OWL / SV-NUP band half-width λ (sparsities span 2λ)", check=lambda v: 0 < v < 0.5,
+                        must="in (0, 0.5); OWL's README uses 0.08")
+    M: float = option(5.0, "OWL outlier threshold M (A > M·mean A)", check=lambda v: float(v) in OUTLIER_MS,
+                      must="one of " + ", ".join(str(int(m)) for m in OUTLIER_MS) + "; the default is 5")
+    granularity: str = option("block", "one ratio per block (papers) or per linear", choices=("block", "linear"))
+
+
+def allocate_owl(ctx: AllocContext, target: float, options: OWLOptions | None = None) -> Allocation:
+    o = options or OWLOptions()
+    M, lam, granularity = float(o.M), o.lam, o.granularity
     stats = ctx.dense_stats()
     if granularity == "block":
         D = np.array([100 * b["outlier"][float(M)] for b in stats.per_block])
@@ -39,3 +46,7 @@ def allocate_owl(ctx: AllocContext, target: float, M: float = 5.0, lam: float = 
     s = owl_sparsities(D, target, lam)
     return finish("owl", ctx.adapter, target, per_linear=dict(zip(names, s.tolist())), lo=0.01, hi=0.99,
                   diagnostics={"M": M, "lambda": lam, "granularity": "linear"})
+
+
+SPEC = AllocatorSpec("owl", OWLOptions, fn=allocate_owl, supports_nm=True, target_range=(0.01, 0.99),
+                     doc="Outlier-Weighed Layerwise sparsity (Yin et al., ICML 2024)")

@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -30,10 +32,13 @@ from tqdm.auto import tqdm
 
 from layerprune.allocation.common import AllocContext, Allocation, band_from_importance, finish
 from layerprune.allocation.shapley import exact_shapley, monte_carlo_shapley, swsv, swsv_evaluations
-from layerprune.engine.runner import BlockRunner, move_non_block
+from layerprune.engine.runner import BlockRunner
 from layerprune.engine.sequential import dense_sweep, prune_sequential
 from layerprune.errors import UserError
+from layerprune.options import option
 from layerprune.pruners import Pattern, get_pruner
+from layerprune.specs import AllocatorSpec
+from layerprune.utils import tf32
 
 log = logging.getLogger("layerprune")
 
@@ -46,7 +51,7 @@ class SVGame:
     def __init__(self, model: nn.Module, adapter, sv_ids: torch.Tensor, calib_ids: torch.Tensor | None,
                  target: float, pruner: str, device: torch.device, background: str = "pruned",
                  absent: str = "pruned", payoff: str = "nll", batch_size: int = 8, progress: bool = True,
-                 pruner_kwargs: dict | None = None, tf32: bool = True, head_tokens: int | None = None) -> None:
+                 pruner_kwargs: object = None, use_tf32: bool = True, head_tokens: int | None = None) -> None:
         if background not in ("dense", "pruned"):
             raise UserError("--background must be dense or pruned")
         if absent not in ("pruned", "removed"):
@@ -60,23 +65,22 @@ class SVGame:
         head = model.get_output_embeddings()
         vocab = head.weight.shape[0] if head is not None else getattr(model.config, "vocab_size", 50_000)
         self.head_tokens = head_tokens or max(1, 2**28 // vocab)
-        self.tf32 = tf32 and device.type == "cuda"
+        self.tf32 = use_tf32 and device.type == "cuda"
         self.evaluations = 0
         L = adapter.n_blocks
         self.dense: list[dict[str, torch.Tensor]] = []
         self.pruned: list[dict[str, torch.Tensor]] = []
         if absent == "pruned" or background == "pruned":
-            self._make_pruned_copies(calib_ids, target, pruner, batch_size, progress, pruner_kwargs or {})
+            self._make_pruned_copies(calib_ids, target, pruner, batch_size, progress,
+                                     get_pruner(pruner).make_options(pruner_kwargs))
         else:
             self.dense = [{n: lin.weight.data for n, lin in adapter.linears(i).items()} for i in range(L)]
-        for b in adapter.blocks:
-            b.to(device)
-        move_non_block(model, adapter, device)
+        self.runner = BlockRunner(model, adapter, sv_ids, device, batch_size, offload="device")
+        self.runner.place()
         self.dense = [{n: t.to(device) for n, t in d.items()} for d in self.dense]
         self.pruned = [{n: t.to(device) for n, t in d.items()} for d in self.pruned]
         self.state = ["D"] * L
         self._apply(["D"] * L, force=True)
-        self.runner = BlockRunner(model, adapter, sv_ids, device, batch_size, offload="device")
         self.bg_state = "D" if background == "dense" else "P"
         self.absent_state = "P" if absent == "pruned" else "R"
 
@@ -107,7 +111,7 @@ class SVGame:
                 self.pruned.append(copies)
 
             dense_sweep(self.model, ad, calib_ids if cls.needs_data else None, dev,
-                        lambda i, lins: {n: cls(lin, **pk) for n, lin in lins.items()}, copy_pruned, batch_size,
+                        lambda i, lins: {n: cls.make(lin, pk) for n, lin in lins.items()}, copy_pruned, batch_size,
                         progress=progress, desc="SV: pruned copies")
         for i in range(ad.n_blocks):  # restore the dense weights bit-exactly
             for n, lin in ad.linears(i).items():
@@ -125,64 +129,20 @@ class SVGame:
 
     # -------------------------------------------------------------- payoff
     @torch.no_grad()
-    def _head_nll(self, b: int, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Run the model's own head (final norm, lm_head, softcapping) on ``hidden``: every block is
-        an identity except the last, which returns ``hidden``.
-
-        The head is per token, so it runs on pieces of at most ``head_tokens`` positions: the fp32 logits
-        of a whole batch would be batch × seqlen × vocab × 4 bytes (16 GiB for 8 × 2048 tokens of
-        Gemma3's 262k vocabulary, several times over with the slice and the softmax). The sum stays on
-        the device: one host sync per evaluation, not per piece."""
-        blocks = self.adapter.blocks
-        ids = self.sv_ids[b * self.runner.batch_size : (b + 1) * self.runner.batch_size]
-        n, T = ids.shape
-        rows = max(1, self.head_tokens // T)  # whole rows per call when they fit, else pieces of one row
-        step = T - 1 if rows > 1 else max(1, min(T - 1, self.head_tokens))
-        tot = torch.zeros((), dtype=torch.float64, device=self.device)
-        piece: list[torch.Tensor] = []  # what the last block hands to the head on this call
-        for blk in blocks[:-1]:
-            blk.forward = lambda x, *a, **k: x
-        blocks[-1].forward = lambda x, *a, **k: piece[0]
-        try:
-            for r0 in range(0, n, rows):
-                for s in range(0, T - 1, step):
-                    e = min(s + step, T - 1)
-                    piece[:] = [hidden[r0 : r0 + rows, s:e]]
-                    logits = self.model(input_ids=ids[r0 : r0 + rows, s:e], use_cache=False).logits.float()
-                    tgt = ids[r0 : r0 + rows, s + 1 : e + 1]
-                    tot += nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
-                                                       reduction="sum")
-                    del logits
-            return tot, n * (T - 1)
-        finally:
-            for blk in blocks:
-                blk.__dict__.pop("forward", None)
-
-    @torch.no_grad()
     def run_from(self, start: int, hidden: list[torch.Tensor], states: list[str]) -> float:
         """Payoff of the model in ``states``, running blocks ``start..L-1`` from cached ``hidden``.
 
-        On CUDA the coalition forwards use TF32 matmuls by default (``tf32``; ~3x faster in fp32,
+        On CUDA the coalition forwards use TF32 matmuls by default (``fp32=False``; ~3x faster in fp32,
         payoff error ~1e-4 nats, far below the differences between coalitions)."""
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.tf32 or prev
-        try:
-            return self._run_from(start, hidden, states)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
-
-    def _run_from(self, start: int, hidden: list[torch.Tensor], states: list[str]) -> float:
-        self._apply(states)
-        tot, cnt = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for b, h in enumerate(hidden):
-            x = h
-            for i in range(start, self.adapter.n_blocks):
-                if states[i] == "R":
-                    continue
-                out = self.adapter.blocks[i](x, *self.runner.args[b][i], **self.runner.kwargs[b][i])
-                x = out[0] if isinstance(out, (tuple, list)) else out
-            s, c = self._head_nll(b, x)
-            tot, cnt = tot + s, cnt + c
+        with tf32(self.tf32 or torch.backends.cuda.matmul.allow_tf32):
+            self._apply(states)
+            skip = frozenset(i for i, st in enumerate(states) if st == "R")
+            tot, cnt = torch.zeros((), dtype=torch.float64, device=self.device), 0
+            bs = self.runner.batch_size
+            for b, h in enumerate(hidden):
+                x = self.runner.forward(b, h, start, skip=skip)
+                s, c = self.runner.head_nll(b, x, self.sv_ids[b * bs : (b + 1) * bs], self.head_tokens)
+                tot, cnt = tot + s, cnt + c
         self.evaluations += 1
         nll = float(tot) / cnt
         return -nll if self.payoff_kind == "nll" else -math.exp(nll)
@@ -193,11 +153,7 @@ class SVGame:
         st = list(self.state)
         st[i] = self.bg_state
         self._apply(st)
-        outs = []
-        for b, h in enumerate(hidden):
-            out = self.adapter.blocks[i](h, *self.runner.args[b][i], **self.runner.kwargs[b][i])
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-        return outs
+        return [self.runner.forward(b, h, i, i + 1) for b, h in enumerate(hidden)]
 
     def states_for(self, players: list[int], members: frozenset, active: list[int]) -> list[str]:
         """Background everywhere; ``active`` players present if in ``members``, else absent."""
@@ -210,7 +166,7 @@ class SVGame:
     def swsv(self, players: list[int], window: int, aggregate: str = "center", stride: int = 1,
              weights: str = "shapley", progress: bool = True) -> tuple[np.ndarray, int]:
         n = len(players)
-        hidden = list(self.runner.acts)
+        hidden = self.runner.hidden()
         cursor = 0  # hidden = input of block `cursor`
         shared = frozenset(range(window)) if self.bg_state == "D" else (
             frozenset() if self.absent_state == self.bg_state else None)
@@ -237,7 +193,7 @@ class SVGame:
     def reference(self, players: list[int], method: str = "exact", permutations: int = 100, seed: int = 0,
                   progress: bool = True) -> tuple[np.ndarray, int]:
         """Exact (2^n) or permutation Monte-Carlo Shapley over ``players``; the rest at background."""
-        hidden = list(self.runner.acts)
+        hidden = self.runner.hidden()
         for i in range(players[0]):
             hidden = self.advance(hidden, i)
         memo: dict[frozenset, float] = {}
@@ -285,29 +241,45 @@ def estimate_seconds(model: nn.Module, tokens: int, evaluations: int, device: to
     return evaluations * 2 * params * tokens / rate
 
 
-def allocate_svnup(ctx: AllocContext, target: float, window: int = 4, lam: float = 0.08, absent: str = "pruned",
-                   background: str = "pruned", payoff: str = "nll", sv_samples: int = 32, aggregate: str = "center",
-                   stride: int = 1, mapping: str = "band", local_weights: str = "shapley", yes: bool = False,
-                   players: list[int] | None = None, tf32: bool = True, **_: object) -> Allocation:
+@dataclass(frozen=True)
+class SVNUPOptions:
+    window: int = option(4, "SV-NUP sliding window w (SWSV: (L−w+1)(2^w−1)+1 evaluations)", check=lambda v: v >= 1,
+                         must="at least 1")
+    lam: float = option(0.08, "OWL / SV-NUP band half-width λ (sparsities span 2λ)", check=lambda v: 0 < v < 0.5,
+                        must="in (0, 0.5); OWL's README uses 0.08")
+    absent: str = option("pruned", "SV-NUP state of a non-member block: pruned (D/P) or removed (D/R)",
+                         choices=("pruned", "removed"))
+    background: str = option("pruned", "SV-NUP blocks outside the window: pruned (default, chosen on C4 held-out "
+                             "ppl, BENCHMARKS.md) or dense", choices=("dense", "pruned"))
+    payoff: str = option("nll", "SV-NUP payoff: −mean NLL or −perplexity", choices=("nll", "ppl"))
+    sv_samples: int = option(32, "SV-NUP evaluation windows (held-out C4)", check=lambda v: v >= 1, must="at least 1")
+    aggregate: str = option("center", "SV-NUP: a block's φ from the window centred on it, or the mean over windows",
+                            choices=("center", "mean"))
+    stride: int = option(1, "SV-NUP window stride: 1 or w", check=lambda v: v >= 1, must="1 or the window size")
+    mapping: str = option("band", "SV-NUP φ → sparsity: band (λ) or proportional density",
+                          choices=("band", "proportional"))
+    fp32: bool = option(False, "SV-NUP coalition forwards in full fp32 (default TF32 on CUDA)", flag="--sv-fp32")
+    local_weights: str = option("shapley", "SWSV weights inside a window", choices=("shapley", "uniform"), cli=False)
+    players: Optional[list] = option(None, "blocks that play the game (default all)", cli=False)
+
+
+def allocate_svnup(ctx: AllocContext, target: float, options: SVNUPOptions | None = None) -> Allocation:
+    o = options or SVNUPOptions()
+    window, lam, absent, background, payoff = o.window, o.lam, o.absent, o.background, o.payoff
+    sv_samples, aggregate, stride, mapping, local_weights = o.sv_samples, o.aggregate, o.stride, o.mapping, o.local_weights
     ad = ctx.adapter
     L = ad.n_blocks
-    players = list(range(L)) if players is None else list(players)
+    players = list(range(L)) if o.players is None else list(o.players)
     if not players:
         raise UserError("SV-NUP needs at least one player block")
     if not (1 <= window <= len(players)):
         raise UserError(f"--window {window} must be between 1 and the number of player blocks ({len(players)})")
     if stride not in (1, window):
         raise UserError(f"--stride must be 1 or the window size ({window})")
-    if aggregate not in ("center", "mean"):
-        raise UserError("--aggregate must be center or mean")
-    if not (0 < lam < 0.5):
-        raise UserError(f"SV-NUP lambda must be in (0, 0.5) (got {lam})")
-    if not (0.0 <= target <= 0.99):
-        raise UserError(f"SV-NUP needs a target sparsity in [0, 0.99] (got {target})")
     E = swsv_evaluations(len(players), window, stride)
     seqlen = int(ctx.extra.get("seqlen", 2048))
     eta = estimate_seconds(ad.model, sv_samples * seqlen, E, ctx.extra.get("device", torch.device("cpu")))
-    if (eta > 3600 or window > 10) and not yes:
+    if (eta > 3600 or window > 10) and not ctx.allow_long:
         raise UserError(f"SWSV with window {window} needs {E} evaluations (roughly {eta / 60:.0f} min here); "
                         "pass --yes to run it, or use a smaller --window")
     sv_ids = ctx.extra["sv_ids"]() if callable(ctx.extra.get("sv_ids")) else ctx.extra.get("sv_ids")
@@ -315,7 +287,7 @@ def allocate_svnup(ctx: AllocContext, target: float, window: int = 4, lam: float
     t0 = time.perf_counter()
     game = SVGame(ad.model, ad, sv_ids[:sv_samples], ctx.calib(), target, ctx.extra.get("pruner", "sparsegpt"), dev,
                   background, absent, payoff, int(ctx.extra.get("batch_size", 8)), bool(ctx.extra.get("progress", True)),
-                  ctx.extra.get("pruner_kwargs"), tf32)
+                  ctx.extra.get("pruner_kwargs"), not o.fp32)
     try:
         t1 = time.perf_counter()
         phi_p, evals = game.swsv(players, window, aggregate, stride, local_weights, bool(ctx.extra.get("progress", True)))
@@ -334,10 +306,14 @@ def allocate_svnup(ctx: AllocContext, target: float, window: int = 4, lam: float
     diag = {"phi": phi.tolist(), "evaluations": evals, "expected_evaluations": E, "window": window, "lambda": lam,
             "absent": absent, "background": background, "payoff": payoff, "sv_samples": int(sv_ids[:sv_samples].shape[0]),
             "aggregate": aggregate, "stride": stride, "mapping": mapping, "local_weights": local_weights,
-            "sv_seconds": t_sv, "tf32": tf32, "setup_seconds": t1 - t0, "evals_per_second": evals / max(t_sv, 1e-9),
+            "sv_seconds": t_sv, "tf32": not o.fp32, "setup_seconds": t1 - t0, "evals_per_second": evals / max(t_sv, 1e-9),
             "unclipped": s.tolist()}
     alloc = finish("svnup", ad, target, per_block=s.tolist(), lo=0.0, hi=0.99, diagnostics=diag)
     if L > 2 and alloc.per_block[0] > target:
         log.warning("SV-NUP: the first block got sparsity %.3f > target %.3f (published allocators give shallow "
                     "blocks less); check the game settings", alloc.per_block[0], target)
     return alloc
+
+
+SPEC = AllocatorSpec("svnup", SVNUPOptions, fn=allocate_svnup, needs_pruner=True,
+                     doc="Shapley-value non-uniform pruning, sliding-window SV (Sun et al. 2025)")

@@ -69,21 +69,25 @@ def sample_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed:
 
 
 def sample_c4_windows(tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-                      source: str = "c4", exclude: set[int] | None = None) -> CalibSet:
+                      source: str = "c4", exclude: set[int] | None = None, data_dir: str | None = None) -> CalibSet:
     """``nsamples`` windows of ``seqlen`` tokens from the calibration documents of ``source``."""
-    docs = load_documents(source, calib_split(source))
+    docs = load_documents(source, calib_split(source), data_dir)
     ids, doc_ids = sample_windows(docs, tokenizer, nsamples, seqlen, seed, exclude)
     return CalibSet(ids, source, seed, doc_ids)
 
 
 
-def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None,
+                  flag: str = "--seqlen") -> torch.Tensor:
     """Tokenise ``text`` once and cut it into non-overlapping ``seqlen`` windows, remainder dropped
-    (the reference perplexity protocol; also the SV set and the LoRA training windows)."""
+    (the reference perplexity protocol; also the SV set and the LoRA training windows). ``flag`` names
+    the option that set ``seqlen``, for the error message."""
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"the number of windows must be at least 1 (got {max_windows})")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise UserError(f"the text has fewer than seqlen={seqlen} tokens")
+        raise UserError(f"the text has only {ids.numel()} tokens, fewer than one window of {seqlen}: lower {flag}")
     return ids[: n * seqlen].view(n, seqlen)

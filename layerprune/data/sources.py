@@ -13,25 +13,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from layerprune.errors import UserError
 
-_DATA_DIR: Path | None = None
 
-
-def set_data_dir(path: str | Path | None) -> None:
-    """Override the local data directory for this process (the CLI's ``--data-dir``)."""
-    global _DATA_DIR
-    if path is not None and not Path(path).is_dir():
-        raise UserError(f"--data-dir {path} is not a directory")
-    _DATA_DIR = Path(path) if path is not None else None
-
-
-def data_dir() -> Path | None:
-    """The local data directory: ``--data-dir``, ``$LAYERPRUNE_DATA``, or ``./shared/data`` / ``../shared/data``."""
-    if _DATA_DIR is not None:
-        return _DATA_DIR
+def data_dir(explicit: str | Path | None = None) -> Path | None:
+    """The local data directory: ``explicit`` (the CLI's ``--data-dir``, passed down by the caller),
+    else ``$LAYERPRUNE_DATA``, else ``./shared/data`` / ``../shared/data``, else ``None`` (the hub)."""
+    if explicit is not None:
+        if not Path(explicit).is_dir():
+            raise UserError(f"--data-dir {explicit} is not a directory")
+        return Path(explicit)
     env = os.environ.get("LAYERPRUNE_DATA")
     if env:
         if not Path(env).is_dir():
@@ -95,15 +88,28 @@ def calib_split(source: str) -> str:
 
 
 def _read_local(path: Path) -> list[str]:
-    if path.name.endswith(".jsonl.gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            return [json.loads(line)["text"] for line in fh if line.strip()]
-    if path.suffix == ".json":
-        return list(json.loads(path.read_text(encoding="utf-8")))
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        if path.name.endswith(".jsonl.gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                return [json.loads(line)["text"] for line in fh if line.strip()]
+        if path.suffix == ".json":
+            return list(json.loads(path.read_text(encoding="utf-8")))
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # truncated, corrupt or not text
+        raise UserError(f"{path} is damaged or not in the expected format ({type(e).__name__}): "
+                        "restore it from shared/data, or remove it to read the dataset from the hub") from None
 
 
-def load_documents(name: str, split: str | None = None) -> list[str]:
+def check_datasets(names: Iterable[str]) -> list[str]:
+    """The dataset names of a comma list (empty entries dropped); an unknown one is one clear error."""
+    out = [d.strip() for d in names if d and d.strip()]
+    for d in out:
+        if d not in SOURCES:
+            raise UserError(f"unknown dataset '{d}': use one of {', '.join(SOURCES)}")
+    return out
+
+
+def load_documents(name: str, split: str | None = None, data_dir_: str | Path | None = None) -> list[str]:
     """Rows of a source split, from the local data directory if it has them, else from the hub."""
     if name not in SOURCES:
         raise UserError(f"unknown dataset '{name}': use one of {', '.join(SOURCES)}")
@@ -111,7 +117,7 @@ def load_documents(name: str, split: str | None = None) -> list[str]:
     split = split or DEFAULT_EVAL_SPLIT[name]
     if split not in src.local:
         raise UserError(f"dataset {name} has no split '{split}': use one of {', '.join(src.local)}")
-    root = data_dir()
+    root = data_dir(data_dir_)
     if root is not None and (root / src.local[split]).is_file():
         return _read_local(root / src.local[split])
     try:
@@ -123,6 +129,8 @@ def load_documents(name: str, split: str | None = None) -> list[str]:
         ) from None
 
 
-def load_text(name: str, split: str | None = None) -> str:
+def load_text(name: str, split: str | None = None, data_dir_: str | Path | None = None) -> str:
     """The evaluation text of a source, joined as the reference perplexity protocol joins it."""
-    return SOURCES[name].joiner.join(load_documents(name, split)) if name in SOURCES else load_documents(name)[0]
+    if name not in SOURCES:
+        load_documents(name)  # raises the unknown-dataset error
+    return SOURCES[name].joiner.join(load_documents(name, split, data_dir_))

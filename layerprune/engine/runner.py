@@ -196,6 +196,61 @@ class BlockRunner:
         if store:
             self.block = i + 1
 
+    def hidden(self) -> list[torch.Tensor]:
+        """The activations entering the current block, one tensor per batch (a new list, same tensors)."""
+        return list(self.acts)
+
+    @torch.no_grad()
+    def forward(self, b: int, x: torch.Tensor, start: int, stop: int | None = None,
+                skip: frozenset[int] | set[int] = frozenset()) -> torch.Tensor:
+        """Batch ``b``'s hidden state ``x`` through blocks ``start .. stop-1`` (those in ``skip`` left out),
+        with the keyword arguments captured for that batch. The blocks must already be on the device."""
+        stop = self.adapter.n_blocks if stop is None else stop
+        for i in range(start, stop):
+            if i in skip:
+                continue
+            out = self.adapter.blocks[i](x, *self.args[b][i], **self.kwargs[b][i])
+            x = out[0] if isinstance(out, (tuple, list)) else out
+        return x
+
+    @torch.no_grad()
+    def head_nll(self, b: int, hidden: torch.Tensor, ids: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, int]:
+        """Summed next-token NLL of batch ``b`` when the last block outputs ``hidden``: the model's own head
+        (final norm, ``lm_head``, logit soft-capping) runs on it with every block an identity.
+
+        The head is per token, so it runs on pieces of at most ``max_tokens`` positions (the fp32 logits
+        of a whole batch of Gemma3's 262k vocabulary would take 16 GiB). The sum stays on the device."""
+        blocks = self.adapter.blocks
+        n, T = ids.shape
+        rows = max(1, max_tokens // T)  # whole rows per call when they fit, else pieces of one row
+        step = T - 1 if rows > 1 else max(1, min(T - 1, max_tokens))
+        tot = torch.zeros((), dtype=torch.float64, device=self.device)
+        piece: list[torch.Tensor] = []  # what the last block hands to the head on this call
+        for blk in blocks[:-1]:
+            blk.forward = lambda x, *a, **k: x
+        blocks[-1].forward = lambda x, *a, **k: piece[0]
+        try:
+            for r0 in range(0, n, rows):
+                for s in range(0, T - 1, step):
+                    e = min(s + step, T - 1)
+                    piece[:] = [hidden[r0 : r0 + rows, s:e]]
+                    logits = self.model(input_ids=ids[r0 : r0 + rows, s:e], use_cache=False).logits.float()
+                    tgt = ids[r0 : r0 + rows, s + 1 : e + 1]
+                    tot += nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
+                                                       reduction="sum")
+                    del logits
+            return tot, n * (T - 1)
+        finally:
+            for blk in blocks:
+                blk.__dict__.pop("forward", None)
+
+    def place(self, device: torch.device | None = None) -> None:
+        """Put every block and the parts outside the blocks on ``device`` (default: the run's device)."""
+        dev = self.device if device is None else device
+        for blk in self.adapter.blocks:
+            blk.to(dev)
+        move_non_block(self.model, self.adapter, dev)
+
     def tokens(self) -> int:
         return sum(a.shape[0] * a.shape[1] for a in self.acts)
 

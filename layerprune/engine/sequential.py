@@ -4,8 +4,9 @@ For each block: move it to the accelerator; run the calibration batches through 
 that feed every linear's pruner (inputs come from the already-pruned earlier blocks); prune every
 linear with **its own** pattern; run the pruned block once more to produce the next block's inputs;
 move it back. Two forwards per block, no more; samples are batched; statistics are fp32 on the
-accelerator. ``dense_stats_pass`` is the one-forward-per-block sweep over the dense model that DLP
-and OWL share (§1.6 pass 1).
+accelerator. ``dense_sweep`` is the one-forward-per-block sweep over the **dense** model, with sinks
+supplied by the caller (DLP/OWL's statistics in ``allocation/stats.py``, SV-NUP's pruned copies). The
+engine knows no method: pruners come from the registry by name.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from layerprune.distributed import broadcast_module, reduce_count, shard
 from layerprune.engine.runner import BlockRunner, move_non_block
 from layerprune.models.adapter import ModelAdapter
 from layerprune.pruners import Pattern, get_pruner
-from layerprune.pruners.wanda import WandaPruner
 from layerprune.utils import peak_memory_mb, reset_peak, sync
 
 log = logging.getLogger("layerprune")
@@ -93,11 +93,12 @@ def _linear_record(lin: nn.Linear, pattern: Pattern) -> dict:
 def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor | None,
                      plan: dict[str, Pattern], pruner: str, device: torch.device, batch_size: int = 8,
                      offload: str = "auto", checkpoint: Checkpointer | None = None, progress: bool = True,
-                     pruner_kwargs: dict | None = None,
+                     pruner_kwargs: object = None,
                      on_block: Callable[[int, dict], None] | None = None) -> PruneResult:
-    """Prune ``model`` in place; ``plan`` maps each linear's full name to its :class:`Pattern`."""
+    """Prune ``model`` in place; ``plan`` maps each linear's full name to its :class:`Pattern`.
+    ``pruner_kwargs``: the pruner's options (its dataclass, or a dict of its fields; ``None`` = defaults)."""
     cls = get_pruner(pruner)
-    pk = pruner_kwargs or {}
+    pk = cls.make_options(pruner_kwargs)
     res = PruneResult()
     reset_peak(device)
     t_all = time.perf_counter()
@@ -124,7 +125,7 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
                 block.to("cpu")
             bar.set_postfix_str(f"block {i} resumed")
             continue
-        pruners = {n: cls(lin, **pk) for n, lin in linears.items()}
+        pruners = {n: cls.make(lin, pk) for n, lin in linears.items()}
         if runner is not None:
             with feed_hooks(linears, pruners):
                 runner.run(i, store=False)
@@ -168,40 +169,6 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
     return res
 
 
-@dataclass
-class DenseStats:
-    """Per-block (and per-linear) statistics of the Wanda scores |W|·‖X‖ on the dense model."""
-
-    per_block: list[dict]
-    per_linear: dict[str, dict]
-    nsamples: int
-    seconds: float
-
-    def to_json(self) -> dict:
-        return {"per_block": self.per_block, "per_linear": self.per_linear, "nsamples": self.nsamples,
-                "seconds": self.seconds}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "DenseStats":
-        pb = [{**b, "outlier": {float(k): v for k, v in b["outlier"].items()}} for b in d["per_block"]]
-        pl = {n: {**v, "outlier": {float(k): x for k, x in v["outlier"].items()}} for n, v in d["per_linear"].items()}
-        return cls(pb, pl, d["nsamples"], d["seconds"])
-
-
-OUTLIER_MS = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)
-
-
-def lower_median(x: torch.Tensor) -> float:
-    """The lower median (``torch.median`` convention): the ⌈n/2⌉-th smallest value; CPU ``kthvalue``."""
-    return float(torch.kthvalue(x.cpu().flatten(), (x.numel() + 1) // 2).values)
-
-
-def score_stats(scores: torch.Tensor, ms: tuple[float, ...]) -> dict:
-    mean = float(scores.double().mean())
-    return {"median": lower_median(scores), "mean": mean,
-            "outlier": {m: float((scores > m * mean).sum()) / scores.numel() for m in ms}}
-
-
 def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor | None, device: torch.device,
                 make_sinks: Callable[[int, dict[str, nn.Linear]], dict], on_block: Callable[[int, dict, dict], None],
                 batch_size: int = 8, offload: str = "auto", progress: bool = True, desc: str = "dense sweep") -> None:
@@ -225,29 +192,3 @@ def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor
         runner.free()
     if device.type == "cuda":
         move_non_block(model, adapter, torch.device("cpu"))
-
-
-def dense_stats_pass(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor, device: torch.device,
-                     batch_size: int = 8, offload: str = "auto", ms: tuple[float, ...] = OUTLIER_MS,
-                     progress: bool = True) -> DenseStats:
-    """The dense sweep with Wanda accumulators: per block and per linear, the statistics of A = |W|·‖X‖.
-
-    A block's scores are built one linear at a time on the accelerator and streamed to CPU memory,
-    where the block statistic (lower median, mean, outlier ratio ``#{A > M·mean(A)}/numel``) is taken.
-    """
-    t0 = time.perf_counter()
-    per_block: list[dict] = []
-    per_linear: dict[str, dict] = {}
-
-    def on_block(i: int, linears: dict, acc: dict) -> None:
-        parts = []
-        for n, a in acc.items():
-            sc = a.score().cpu()
-            per_linear[adapter.full_name(i, n)] = score_stats(sc, ms)
-            parts.append(sc.flatten())
-            a.free()
-        per_block.append(score_stats(torch.cat(parts), ms))
-
-    dense_sweep(model, adapter, calib_ids, device, lambda i, lins: {n: WandaPruner(lin) for n, lin in lins.items()},
-                on_block, batch_size, offload, progress, desc="dense stats")
-    return DenseStats(per_block, per_linear, int(calib_ids.shape[0]), time.perf_counter() - t0)

@@ -9,7 +9,10 @@ Windows are batched; the result does not depend on the batch size.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -17,7 +20,9 @@ from tqdm.auto import tqdm
 from layerprune.data.calibration import token_windows
 from layerprune.data.sources import load_text
 from layerprune.errors import UserError
-from layerprune.utils import model_device, ppl_progress_disabled
+from layerprune.utils import model_device
+
+log = logging.getLogger("layerprune")
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -26,22 +31,23 @@ def context_length(model: nn.Module) -> int | None:
     return getattr(cfg, "max_position_embeddings", None)
 
 
-def check_seqlen(model: nn.Module, seqlen: int) -> None:
+def check_seqlen(model: nn.Module, seqlen: int, flag: str = "--seqlen") -> None:
+    """``seqlen`` must fit the model's context; ``flag`` names the option that set it."""
     ctx = context_length(model)
     if seqlen < 2:
-        raise UserError(f"seqlen must be at least 2 (got {seqlen})")
+        raise UserError(f"{flag} must be at least 2 (got {seqlen})")
     if ctx is not None and seqlen > ctx:
-        raise UserError(f"seqlen {seqlen} is beyond the model's context of {ctx} tokens: use --seqlen {ctx} or less")
+        raise UserError(f"{flag} {seqlen} is beyond the model's context of {ctx} tokens: use {flag} {ctx} or less")
 
 
 @torch.no_grad()
 def perplexity_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
-                          desc: str = "ppl", device: torch.device | str | None = None) -> float:
+                          desc: str = "ppl", device: torch.device | str | None = None, progress: bool = False) -> float:
     """Reference PPL over ``windows`` (n, seqlen). The model may sit on CPU with blocks offloaded."""
     dev = torch.device(device) if device is not None else model_device(model)
     n, seqlen = windows.shape
     total = 0.0
-    for s in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=ppl_progress_disabled()):
+    for s in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=not progress):
         batch = windows[s : s + batch_size].to(dev)
         logits = model(input_ids=batch, use_cache=False).logits
         shift = logits[:, :-1, :].float()
@@ -52,12 +58,29 @@ def perplexity_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: i
 
 
 def perplexity(model: nn.Module, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
-               max_windows: int | None = None, batch_size: int = 1, split: str | None = None) -> dict:
+               max_windows: int | None = None, batch_size: int = 1, split: str | None = None,
+               data_dir: str | None = None, progress: bool = False, flag: str = "--seqlen") -> dict:
     """Return ``{"ppl", "windows", "tokens", "seqlen", "dataset"}`` for one dataset."""
-    check_seqlen(model, seqlen)
-    text = load_text(dataset, split)
+    check_seqlen(model, seqlen, flag)
+    text = load_text(dataset, split, data_dir)
     if dataset == "c4":
         max_windows = 256 if max_windows is None else min(max_windows, 256)
-    win = token_windows(tokenizer, text, seqlen, max_windows)
-    ppl = perplexity_of_windows(model, win, batch_size, desc=f"ppl {dataset}")
+    win = token_windows(tokenizer, text, seqlen, max_windows, flag)
+    ppl = perplexity_of_windows(model, win, batch_size, desc=f"ppl {dataset}", progress=progress)
     return {"dataset": dataset, "ppl": ppl, "windows": int(win.shape[0]), "tokens": int(win.numel()), "seqlen": seqlen}
+
+
+def evaluate_ppl(model: nn.Module, tokenizer, datasets: list[str], seqlen: int, max_windows: int | None,
+                 device: torch.device, batch_size: int = 1, data_dir: str | None = None, progress: bool = False,
+                 flag: str = "--eval-seqlen") -> dict[str, dict]:
+    """Perplexity on each dataset (the model moves to ``device``); ``{name: perplexity record + seconds}``."""
+    model.to(device)
+    out = {}
+    for d in datasets:
+        t = time.perf_counter()
+        r = perplexity(model, tokenizer, d, seqlen, max_windows, batch_size, data_dir=data_dir, progress=progress,
+                       flag=flag)
+        r["seconds"] = time.perf_counter() - t
+        out[d] = r
+        log.info("ppl %s (seqlen %d, %d windows): %.3f", d, seqlen, r["windows"], r["ppl"])
+    return out

@@ -45,13 +45,13 @@ def check_tasks(names: list[str]) -> None:
         raise UserError("zero-shot evaluation needs lm-eval: pip install 'layerprune[eval]'") from None
 
 
-def write_task_dir(names: list[str], root: Path | None = None) -> tuple[Path, dict[str, str]]:
+def write_task_dir(names: list[str], root: str | Path | None = None) -> tuple[Path, dict[str, str]]:
     """YAMLs that include the stock task and read the local file; returns (dir, task -> source)."""
     import lm_eval.tasks
 
     stock = Path(os.path.dirname(lm_eval.tasks.__file__))
     d = Path(tempfile.mkdtemp(prefix="layerprune-tasks-"))
-    root = data_dir() if root is None else root
+    root = data_dir(root)
     sources = {}
     for t in names:
         yml, split, rel = TASKS[t]
@@ -70,16 +70,19 @@ def write_task_dir(names: list[str], root: Path | None = None) -> tuple[Path, di
 
 
 def zero_shot(model: nn.Module, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int | str = 16,
-              device: torch.device | str = "cpu", num_fewshot: int = 0) -> dict:
-    """Score ``tasks``; returns ``{"tasks": {t: {"acc", "acc_norm"}}, "average": ..., "sources": ...}``."""
+              device: torch.device | str = "cpu", num_fewshot: int = 0, data_dir: str | Path | None = None) -> dict:
+    """Score ``tasks``; returns ``{"tasks": {t: {"acc", "acc_norm"}}, "average": ..., "sources": ...}``.
+
+    Tasks with a local file read it (no network); the others go to the hub unless the process runs with
+    ``HF_DATASETS_OFFLINE=1``, in which case they are refused with one line. Nothing here changes the
+    process environment."""
     check_tasks(tasks)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1" if data_dir() is not None else "0")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     model.to(device)
-    tdir, sources = write_task_dir(tasks)
+    tdir, sources = write_task_dir(tasks, data_dir)
     if any(v == "hub" for v in sources.values()) and os.environ.get("HF_DATASETS_OFFLINE") == "1":
         missing = [t for t, v in sources.items() if v == "hub"]
         raise UserError(f"no local data for task(s) {', '.join(missing)} and the hub is off: add them to the data directory")

@@ -119,6 +119,22 @@ def alias_gguf(alias: Alias) -> Path:
     return target
 
 
+def _check_gguf_magic(p: Path) -> None:
+    try:
+        with p.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise UserError(f"cannot read {p}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise UserError(f"{p} is not a GGUF file (no GGUF header): point at a real .gguf file")
+
+
+def check_model_spec(spec: str) -> None:
+    """Cheap checks of a model spec before anything heavy runs (an alias's packages are checked at load)."""
+    if spec not in ALIASES:
+        resolve_spec(spec)
+
+
 def resolve_spec(spec: str) -> tuple[str, Path | str]:
     """Classify a model spec: ``("alias"|"gguf"|"dir"|"hub", location)``."""
     if spec in ALIASES:
@@ -127,6 +143,7 @@ def resolve_spec(spec: str) -> tuple[str, Path | str]:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise UserError(f"GGUF file not found: {spec}")
+        _check_gguf_magic(p)
         return "gguf", p
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -156,8 +173,13 @@ def _gguf_to_dir(path: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a cached HF directory (once)", path.name)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    gm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    _check_gguf_magic(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        gm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged GGUF fails deep inside gguf/numpy
+        raise UserError(f"{path} could not be read as a GGUF model ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                        "it is probably truncated or damaged: download it again") from None
     # save_pretrained refuses a GGUF-loaded model: rebuild from the config and load the state dict.
     cfg = gm.config
     cfg.dtype = torch.float32
@@ -217,6 +239,15 @@ def load_model(
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     kind, loc = resolve_spec(spec)
+    if kind == "dir" and (Path(loc) / "sparse_config.json").is_file():  # a compressed sparse export
+        from layerprune.sparse.export import load_sparse
+
+        model = load_sparse(loc, device=device, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(loc))
+        model.config.use_cache = False
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return model, tok
     if kind in ("alias", "gguf"):
         loc = _gguf_to_dir(Path(loc))
     try:

@@ -6,12 +6,13 @@ import torch
 from torch import nn
 
 from layerprune.pruners.masks import Pattern, matrix_mask, nm_mask
+from layerprune.specs import NoOptions, PrunerSpec
 
 
 class MagnitudePruner:
     needs_data = False
 
-    def __init__(self, layer: nn.Linear, **_: object) -> None:
+    def __init__(self, layer: nn.Linear, options: NoOptions | None = None) -> None:
         self.layer = layer
 
     def add_batch(self, x: torch.Tensor) -> None:  # no statistics needed
@@ -27,3 +28,6 @@ class MagnitudePruner:
 
     def free(self) -> None:
         pass
+
+
+SPEC = PrunerSpec("magnitude", NoOptions, cls=MagnitudePruner, needs_data=False, doc="|W|, one threshold per matrix")

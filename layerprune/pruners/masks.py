@@ -6,6 +6,7 @@ whose magnitudes tie often (models.md).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,23 @@ def parse_nm(text: str) -> tuple[int, int]:
     return n, m
 
 
+def parse_pattern(pattern: str, sparsity: float | None) -> tuple[float, int, int]:
+    """``unstructured`` → (sparsity, 0, 0); ``N:M`` → (N/M, N, M)."""
+    if pattern == "unstructured":
+        if sparsity is None:
+            raise UserError("--sparsity is required for unstructured pruning")
+        check_sparsity(sparsity)
+        return float(sparsity), 0, 0
+    n, m = parse_nm(pattern)
+    if sparsity is not None and abs(float(sparsity) - n / m) > 1e-9:
+        logging.getLogger("layerprune").info("pattern %s fixes the sparsity at %.3f (ignoring --sparsity %s)",
+                                             pattern, n / m, sparsity)
+    return n / m, n, m
+
+
 def check_sparsity(s: float) -> None:
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        raise UserError(f"sparsity must be a number in [0, 1), got {s!r}: e.g. --sparsity 0.7 for 70% zeros")
     if not (0.0 <= s < 1.0):
         raise UserError(f"sparsity must be in [0, 1), got {s}: e.g. --sparsity 0.7 for 70% zeros")
 

@@ -15,19 +15,33 @@ import math
 import torch
 from torch import nn
 
+from dataclasses import dataclass
+
 from layerprune.distributed import active, all_reduce_sum, reduce_count
+from layerprune.options import option
 from layerprune.pruners.masks import Pattern
+from layerprune.specs import PrunerSpec
+from layerprune.utils import tf32
 
 log = logging.getLogger("layerprune")
+
+
+@dataclass(frozen=True)
+class SparseGPTOptions:
+    blocksize: int = option(128, "SparseGPT column block (lazy batch / adaptive mask width)",
+                            check=lambda v: v >= 1, must="a positive integer, e.g. 128")
+    percdamp: float = option(0.01, "SparseGPT Hessian damping as a fraction of mean(diag H)",
+                             check=lambda v: 0 <= v < 1, must="in [0, 1), e.g. 0.01")
 
 
 class SparseGPTPruner:
     needs_data = True
 
-    def __init__(self, layer: nn.Linear, blocksize: int = 128, percdamp: float = 0.01) -> None:
+    def __init__(self, layer: nn.Linear, options: SparseGPTOptions | None = None) -> None:
+        opts = options or SparseGPTOptions()
         self.layer = layer
-        self.blocksize = blocksize
-        self.percdamp = percdamp
+        self.blocksize = opts.blocksize
+        self.percdamp = opts.percdamp
         cols = layer.in_features
         self.H = torch.zeros(cols, cols, dtype=torch.float32, device=layer.weight.device)
         self.nsamples = 0
@@ -67,12 +81,8 @@ class SparseGPTPruner:
 
     @torch.no_grad()
     def prune(self, pattern: Pattern) -> torch.Tensor:
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
+        with tf32(False):
             return self._prune(pattern)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
 
     def _prune(self, pattern: Pattern) -> torch.Tensor:
         W = self.layer.weight.data.clone().float()
@@ -123,3 +133,7 @@ class SparseGPTPruner:
 
     def free(self) -> None:
         self.H = torch.empty(0)
+
+
+SPEC = PrunerSpec("sparsegpt", SparseGPTOptions, cls=SparseGPTPruner,
+                  doc="OBS with reconstruction (Frantar & Alistarh, ICML 2023)")

@@ -11,12 +11,13 @@ from torch import nn
 
 from layerprune.distributed import all_reduce_sum, reduce_count
 from layerprune.pruners.masks import Pattern, nm_mask, row_mask
+from layerprune.specs import NoOptions, PrunerSpec
 
 
 class WandaPruner:
     needs_data = True
 
-    def __init__(self, layer: nn.Linear, **_: object) -> None:
+    def __init__(self, layer: nn.Linear, options: NoOptions | None = None) -> None:
         self.layer = layer
         self.sq = torch.zeros(layer.in_features, dtype=torch.float32, device=layer.weight.device)
         self.nseq = 0
@@ -48,3 +49,6 @@ class WandaPruner:
 
     def free(self) -> None:
         self.sq = torch.empty(0)
+
+
+SPEC = PrunerSpec("wanda", NoOptions, cls=WandaPruner, doc="|W|·‖X‖₂ per output row (Sun et al., ICLR 2024)")
