@@ -34,7 +34,7 @@ from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import cache_dir, check_model_spec, load_model, parse_dtype
 from layerprune.options import resolved
 from layerprune.pruners import Pattern, get_pruner, parse_pattern
-from layerprune.record import args_hash, now, run_record, versions, weights_hash
+from layerprune.record import args_hash, run_record, versions, weights_hash
 from layerprune.specs import AllocatorSpec, PrunerSpec
 from layerprune.utils import resolve_device, write_atomic
 

@@ -97,21 +97,20 @@ def _method_args(p: argparse.ArgumentParser, title: str, specs: dict) -> None:
                            help=h)
 
 
-def options_for(spec, a: argparse.Namespace, strict: bool = False) -> dict:
-    """The option values given on the command line for one method (unset flags keep the declared default).
-    With ``strict``, a flag of the same group that this method does not declare is an error."""
+def options_for(spec, a: argparse.Namespace) -> dict:
+    """The option values given on the command line for one method (unset flags keep the declared default)."""
     from layerprune.options import flag_of
 
     mine = {flag_of(f): f.name for f in fields(spec.options) if f.metadata.get("cli", True)}
     return {name: getattr(a, _dest(flag)) for flag, name in mine.items() if getattr(a, _dest(flag), None) is not None}
 
 
-def check_pruner_flags(pruner: str, a: argparse.Namespace) -> None:
-    """A pruner flag given for another pruner (``--blocksize`` with wanda) is bad input."""
+def check_pruner_flags(pruners: list[str], a: argparse.Namespace) -> None:
+    """A pruner flag that none of the chosen pruners declares (``--blocksize`` with wanda) is bad input."""
     from layerprune.pruners import PRUNERS
 
     for flag, (_, _, _, who) in method_flags(PRUNERS).items():
-        if getattr(a, _dest(flag), None) is not None and pruner not in who:
+        if getattr(a, _dest(flag), None) is not None and not set(who) & set(pruners):
             raise UserError(f"{flag} applies to --pruner {' / '.join(who)} only")
 
 

@@ -25,7 +25,7 @@ def _methods(a: argparse.Namespace, allocation: str, pruner: str) -> tuple[dict,
     from layerprune.allocation import get_allocator
     from layerprune.pruners import get_pruner
 
-    check_pruner_flags(pruner, a)
+    check_pruner_flags([pruner], a)
     return options_for(get_allocator(allocation), a), options_for(get_pruner(pruner), a)
 
 
@@ -94,14 +94,7 @@ def cmd_compare(a: argparse.Namespace) -> tuple[dict, str]:
     allocs, pruners = csv_list(a.allocations), csv_list(a.pruners)
     if not allocs or not pruners:
         raise UserError("--allocations and --pruners must each name at least one method")
-    from layerprune.cli import method_flags
-    from layerprune.pruners import PRUNERS
-
-    for flag, (_, _, _, who) in method_flags(PRUNERS).items():  # a pruner flag must fit one of the pruners
-        from layerprune.cli import _dest
-
-        if getattr(a, _dest(flag), None) is not None and not set(who) & set(pruners):
-            raise UserError(f"{flag} applies to --pruners {' / '.join(who)} only")
+    check_pruner_flags(pruners, a)
     ev = EvalConfig(datasets=tuple(csv_list(a.ppl)), seqlen=a.eval_seqlen, max_windows=a.eval_max_windows,
                     tasks=tuple(csv_list(a.tasks)), limit=a.limit)
     summary = run_grid(a.model, a.out, allocs, pruners, parse_sparsities(a.sparsities, a.pattern), a.pattern,

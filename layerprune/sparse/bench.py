@@ -1,0 +1,127 @@
+"""``layerprune bench-decode``: end-to-end greedy decode tokens/s, dense vs sparse, side by side in one run.
+
+Both models decode with a static KV cache (``transformers.StaticCache``) and, by default, one decode
+step captured as a CUDA graph and replayed, so Python and launch overhead do not hide the kernels
+(``--no-graphs``: eager steps). The dense model is the dense-with-zeros twin of the sparse one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from layerprune.errors import UserError
+
+log = logging.getLogger("layerprune")
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the decoder linears' weights (dense ``weight`` or packed buffers)."""
+    from layerprune.sparse.linear import SparseLinear
+
+    tot = 0
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            tot += m.packed().nbytes()
+        elif isinstance(m, nn.Linear) and m.weight is not model.get_output_embeddings().weight:
+            tot += m.weight.numel() * m.weight.element_size()
+    return tot
+
+
+@torch.no_grad()
+def decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, graphs: bool = True,
+                vocab_hi: int = 1000) -> tuple[float, str]:
+    """Greedy decode tokens/s (batch × new tokens / seconds) after a prefill of ``prompt_len``; returns the
+    rate and the mode actually used (``cuda-graph`` or ``eager``)."""
+    from transformers import StaticCache
+
+    dev = next(model.parameters()).device
+    cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=prompt_len + new_tokens + 8)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(10, vocab_hi, (batch, prompt_len), generator=gen).to(dev)
+    out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt_len, device=dev),
+                use_cache=True)
+    tok = out.logits[:, -1:].argmax(-1)
+    pos = torch.tensor([prompt_len], device=dev)
+
+    def step() -> torch.Tensor:
+        return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
+
+    mode = "eager"
+    run = step
+    if graphs and dev.type == "cuda":
+        try:
+            s = torch.cuda.Stream(dev)
+            s.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream(dev).wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                nxt_static = step()
+
+            def run() -> torch.Tensor:
+                g.replay()
+                return nxt_static
+
+            mode = "cuda-graph"
+        except Exception as e:  # noqa: BLE001 - a model whose step cannot be captured runs eagerly
+            log.warning("CUDA-graph capture failed (%s): timing eager decode steps", str(e).splitlines()[0][:120])
+            torch.cuda.synchronize(dev)
+    for _ in range(3):  # warm-up
+        run()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = run()
+        tok.copy_(nxt)
+        pos.add_(1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return batch * new_tokens / (time.perf_counter() - t), mode
+
+
+def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt_len: int = 32,
+                 device: str = "auto", dtype: str = "bfloat16", graphs: bool = True) -> dict:
+    """Dense vs sparse decode tokens/s for a sparse directory or a ``prune --out`` directory."""
+    from layerprune.export import is_layerprune_dir
+    from layerprune.models.loading import parse_dtype
+    from layerprune.sparse.export import densify, is_sparse_dir, load_sparse, sparsify
+    from layerprune.utils import resolve_device
+
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UserError("--batch-sizes must be positive integers, e.g. 1,4,16")
+    if new_tokens < 1 or prompt_len < 1:
+        raise UserError("--new-tokens and --prompt-len must be at least 1")
+    if not (Path(spec).is_dir() and (is_sparse_dir(spec) or is_layerprune_dir(spec))):
+        raise UserError(f"{spec} is neither a sparse directory (layerprune export) nor a layerprune output directory")
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        raise UserError("bench-decode measures GPU decode: it needs a CUDA device (--device cuda)")
+    dt = parse_dtype("bfloat16" if dtype == "float32" else dtype)  # decode is measured in 16-bit
+    if is_sparse_dir(spec):
+        sparse = load_sparse(spec, device=dev, dtype=dt)
+        dense = densify(copy.deepcopy(sparse))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        dense = AutoModelForCausalLM.from_pretrained(spec, dtype=dt).to(dev).eval()
+        sparse = copy.deepcopy(dense)
+        sparsify(sparse)
+    rows = []
+    for b in batch_sizes:
+        d_rate, mode = decode_rate(dense, b, prompt_len, new_tokens, graphs)
+        s_rate, smode = decode_rate(sparse, b, prompt_len, new_tokens, graphs)
+        rows.append({"batch": b, "dense_tok_s": d_rate, "sparse_tok_s": s_rate, "speedup": s_rate / d_rate,
+                     "mode": f"{mode}/{smode}"})
+    return {"model": spec, "device": torch.cuda.get_device_name(dev), "dtype": str(dt).replace("torch.", ""),
+            "mode": rows[0]["mode"], "new_tokens": new_tokens, "prompt_len": prompt_len, "rows": rows,
+            "dense_weight_bytes": weight_bytes(dense), "sparse_weight_bytes": weight_bytes(sparse),
+            "torch": torch.__version__}

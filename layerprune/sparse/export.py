@@ -1,0 +1,191 @@
+"""Export a pruned output directory to the compressed format, and load it back as ``SparseLinear`` layers.
+
+A sparse directory holds ``model.safetensors`` (the packed linears as ``<name>.bitmask`` / ``.values`` /
+``.offsets`` next to every other tensor), ``sparse_config.json`` (the format, tile, and per-linear
+shape, sparsity and bytes), ``config.json``, the tokenizer and ``layerprune.json`` (the run record).
+A linear below ``min_sparsity`` stays a dense ``nn.Linear``: its packed form would not be faster
+(the break-even is measured on the H200, BENCHMARKS.md "Sparse inference").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from layerprune.errors import UserError
+from layerprune.export import RECORD, RunDir, check_out_dir, is_layerprune_dir
+from layerprune.models.adapter import ModelAdapter
+from layerprune.record import args_hash, now
+from layerprune.sparse.format import BK, BN, SparseTensor, bytes_per_weight, validate
+from layerprune.sparse.linear import SparseLinear
+
+log = logging.getLogger("layerprune")
+
+FORMAT = "layerprune-sparse-v1"
+SPARSE_CONFIG = "sparse_config.json"
+# below this sparsity the packed bf16 linear is slower than dense F.linear for one decode token on the
+# H200 (break-even 0.68–0.71 over the 7B/8B/70B shapes, bench/sparse_kernel_variants.py and
+# bench/sparse_decode.py; BENCHMARKS.md "Sparse inference"): such layers stay dense
+MIN_SPARSITY = 0.7
+
+
+def is_sparse_dir(path: str | Path) -> bool:
+    return (Path(path) / SPARSE_CONFIG).is_file()
+
+
+def check_sparse_out(out: str | Path, pruned_out: str | Path | None) -> None:
+    if pruned_out is None:
+        raise UserError("--sparse-out needs --out too: the sparse model is exported from the saved pruned model")
+    check_out_dir(out)
+
+
+def _set_module(model: nn.Module, name: str, mod: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, mod)
+
+
+def sparsify(model: nn.Module, min_sparsity: float = MIN_SPARSITY) -> dict[str, dict]:
+    """Replace every block linear at or above ``min_sparsity`` by a :class:`SparseLinear` (in place)."""
+    ad = ModelAdapter.of(model)
+    layers = {}
+    for i, n, lin in ad.all_linears():
+        name = ad.full_name(i, n)
+        w = lin.weight.data
+        s = float((w == 0).sum()) / w.numel()
+        if s >= min_sparsity:
+            sl = SparseLinear.from_linear(lin)
+            _set_module(model, name, sl)
+            layers[name] = {"format": "sparse", "sparsity": s, "shape": list(w.shape),
+                            "bytes": sl.packed().nbytes(), "dense_bytes": w.numel() * w.element_size()}
+        else:
+            layers[name] = {"format": "dense", "sparsity": s, "shape": list(w.shape),
+                            "bytes": w.numel() * w.element_size(), "dense_bytes": w.numel() * w.element_size()}
+    return layers
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer once (tied weights keep their first name)."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.shape, v.dtype) if v.numel() else (k,)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float | None = None,
+                  progress: bool = True) -> dict:
+    """Write ``pruned_dir`` (a ``prune --out`` directory) in the compressed format to ``out`` (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(pruned_dir).is_dir() or not is_layerprune_dir(pruned_dir):
+        raise UserError(f"{pruned_dir} is not a layerprune output directory (no {RECORD} and config.json): "
+                        "run `layerprune prune ... --out DIR` first")
+    ms = MIN_SPARSITY if min_sparsity is None else min_sparsity
+    if not (0 <= ms <= 1):
+        raise UserError(f"--min-sparsity must be in [0, 1] (got {ms})")
+    check_out_dir(out)
+    rec0 = json.loads((Path(pruned_dir) / RECORD).read_text())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(pruned_dir), dtype="auto").eval()
+        tok = AutoTokenizer.from_pretrained(str(pruned_dir))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{pruned_dir} does not hold a model transformers can load: {str(e).splitlines()[0][:120]}") from None
+    layers = sparsify(model, ms)
+    n_sparse = sum(v["format"] == "sparse" for v in layers.values())
+    if n_sparse == 0:
+        log.warning("no linear reaches --min-sparsity %.2f: every layer stays dense", ms)
+    dense_b = sum(v["dense_bytes"] for v in layers.values())
+    sparse_b = sum(v["bytes"] for v in layers.values())
+    cfg = {"format": FORMAT, "bn": BN, "bk": BK, "min_sparsity": ms, "dtype": str(model.dtype).replace("torch.", ""),
+           "layers": layers}
+    info = {"out": str(out), "source": str(pruned_dir), "exported": now(), "layers": layers, "sparse_layers": n_sparse,
+            "min_sparsity": ms, "size": {"dense_bytes": dense_b, "sparse_bytes": sparse_b,
+                                         "ratio": sparse_b / max(dense_b, 1)},
+            "bytes_per_weight_at_0.7": bytes_per_weight(0.7, model.dtype.itemsize)}
+
+    def write(m: nn.Module, tokenizer: Any, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(_state_dict(m), str(path / "model.safetensors"), metadata={"format": "pt", "layerprune": FORMAT})
+        cfg_m = m.config
+        if getattr(cfg_m, "quantization_config", None) is not None and "gguf" in str(cfg_m.quantization_config).lower():
+            del cfg_m.quantization_config
+        cfg_m.save_pretrained(path)
+        (path / SPARSE_CONFIG).write_text(json.dumps(cfg, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    rd = RunDir(out, args_hash({"src": str(Path(pruned_dir).resolve()), "ms": ms}))
+    try:
+        rd.finalize(model, tok, {**rec0, "sparse_export": {k: v for k, v in info.items() if k != "layers"}}, writer=write)
+    except BaseException:
+        rd.abandon()
+        raise
+    return info
+
+
+def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """A Hugging Face causal LM whose packed linears are :class:`SparseLinear`; every tile is checked
+    (offsets against bitmask popcounts) before the model is returned."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not is_sparse_dir(path):
+        raise UserError(f"{path} is not a sparse layerprune directory (no {SPARSE_CONFIG}): "
+                        "run `layerprune export DIR --format sparse --out SDIR` first")
+    try:
+        cfg = json.loads((path / SPARSE_CONFIG).read_text())
+        sd = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - a truncated file fails inside safetensors
+        raise UserError(f"{path} is damaged ({type(e).__name__}): export it again") from None
+    if cfg.get("format") != FORMAT:
+        raise UserError(f"{path}: unknown sparse format {cfg.get('format')!r} (this layerprune reads {FORMAT})")
+    dt = dtype or getattr(torch, cfg.get("dtype", "float32"))
+    config = AutoConfig.from_pretrained(str(path))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dt)
+    for name, info in cfg["layers"].items():
+        if info["format"] != "sparse":
+            continue
+        lin = model.get_submodule(name)
+        _set_module(model, name, SparseLinear(lin.in_features, lin.out_features, lin.bias is not None,
+                                              dtype=dt, device=device))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise UserError(f"{path} does not match its config ({len(missing)} tensors missing, {len(unexpected)} "
+                        "unexpected): export it again")
+    model.tie_weights()
+    for name, info in cfg["layers"].items():
+        if info["format"] == "sparse":
+            sl = model.get_submodule(name)
+            validate(sl.packed(), name)
+            sl.values.data = sl.values.data.to(dt)
+    model.to(device).eval()
+    model.config.use_cache = True
+    model.layerprune_source = str(path)  # type: ignore[attr-defined]
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Turn every :class:`SparseLinear` back into ``nn.Linear`` with zeros (the dense-with-zeros twin)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, SparseLinear):
+            w = mod.dense_weight()
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=w.device, dtype=w.dtype)
+            lin.weight.data = w
+            if mod.bias is not None:
+                lin.bias.data = mod.bias.data.clone()
+            _set_module(model, name, lin)
+    return model
+
+
+__all__ = ["SparseTensor", "densify", "export_sparse", "is_sparse_dir", "load_sparse", "sparsify"]

@@ -1,0 +1,210 @@
+"""Triton kernels for :mod:`layerprune.sparse.format` (tested on the CPU with ``TRITON_INTERPRET=1``).
+
+``sparse_mm``: y = x · Wᵀ for a small batch (decode; B ≤ ``SMALL_BATCH``). For one or two tokens each lane
+owns a 32-bit bitmask word and consumes one set bit per step (``ffs``; the word's first value offset
+from a popcount prefix sum), so the work follows the nonzeros. For 3–64 tokens each (``bn`` × ``bk``)
+tile is decoded into registers (a position's rank = popcount of the bits before it) and multiplied on
+the tensor cores (``tl.dot``, fp32 accumulate). Bytes read per weight: the format's 1/8 + d·2 (+ offsets).
+Measured on the H200 (BENCHMARKS.md "Sparse inference"): the set-bit kernel reaches dense speed at 70%
+and 1.3× at 80% for one token; the tile kernel is 0.3–0.5× of dense — a hand-written CUDA decoder is
+the open next step.
+
+``decompress``: writes the dense weight tile by tile (same decode), for batches and prefills where a
+cuBLAS matmul on the decompressed weight beats decoding per batch block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+try:  # Triton is optional: without it (or without CUDA, unless interpreted) the PyTorch path runs
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    HAVE_TRITON = False
+
+SMALL_BATCH = 64
+
+
+def interpreted() -> bool:
+    """Triton's interpreter (``TRITON_INTERPRET=1``, read by Triton when it is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_ON_CPU = [False]
+
+
+@contextlib.contextmanager
+def on_cpu() -> Iterator[None]:
+    """Route CPU tensors through the kernels (under Triton's interpreter: how CI tests them)."""
+    _ON_CPU[0] = True
+    try:
+        yield
+    finally:
+        _ON_CPU[0] = False
+
+
+def usable(device: torch.device) -> bool:
+    """Whether the Triton kernels run for tensors on ``device``."""
+    return HAVE_TRITON and (device.type == "cuda" or (_ON_CPU[0] and interpreted()))
+
+
+if HAVE_TRITON:
+    try:
+        from triton.language.extra import libdevice
+    except ImportError:  # pragma: no cover
+        libdevice = None
+
+    @triton.jit
+    def _popc(x, HW: tl.constexpr):
+        """Set bits of each int32 (hardware popc on the GPU; SWAR under the interpreter, which lacks libdevice)."""
+        if HW:
+            return libdevice.popc(x)
+        else:
+            u = x.to(tl.uint32, bitcast=True)
+            u = u - ((u >> 1) & 0x55555555)
+            u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+            u = (u + (u >> 4)) & 0x0F0F0F0F
+            return ((u * 0x01010101) >> 24).to(tl.int32)
+
+    @triton.jit
+    def _ffs(x, HW: tl.constexpr):
+        """1-based index of the lowest set bit (0 for 0)."""
+        if HW:
+            return libdevice.ffs(x)
+        else:
+            return tl.where(x != 0, _popc((x & (-x)) - 1, HW) + 1, 0)
+
+    @triton.jit
+    def _tile_offsets(bm_ptr, off_ptr, t, r, w, km, BN: tl.constexpr, NW: tl.constexpr, HW: tl.constexpr):
+        """Words of tiles ``t`` and the value offset of each word's first nonzero (popcount prefix sums)."""
+        base = tl.load(off_ptr + t, mask=km, other=0)
+        words = tl.load(bm_ptr + t * (BN * NW) + r * NW + w, mask=km, other=0)
+        pc = _popc(words, HW)
+        rowcnt = tl.sum(pc, axis=2)
+        rowstart = tl.cumsum(rowcnt, axis=0) - rowcnt
+        return words, pc, base + rowstart[:, :, None] + tl.cumsum(pc, axis=2) - pc
+
+    @triton.jit
+    def _spmv_bits_kernel(x_ptr, bm_ptr, val_ptr, off_ptr, y_ptr, B, N, K, KT, sxb, syb,
+                          BN: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr, BB: tl.constexpr,
+                          HW: tl.constexpr):
+        """Decode for 1–2 tokens. Each lane owns one 32-bit word of the bitmask (``TC`` tiles of a ``BN``-row
+        block at a time) and, step by step, consumes its lowest set bit: the value is the word's next
+        packed value, the column comes from ``ffs``. Work scales with the nonzeros, not the positions."""
+        NW: tl.constexpr = BK // 32
+        rb = tl.program_id(0)
+        r = tl.arange(0, BN)[:, None, None]
+        tc = tl.arange(0, TC)[None, :, None]
+        w = tl.arange(0, NW)[None, None, :]
+        acc0 = tl.zeros((BN, TC, NW), dtype=tl.float32)
+        acc1 = tl.zeros((BN, TC, NW), dtype=tl.float32)
+        for k0 in range(0, KT, TC):
+            kb = k0 + tc
+            km = kb < KT
+            words, pc, off = _tile_offsets(bm_ptr, off_ptr, rb * KT + kb, r, w, km, BN, NW, HW)
+            colbase = kb * BK + w * 32 - 1
+            steps = tl.max(tl.max(tl.max(pc, axis=2), axis=1), axis=0)
+            for _ in range(0, steps):
+                nz = words != 0
+                col = colbase + _ffs(words, HW)
+                v = tl.load(val_ptr + off, mask=nz, other=0.0).to(tl.float32)
+                acc0 += v * tl.load(x_ptr + col, mask=nz, other=0.0).to(tl.float32)
+                if BB > 1:
+                    acc1 += v * tl.load(x_ptr + sxb + col, mask=nz, other=0.0).to(tl.float32)
+                words = words & (words - 1)
+                off += 1
+        ridx = rb * BN + tl.arange(0, BN)
+        tl.store(y_ptr + ridx, tl.sum(tl.sum(acc0, axis=2), axis=1).to(y_ptr.dtype.element_ty), mask=ridx < N)
+        if BB > 1:
+            tl.store(y_ptr + syb + ridx, tl.sum(tl.sum(acc1, axis=2), axis=1).to(y_ptr.dtype.element_ty),
+                     mask=ridx < N)
+
+    @triton.jit
+    def _decode_tile(bm_ptr, val_ptr, off_ptr, t, BN: tl.constexpr, BK: tl.constexpr, HW: tl.constexpr):
+        """The dense (BN × BK) tile ``t``: each position's rank = the popcount of the bits before it."""
+        NW: tl.constexpr = BK // 32
+        r = tl.arange(0, BN)[:, None, None]
+        w = tl.arange(0, NW)[None, :, None]
+        j = tl.arange(0, 32)[None, None, :]
+        base = tl.load(off_ptr + t)
+        words = tl.load(bm_ptr + t * (BN * NW) + r * NW + w)
+        pc = _popc(words, HW)
+        rowcnt = tl.sum(tl.sum(pc, axis=2), axis=1)
+        rowstart = tl.cumsum(rowcnt, axis=0) - rowcnt
+        rank = rowstart[:, None, None] + tl.cumsum(pc, axis=1) - pc + _popc(words & ((1 << j) - 1), HW)
+        v = tl.load(val_ptr + base + rank, mask=((words >> j) & 1) != 0, other=0.0)
+        return tl.reshape(v, (BN, BK))
+
+    @triton.jit
+    def _sparse_mm_kernel(x_ptr, bm_ptr, val_ptr, off_ptr, y_ptr, B, N, K, KT, sxb, syb,
+                          BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HW: tl.constexpr):
+        """Decode for 3–64 tokens: tiles decoded to registers, multiplied on the tensor cores (``tl.dot``)."""
+        rb = tl.program_id(0)
+        bb = tl.program_id(1)
+        cols = tl.arange(0, BK)
+        bidx = bb * BB + tl.arange(0, BB)
+        acc = tl.zeros((BB, BN), dtype=tl.float32)
+        for kb in range(0, KT):
+            w = _decode_tile(bm_ptr, val_ptr, off_ptr, rb * KT + kb, BN, BK, HW)
+            kidx = kb * BK + cols
+            x = tl.load(x_ptr + bidx[:, None] * sxb + kidx[None, :], mask=(bidx[:, None] < B) & (kidx[None, :] < K),
+                        other=0.0)
+            acc += tl.dot(x.to(w.dtype), tl.trans(w))
+        ridx = rb * BN + tl.arange(0, BN)
+        tl.store(y_ptr + bidx[:, None] * syb + ridx[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(bidx[:, None] < B) & (ridx[None, :] < N))
+
+    @triton.jit
+    def _decompress_kernel(bm_ptr, val_ptr, off_ptr, w_ptr, N, K, KT, BN: tl.constexpr, BK: tl.constexpr,
+                           HW: tl.constexpr):
+        t = tl.program_id(0)
+        rb = t // KT
+        kb = t % KT
+        w = _decode_tile(bm_ptr, val_ptr, off_ptr, t, BN, BK, HW)
+        r = rb * BN + tl.arange(0, BN)
+        c = kb * BK + tl.arange(0, BK)
+        tl.store(w_ptr + r[:, None] * K + c[None, :], w, mask=(r[:, None] < N) & (c[None, :] < K))
+
+
+def _launch(num_warps: int, num_stages: int) -> dict:
+    return {} if interpreted() else {"num_warps": num_warps, "num_stages": num_stages}
+
+
+def sparse_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int, k: int,
+              bn: int, bk: int) -> torch.Tensor:
+    """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype. B ≤ 2: the set-bit kernel;
+    3 ≤ B ≤ ``SMALL_BATCH``: tiles decoded to registers and ``tl.dot`` (launch settings measured on the H200,
+    bench/sparse_kernel_variants.py)."""
+    B = x.shape[0]
+    y = torch.empty(B, n, dtype=x.dtype, device=x.device)
+    if B == 0:
+        return y
+    kt = -(-k // bk)
+    hw = not interpreted()
+    if B <= 2:
+        tc = 32 if n <= 4096 else 16
+        nw = 16 if n <= 4096 else 8
+        _spmv_bits_kernel[(-(-n // bn),)](x, bitmask, values, offsets, y, B, n, k, kt, x.stride(0), y.stride(0),
+                                          BN=bn, BK=bk, TC=tc, BB=B, HW=hw, **_launch(nw, 1))
+        return y
+    bb = 16 if B <= 16 else 32 if B <= 32 else 64
+    _sparse_mm_kernel[(-(-n // bn), -(-B // bb))](x, bitmask, values, offsets, y, B, n, k, kt, x.stride(0), y.stride(0),
+                                                  BB=bb, BN=bn, BK=bk, HW=hw, **_launch(4, 3))
+    return y
+
+
+def decompress(bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int, k: int, bn: int,
+               bk: int) -> torch.Tensor:
+    """The dense (n × k) weight, tile by tile on the device."""
+    w = torch.empty(n, k, dtype=values.dtype, device=values.device)
+    kt = -(-k // bk)
+    _decompress_kernel[(-(-n // bn) * kt,)](bitmask, values, offsets, w, n, k, kt, BN=bn, BK=bk,
+                                             HW=not interpreted(), **_launch(4, 2))
+    return w
