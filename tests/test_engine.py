@@ -70,3 +70,29 @@ def test_batch_size_does_not_change_result():
         prune_sequential(m, ad, ids, plan, "wanda", torch.device("cpu"), batch_size=bs, progress=False)
         outs.append(torch.cat([p.flatten() for p in m.parameters()]))
     assert (outs[0] == 0).eq(outs[1] == 0).float().mean() > 0.999
+
+
+def test_linears_reading_one_input_share_statistics_and_solve():
+    """q/k/v (and gate/up) read the same tensor: the engine feeds one accumulator per input, and the grouped
+    SparseGPT solve gives the masks and weights of separate solves (checked against the reference loop above)."""
+    from layerprune.engine.runner import BlockRunner
+    from layerprune.engine.sequential import feed_hooks
+    from layerprune.pruners.wanda import WandaPruner
+
+    m = tiny_model("llama", layers=2, seed=5)
+    ad = ModelAdapter.of(m)
+    runner = BlockRunner(m, ad, torch.randint(0, 128, (4, 16)), torch.device("cpu"), batch_size=2)
+    lins = ad.linears(0)
+    sinks = {n: WandaPruner(lin) for n, lin in lins.items()}
+    groups: dict[str, str] = {}
+    with feed_hooks(lins, sinks, groups):
+        runner.run(0, store=False)
+    assert groups == {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                      "mlp.up_proj": "mlp.gate_proj"}
+    assert sinks["self_attn.k_proj"].nseq == 0 and sinks["self_attn.q_proj"].nseq == 4  # fed once per input
+    ref = {n: WandaPruner(lin) for n, lin in lins.items()}
+    with feed_hooks(lins, ref):
+        runner.run(0, store=False)
+    for member, leader in groups.items():
+        sinks[member].share_from(sinks[leader])
+        assert torch.equal(sinks[member].sq, ref[member].sq)

@@ -138,7 +138,7 @@ def test_custom_op_paths_and_compile(interpret):
 def _pruned_dir(tmp_path, model, tok):
     from layerprune.api import prune
 
-    rec = prune(model, tokenizer=tok, sparsity=0.7, pruner="magnitude", allocation="uniform", eval=[],
+    rec = prune(model, tokenizer=tok, sparsity=0.7, pruner="wanda", allocation="uniform", eval=[],
                 nsamples=2, seqlen=32, device="cpu", out=tmp_path / "pruned", progress=False)
     return tmp_path / "pruned", rec
 
@@ -151,7 +151,8 @@ def test_export_load_same_logits_and_greedy_tokens(tiny_with_tok, tmp_path, caps
 
     model, tok = tiny_with_tok
     pdir, _ = _pruned_dir(tmp_path, model, tok)
-    assert main(["export", str(pdir), "--format", "sparse", "--out", str(tmp_path / "sp"), "--json", "--quiet"]) == 0
+    assert main(["export", str(pdir), "--format", "sparse", "--min-sparsity", "0.5", "--out", str(tmp_path / "sp"),
+                 "--json", "--quiet"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["sparse_layers"] == len(info["layers"]) and info["size"]["ratio"] < 0.75
     sm = load_sparse(tmp_path / "sp")
@@ -199,7 +200,7 @@ def test_corrupted_sparse_checkpoint_refused_on_load(tiny_with_tok, tmp_path):
 
     model, tok = tiny_with_tok
     pdir, _ = _pruned_dir(tmp_path, model, tok)
-    export_sparse(pdir, tmp_path / "sp", progress=False)
+    export_sparse(pdir, tmp_path / "sp", min_sparsity=0.5, progress=False)
     f = tmp_path / "sp" / "model.safetensors"
     sd = load_file(str(f))
     key = next(k for k in sd if k.endswith(".offsets"))

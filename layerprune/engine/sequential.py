@@ -31,21 +31,46 @@ log = logging.getLogger("layerprune")
 
 
 @contextmanager
-def feed_hooks(linears: dict[str, nn.Linear], sinks: dict[str, object]) -> Iterator[None]:
-    """Forward hooks that hand each linear's input to ``sinks[name].add_batch``."""
+def feed_hooks(linears: dict[str, nn.Linear], sinks: dict[str, object],
+               groups: dict[str, str] | None = None) -> Iterator[None]:
+    """Forward hooks that hand each linear's input to ``sinks[name].add_batch``.
+
+    With ``groups`` (a dict to fill), linears that receive the very same input tensor in a forward (q/k/v
+    after one norm, gate/up after another) are found on the first batch: ``groups[member] = leader``, and
+    from then on only the leader's sink is fed (its statistics are the members' too)."""
     handles = []
+    seen: list[tuple[torch.Tensor, str]] = []  # this forward's inputs (strong refs: identity is reliable)
+    first = next(iter(linears), None)
+    state = {"batch": 0}
+
+    def make(name: str, sink: object):
+        def hook(mod, inp, out):
+            x = inp[0]
+            if name == first:
+                if seen:
+                    state["batch"] += 1
+                seen.clear()
+            if groups is not None:
+                leader = next((n for t, n in seen if t is x), None)
+                if state["batch"] == 0 and leader is not None:
+                    groups[name] = leader
+                if groups.get(name) is not None:
+                    if leader != groups[name]:
+                        raise RuntimeError(f"{name} no longer shares its input with {groups[name]}")
+                    return
+                seen.append((x, name))
+            sink.add_batch(x.detach())
+
+        return hook
+
     for name, lin in linears.items():
-        sink = sinks[name]
-
-        def hook(mod, inp, out, sink=sink):
-            sink.add_batch(inp[0].detach())
-
-        handles.append(lin.register_forward_hook(hook))
+        handles.append(lin.register_forward_hook(make(name, sinks[name])))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        seen.clear()
 
 
 def reduce_stats(sinks: dict[str, object]) -> None:
@@ -81,6 +106,16 @@ class Checkpointer:
 
     def save_block(self, i: int, block: nn.Module, record: dict) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def _solve_order(names: list[str], groups: dict[str, str], grouped: bool) -> list[list[str]]:
+    """The linears in module order, those sharing one input together when the pruner solves groups."""
+    if not grouped:
+        return [[n] for n in names]
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault(groups.get(n, n), []).append(n)
+    return list(out.values())
 
 
 def _linear_record(lin: nn.Linear, pattern: Pattern) -> dict:
@@ -126,20 +161,26 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
             bar.set_postfix_str(f"block {i} resumed")
             continue
         pruners = {n: cls.make(lin, pk) for n, lin in linears.items()}
+        groups: dict[str, str] = {}
         if runner is not None:
-            with feed_hooks(linears, pruners):
+            with feed_hooks(linears, pruners, groups if hasattr(cls.cls, "share_from") else None):
                 runner.run(i, store=False)
             res.block_forwards += 1
-            reduce_stats(pruners)
+            reduce_stats({n: p for n, p in pruners.items() if n not in groups})
+            for member, leader in groups.items():
+                pruners[member].share_from(pruners[leader])
         sync(device)
         t_mask = time.perf_counter()
         recs = {}
-        for n, lin in linears.items():
-            full = adapter.full_name(i, n)
-            pat = plan[full]
-            pruners[n].prune(pat)
-            pruners[n].free()
-            recs[full] = _linear_record(lin, pat)
+        for names in _solve_order(list(linears), groups, hasattr(cls.cls, "prune_group")):
+            pats = [plan[adapter.full_name(i, n)] for n in names]
+            if len(names) > 1:
+                cls.cls.prune_group([pruners[n] for n in names], pats)
+            else:
+                pruners[names[0]].prune(pats[0])
+            for n, pat in zip(names, pats):
+                pruners[n].free()
+                recs[adapter.full_name(i, n)] = _linear_record(linears[n], pat)
         broadcast_module(block)  # data-parallel: every rank continues with rank 0's pruned block
         sync(device)
         prune_s = time.perf_counter() - t_mask
@@ -182,9 +223,13 @@ def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor
         linears = adapter.linears(i)
         sinks = make_sinks(i, linears)
         if runner is not None:
-            with feed_hooks(linears, sinks):
+            share = all(hasattr(x, "share_from") for x in sinks.values())
+            groups: dict[str, str] = {}
+            with feed_hooks(linears, sinks, groups if share else None):
                 runner.run(i, store=True)
-            reduce_stats(sinks)
+            reduce_stats({n: x for n, x in sinks.items() if n not in groups})
+            for member, leader in groups.items():
+                sinks[member].share_from(sinks[leader])
         on_block(i, linears, sinks)
         if device.type == "cuda":
             block.to("cpu")

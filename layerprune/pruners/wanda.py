@@ -28,6 +28,10 @@ class WandaPruner:
         x = x.reshape(-1, x.shape[-1]).float()
         self.sq += (x * x).sum(dim=0)
 
+    def share_from(self, other: "WandaPruner") -> None:
+        """Take the statistics of a linear that reads the same input (q/k/v, gate/up): Σx² is the same."""
+        self.sq, self.nseq = other.sq, other.nseq
+
     def reduce(self) -> None:
         """Sum the statistics over data-parallel ranks (no-op in one process)."""
         all_reduce_sum(self.sq)
@@ -48,7 +52,7 @@ class WandaPruner:
         return mask
 
     def free(self) -> None:
-        self.sq = torch.empty(0)
+        self.sq = torch.empty(0)  # a new empty tensor: a shared Σx² stays with the linears still using it
 
 
 SPEC = PrunerSpec("wanda", NoOptions, cls=WandaPruner, doc="|W|·‖X‖₂ per output row (Sun et al., ICLR 2024)")

@@ -1,0 +1,145 @@
+"""Scale on one GPU: LLaMA-2-7B dimensions (32 blocks, random bf16 weights built on the device), pruned by
+``layerprune.prune`` with 128 × 2048 calibration and a perplexity evaluation, whole call split into its parts.
+
+    python bench/scale.py --out $OUT/scale_h200.json --cases wanda:uniform,wanda:dlp,sparsegpt:uniform
+    python bench/scale.py --out $OUT/solve.json --ab-blocks 4     # SparseGPT with and without shared Hessians
+
+Weights live on the CPU as in a real run (one block at a time on the GPU). Quality is meaningless here:
+calibration and evaluation use random token ids of the real sizes (no LLaMA tokenizer on the device; the
+evaluation is 146 windows of 2048 tokens, WikiText-2's count for the LLaMA tokenizer's size), so times and
+memory are those of the real command. ``--ab-blocks N`` times SparseGPT on the first N blocks twice in one
+run: as the code now runs it (q/k/v and gate/up share one Hessian, one solve per group, TF32 Hessian
+products) and with those three switched off (one Hessian and one solve per linear, fp32 products).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from layerprune.api import EvalConfig, Session, prune  # noqa: E402
+from layerprune.data.calibration import CalibSet  # noqa: E402
+from layerprune.evaluation.perplexity import perplexity_of_windows  # noqa: E402
+
+DIMS = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+        "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)}
+
+
+def build(dims: str, blocks: int | None = None) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    kw = dict(DIMS[dims])
+    if blocks:
+        kw["num_hidden_layers"] = blocks
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = AutoModelForCausalLM.from_config(LlamaConfig(**kw), dtype=torch.bfloat16).eval()
+    m.to("cpu")
+    m.config.use_cache = False
+    torch.cuda.empty_cache()
+    return m
+
+
+def run_case(dims: str, pruner: str, allocation: str, nsamples: int, seqlen: int, eval_windows: int,
+             blocks: int | None = None, pruner_options: dict | None = None) -> dict:
+    t0 = time.perf_counter()
+    model = build(dims, blocks)
+    load_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    sess = Session(model, None, "cuda", nsamples=nsamples, seqlen=seqlen, batch_size=8, progress=False,
+                   use_cache=False)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    sess._calib = CalibSet(torch.randint(0, vocab, (nsamples, seqlen), generator=g), "random", 0, list(range(nsamples)))
+    t1 = time.perf_counter()
+    rec = prune(model, session=sess, sparsity=0.5, pruner=pruner, allocation=allocation, device="cuda",
+                evaluation=EvalConfig(datasets=()), progress=False, pruner_options=pruner_options)
+    prune_call_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    ids = torch.randint(0, vocab, (eval_windows, seqlen), generator=g)
+    model.to("cuda")
+    ppl = perplexity_of_windows(model, ids, batch_size=4, device="cuda")
+    model.to("cpu")
+    eval_s = time.perf_counter() - t2
+    tm = rec["timing"]
+    split = {"load": load_s, "statistics_or_game": tm.get("allocation_seconds") or 0.0,
+             "forwards_and_hessians": tm["prune_seconds"] - tm["mask_seconds"], "solve": tm["mask_seconds"],
+             "evaluation": eval_s}
+    split["other"] = prune_call_s - split["statistics_or_game"] - tm["prune_seconds"]
+    out = {"dims": dims, "blocks": blocks or DIMS[dims]["num_hidden_layers"], "pruner": pruner,
+           "allocation": allocation, "wall_s": load_s + prune_call_s + eval_s, "split_s": split,
+           "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "extrapolated": False,
+           "achieved": rec["sparsity"]["achieved"], "calib_tokens_per_s": tm["calib_tokens_per_second"],
+           "ppl_random_tokens": ppl, "pruner_options": pruner_options or {}}
+    print(json.dumps(out), flush=True)
+    del model, sess
+    torch.cuda.empty_cache()
+    return out
+
+
+def ab(blocks: int, nsamples: int, seqlen: int) -> list[dict]:
+    """SparseGPT on ``blocks`` blocks: now vs one Hessian and one solve per linear with fp32 products."""
+    from layerprune.pruners.sparsegpt import SparseGPTPruner
+
+    rows = [run_case("llama2-7b", "sparsegpt", "uniform", nsamples, seqlen, 1, blocks)]
+    saved = {k: SparseGPTPruner.__dict__[k] for k in ("share_from", "prune_group", "prune")}
+    del SparseGPTPruner.share_from, SparseGPTPruner.prune_group
+
+    def prune_one(self, pattern):  # the per-linear path: its own Hessian, its own solve
+        W = self.layer.weight.data.clone().float()
+        from layerprune.utils import tf32
+
+        with tf32(False):
+            W, mask = self._solve(W, [(0, W.shape[0], pattern)])
+        self.layer.weight.data = W.to(self.layer.weight.dtype)
+        return mask
+
+    SparseGPTPruner.prune = prune_one
+    try:
+        r = run_case("llama2-7b", "sparsegpt", "uniform", nsamples, seqlen, 1, blocks, {"hessian_fp32": True})
+        r["variant"] = "per-linear Hessians and solves, fp32 products (before)"
+        rows.append(r)
+    finally:
+        for k, v in saved.items():
+            setattr(SparseGPTPruner, k, v)
+    rows[0]["variant"] = "shared Hessians, grouped solves, TF32 products (now)"
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dims", default="llama2-7b")
+    ap.add_argument("--cases", default="")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--eval-windows", type=int, default=146)
+    ap.add_argument("--ab-blocks", type=int, default=0)
+    a = ap.parse_args()
+    import transformers
+
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,
+           "dtype": "bfloat16", "cases": []}
+    out = Path(a.out)
+    if a.ab_blocks:
+        res["ab"] = ab(a.ab_blocks, a.nsamples, a.seqlen)
+        out.write_text(json.dumps(res, indent=1))
+    for case in [c for c in a.cases.split(",") if c]:
+        pr, al = case.split(":")
+        res["cases"].append(run_case(a.dims, pr, al, a.nsamples, a.seqlen, a.eval_windows))
+        out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
