@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from triton.language.extra import libdevice
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layerprune.sparse import kernels  # noqa: E402
 from layerprune.sparse.format import pack  # noqa: E402
+from layerprune.sparse.kernels import _popc  # noqa: E402
+from sparse_decode import timeit  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -108,18 +109,6 @@ def _v3(x_ptr, bm_ptr, val_ptr, off_ptr, y_ptr, B, N, K, KT, sxb, syb,
     ridx = rb * BN + tl.arange(0, BN)
     tl.store(y_ptr + bidx[:, None] * syb + ridx[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(bidx[:, None] < B) & (ridx[None, :] < N))
-
-
-@triton.jit
-def _popc(x, HW: tl.constexpr):
-    if HW:
-        return libdevice.popc(x)
-    else:  # SWAR popcount (Triton's interpreter has no libdevice)
-        u = x.to(tl.uint32, bitcast=True)
-        u = u - ((u >> 1) & 0x55555555)
-        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
-        u = (u + (u >> 4)) & 0x0F0F0F0F
-        return ((u * 0x01010101) >> 24).to(tl.int32)
 
 
 @triton.jit
@@ -235,27 +224,6 @@ def run_v3(x, sp, n, k, nw=4, ns=3):
     _v3[(-(-n // sp.bn), -(-B // bb))](x, sp.bitmask, sp.values, sp.offsets, y, B, n, k, kt, x.stride(0), y.stride(0),
                                        BB=bb, BN=sp.bn, BK=sp.bk, num_warps=nw, num_stages=ns)
     return y
-
-
-FLUSH = None
-
-
-def timeit(fn, reps=100):
-    global FLUSH
-    if FLUSH is None:
-        FLUSH = torch.empty(512 * 2**20, dtype=torch.uint8, device=DEV)
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        FLUSH.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000)
-    return statistics.median(ts)
 
 
 def main():

@@ -10,6 +10,7 @@ on rank 0 only. Without an initialised process group every function here is a no
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -75,9 +76,11 @@ def init_from_env(device: str) -> str:
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+    # a collective that waits longer than this fails with an error instead of hanging (NCCL watchdog)
+    timeout = datetime.timedelta(seconds=int(os.environ.get("LAYERPRUNE_DIST_TIMEOUT", "900")))
     if use_cuda:
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device(f"cuda:{local}"))
         return f"cuda:{local}"
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return device

@@ -307,5 +307,17 @@ def load_record(path: str | Path) -> dict:
     return json.loads((Path(path) / RECORD).read_text())
 
 
+def load_pruned(path: str | Path, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` of a ``prune --out`` directory, fp32, in eval mode (finetune / quantize read it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code).eval()
+        return model, AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} does not hold a model transformers can load: {str(e).splitlines()[0][:120]}") from None
+
+
 def torch_dtype_name(t: torch.dtype) -> str:
     return str(t).replace("torch.", "")

@@ -145,14 +145,12 @@ def finetune_dir(pruned_dir: str | Path, out: str | Path, *, steps: int = 100, l
                  data_dir: str | None = None) -> dict:
     """LoRA recovery of a pruned output directory into ``out`` (atomic), evaluated before and after.
     Every setting is checked before the model is loaded or anything is evaluated."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from layerprune.api import EvalConfig
     from layerprune.data.sources import SOURCES
     from layerprune.data.sources import data_dir as resolve_data_dir
     from layerprune.evaluation.audit import sparsity_audit
     from layerprune.evaluation.perplexity import evaluate_ppl
-    from layerprune.export import RunDir, check_out_dir, load_record
+    from layerprune.export import RunDir, check_out_dir, load_pruned, load_record
     from layerprune.record import args_hash, now
     from layerprune.utils import resolve_device
 
@@ -177,9 +175,7 @@ def finetune_dir(pruned_dir: str | Path, out: str | Path, *, steps: int = 100, l
     root = resolve_data_dir(data_dir)
     check_out_dir(out)
     dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(str(pruned_dir), dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code).eval()
-    tok = AutoTokenizer.from_pretrained(str(pruned_dir))
+    model, tok = load_pruned(pruned_dir, trust_remote_code)
     check_targets(model, targets or ["q_proj", "v_proj"])
     eseq = ev.seqlen or seqlen
     masks = {k: v.clone() for k, v in masks_of(model).items()}

@@ -81,13 +81,11 @@ def quantize_dir(pruned_dir: str | Path, out: str | Path, bits: str = "int4", gr
                  method: str = "rtn", evaluation=None, device: str = "auto", trust_remote_code: bool = False,
                  data_dir: str | None = None) -> dict:
     """Quantize a pruned output directory into ``out`` (atomic), evaluating before and after."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from layerprune.api import EvalConfig
     from layerprune.data.sources import data_dir as resolve_data_dir
     from layerprune.evaluation.audit import sparsity_audit
     from layerprune.evaluation.perplexity import evaluate_ppl
-    from layerprune.export import RunDir, check_out_dir, load_record
+    from layerprune.export import check_out_dir, load_pruned, load_record, open_run_dir
     from layerprune.record import args_hash, now
     from layerprune.utils import resolve_device
 
@@ -99,9 +97,7 @@ def quantize_dir(pruned_dir: str | Path, out: str | Path, bits: str = "int4", gr
     root = resolve_data_dir(data_dir)
     check_out_dir(out)
     dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(str(pruned_dir), dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code).eval()
-    tok = AutoTokenizer.from_pretrained(str(pruned_dir))
+    model, tok = load_pruned(pruned_dir, trust_remote_code)
     before = sparsity_audit(model)
     seqlen = ev.seqlen or 2048
     ppl0 = evaluate_ppl(model, tok, list(ev.datasets), seqlen, ev.max_windows, dev, data_dir=root)
@@ -112,5 +108,6 @@ def quantize_dir(pruned_dir: str | Path, out: str | Path, bits: str = "int4", gr
            "sparsity_before": before["global"], "sparsity_after": after["global"],
            "ppl_before_quantization": {k: v["ppl"] for k, v in ppl0.items()},
            "ppl": {k: v["ppl"] for k, v in ppl1.items()}}
-    RunDir(out, args_hash({"q": bits, "g": group_size}), model).finalize(model.to("cpu"), tok, rec)
+    with open_run_dir(out, lambda: args_hash({"q": bits, "g": group_size, "src": str(pruned_dir)}), model) as rd:
+        rd.finalize(model.to("cpu"), tok, rec)
     return {k: v for k, v in rec.items() if k != "per_linear"}
