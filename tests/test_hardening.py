@@ -169,3 +169,21 @@ def test_ctrl_c_message_mentions_resume_only_with_out(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("layerprune: interrupted")
     assert ("resume" in err[0]) == with_out
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_missing_or_truncated_shard_refused_before_any_work(tiny_dir, tmp_path, capsys, damage):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    f = d / "model.safetensors"
+    if damage == "missing":
+        f.unlink()
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model.safetensors"}}))
+    else:
+        f.write_bytes(f.read_bytes()[:-100])
+    code = main(["prune", str(d), "--sparsity", "0.5", "--device", "cpu", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(f) in err and ("missing" in err or "truncated" in err), err
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()

@@ -130,9 +130,54 @@ def _check_gguf_magic(p: Path) -> None:
 
 
 def check_model_spec(spec: str) -> None:
-    """Cheap checks of a model spec before anything heavy runs (an alias's packages are checked at load)."""
+    """Cheap checks of a model spec before anything heavy runs (an alias's packages are checked at load):
+    a local directory's safetensors shards must all be there and whole."""
     if spec not in ALIASES:
-        resolve_spec(spec)
+        kind, loc = resolve_spec(spec)
+        if kind == "dir":
+            check_checkpoint(Path(loc))
+
+
+def _safetensors_size(path: Path) -> int:
+    """The size a safetensors file must have: 8 + header + the end of its last tensor."""
+    import json
+    import struct
+
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return 1 << 62
+        n = struct.unpack("<Q", head)[0]
+        meta = json.loads(fh.read(n))
+    ends = [v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
+def check_checkpoint(d: Path) -> None:
+    """Every shard named by ``model.safetensors.index.json`` (or the single ``model.safetensors``) exists and
+    is as long as its header says; a missing or truncated one is one clear error naming the file."""
+    import json
+
+    idx = d / "model.safetensors.index.json"
+    if idx.is_file():
+        try:
+            files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+        except (ValueError, KeyError):
+            raise UserError(f"{idx} is damaged: download the checkpoint again") from None
+    elif (d / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return  # other formats (e.g. a sparse export, .bin): transformers reports what it finds
+    for f in files:
+        p = d / f
+        if not p.is_file():
+            raise UserError(f"{p} is missing: the checkpoint in {d} is incomplete; download or export it again")
+        try:
+            want = _safetensors_size(p)
+        except (ValueError, OSError, KeyError):
+            raise UserError(f"{p} is not a readable safetensors file: download or export it again") from None
+        if p.stat().st_size < want:
+            raise UserError(f"{p} is truncated ({p.stat().st_size} of {want} bytes): download or export it again")
 
 
 def resolve_spec(spec: str) -> tuple[str, Path | str]:
