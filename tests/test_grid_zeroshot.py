@@ -114,3 +114,27 @@ def test_task_data_neither_local_nor_reachable(tiny_dir, tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert "no local data for task(s) arc_easy" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_grid_over_seeds_reports_mean_and_spread(tiny_dir, tmp_path, capsys):
+    """--seeds runs every cell per calibration seed; tables and the report give mean ± std, figures error bars."""
+    out = tmp_path / "gs"
+    args = ["compare", str(tiny_dir), "--allocations", "uniform,dlp", "--pruners", "wanda", "--sparsities", "0.5",
+            "--seeds", "0,1", "--nsamples", "2", "--seqlen", "64", "--ppl", "wikitext2", "--eval-max-windows", "2",
+            "--out", str(out), "--quiet", "--json", "--no-cache"]
+    assert main(args) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["runs"] == 4 and sorted(r["seed"] for r in rec["results"]) == [0, 0, 1, 1]
+    md = (out / "results.md").read_text()
+    assert md.count("±") == 2 and "dense" in md
+    from layerprune.compare import cells
+
+    res = json.loads((out / "results.json").read_text())
+    c = next(x for x in cells(res["runs"]) if x["allocation"] == "dlp")
+    vals = [r["ppl"]["wikitext2"] for r in res["runs"] if r["allocation"] == "dlp"]
+    assert c["ppl"]["wikitext2"][0] == pytest.approx(sum(vals) / 2)
+    assert c["ppl"]["wikitext2"][1] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert page.count("<tr data-run>") == 2 + 1 and "<h2>Settings</h2>" in page and "<figcaption>" in page
+    assert "ratios_0.5" in page and "standard deviation" in page

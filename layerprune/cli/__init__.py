@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tasks", default="")
     c.add_argument("--limit", type=int, default=None)
     c.add_argument("--out", required=True)
+    c.add_argument("--seeds", default=None, help="calibration seeds, comma separated (e.g. 0,1,2): every cell runs "
+                                                 "per seed and the tables report mean ± std (default: --seed)")
     c.add_argument("--yes", action="store_true", help="run an allocation estimated to take over an hour")
     _calib(c)
     _method_args(c, "pruner options", PRUNERS)

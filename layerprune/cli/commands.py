@@ -97,11 +97,15 @@ def cmd_compare(a: argparse.Namespace) -> tuple[dict, str]:
     check_pruner_flags(pruners, a)
     ev = EvalConfig(datasets=tuple(csv_list(a.ppl)), seqlen=a.eval_seqlen, max_windows=a.eval_max_windows,
                     tasks=tuple(csv_list(a.tasks)), limit=a.limit)
+    try:
+        seeds = [int(x) for x in csv_list(a.seeds)] if a.seeds else None
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, e.g. 0,1,2 (got {a.seeds!r})") from None
     summary = run_grid(a.model, a.out, allocs, pruners, parse_sparsities(a.sparsities, a.pattern), a.pattern,
                        alloc_options=lambda n: options_for(get_allocator(n), a),
                        pruner_options=lambda n: options_for(get_pruner(n), a), calib=_calib(a), evaluation=ev,
                        device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code, progress=not a.quiet,
-                       use_cache=not a.no_cache, allow_long=a.yes, data_dir=a.data_dir, render=table)
+                       use_cache=not a.no_cache, allow_long=a.yes, data_dir=a.data_dir, render=table, seeds=seeds)
     text = (Path(a.out) / "results.md").read_text() + \
         f"\n{summary['runs']} runs in {a.out} ({summary['skipped']} already finished, skipped)"
     return summary, text
