@@ -452,6 +452,9 @@ def evaluate(model: str | nn.Module, *, ppl: Iterable[str] | None = None, seqlen
     ``ppl=None`` means WikiText-2 unless ``tasks`` are given, in which case only the tasks run."""
     task_list = tuple(t.strip() for t in tasks if t and t.strip())
     names = ("wikitext2",) if ppl is None and not task_list else tuple(ppl or ())
+    require(max_windows is None or max_windows >= 1,
+            f"--max-windows must be at least 1 (got {max_windows}); leave it out for all windows")
+    require(batch_size >= 1, f"--batch-size must be at least 1 (got {batch_size})")
     ev = EvalConfig(datasets=names, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
                     tasks=task_list, limit=limit, task_batch_size=task_batch_size).validate()
     require(seqlen >= 2, f"--seqlen must be at least 2 (got {seqlen})")
