@@ -47,3 +47,36 @@ def test_two_ranks_equal_one_process(method, tmp_path):
             agree = ((r0["sd"][k] == 0) == (ref_sd[k] == 0)).float().mean().item()
             assert agree > 0.995, f"{k}: masks agree on {agree:.4f}"
     assert r0["median"] == pytest.approx(ref_med, rel=1e-4)  # dense statistics see all samples too
+
+
+def _game_phi() -> tuple[list[float], int, list[int] | None]:
+    from layerprune.allocation.svnup import SVGame
+
+    m = tiny_model("llama", layers=5, seed=3)
+    ad = ModelAdapter.of(m)
+    sv = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(1))
+    g = SVGame(m, ad, sv, None, 0.6, "magnitude", torch.device("cpu"), batch_size=2, progress=False)
+    phi, evals = g.swsv(list(range(5)), 2, progress=False)
+    per_rank = getattr(g, "evaluations_per_rank", None)
+    g.close()
+    return phi.tolist(), evals, per_rank
+
+
+def _game_worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.save(_game_phi(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_svnup_game_split_over_two_ranks_gives_the_same_phi(tmp_path):
+    """The windows are dealt to the ranks; the gathered payoff table gives every rank the one-process φ."""
+    ref_phi, ref_evals, _ = _game_phi()
+    out = str(tmp_path / "g")
+    mp.spawn(_game_worker, args=(2, f"file://{tmp_path / 'pg'}", out), nprocs=2, join=True)
+    for r in (0, 1):
+        phi, evals, per_rank = torch.load(f"{out}.{r}")
+        assert evals == ref_evals and phi == pytest.approx(ref_phi, abs=1e-12)
+        assert sum(per_rank) == ref_evals and min(per_rank) > 0  # each rank played its share, nothing twice

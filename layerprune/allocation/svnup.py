@@ -31,7 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from layerprune.allocation.common import AllocContext, Allocation, band_from_importance, finish
-from layerprune.allocation.shapley import exact_shapley, monte_carlo_shapley, swsv, swsv_evaluations
+from layerprune.allocation.shapley import exact_shapley, monte_carlo_shapley, swsv, swsv_evaluations, window_starts
+from layerprune.distributed import rank, world_size
 from layerprune.engine.runner import BlockRunner
 from layerprune.engine.sequential import dense_sweep, prune_sequential
 from layerprune.errors import UserError
@@ -165,27 +166,43 @@ class SVGame:
     # -------------------------------------------------------------- estimators
     def swsv(self, players: list[int], window: int, aggregate: str = "center", stride: int = 1,
              weights: str = "shapley", progress: bool = True) -> tuple[np.ndarray, int]:
+        """SWSV over ``players``. Under ``torch.distributed`` the windows are dealt round-robin to the ranks:
+        each rank plays its windows' coalitions (advancing its own prefix cache), the payoffs are gathered
+        with one ``all_gather_object``, and every rank assembles the same φ from the same table."""
         n = len(players)
-        hidden = self.runner.hidden()
-        cursor = 0  # hidden = input of block `cursor`
         shared = frozenset(range(window)) if self.bg_state == "D" else (
             frozenset() if self.absent_state == self.bg_state else None)
         total = swsv_evaluations(n, window, stride, shared is not None)
-        bar = tqdm(total=total, desc=f"SV-NUP SWSV (w={window})", disable=not progress, unit="eval")
-        state = {"cursor": cursor, "hidden": hidden}
+        starts = window_starts(n, window, stride)
+        mine = {st for k, st in enumerate(starts) if k % world_size() == rank()}
+        bar = tqdm(total=total if world_size() == 1 else None, desc=f"SV-NUP SWSV (w={window})",
+                   disable=not progress, unit="eval")
+        state = {"cursor": 0, "hidden": self.runner.hidden()}  # hidden = input of block `cursor`
+        table: dict[tuple[int, frozenset], float] = {}
 
-        def v_window(st: int, members: frozenset) -> float:
+        def play(st: int, members: frozenset) -> float:
+            if st not in mine:
+                return float("nan")  # another rank plays this window
             first = players[st]
             while state["cursor"] < first:
                 state["hidden"] = self.advance(state["hidden"], state["cursor"])
                 state["cursor"] += 1
-            active = list(range(st, st + window))
-            val = self.run_from(first, state["hidden"], self.states_for(players, members, active))
+            val = self.run_from(first, state["hidden"], self.states_for(players, members, list(range(st, st + window))))
+            table[(st, members)] = val
             bar.update(1)
             return val
 
-        phi, evals, _ = swsv(n, window, v_window, aggregate, stride, shared, weights)
+        phi, evals, _ = swsv(n, window, play, aggregate, stride, shared, weights)
         bar.close()
+        if world_size() > 1:
+            import torch.distributed as dist
+
+            parts: list[dict] = [{} for _ in range(world_size())]
+            dist.all_gather_object(parts, table)
+            for part in parts:
+                table.update(part)
+            self.evaluations_per_rank = [len(p) for p in parts]
+            phi, evals, _ = swsv(n, window, lambda st, m: table[(st, m)], aggregate, stride, shared, weights)
         if evals != total:
             raise RuntimeError(f"SWSV made {evals} evaluations, expected E(L, w) = {total}")
         return phi, evals
@@ -306,7 +323,8 @@ def allocate_svnup(ctx: AllocContext, target: float, options: SVNUPOptions | Non
     diag = {"phi": phi.tolist(), "evaluations": evals, "expected_evaluations": E, "window": window, "lambda": lam,
             "absent": absent, "background": background, "payoff": payoff, "sv_samples": int(sv_ids[:sv_samples].shape[0]),
             "aggregate": aggregate, "stride": stride, "mapping": mapping, "local_weights": local_weights,
-            "sv_seconds": t_sv, "tf32": not o.fp32, "setup_seconds": t1 - t0, "evals_per_second": evals / max(t_sv, 1e-9),
+            "sv_seconds": t_sv, "tf32": not o.fp32, "ranks": world_size(),
+            "evaluations_per_rank": getattr(game, "evaluations_per_rank", [evals]), "setup_seconds": t1 - t0, "evals_per_second": evals / max(t_sv, 1e-9),
             "unclipped": s.tolist()}
     alloc = finish("svnup", ad, target, per_block=s.tolist(), lo=0.0, hi=0.99, diagnostics=diag)
     if L > 2 and alloc.per_block[0] > target:
