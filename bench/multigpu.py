@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--ref", default=None)
+    ap.add_argument("--game", action="store_true", help="time the SV-NUP game instead (window 4, --sv-samples windows)")
+    ap.add_argument("--sv-samples", type=int, default=8)
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -55,6 +57,19 @@ def main() -> None:
     ids = torch.randint(0, 32000, (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0))
     sess._calib = CalibSet(ids, "random", 0, list(range(a.nsamples)))
     torch.cuda.reset_peak_memory_stats(dev)
+    if a.game:
+        sess._sv = torch.randint(0, 32000, (a.sv_samples, a.seqlen), generator=torch.Generator().manual_seed(1))
+        t1 = time.perf_counter()
+        alloc = sess.allocate("svnup", 0.5, {"window": 4, "sv_samples": a.sv_samples}, pruner=a.pruner)
+        d = alloc.diagnostics
+        if is_main():
+            res = {"gpus": world_size(), "pruner": a.pruner, "blocks": a.blocks, "evaluations": d["evaluations"],
+                   "evaluations_per_rank": d["evaluations_per_rank"], "sv_seconds": d["sv_seconds"],
+                   "evals_per_s": d["evaluations"] / d["sv_seconds"], "setup_seconds": d["setup_seconds"],
+                   "phi": d["phi"], "wall_s": time.perf_counter() - t1, "sv_tokens": a.sv_samples * a.seqlen}
+            Path(a.out).write_text(json.dumps(res, indent=1))
+            print(json.dumps({k: v for k, v in res.items() if k != "phi"}), flush=True)
+        return
     t1 = time.perf_counter()
     rec = prune(model, session=sess, sparsity=0.5, pruner=a.pruner, allocation=a.allocation, device="cuda",
                 evaluation=EvalConfig(datasets=()), progress=False)
