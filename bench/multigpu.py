@@ -58,7 +58,7 @@ def main() -> None:
     sess._calib = CalibSet(ids, "random", 0, list(range(a.nsamples)))
     torch.cuda.reset_peak_memory_stats(dev)
     if a.game:
-        sess._sv = torch.randint(0, 32000, (a.sv_samples, a.seqlen), generator=torch.Generator().manual_seed(1))
+        sess._sv = torch.randint(0, 32000, (max(32, a.sv_samples), a.seqlen), generator=torch.Generator().manual_seed(1))
         t1 = time.perf_counter()
         alloc = sess.allocate("svnup", 0.5, {"window": 4, "sv_samples": a.sv_samples}, pruner=a.pruner)
         d = alloc.diagnostics
