@@ -34,7 +34,7 @@ from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import cache_dir, check_model_spec, load_model, parse_dtype
 from layerprune.options import resolved
 from layerprune.pruners import Pattern, get_pruner, parse_pattern
-from layerprune.record import args_hash, run_record, versions, weights_hash
+from layerprune.record import args_hash, now, run_record, versions, weights_hash
 from layerprune.specs import AllocatorSpec, PrunerSpec
 from layerprune.utils import resolve_device, write_atomic
 
@@ -222,23 +222,20 @@ class Session:
         alloc = spec.fn(self.context(pspec, popts, allow_long), target, opts)
         alloc.diagnostics["seconds"] = time.perf_counter() - t
         if nm is not None:
-            self._round_nm(alloc, method, spec, nm)
+            self._round_nm(alloc, method, nm)
         if self.use_cache and spec.cached and is_main():
             write_atomic(path, json.dumps({**alloc.to_json(), "key": key_d}, default=str))
         return alloc
 
-    def _round_nm(self, alloc: Allocation, method: str, spec: AllocatorSpec, nm: tuple[int, int]) -> None:
-        """Mixed N:M: round the allocated profile to a per-block N (uniform: every block N)."""
+    def _round_nm(self, alloc: Allocation, method: str, nm: tuple[int, int]) -> None:
+        """Mixed N:M: round the allocated profile to a per-block N (a flat profile: every block N)."""
         n, m = nm
-        if not spec.needs_calibration and not spec.needs_pruner:  # data-free uniform profile
-            alloc.nm = [n] * self.adapter.n_blocks
-        else:
-            alloc.nm = mixed_nm(alloc.per_block, self.adapter.block_sizes(), n, m)
-            if len(set(alloc.nm)) == 1:
-                spread = max(alloc.per_block) - min(alloc.per_block)
-                log.warning("%s: the allocated spread (%.3f) is smaller than one N:M step (1/%d), so every "
-                            "block rounds to %d:%d, i.e. uniform; use a larger M (e.g. %d:%d) or a wider band",
-                            method, spread, m, n, m, 2 * n, 2 * m)
+        alloc.nm = mixed_nm(alloc.per_block, self.adapter.block_sizes(), n, m)  # a flat profile gives N everywhere
+        spread = max(alloc.per_block) - min(alloc.per_block)
+        if len(set(alloc.nm)) == 1 and spread > 1e-9:
+            log.warning("%s: the allocated spread (%.3f) is smaller than one N:M step (1/%d), so every "
+                        "block rounds to %d:%d, i.e. uniform; use a larger M (e.g. %d:%d) or a wider band",
+                        method, spread, m, n, m, 2 * n, 2 * m)
         alloc.m = m
         alloc.per_block = [k / m for k in alloc.nm]
         alloc.per_linear = expand_blocks(self.adapter, alloc.per_block)
@@ -341,7 +338,7 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
     evaluation settings come as :class:`CalibConfig` / :class:`EvalConfig` or, as before, as flat
     keywords (``nsamples=``, ``seqlen=``, ``eval=[...]``, ``eval_seqlen=``, ``tasks=`` …).
     """
-    t_start = time.perf_counter()
+    t_start, started = time.perf_counter(), now()
     # ---- validate everything before any heavy work (nothing loaded, nothing created)
     calib_kw, eval_kw, pk = _split_legacy(dict(legacy))
     if pk is not None:
@@ -379,7 +376,7 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
     config = req.config(model_name, cal, dtype)
     if ev.datasets:
         check_seqlen(mdl, ev.seqlen or cal.seqlen, "--eval-seqlen" if ev.seqlen else "--seqlen")
-    timing: dict[str, Any] = {"load_seconds": load_s}
+    timing: dict[str, Any] = {"load_seconds": load_s, "started": started}
     with open_run_dir(out, lambda: args_hash({**config, "w": session.weights_hash()}), mdl) as run_dir:
         if run_dir is not None and run_dir.done and active():
             raise UserError(f"resuming {out} works in a single process only: rerun it without torchrun "
