@@ -13,11 +13,16 @@ import torch
 
 
 def versions() -> dict:
+    """Library versions from the installed distributions' metadata (importing lm-eval or peft only to read
+    ``__version__`` cost ~10 s per run), the git hash, and the accelerator's name."""
+    import importlib.metadata as md
+
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("transformers", "accelerate", "safetensors", "lm_eval", "peft", "gguf"):
+    for mod, dist in (("transformers", "transformers"), ("accelerate", "accelerate"), ("safetensors", "safetensors"),
+                      ("lm_eval", "lm_eval"), ("peft", "peft"), ("gguf", "gguf"), ("triton", "triton")):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional packages
+            out[mod] = md.version(dist)
+        except md.PackageNotFoundError:  # optional packages
             pass
     from layerprune import __version__
 
