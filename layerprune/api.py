@@ -124,6 +124,7 @@ class Session:
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.adapter = ModelAdapter.of(model)
         self.progress, self.use_cache, self.data_dir = progress, use_cache, data_dir
+        self.weights = None  # models.streaming.BlockWeights when the blocks are read from disk as needed
         self._calib: CalibSet | None = None
         self._stats: DenseStats | None = None
         self._sv: torch.Tensor | None = None
@@ -179,7 +180,8 @@ class Session:
                 log.info("dense statistics: loaded from cache %s", path.name)
             else:
                 self._stats = dense_stats_pass(self.model, self.adapter, self.calib().input_ids, self.device,
-                                               self.batch_size, self.offload, progress=self.progress)
+                                               self.batch_size, self.offload, progress=self.progress,
+                                               weights=self.weights)
                 if self.use_cache and is_main():
                     write_atomic(path, json.dumps(self._stats.to_json()))
         return self._stats
@@ -330,13 +332,16 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
           trust_remote_code: bool = False, progress: bool = True, use_cache: bool = True, dense_ppl: bool = False,
           session: Session | None = None, keep_model: bool = False, quantize: str | None = None,
           group_size: int | None = None, allow_long: bool = False, data_dir: str | Path | None = None,
-          **legacy: Any) -> dict:
+          stream: bool = False, **legacy: Any) -> dict:
     """Prune a causal LM and return the run record (see README, "Run record").
 
     ``model`` is a spec (hub id, local dir, ``.gguf``, alias) or a model object with ``tokenizer``.
     The model is pruned in place; with ``out`` it is exported atomically (resumable). Calibration and
     evaluation settings come as :class:`CalibConfig` / :class:`EvalConfig` or, as before, as flat
     keywords (``nsamples=``, ``seqlen=``, ``eval=[...]``, ``eval_seqlen=``, ``tasks=`` …).
+    ``stream``: the model (a local safetensors directory) is never whole in host memory: each block is read
+    when it is pruned, checkpointed into ``out`` and dropped; perplexity runs block by block; the output is
+    written shard by shard from the checkpoints (uniform, DLP and OWL allocation).
     """
     t_start, started = time.perf_counter(), now()
     # ---- validate everything before any heavy work (nothing loaded, nothing created)
@@ -358,6 +363,8 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
     ev = dataclasses.replace(evaluation or EvalConfig(), **eval_kw).validate()
     if out is not None:
         check_out_dir(out)
+    if stream:
+        check_stream(model, out, req, ev, dense_ppl, session)
     root = resolve_data_dir(session.data_dir if session is not None and data_dir is None else data_dir)
     if isinstance(model, str) and session is None:
         check_model_spec(model)
@@ -367,7 +374,14 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
         req.quantize = None
     # ---- load
     t_load = time.perf_counter()
-    if session is None:
+    if session is None and stream:
+        from layerprune.models.streaming import open_streamed
+
+        mdl, tok, weights = open_streamed(model, parse_dtype(dtype), trust_remote_code)
+        session = Session(mdl, tok, dev, cal, progress=progress, use_cache=use_cache, data_dir=root)
+        session.weights = weights
+        session._whash = weights.fingerprint()
+    elif session is None:
         mdl, tok, src = load(model, tokenizer, dtype, trust_remote_code)
         session = Session(mdl, tok, dev, cal, progress=progress, use_cache=use_cache, data_dir=root)
     load_s = time.perf_counter() - t_load
@@ -382,14 +396,15 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
             raise UserError(f"resuming {out} works in a single process only: rerun it without torchrun "
                             f"(or delete .{Path(out).name}.partial to start again)")
         dense = session.evaluate(ev) if dense_ppl and ev.datasets else {}
-        mdl.to("cpu")
+        if dense:
+            mdl.to("cpu")
         # ---- allocate
         alloc = session.allocate(req.allocator.name, req.target, req.alloc_options, req.pruner.name, req.nm,
                                  req.pruner_options, allow_long)
         # ---- prune
         res = prune_sequential(mdl, session.adapter, session.calib().input_ids if req.pruner.needs_data else None,
                                session.plan(alloc), req.pruner.name, dev, session.batch_size, session.offload,
-                               run_dir, progress, req.pruner_options)
+                               run_dir, progress, req.pruner_options, weights=session.weights)
         # ---- compose, evaluate (everything lands in the record before the output directory is renamed)
         t_eval = time.perf_counter()
         before_q, quant = {}, None
@@ -398,7 +413,10 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
 
             before_q = session.evaluate(ev) if ev.datasets else {}
             quant = quantize_model(mdl, req.quantize, req.group_size)
-        ppl = session.evaluate(ev) if ev.datasets else {}
+        if session.weights is not None:
+            ppl = streamed_ppl(session, ev, run_dir) if ev.datasets else {}
+        else:
+            ppl = session.evaluate(ev) if ev.datasets else {}
         zs: dict = {}
         if ev.tasks:
             from layerprune.evaluation.zeroshot import zero_shot
@@ -409,15 +427,58 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
         record = run_record(config, mdl, str(dev), alloc, res, ppl, dense, zs, quant, before_q, timing,
                             req.pruner.needs_data)
         if run_dir is not None:
-            mdl.to("cpu")
+            if session.weights is None:
+                mdl.to("cpu")
             t_exp = time.perf_counter()
-            run_dir.finalize(mdl, tok, record)
+            if session.weights is not None:
+                from layerprune.models.streaming import write_from_checkpoints
+
+                run_dir.finalize(mdl, tok, record, writer=lambda m, t, p: write_from_checkpoints(m, t, p, run_dir))
+            else:
+                run_dir.finalize(mdl, tok, record)
             record["timing"]["export_seconds"] = time.perf_counter() - t_exp
             record["out"] = str(out)
     if keep_model:
         record["_model"] = mdl
         record["_tokenizer"] = tok
     return record
+
+
+def check_stream(model: Any, out: Any, req: PruneRequest, ev: EvalConfig, dense_ppl: bool, session: Any) -> None:
+    """``stream=True`` works from a local safetensors directory into ``--out``; what it cannot do is refused."""
+    require(isinstance(model, str) and Path(model).is_dir() and session is None,
+            "--stream reads the model from a local Hugging Face directory (safetensors): give its path")
+    require(out is not None, "--stream writes each pruned block to --out as it goes: give --out")
+    require(req.allocator.name in ("uniform", "dlp", "owl"),
+            f"--stream supports uniform, dlp and owl allocation, not {req.allocator.name}")
+    require(not req.quantize and not ev.tasks and not dense_ppl,
+            "--stream does not combine with --quantize, --tasks or --dense-ppl yet")
+
+
+def streamed_ppl(session: Session, ev: EvalConfig, run_dir: RunDir) -> dict[str, dict]:
+    """Perplexity with every block read from its pruned checkpoint, one block at a time."""
+    import math
+
+    from layerprune.data.sources import load_text
+    from layerprune.engine.sequential import sweep_nll
+
+    seq = ev.seqlen or session.seqlen
+    out = {}
+    w = session.weights
+
+    def load_pruned(i: int, block: nn.Module) -> None:
+        w.load(i, block)
+        run_dir.load_block(i, block)
+
+    for d in ev.datasets:
+        t = time.perf_counter()
+        mw = min(ev.max_windows or 256, 256) if d == "c4" else ev.max_windows
+        ids = token_windows(session.tokenizer, load_text(d, None, session.data_dir), seq, mw)
+        tot, cnt = sweep_nll(session.model, session.adapter, ids, session.device, load_pruned, w.release)
+        out[d] = {"dataset": d, "ppl": math.exp(tot / cnt), "windows": int(ids.shape[0]), "tokens": int(ids.numel()),
+                  "seqlen": seq, "seconds": time.perf_counter() - t, "streamed": True}
+        log.info("ppl %s (seqlen %d, %d windows, block by block): %.3f", d, seq, ids.shape[0], out[d]["ppl"])
+    return out
 
 
 def allocate(model: str | nn.Module, *, sparsity: float = 0.7, allocation: str = "dlp", options: Any = None,

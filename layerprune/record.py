@@ -60,8 +60,6 @@ def run_record(config: dict, model: torch.nn.Module, device: str, alloc, res, pp
                quant: dict | None, ppl_before_quant: dict, timing: dict, uses_data: bool) -> dict:
     """The run record (README, "Run record") from the pieces of one prune: configuration, versions,
     allocation with its diagnostics, per-linear and per-block results, timings, evaluation, size."""
-    from layerprune.export import sparse_size_bytes
-
     rec: dict = {"config": config, "versions": versions(), "started": timing.get("started") or now(),
                  "device": device, "model": config["model"]}
     if dense_ppl:
@@ -83,7 +81,7 @@ def run_record(config: dict, model: torch.nn.Module, device: str, alloc, res, pp
                    "calib_tokens_per_second": per_sec, "allocation_seconds": alloc.diagnostics.get("seconds"),
                    **{k: v for k, v in timing.items() if k != "started"}},
         "peak_mem_mb": res.peak_mem_mb,
-        "size": sparse_size_bytes(model, list(res.per_linear)),
+        "size": _size(res.per_linear, model),
         "finished": now(),
     })
     if quant is not None:
@@ -94,3 +92,12 @@ def run_record(config: dict, model: torch.nn.Module, device: str, alloc, res, pp
     if zs:
         rec["zero_shot"] = {k: v for k, v in zs.items() if k != "tasks"}
     return rec
+
+
+def _size(per_linear: dict, model: torch.nn.Module) -> dict:
+    """Bitmask + values bytes of the pruned linears against dense, from the per-linear zero counts."""
+    el = torch.tensor([], dtype=next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                                     torch.float32)).element_size()
+    dense = sum(v["numel"] for v in per_linear.values()) * el
+    sparse = sum(v["numel"] / 8 + (v["numel"] - v["zeros"]) * el for v in per_linear.values())
+    return {"dense_bytes": int(dense), "bitmask_bytes": int(sparse), "ratio": sparse / max(dense, 1)}

@@ -59,7 +59,7 @@ def score_stats(scores: torch.Tensor, ms: tuple[float, ...]) -> dict:
 
 def dense_stats_pass(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor, device: torch.device,
                      batch_size: int = 8, offload: str = "auto", ms: tuple[float, ...] = OUTLIER_MS,
-                     progress: bool = True) -> DenseStats:
+                     progress: bool = True, weights: object = None) -> DenseStats:
     """The dense sweep with Wanda accumulators: per block and per linear, the statistics of A = |W|·‖X‖.
 
     A block's scores are built on the accelerator and its statistics (exact lower median, mean, outlier
@@ -79,5 +79,5 @@ def dense_stats_pass(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
         per_block.append(score_stats(torch.cat(parts), ms))
 
     dense_sweep(model, adapter, calib_ids, device, lambda i, lins: {n: WandaPruner(lin) for n, lin in lins.items()},
-                on_block, batch_size, offload, progress, desc="dense stats")
+                on_block, batch_size, offload, progress, desc="dense stats", weights=weights)
     return DenseStats(per_block, per_linear, int(calib_ids.shape[0]), time.perf_counter() - t0)

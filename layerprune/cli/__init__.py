@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse-out", default=None,
                    help="also write the compressed sparse model (layerprune export --format sparse) here")
     p.add_argument("--yes", action="store_true", help="run an allocation estimated to take over an hour")
+    p.add_argument("--stream", action="store_true",
+                   help="never hold the whole model in host memory: read each block from the local safetensors "
+                        "when it is pruned, write it to --out, evaluate block by block (uniform/dlp/owl)")
     _calib(p)
     _method_args(p, "pruner options", PRUNERS)
     _method_args(p, "allocation options (each method reads its own)", ALLOCATORS)

@@ -43,7 +43,7 @@ def cmd_prune(a: argparse.Namespace) -> tuple[dict, str]:
                 alloc_options=ao, pruner_options=po, calib=_calib(a), evaluation=ev, device=a.device, dtype=a.dtype,
                 out=a.out, progress=not a.quiet, use_cache=not a.no_cache, dense_ppl=a.dense_ppl,
                 trust_remote_code=a.trust_remote_code, quantize=a.quantize, group_size=a.group_size,
-                allow_long=a.yes, data_dir=a.data_dir)
+                allow_long=a.yes, data_dir=a.data_dir, stream=a.stream)
     if a.sparse_out:
         from layerprune.sparse.export import export_sparse
 

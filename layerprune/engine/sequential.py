@@ -129,9 +129,11 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
                      plan: dict[str, Pattern], pruner: str, device: torch.device, batch_size: int = 8,
                      offload: str = "auto", checkpoint: Checkpointer | None = None, progress: bool = True,
                      pruner_kwargs: object = None,
-                     on_block: Callable[[int, dict], None] | None = None) -> PruneResult:
+                     on_block: Callable[[int, dict], None] | None = None, weights: object = None) -> PruneResult:
     """Prune ``model`` in place; ``plan`` maps each linear's full name to its :class:`Pattern`.
-    ``pruner_kwargs``: the pruner's options (its dataclass, or a dict of its fields; ``None`` = defaults)."""
+    ``pruner_kwargs``: the pruner's options (its dataclass, or a dict of its fields; ``None`` = defaults).
+    ``weights`` (``models.streaming.BlockWeights``): blocks start empty and are read before they run and
+    released once checkpointed, so host memory holds about one block (needs ``checkpoint``)."""
     cls = get_pruner(pruner)
     pk = cls.make_options(pruner_kwargs)
     res = PruneResult()
@@ -147,6 +149,8 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
     for i in bar:
         t0 = time.perf_counter()
         block = adapter.blocks[i]
+        if weights is not None:
+            weights.load(i, block)
         block.to(device)
         linears = adapter.linears(i)
         if i < done:
@@ -158,6 +162,8 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
             res.per_block.append(rec["block"])
             if device.type == "cuda":
                 block.to("cpu")
+            if weights is not None:
+                weights.release(i, block)
             bar.set_postfix_str(f"block {i} resumed")
             continue
         pruners = {n: cls.make(lin, pk) for n, lin in linears.items()}
@@ -200,6 +206,8 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
         res.per_block.append(brec)
         if checkpoint is not None:
             checkpoint.save_block(i, block, {"linears": recs, "block": brec})
+        if weights is not None:
+            weights.release(i, block)
         if on_block:
             on_block(i, brec)
         bar.set_postfix_str(f"s={brec['achieved']:.3f}")
@@ -212,13 +220,16 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
 
 def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor | None, device: torch.device,
                 make_sinks: Callable[[int, dict[str, nn.Linear]], dict], on_block: Callable[[int, dict, dict], None],
-                batch_size: int = 8, offload: str = "auto", progress: bool = True, desc: str = "dense sweep") -> None:
+                batch_size: int = 8, offload: str = "auto", progress: bool = True, desc: str = "dense sweep",
+                weights: object = None) -> None:
     """One forward per **dense** block (§1.6 pass 1): hooks feed ``make_sinks(i, linears)`` while the
     block's outputs become the next block's inputs; then ``on_block(i, linears, sinks)`` (which may
     compute pruned copies, but must leave the dense weights in place). Without ``calib_ids`` no data runs."""
     runner = BlockRunner(model, adapter, shard(calib_ids), device, batch_size, offload) if calib_ids is not None else None
     for i in tqdm(range(adapter.n_blocks), desc=desc, disable=not progress, unit="block"):
         block = adapter.blocks[i]
+        if weights is not None:
+            weights.load(i, block)
         block.to(device)
         linears = adapter.linears(i)
         sinks = make_sinks(i, linears)
@@ -233,7 +244,33 @@ def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor
         on_block(i, linears, sinks)
         if device.type == "cuda":
             block.to("cpu")
+        if weights is not None:
+            weights.release(i, block)
     if runner is not None:
         runner.free()
     if device.type == "cuda":
         move_non_block(model, adapter, torch.device("cpu"))
+
+
+@torch.no_grad()
+def sweep_nll(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, device: torch.device,
+              load: Callable[[int, nn.Module], None], release: Callable[[int, nn.Module], None],
+              batch_size: int = 1, head_tokens: int = 2**22) -> tuple[float, int]:
+    """Summed next-token NLL of ``ids`` with the model run block by block (each block read by ``load`` and
+    dropped by ``release``): perplexity for a model that fits neither the GPU nor host memory."""
+    runner = BlockRunner(model, adapter, ids, device, batch_size, offload="auto")
+    for i in range(adapter.n_blocks):
+        block = adapter.blocks[i]
+        load(i, block)
+        block.to(device)
+        runner.run(i, store=True)
+        release(i, block)
+    move_non_block(model, adapter, device)
+    tot, cnt = 0.0, 0
+    bs = runner.batch_size
+    for b, h in enumerate(runner.hidden()):
+        s, c = runner.head_nll(b, h.to(device), ids[b * bs : (b + 1) * bs].to(device), head_tokens)
+        tot, cnt = tot + float(s), cnt + c
+    runner.free()
+    move_non_block(model, adapter, torch.device("cpu"))
+    return tot, cnt
