@@ -46,6 +46,20 @@ log = logging.getLogger("layerprune")
 STATES = ("D", "P", "R")
 
 
+def deal_windows(starts: list[int], first_blocks: list[int], n_blocks: int, ranks: int) -> list[set[int]]:
+    """Windows for each rank, balanced by cost: a window's coalitions run the blocks from its first block to
+    the last, so its cost is ``n_blocks − first``; longest first, each to the least-loaded rank (ties: lowest
+    rank). Deterministic, so every rank computes the same deal. (The 2-GPU measurement in BENCHMARKS.md
+    used a round-robin deal, 46/30 evaluations.)"""
+    load = [0] * ranks
+    out: list[set[int]] = [set() for _ in range(ranks)]
+    for st, first in sorted(zip(starts, first_blocks), key=lambda t: (-(n_blocks - t[1]), t[0])):
+        r = min(range(ranks), key=lambda j: (load[j], j))
+        out[r].add(st)
+        load[r] += n_blocks - first
+    return out
+
+
 class SVGame:
     """The block game on one model: weight copies, cached SV-set inputs, and the payoff."""
 
@@ -166,7 +180,7 @@ class SVGame:
     # -------------------------------------------------------------- estimators
     def swsv(self, players: list[int], window: int, aggregate: str = "center", stride: int = 1,
              weights: str = "shapley", progress: bool = True) -> tuple[np.ndarray, int]:
-        """SWSV over ``players``. Under ``torch.distributed`` the windows are dealt round-robin to the ranks:
+        """SWSV over ``players``. Under ``torch.distributed`` the windows are dealt to the ranks by cost (:func:`deal_windows`):
         each rank plays its windows' coalitions (advancing its own prefix cache), the payoffs are gathered
         with one ``all_gather_object``, and every rank assembles the same φ from the same table."""
         n = len(players)
@@ -174,7 +188,7 @@ class SVGame:
             frozenset() if self.absent_state == self.bg_state else None)
         total = swsv_evaluations(n, window, stride, shared is not None)
         starts = window_starts(n, window, stride)
-        mine = {st for k, st in enumerate(starts) if k % world_size() == rank()}
+        mine = deal_windows(starts, [players[st] for st in starts], self.adapter.n_blocks, world_size())[rank()]
         bar = tqdm(total=total if world_size() == 1 else None, desc=f"SV-NUP SWSV (w={window})",
                    disable=not progress, unit="eval")
         state = {"cursor": 0, "hidden": self.runner.hidden()}  # hidden = input of block `cursor`
