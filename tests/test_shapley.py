@@ -175,3 +175,19 @@ def test_cli_allocate_and_prune_svnup(tiny_dir, tmp_path, monkeypatch, capsys):
                  "--nsamples", "2", "--seqlen", "32"]) == 2
     err = capsys.readouterr().err
     assert "--window 4 must be between 1 and the number of player blocks (3)" in err and "Traceback" not in err
+
+
+def test_copies_in_host_memory_give_the_same_game():
+    """With the dense/pruned copies kept off the accelerator (copied into one buffer per linear on each state
+    change) the payoffs, hence φ, are those of the copies-on-device game; the model ends dense."""
+    results = []
+    for on_device in (True, False):
+        m = tiny_model("llama", layers=4, seed=11)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        ad, g = _game(m, copies_on_device=on_device)
+        phi, evals = g.swsv(list(range(4)), 2, progress=False)
+        g.close()
+        results.append(phi)
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    assert np.array_equal(results[0], results[1])

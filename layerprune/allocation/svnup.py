@@ -66,7 +66,12 @@ class SVGame:
     def __init__(self, model: nn.Module, adapter, sv_ids: torch.Tensor, calib_ids: torch.Tensor | None,
                  target: float, pruner: str, device: torch.device, background: str = "pruned",
                  absent: str = "pruned", payoff: str = "nll", batch_size: int = 8, progress: bool = True,
-                 pruner_kwargs: object = None, use_tf32: bool = True, head_tokens: int | None = None) -> None:
+                 pruner_kwargs: object = None, use_tf32: bool = True, head_tokens: int | None = None,
+                 copies_on_device: bool | None = None) -> None:
+        """``copies_on_device``: keep the dense and pruned copy of every linear on the accelerator (fast state
+        switches; three weights' worth of memory) or keep them in (pinned) host memory and copy a block's
+        version into one device buffer per linear when its state changes (one weight's worth). ``None``: on
+        the device when both copies fit in 60% of the free accelerator memory."""
         if background not in ("dense", "pruned"):
             raise UserError("--background must be dense or pruned")
         if absent not in ("pruned", "removed"):
@@ -90,10 +95,25 @@ class SVGame:
                                      get_pruner(pruner).make_options(pruner_kwargs))
         else:
             self.dense = [{n: lin.weight.data for n, lin in adapter.linears(i).items()} for i in range(L)]
+        self.host_dense = self.dense  # the dense weights the model gets back on close()
+        if copies_on_device is None:
+            need = sum(t.numel() * t.element_size() for d in self.dense + self.pruned for t in d.values())
+            copies_on_device = device.type != "cuda" or need < 0.6 * torch.cuda.mem_get_info(device)[0]
+        self.copies_on_device = copies_on_device
         self.runner = BlockRunner(model, adapter, sv_ids, device, batch_size, offload="device")
         self.runner.place()
-        self.dense = [{n: t.to(device) for n, t in d.items()} for d in self.dense]
-        self.pruned = [{n: t.to(device) for n, t in d.items()} for d in self.pruned]
+        if copies_on_device:
+            self.dense = [{n: t.to(device) for n, t in d.items()} for d in self.dense]
+            self.pruned = [{n: t.to(device) for n, t in d.items()} for d in self.pruned]
+        else:
+            log.info("SV-NUP: the dense and pruned copies stay in host memory; a block's version is copied to the "
+                     "accelerator when its state changes")
+            pin = device.type == "cuda"
+            self.dense = [{n: t.pin_memory() if pin else t.clone() for n, t in d.items()} for d in self.dense]
+            self.pruned = [{n: t.pin_memory() if pin else t.clone() for n, t in d.items()} for d in self.pruned]
+            for i in range(L):  # one device buffer per linear, filled by _apply
+                for n, lin in adapter.linears(i).items():
+                    lin.weight.data = torch.empty_like(self.dense[i][n], device=device)
         self.state = ["D"] * L
         self._apply(["D"] * L, force=True)
         self.bg_state = "D" if background == "dense" else "P"
@@ -139,7 +159,10 @@ class SVGame:
             if st in ("D", "P"):
                 src = self.dense[i] if st == "D" else self.pruned[i]
                 for n, lin in self.adapter.linears(i).items():
-                    lin.weight.data = src[n]
+                    if self.copies_on_device:
+                        lin.weight.data = src[n]
+                    else:
+                        lin.weight.data.copy_(src[n], non_blocking=True)
             self.state[i] = st
 
     # -------------------------------------------------------------- payoff
@@ -247,6 +270,10 @@ class SVGame:
 
     def close(self) -> None:
         self.restore_dense()
+        if not self.copies_on_device:  # the model gets its own dense weights back, not the device buffers
+            for i in range(self.adapter.n_blocks):
+                for n, lin in self.adapter.linears(i).items():
+                    lin.weight.data = self.host_dense[i][n]
         self.runner.free()
         self.pruned = []
 
