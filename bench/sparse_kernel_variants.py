@@ -2,9 +2,12 @@
 
     python bench/sparse_kernel_variants.py --out $OUT/kernel_variants.json
 
-v1: per-position prefix sum (tl.cumsum) + tl.dot (the first kernel);
+v1: per-position prefix sum (tl.cumsum) + tl.dot (the first kernel; ``run_v1``, now the tile kernel's decode);
 v2: per-word popcount ranks (3-D tile: rows × words × 32 bits) + FMA reduction, no tensor cores;
-v3: v2's decode with tl.dot for batches ≥ 8.
+v3: v2's decode with tl.dot for batches ≥ 8;
+v4/v5: one lane per bitmask word consuming one set bit per step (v5 with ``ffs``; the kept 1–2-token kernel,
+timed here through ``kernels.sparse_mm`` with explicit launch settings).
+The raw results of each stage of the search are in bench/results/sparse_kernel_variants*_h200.json.
 Rows: median µs over 100 calls, L2 flushed; the winner per (shape, batch) goes into layerprune/sparse/kernels.py.
 """
 
@@ -24,7 +27,6 @@ from triton.language.extra import libdevice
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layerprune.sparse import kernels  # noqa: E402
 from layerprune.sparse.format import pack  # noqa: E402
-from layerprune.sparse.kernels import _popc  # noqa: E402
 from sparse_decode import timeit  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -111,94 +113,10 @@ def _v3(x_ptr, bm_ptr, val_ptr, off_ptr, y_ptr, B, N, K, KT, sxb, syb,
              mask=(bidx[:, None] < B) & (ridx[None, :] < N))
 
 
-@triton.jit
-def _v4(x_ptr, bm_ptr, val_ptr, off_ptr, y_ptr, B, N, K, KT, sxb, syb,
-        BN: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr, HW: tl.constexpr):
-    """Iterate over set bits: each lane owns one 32-bit word and, per step, consumes its lowest set bit."""
-    NW: tl.constexpr = BK // 32
-    rb = tl.program_id(0)
-    r = tl.arange(0, BN)[:, None, None]
-    tc = tl.arange(0, TC)[None, :, None]
-    w = tl.arange(0, NW)[None, None, :]
-    acc = tl.zeros((BN, TC, NW), dtype=tl.float32)
-    for k0 in range(0, KT, TC):
-        kb = k0 + tc
-        km = kb < KT
-        t = rb * KT + kb
-        base = tl.load(off_ptr + t, mask=km, other=0)
-        words = tl.load(bm_ptr + t * (BN * NW) + r * NW + w, mask=km, other=0)
-        pc = _popc(words, HW)
-        rowcnt = tl.sum(pc, axis=2)  # (BN, TC)
-        rowstart = tl.cumsum(rowcnt, axis=0) - rowcnt
-        off = base + rowstart[:, :, None] + tl.cumsum(pc, axis=2) - pc
-        colbase = kb * BK + w * 32
-        m = tl.max(tl.max(tl.max(pc, axis=2), axis=1), axis=0)
-        for _ in range(0, m):
-            nz = words != 0
-            low = words & (-words)
-            col = colbase + _popc(low - 1, HW)
-            v = tl.load(val_ptr + off, mask=nz, other=0.0).to(tl.float32)
-            xv = tl.load(x_ptr + col, mask=nz, other=0.0).to(tl.float32)
-            acc += v * xv
-            words = words & (words - 1)
-            off += 1
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    ridx = rb * BN + tl.arange(0, BN)
-    tl.store(y_ptr + ridx, y.to(y_ptr.dtype.element_ty), mask=ridx < N)
-
-
-@triton.jit
-def _v5(x_ptr, bm_ptr, val_ptr, off_ptr, y_ptr, B, N, K, KT, sxb, syb,
-        BN: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr, HW: tl.constexpr, BB: tl.constexpr):
-    NW: tl.constexpr = BK // 32
-    rb = tl.program_id(0)
-    r = tl.arange(0, BN)[:, None, None]
-    tc = tl.arange(0, TC)[None, :, None]
-    w = tl.arange(0, NW)[None, None, :]
-    acc0 = tl.zeros((BN, TC, NW), dtype=tl.float32)
-    acc1 = tl.zeros((BN, TC, NW), dtype=tl.float32)
-    for k0 in range(0, KT, TC):
-        kb = k0 + tc
-        km = kb < KT
-        t = rb * KT + kb
-        base = tl.load(off_ptr + t, mask=km, other=0)
-        words = tl.load(bm_ptr + t * (BN * NW) + r * NW + w, mask=km, other=0)
-        pc = _popc(words, HW)
-        rowcnt = tl.sum(pc, axis=2)
-        rowstart = tl.cumsum(rowcnt, axis=0) - rowcnt
-        off = base + rowstart[:, :, None] + tl.cumsum(pc, axis=2) - pc
-        colbase = kb * BK + w * 32 - 1
-        m = tl.max(tl.max(tl.max(pc, axis=2), axis=1), axis=0)
-        for _ in range(0, m):
-            nz = words != 0
-            col = colbase + libdevice.ffs(words)
-            v = tl.load(val_ptr + off, mask=nz, other=0.0).to(tl.float32)
-            acc0 += v * tl.load(x_ptr + col, mask=nz, other=0.0).to(tl.float32)
-            if BB > 1:
-                acc1 += v * tl.load(x_ptr + sxb + col, mask=nz, other=0.0).to(tl.float32)
-            words = words & (words - 1)
-            off += 1
-    ridx = rb * BN + tl.arange(0, BN)
-    tl.store(y_ptr + ridx, tl.sum(tl.sum(acc0, axis=2), axis=1).to(y_ptr.dtype.element_ty), mask=ridx < N)
-    if BB > 1:
-        tl.store(y_ptr + syb + ridx, tl.sum(tl.sum(acc1, axis=2), axis=1).to(y_ptr.dtype.element_ty), mask=ridx < N)
-
-
-def run_v5(x, sp, n, k, nw=8, ns=2, tc=16):
-    B = x.shape[0]
-    y = torch.empty(B, n, dtype=x.dtype, device=x.device)
-    kt = -(-k // sp.bk)
-    _v5[(-(-n // sp.bn),)](x, sp.bitmask, sp.values, sp.offsets, y, B, n, k, kt, x.stride(0), y.stride(0),
-                           BN=sp.bn, BK=sp.bk, TC=tc, HW=True, BB=B, num_warps=nw, num_stages=ns)
-    return y
-
-
-def run_v4(x, sp, n, k, nw=4, ns=2, tc=8):
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    kt = -(-k // sp.bk)
-    _v4[(-(-n // sp.bn),)](x, sp.bitmask, sp.values, sp.offsets, y, 1, n, k, kt, x.stride(0), y.stride(0),
-                           BN=sp.bn, BK=sp.bk, TC=tc, HW=not kernels.interpreted(), **({} if kernels.interpreted() else dict(num_warps=nw, num_stages=ns)))
-    return y
+def run_bits(x, sp, n, k, nw=8, ns=2, tc=16):
+    """The set-bit kernel kept in layerprune/sparse/kernels.py (the earlier v4 was the same without ffs),
+    with explicit launch settings."""
+    return kernels.sparse_mm(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk, tc, nw, ns)
 
 
 def run_v1(x, sp, n, k, nw=4, ns=3):
@@ -242,11 +160,10 @@ def main():
                 d = timeit(lambda: F.linear(x, w))
                 cands = {}
                 if b <= 2:
-                    cands["v4_w8_t16"] = lambda: run_v4(x, sp, n, k, 8, 2, 16) if b == 1 else run_v5(x, sp, n, k)
                     for nw in (4, 8, 16):
                         for tc in (16, 32, 64):
                             for ns in (1, 2):
-                                cands[f"v5_w{nw}_t{tc}_s{ns}"] = (lambda nw=nw, tc=tc, ns=ns: run_v5(x, sp, n, k, nw, ns, tc))
+                                cands[f"v5_w{nw}_t{tc}_s{ns}"] = (lambda nw=nw, tc=tc, ns=ns: run_bits(x, sp, n, k, nw, ns, tc))
                 if b >= 16:
                     cands["v3_w4"] = lambda: run_v3(x, sp, n, k, 4)
                     cands["decompress+linear"] = lambda: F.linear(x, kernels.decompress(sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk))

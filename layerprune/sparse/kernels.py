@@ -178,7 +178,8 @@ def _launch(num_warps: int, num_stages: int) -> dict:
 
 
 def sparse_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int, k: int,
-              bn: int, bk: int) -> torch.Tensor:
+              bn: int, bk: int, tc: int | None = None, num_warps: int | None = None,
+              num_stages: int | None = None) -> torch.Tensor:
     """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype. B ≤ 2: the set-bit kernel;
     3 ≤ B ≤ ``SMALL_BATCH``: tiles decoded to registers and ``tl.dot`` (launch settings measured on the H200,
     bench/sparse_kernel_variants.py)."""
@@ -188,15 +189,16 @@ def sparse_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offs
         return y
     kt = -(-k // bk)
     hw = not interpreted()
-    if B <= 2:
-        tc = 32 if n <= 4096 else 16
-        nw = 16 if n <= 4096 else 8
+    if B <= 2:  # tiles per step and warps: the best of bench/sparse_kernel_variants.py's sweep on the H200
+        tc = tc or (32 if n <= 4096 else 16)
+        nw = num_warps or (16 if n <= 4096 else 8)
         _spmv_bits_kernel[(-(-n // bn),)](x, bitmask, values, offsets, y, B, n, k, kt, x.stride(0), y.stride(0),
-                                          BN=bn, BK=bk, TC=tc, BB=B, HW=hw, **_launch(nw, 1))
+                                          BN=bn, BK=bk, TC=tc, BB=B, HW=hw, **_launch(nw, num_stages or 1))
         return y
     bb = 16 if B <= 16 else 32 if B <= 32 else 64
     _sparse_mm_kernel[(-(-n // bn), -(-B // bb))](x, bitmask, values, offsets, y, B, n, k, kt, x.stride(0), y.stride(0),
-                                                  BB=bb, BN=bn, BK=bk, HW=hw, **_launch(4, 3))
+                                                  BB=bb, BN=bn, BK=bk, HW=hw,
+                                                  **_launch(num_warps or 4, num_stages or 3))
     return y
 
 
