@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then prune the small default model to 50% with Wanda + DLP and evaluate it (2-core CPU: 3 min 9 s measured).
+# Set up, then prune the small default model to 50% with Wanda + DLP and evaluate it (2-core CPU: 2 min 20 s measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
