@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -281,7 +281,6 @@ class PruneRequest:
     alloc_options: Any
     quantize: str | None = None
     group_size: int | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -466,9 +465,8 @@ def streamed_ppl(session: Session, ev: EvalConfig, run_dir: RunDir) -> dict[str,
     out = {}
     w = session.weights
 
-    def load_pruned(i: int, block: nn.Module) -> None:
-        w.load(i, block)
-        run_dir.load_block(i, block)
+    def load_pruned(i: int, block: nn.Module) -> None:  # straight from the pruned checkpoint, not the source
+        w.load(i, block, run_dir.block_tensors(i))
 
     for d in ev.datasets:
         t = time.perf_counter()

@@ -216,6 +216,10 @@ class RunDir:
                 raise _disk_full(e, self.partial / "progress.json", self.need) from None
             raise
 
+    def block_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``'s checkpointed tensors (keys relative to the block)."""
+        return load_file(str(self.partial / "blocks" / f"block_{i}.safetensors"))
+
     def load_block(self, i: int, block: nn.Module) -> dict:
         sd = load_file(str(self.partial / "blocks" / f"block_{i}.safetensors"))
         dev = next(block.parameters()).device

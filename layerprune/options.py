@@ -9,7 +9,7 @@ check live in that one declaration. From it come the CLI flags (``layerprune.cli
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, get_type_hints
 
 from layerprune.errors import UserError
@@ -81,13 +81,9 @@ def resolved(opts: Any) -> dict:
     return dataclasses.asdict(opts)
 
 
-def defaults(cls: type) -> dict:
-    return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cls)}  # type: ignore[misc]
-
-
 @dataclass(frozen=True)
 class NoOptions:
     """A method without options."""
 
 
-__all__ = ["NoOptions", "build", "defaults", "field_type", "flag_of", "option", "resolved", "validate"]
+__all__ = ["NoOptions", "build", "field_type", "flag_of", "option", "resolved", "validate"]

@@ -14,7 +14,7 @@ import torch
 
 def versions() -> dict:
     """Library versions from the installed distributions' metadata (importing lm-eval or peft only to read
-    ``__version__`` cost ~10 s per run), the git hash, and the accelerator's name."""
+    ``__version__`` cost ≈ 5 s per run), the git hash, and the accelerator's name."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "torch": torch.__version__}

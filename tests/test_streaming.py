@@ -21,16 +21,17 @@ def test_streamed_prune_equals_in_memory(tiny_dir, tmp_path, capsys, monkeypatch
     loads = []
     real = streaming.BlockWeights.load
 
-    def counting(self, i, block):
-        real(self, i, block)
-        loads.append(len(self.loaded))
+    def counting(self, i, block, tensors=None):
+        real(self, i, block, tensors)
+        loads.append((len(self.loaded), tensors is not None))
 
     monkeypatch.setattr(streaming.BlockWeights, "load", counting)
     assert main(["prune", str(tiny_dir), *ARGS, "--out", str(tmp_path / "mem")]) == 0
     mem = json.loads(capsys.readouterr().out)
     assert main(["prune", str(tiny_dir), *ARGS, "--stream", "--out", str(tmp_path / "str")]) == 0
     st = json.loads(capsys.readouterr().out)
-    assert loads and max(loads) == 1  # never more than one block's weights in memory
+    assert loads and max(n for n, _ in loads) == 1  # never more than one block's weights in memory
+    assert sum(ck for _, ck in loads) == 3  # the evaluation reads each pruned block from its checkpoint only
     assert st["per_block"] == pytest.approx(mem["per_block"])
     assert st["sparsity"]["achieved"] == mem["sparsity"]["achieved"]
     assert st["ppl"]["wikitext2"] == pytest.approx(mem["ppl"]["wikitext2"], rel=1e-4)

@@ -114,6 +114,18 @@ def check_pruner_flags(pruners: list[str], a: argparse.Namespace) -> None:
             raise UserError(f"{flag} applies to --pruner {' / '.join(who)} only")
 
 
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """What every command that calibrates and allocates takes: calibration, the methods' options, the common flags."""
+    from layerprune.allocation import ALLOCATORS
+    from layerprune.pruners import PRUNERS
+
+    p.add_argument("--yes", action="store_true", help="run an allocation estimated to take over an hour")
+    _calib(p)
+    _method_args(p, "pruner options", PRUNERS)
+    _method_args(p, "allocation options (each method reads its own)", ALLOCATORS)
+    _common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from layerprune.allocation import ALLOCATORS
     from layerprune.pruners import PRUNERS
@@ -140,14 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the pruned model + layerprune.json here (resumable)")
     p.add_argument("--sparse-out", default=None,
                    help="also write the compressed sparse model (layerprune export --format sparse) here")
-    p.add_argument("--yes", action="store_true", help="run an allocation estimated to take over an hour")
     p.add_argument("--stream", action="store_true",
                    help="never hold the whole model in host memory: read each block from the local safetensors "
                         "when it is pruned, write it to --out, evaluate block by block (uniform/dlp/owl)")
-    _calib(p)
-    _method_args(p, "pruner options", PRUNERS)
-    _method_args(p, "allocation options (each method reads its own)", ALLOCATORS)
-    _common(p)
+    _run_args(p)
 
     a = sub.add_parser("allocate", help="compute per-block sparsities of one allocation method",
                        description="Allocation only: no pruning, no evaluation.")
@@ -157,11 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--pattern", default="unstructured")
     a.add_argument("--pruner", default="sparsegpt", help="base pruner inside the SV-NUP game (default sparsegpt)")
     a.add_argument("--plot", default=None, help="write a PNG of the per-block ratios")
-    a.add_argument("--yes", action="store_true", help="run an allocation estimated to take over an hour")
-    _calib(a)
-    _method_args(a, "pruner options", PRUNERS)
-    _method_args(a, "allocation options (each method reads its own)", ALLOCATORS)
-    _common(a)
+    _run_args(a)
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model",
                        description="By default WikiText-2 perplexity; with --tasks and no --ppl only the tasks run.")
@@ -191,11 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--seeds", default=None, help="calibration seeds, comma separated (e.g. 0,1,2): every cell runs "
                                                  "per seed and the tables report mean ± std (default: --seed)")
-    c.add_argument("--yes", action="store_true", help="run an allocation estimated to take over an hour")
-    _calib(c)
-    _method_args(c, "pruner options", PRUNERS)
-    _method_args(c, "allocation options (each method reads its own)", ALLOCATORS)
-    _common(c)
+    _run_args(c)
 
     r = sub.add_parser("report", help="turn a compare results directory into one HTML page")
     r.add_argument("dir")

@@ -62,14 +62,17 @@ class BlockWeights:
                     out[k] = fh.get_tensor(k).to(self.dtype)
         return out
 
-    def load(self, i: int, block: nn.Module) -> None:
+    def load(self, i: int, block: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Give block ``i`` its weights: from the source shards, or from ``tensors`` (keys relative to the block,
+        e.g. its pruned checkpoint)."""
         from accelerate.utils import set_module_tensor_to_device
 
         prefix = f"{self.blocks_name}.{i}."
         names = [n for n, _ in block.named_parameters()]
-        tensors = self.read([prefix + n for n in names])
+        if tensors is None:
+            tensors = {k[len(prefix):]: v for k, v in self.read([prefix + n for n in names]).items()}
         for n in names:
-            set_module_tensor_to_device(block, n, "cpu", value=tensors[prefix + n])
+            set_module_tensor_to_device(block, n, "cpu", value=tensors[n].to(self.dtype))
         self.loaded.add(i)
         self.max_loaded = max(self.max_loaded, len(self.loaded))
 
