@@ -2,14 +2,16 @@
 ``layerprune.prune`` with 128 × 2048 calibration and a perplexity evaluation, whole call split into its parts.
 
     python bench/scale.py --out $OUT/scale_h200.json --cases wanda:uniform,wanda:dlp,sparsegpt:uniform
-    python bench/scale.py --out $OUT/solve.json --ab-blocks 4     # SparseGPT with and without shared Hessians
+    python bench/scale.py --out $OUT/solve.json --ab-blocks 4     # SparseGPT: fused OBS kernel vs the column loop
+    python bench/scale.py --out $OUT/70b.json --dims llama2-70b --blocks 8 --cases sparsegpt:dlp   # extrapolated
 
-Weights live on the CPU as in a real run (one block at a time on the GPU). Quality is meaningless here:
+Weights start on the CPU as after loading a checkpoint; the engine keeps them on the GPU when they fit
+(7B/8B on an H200) and otherwise moves one block at a time. Quality is meaningless here:
 calibration and evaluation use random token ids of the real sizes (no LLaMA tokenizer on the device; the
 evaluation is 146 windows of 2048 tokens, WikiText-2's count for the LLaMA tokenizer's size), so times and
 memory are those of the real command. ``--ab-blocks N`` times SparseGPT on the first N blocks twice in one
-run: as the code now runs it (q/k/v and gate/up share one Hessian, one solve per group, TF32 Hessian
-products) and with those three switched off (one Hessian and one solve per linear, fp32 products).
+run: with the fused Triton OBS kernel and with the reference's per-column loop. ``--blocks N`` runs the first
+N blocks only (70B dimensions: 8 of 80) and adds a row extrapolated to all blocks, labelled so.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from layerprune.evaluation.perplexity import perplexity_of_windows  # noqa: E402
 DIMS = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                           num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
         "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)}
+                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+        "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                           num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)}
 
 
 def build(dims: str, blocks: int | None = None) -> torch.nn.Module:
@@ -89,32 +93,25 @@ def run_case(dims: str, pruner: str, allocation: str, nsamples: int, seqlen: int
 
 
 def ab(blocks: int, nsamples: int, seqlen: int) -> list[dict]:
-    """SparseGPT on ``blocks`` blocks: now vs one Hessian and one solve per linear with fp32 products."""
-    from layerprune.pruners.sparsegpt import SparseGPTPruner
-
-    rows = [run_case("llama2-7b", "sparsegpt", "uniform", nsamples, seqlen, 1, blocks)]
-    saved = {k: SparseGPTPruner.__dict__[k] for k in ("share_from", "prune_group", "prune")}
-    del SparseGPTPruner.share_from, SparseGPTPruner.prune_group
-
-    def prune_one(self, pattern):  # the per-linear path: its own Hessian, its own solve
-        W = self.layer.weight.data.clone().float()
-        from layerprune.utils import tf32
-
-        with tf32(False):
-            W, mask = self._solve(W, [(0, W.shape[0], pattern)])
-        self.layer.weight.data = W.to(self.layer.weight.dtype)
-        return mask
-
-    SparseGPTPruner.prune = prune_one
-    try:
-        r = run_case("llama2-7b", "sparsegpt", "uniform", nsamples, seqlen, 1, blocks, {"hessian_fp32": True})
-        r["variant"] = "per-linear Hessians and solves, fp32 products (before)"
+    """SparseGPT on ``blocks`` blocks in one run: the fused Triton OBS kernel (now) vs the reference's
+    per-column loop (``fused=False``; before). Same Hessians, same masks rule."""
+    rows = []
+    for fused, label in ((True, "fused Triton OBS kernel per 128-column block (now)"),
+                         (False, "reference per-column loop (before)")):
+        r = run_case("llama2-7b", "sparsegpt", "uniform", nsamples, seqlen, 1, blocks, {"fused": fused})
+        r["variant"] = label
         rows.append(r)
-    finally:
-        for k, v in saved.items():
-            setattr(SparseGPTPruner, k, v)
-    rows[0]["variant"] = "shared Hessians, grouped solves, TF32 products (now)"
     return rows
+
+
+def extrapolate(r: dict, total: int) -> dict:
+    """A case run on ``r['blocks']`` of ``total`` blocks, scaled to all of them: every per-block part
+    (statistics, forwards, Hessians, solve, evaluation) by total/blocks; load and the rest as measured."""
+    f = total / r["blocks"]
+    sp = {k: (v * f if k in ("statistics_or_game", "forwards_and_hessians", "solve", "evaluation") else v)
+          for k, v in r["split_s"].items()}
+    return {**r, "blocks": total, "measured_blocks": r["blocks"], "split_s": sp, "wall_s": sum(sp.values()),
+            "extrapolated": True}
 
 
 def main() -> None:
@@ -126,6 +123,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=146)
     ap.add_argument("--ab-blocks", type=int, default=0)
+    ap.add_argument("--blocks", type=int, default=0, help="run only the first N blocks and extrapolate to all")
     a = ap.parse_args()
     import transformers
 
@@ -137,7 +135,10 @@ def main() -> None:
         out.write_text(json.dumps(res, indent=1))
     for case in [c for c in a.cases.split(",") if c]:
         pr, al = case.split(":")
-        res["cases"].append(run_case(a.dims, pr, al, a.nsamples, a.seqlen, a.eval_windows))
+        r = run_case(a.dims, pr, al, a.nsamples, a.seqlen, a.eval_windows, a.blocks or None)
+        res["cases"].append(r)
+        if a.blocks and a.blocks < DIMS[a.dims]["num_hidden_layers"]:
+            res["cases"].append(extrapolate(r, DIMS[a.dims]["num_hidden_layers"]))
         out.write_text(json.dumps(res, indent=1))
 
 

@@ -3,8 +3,9 @@
 Launch with ``torchrun --nproc-per-node N -m layerprune.cli prune ...``. Every rank loads the model and
 draws the same calibration set (same seed); rank r runs the samples ``r, r+N, r+2N, …`` through each
 block. Pruner statistics are sums over tokens, so one ``all_reduce`` per linear makes every rank hold the
-statistics of the whole calibration set (Wanda's Σx², SparseGPT's Hessian); rank 0 prunes and broadcasts
-the pruned block, so all ranks continue with identical weights. Evaluation, export and printing happen
+statistics of the whole calibration set (Wanda's Σx², SparseGPT's Hessian); the linears (or groups of
+linears sharing one input) of a block are dealt over the ranks by cost, each rank prunes its share and
+broadcasts it, so all ranks continue with identical weights. Evaluation, export and printing happen
 on rank 0 only. Without an initialised process group every function here is a no-op.
 """
 
@@ -15,7 +16,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 def active() -> bool:
@@ -61,11 +61,22 @@ def reduce_count(n: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def broadcast_module(module: nn.Module, src: int = 0) -> None:
-    """Give every rank ``src``'s parameters (the block rank 0 just pruned)."""
+def deal(costs: list[float], ranks: int) -> list[int]:
+    """The rank that does each job: longest first, each to the least-loaded rank (ties: lowest rank, then
+    the job's order). Deterministic, so every rank computes the same deal without talking."""
+    load = [0.0] * ranks
+    out = [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        r = min(range(ranks), key=lambda q: (load[q], q))
+        out[j] = r
+        load[r] += costs[j]
+    return out
+
+
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> None:
+    """Give every rank ``src``'s ``t`` (in place; no-op in one process)."""
     if active():
-        for p in module.parameters():
-            dist.broadcast(p.data, src)
+        dist.broadcast(t, src)
 
 
 def init_from_env(device: str) -> str:

@@ -136,3 +136,20 @@ def test_ratio_cache_keys_on_resolved_options_and_mixed_nm_warning(tmp_path, mon
     d = s.allocate("dlp", 0.5, {"alpha": 0.01}, nm=(2, 4))
     assert d.nm == [2] * s.adapter.n_blocks
     assert "smaller than one N:M step" in caplog.text
+
+
+@pytest.mark.parametrize("k_at", ["first", "zeros_end", "median", "last"])
+def test_histogram_select_is_the_exact_kth_value(k_at):
+    """The accelerator's median (bucket of the top 16 float bits, then a sort of that bucket) equals
+    ``kthvalue`` over the concatenation: ties, zeros, a spread over many binades, several parts."""
+    from layerprune.allocation.stats import kth_nonneg, score_stats
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.rand(1000, generator=g) ** 3 * 5, torch.zeros(300), torch.exp(torch.randn(5000, generator=g) * 4),
+             torch.full((77,), 0.25)]
+    allv = torch.cat(parts)
+    k = {"first": 1, "zeros_end": 300, "median": (allv.numel() + 1) // 2, "last": allv.numel()}[k_at]
+    assert kth_nonneg(parts, k) == float(torch.kthvalue(allv, k).values)
+    s = score_stats(parts, (3.0,))
+    assert s["median"] == float(torch.median(allv)) and s["mean"] == pytest.approx(float(allv.double().mean()))
+    assert s["outlier"][3.0] == float((allv > 3.0 * s["mean"]).sum()) / allv.numel()

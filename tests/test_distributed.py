@@ -80,3 +80,16 @@ def test_svnup_game_split_over_two_ranks_gives_the_same_phi(tmp_path):
         phi, evals, per_rank = torch.load(f"{out}.{r}")
         assert evals == ref_evals and phi == pytest.approx(ref_phi, abs=1e-12)
         assert sum(per_rank) == ref_evals and min(per_rank) > 0  # each rank played its share, nothing twice
+
+
+def test_deal_balances_costs_deterministically():
+    from layerprune.distributed import deal
+
+    # LLaMA-7B block on two ranks: q/k/v, o, gate/up, down (OBS cost in³ + rows·in²)
+    k, f = 4096.0, 11008.0
+    costs = [k**3 + 3 * k * k**2, k**3 + k * k**2, k**3 + 2 * f * k**2, f**3 + k * f**2]
+    owners = deal(costs, 2)
+    assert owners == deal(costs, 2) == [1, 1, 1, 0]  # down (68% of the cost) alone, the rest on the other rank
+    owners = deal([5.0, 4.0, 3.0, 3.0, 1.0], 2)
+    assert [sum(c for c, o in zip([5, 4, 3, 3, 1], owners) if o == r) for r in (0, 1)] == [8, 8]
+    assert deal([1.0, 1.0, 1.0], 1) == [0, 0, 0] and deal([], 3) == []

@@ -41,20 +41,41 @@ class DenseStats:
 OUTLIER_MS = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)
 
 
-def lower_median(x: torch.Tensor) -> float:
-    """The lower median (``torch.median`` convention): the ⌈n/2⌉-th smallest value, exact, computed where
-    ``x`` lives: one sort on the accelerator (``kthvalue`` on a CUDA tensor of 10⁸ elements is ~10× slower),
-    ``kthvalue`` on the CPU."""
-    k = (x.numel() + 1) // 2
-    if x.is_cuda:
-        return float(torch.sort(x.flatten()).values[k - 1])
-    return float(torch.kthvalue(x.flatten(), k).values)
+def lower_median(x: torch.Tensor | list[torch.Tensor]) -> float:
+    """The lower median (``torch.median`` convention) of ``x`` or of the concatenation of the tensors in it:
+    the ⌈n/2⌉-th smallest value, exact. On the accelerator, non-negative scores go through
+    :func:`kth_nonneg` (a histogram select: no sort, no concatenated copy); elsewhere ``kthvalue``."""
+    parts = [t.flatten() for t in (x if isinstance(x, (list, tuple)) else [x])]
+    k = (sum(t.numel() for t in parts) + 1) // 2
+    if parts[0].is_cuda and parts[0].dtype == torch.float32 and all(bool((t >= 0).all()) for t in parts):
+        return kth_nonneg(parts, k)
+    return float(torch.kthvalue(torch.cat(parts) if len(parts) > 1 else parts[0], k).values)
 
 
-def score_stats(scores: torch.Tensor, ms: tuple[float, ...]) -> dict:
-    mean = float(scores.sum(dtype=torch.float64) / scores.numel())
-    return {"median": lower_median(scores), "mean": mean,
-            "outlier": {m: float((scores > m * mean).sum()) / scores.numel() for m in ms}}
+def kth_nonneg(parts: list[torch.Tensor], k: int) -> float:
+    """The exact ``k``-th smallest (1-based) of non-negative float32 tensors taken together.
+
+    Non-negative IEEE floats order like their bit patterns read as integers, so one ``bincount`` of the top
+    16 bits (sign, exponent, 7 mantissa bits) finds the bucket that holds the ``k``-th value; only that
+    bucket's values (a relative width of 2⁻⁷) are then sorted. Two passes over the data instead of a sort of
+    all of it (a 7B block's 200 M scores: milliseconds instead of a sort per linear and one of the block)."""
+    keys = [(t.view(torch.int32) >> 16) for t in parts]
+    hist = sum(torch.bincount(kk, minlength=1 << 15) for kk in keys)
+    cum = hist.cumsum(0)
+    b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device, dtype=cum.dtype)))
+    below = int(cum[b - 1]) if b > 0 else 0
+    cand = torch.cat([t[kk == b] for t, kk in zip(parts, keys)])
+    return float(torch.sort(cand).values[k - below - 1])
+
+
+def score_stats(scores: torch.Tensor | list[torch.Tensor], ms: tuple[float, ...]) -> dict:
+    """Lower median, mean and outlier ratios ``#{A > M·mean}/numel`` of ``scores`` (a tensor, or tensors
+    taken together)."""
+    parts = [t.flatten() for t in (scores if isinstance(scores, (list, tuple)) else [scores])]
+    n = sum(t.numel() for t in parts)
+    mean = float(sum(t.sum(dtype=torch.float64) for t in parts) / n)
+    return {"median": lower_median(parts), "mean": mean,
+            "outlier": {m: float(sum((t > m * mean).sum() for t in parts)) / n for m in ms}}
 
 
 def dense_stats_pass(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor, device: torch.device,
@@ -63,7 +84,8 @@ def dense_stats_pass(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
     """The dense sweep with Wanda accumulators: per block and per linear, the statistics of A = |W|·‖X‖.
 
     A block's scores are built on the accelerator and its statistics (exact lower median, mean, outlier
-    ratios ``#{A > M·mean(A)}/numel``) taken there; a block's concatenated scores take 4 bytes per weight.
+    ratios ``#{A > M·mean(A)}/numel``) taken there, per linear and over the block's linears together
+    (without concatenating them); a block's scores take 4 bytes per weight.
     """
     t0 = time.perf_counter()
     per_block: list[dict] = []
@@ -74,9 +96,9 @@ def dense_stats_pass(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
         for n, a in acc.items():
             sc = a.score()
             per_linear[adapter.full_name(i, n)] = score_stats(sc, ms)
-            parts.append(sc.flatten())
+            parts.append(sc)
             a.free()
-        per_block.append(score_stats(torch.cat(parts), ms))
+        per_block.append(score_stats(parts, ms))
 
     dense_sweep(model, adapter, calib_ids, device, lambda i, lins: {n: WandaPruner(lin) for n, lin in lins.items()},
                 on_block, batch_size, offload, progress, desc="dense stats", weights=weights)

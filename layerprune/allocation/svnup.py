@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from layerprune.allocation.common import AllocContext, Allocation, band_from_importance, finish
 from layerprune.allocation.shapley import exact_shapley, monte_carlo_shapley, swsv, swsv_evaluations, window_starts
-from layerprune.distributed import rank, world_size
+from layerprune.distributed import deal, rank, world_size
 from layerprune.engine.runner import BlockRunner
 from layerprune.engine.sequential import dense_sweep, prune_sequential
 from layerprune.errors import UserError
@@ -51,12 +51,11 @@ def deal_windows(starts: list[int], first_blocks: list[int], n_blocks: int, rank
     the last, so its cost is ``n_blocks − first``; longest first, each to the least-loaded rank (ties: lowest
     rank). Deterministic, so every rank computes the same deal. (The 2-GPU measurement in BENCHMARKS.md
     used a round-robin deal, 46/30 evaluations.)"""
-    load = [0] * ranks
+    costs = [n_blocks - first for first in first_blocks]
+    # longest first; among equal costs the earlier window first (the order deal() breaks ties by)
     out: list[set[int]] = [set() for _ in range(ranks)]
-    for st, first in sorted(zip(starts, first_blocks), key=lambda t: (-(n_blocks - t[1]), t[0])):
-        r = min(range(ranks), key=lambda j: (load[j], j))
+    for st, r in zip(starts, deal(costs, ranks)):
         out[r].add(st)
-        load[r] += n_blocks - first
     return out
 
 

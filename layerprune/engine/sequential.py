@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from layerprune.distributed import broadcast_module, reduce_count, shard
+from layerprune.distributed import broadcast_tensor, deal, rank, reduce_count, shard, world_size
 from layerprune.engine.runner import BlockRunner, move_non_block
 from layerprune.models.adapter import ModelAdapter
 from layerprune.pruners import Pattern, get_pruner
@@ -73,6 +73,38 @@ def feed_hooks(linears: dict[str, nn.Linear], sinks: dict[str, object],
         seen.clear()
 
 
+def model_bytes_off(model: nn.Module, device: torch.device) -> int:
+    """Bytes of ``model``'s parameters and buffers not yet on ``device``."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen and t.device != device:
+            seen.add(id(t))
+            n += t.numel() * t.element_size()
+    return n
+
+
+def decide_resident(model: nn.Module, adapter: ModelAdapter, device: torch.device, weights: object = None,
+                    resident: bool | None = None) -> bool:
+    """Whether the whole model stays on the accelerator for a pass (``resident=None``: when it fits).
+
+    A resident model moves to the GPU once instead of every block twice per pass (host↔GPU copies of
+    pageable memory were a quarter of a 7B Wanda prune on the H200); it fits when its bytes plus
+    eight blocks' worth of working memory (Hessians, scores, activations) stay under 80% of free memory.
+    Streamed models (``weights``) and CPU runs never are."""
+    if device.type != "cuda" or weights is not None:
+        return False
+    if resident is not None:
+        return resident
+    block = sum(p.numel() * p.element_size() for p in adapter.blocks[0].parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = model_bytes_off(model, device) + 8 * block < 0.8 * free
+    log.info("weights %s the GPU for this pass (%.1f GiB to move, %.1f GiB free)",
+             "kept on" if fits else "streamed block by block to", model_bytes_off(model, device) / 2**30, free / 2**30)
+    return fits
+
+
 def reduce_stats(sinks: dict[str, object]) -> None:
     """Data-parallel runs: sum every accumulator over the ranks (no-op in one process)."""
     for s in sinks.values():
@@ -118,6 +150,13 @@ def _solve_order(names: list[str], groups: dict[str, str], grouped: bool) -> lis
     return list(out.values())
 
 
+def _solve_cost(lins: list[nn.Linear]) -> float:
+    """Relative cost of pruning linears that share one input (an OBS solve: one in³ inverse plus rows × in²
+    of updates); what dealing them over the ranks balances."""
+    k = float(lins[0].in_features)
+    return k**3 + sum(lin.out_features for lin in lins) * k**2
+
+
 def _linear_record(lin: nn.Linear, pattern: Pattern) -> dict:
     zeros = int((lin.weight.data == 0).sum())
     numel = lin.weight.numel()
@@ -129,17 +168,23 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
                      plan: dict[str, Pattern], pruner: str, device: torch.device, batch_size: int = 8,
                      offload: str = "auto", checkpoint: Checkpointer | None = None, progress: bool = True,
                      pruner_kwargs: object = None,
-                     on_block: Callable[[int, dict], None] | None = None, weights: object = None) -> PruneResult:
+                     on_block: Callable[[int, dict], None] | None = None, weights: object = None,
+                     resident: bool | None = None) -> PruneResult:
     """Prune ``model`` in place; ``plan`` maps each linear's full name to its :class:`Pattern`.
     ``pruner_kwargs``: the pruner's options (its dataclass, or a dict of its fields; ``None`` = defaults).
     ``weights`` (``models.streaming.BlockWeights``): blocks start empty and are read before they run and
-    released once checkpointed, so host memory holds about one block (needs ``checkpoint``)."""
+    released once checkpointed, so host memory holds about one block (needs ``checkpoint``).
+    ``resident``: keep the whole model on the accelerator (None: when it fits, :func:`decide_resident`);
+    a resident model is left there, otherwise each block returns to the CPU once pruned."""
     cls = get_pruner(pruner)
     pk = cls.make_options(pruner_kwargs)
     res = PruneResult()
     reset_peak(device)
     t_all = time.perf_counter()
     runner = None
+    keep = decide_resident(model, adapter, device, weights, resident)
+    if keep:
+        model.to(device)
     if cls.needs_data:
         assert calib_ids is not None, "this pruner needs calibration data"
         runner = BlockRunner(model, adapter, shard(calib_ids), device, batch_size, offload)
@@ -160,7 +205,7 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
                 res.block_forwards += 1
             res.per_linear.update(rec["linears"])
             res.per_block.append(rec["block"])
-            if device.type == "cuda":
+            if device.type == "cuda" and not keep:
                 block.to("cpu")
             if weights is not None:
                 weights.release(i, block)
@@ -178,16 +223,21 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
         sync(device)
         t_mask = time.perf_counter()
         recs = {}
-        for names in _solve_order(list(linears), groups, hasattr(cls.cls, "prune_group")):
-            pats = [plan[adapter.full_name(i, n)] for n in names]
-            if len(names) > 1:
-                cls.cls.prune_group([pruners[n] for n in names], pats)
-            else:
-                pruners[names[0]].prune(pats[0])
-            for n, pat in zip(names, pats):
+        order = _solve_order(list(linears), groups, hasattr(cls.cls, "prune_group"))
+        owner = deal([_solve_cost([linears[n] for n in names]) for names in order], world_size())
+        for names, who in zip(order, owner):
+            if who == rank():  # data-parallel: each rank solves its share of the block's linears
+                pats = [plan[adapter.full_name(i, n)] for n in names]
+                if len(names) > 1:
+                    cls.cls.prune_group([pruners[n] for n in names], pats)
+                else:
+                    pruners[names[0]].prune(pats[0])
+            for n in names:
                 pruners[n].free()
-                recs[adapter.full_name(i, n)] = _linear_record(linears[n], pat)
-        broadcast_module(block)  # data-parallel: every rank continues with rank 0's pruned block
+        for names, who in zip(order, owner):
+            for n in names:
+                broadcast_tensor(linears[n].weight.data, who)  # every rank continues with the same block
+                recs[adapter.full_name(i, n)] = _linear_record(linears[n], plan[adapter.full_name(i, n)])
         sync(device)
         prune_s = time.perf_counter() - t_mask
         del pruners
@@ -200,7 +250,7 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
                 "achieved": sum(r["zeros"] for r in recs.values()) / numel,
                 "seconds": time.perf_counter() - t0, "prune_seconds": prune_s,
                 "peak_mem_mb": peak_memory_mb(device)}
-        if device.type == "cuda":
+        if device.type == "cuda" and not keep:
             block.to("cpu")
         res.per_linear.update(recs)
         res.per_block.append(brec)
@@ -221,10 +271,14 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
 def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor | None, device: torch.device,
                 make_sinks: Callable[[int, dict[str, nn.Linear]], dict], on_block: Callable[[int, dict, dict], None],
                 batch_size: int = 8, offload: str = "auto", progress: bool = True, desc: str = "dense sweep",
-                weights: object = None) -> None:
+                weights: object = None, resident: bool | None = None) -> None:
     """One forward per **dense** block (§1.6 pass 1): hooks feed ``make_sinks(i, linears)`` while the
     block's outputs become the next block's inputs; then ``on_block(i, linears, sinks)`` (which may
-    compute pruned copies, but must leave the dense weights in place). Without ``calib_ids`` no data runs."""
+    compute pruned copies, but must leave the dense weights in place). Without ``calib_ids`` no data runs.
+    ``resident`` as in :func:`prune_sequential`."""
+    keep = decide_resident(model, adapter, device, weights, resident)
+    if keep:
+        model.to(device)
     runner = BlockRunner(model, adapter, shard(calib_ids), device, batch_size, offload) if calib_ids is not None else None
     for i in tqdm(range(adapter.n_blocks), desc=desc, disable=not progress, unit="block"):
         block = adapter.blocks[i]
@@ -242,13 +296,13 @@ def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor
             for member, leader in groups.items():
                 sinks[member].share_from(sinks[leader])
         on_block(i, linears, sinks)
-        if device.type == "cuda":
+        if device.type == "cuda" and not keep:
             block.to("cpu")
         if weights is not None:
             weights.release(i, block)
     if runner is not None:
         runner.free()
-    if device.type == "cuda":
+    if device.type == "cuda" and not keep:
         move_non_block(model, adapter, torch.device("cpu"))
 
 

@@ -15,44 +15,15 @@ cuBLAS matmul on the decompressed weight beats decoding per batch block.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Iterator
-
 import torch
 
-try:  # Triton is optional: without it (or without CUDA, unless interpreted) the PyTorch path runs
+from layerprune.triton_support import HAVE_TRITON, interpreted, on_cpu, usable  # noqa: F401
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    HAVE_TRITON = False
-
 SMALL_BATCH = 64
-
-
-def interpreted() -> bool:
-    """Triton's interpreter (``TRITON_INTERPRET=1``, read by Triton when it is imported)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-_ON_CPU = [False]
-
-
-@contextlib.contextmanager
-def on_cpu() -> Iterator[None]:
-    """Route CPU tensors through the kernels (under Triton's interpreter: how CI tests them)."""
-    _ON_CPU[0] = True
-    try:
-        yield
-    finally:
-        _ON_CPU[0] = False
-
-
-def usable(device: torch.device) -> bool:
-    """Whether the Triton kernels run for tensors on ``device``."""
-    return HAVE_TRITON and (device.type == "cuda" or (_ON_CPU[0] and interpreted()))
 
 
 if HAVE_TRITON:
