@@ -96,3 +96,24 @@ def test_linears_reading_one_input_share_statistics_and_solve():
     for member, leader in groups.items():
         sinks[member].share_from(sinks[leader])
         assert torch.equal(sinks[member].sq, ref[member].sq)
+
+
+def test_resident_when_the_model_fits_the_accelerator(monkeypatch):
+    """The whole model stays on the GPU for a pass when it plus eight blocks fit in 80% of free memory;
+    never on the CPU or for a streamed model; an explicit choice wins."""
+    from layerprune.engine import sequential as seq
+    from layerprune.models.adapter import ModelAdapter
+
+    m = tiny_model("llama", layers=3)
+    ad = ModelAdapter.of(m)
+    size = sum(p.numel() * p.element_size() for p in m.parameters())
+    block = sum(p.numel() * p.element_size() for p in ad.blocks[0].parameters())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda = torch.device("cuda")
+    for free, fits in (((size + 8 * block) / 0.8 * 1.01, True), ((size + 8 * block) / 0.8 * 0.99, False)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d, f=free: (int(f), int(4 * f)))
+        assert seq.decide_resident(m, ad, cuda) is fits
+        assert seq.decide_resident(m, ad, cuda, resident=not fits) is (not fits)
+        assert seq.decide_resident(m, ad, cuda, weights=object()) is False
+    assert seq.decide_resident(m, ad, torch.device("cpu"), resident=True) is False
+    assert seq.model_bytes_off(m, torch.device("cpu")) == 0

@@ -261,3 +261,14 @@ def test_truncated_dataset_file(tiny_dir, tmp_path, capsys):
     code, _, err = run(["eval", str(tiny_dir), "--data-dir", str(tmp_path / "data"), "--seqlen", "32",
                         "--device", "cpu", "--quiet"], capsys)
     _one_line(code, err, "is damaged or not in the expected format")
+
+
+def test_boolean_options_switch_both_ways_on_the_command_line():
+    """A boolean option whose default is True can be switched off (``--no-FLAG``), one that is False on."""
+    from layerprune.cli import options_for, parse
+    from layerprune.pruners import get_pruner
+
+    spec = get_pruner("sparsegpt")
+    a = parse(["prune", "smollm2-135m", "--pruner", "sparsegpt", "--no-fused-obs", "--hessian-tf32"])
+    assert options_for(spec, a) == {"fused": False, "hessian_tf32": True}
+    assert options_for(spec, parse(["prune", "smollm2-135m", "--pruner", "sparsegpt"])) == {}

@@ -91,7 +91,7 @@ def _method_args(p: argparse.ArgumentParser, title: str, specs: dict) -> None:
     for flag, (help_, t, choices, who) in method_flags(specs).items():
         h = f"[{', '.join(who)}] {help_}"
         if t is bool:
-            g.add_argument(flag, dest=_dest(flag), action="store_true", default=None, help=h)
+            g.add_argument(flag, dest=_dest(flag), action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
             g.add_argument(flag, dest=_dest(flag), type=t, default=None, choices=list(choices) if choices else None,
                            help=h)

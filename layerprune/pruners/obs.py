@@ -17,58 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from layerprune.triton_support import HAVE_TRITON, usable
-
-if HAVE_TRITON:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _obs_block_kernel(W, E, M, H, rows, count, ldw, ldh,
-                          PRUNEN: tl.constexpr, PRUNEM: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-        pid = tl.program_id(0)
-        r = pid * BR + tl.arange(0, BR)
-        c = tl.arange(0, BC)
-        rm = r < rows
-        cm = c < count
-        m2 = rm[:, None] & cm[None, :]
-        off = r[:, None] * ldw + c[None, :]
-        w = tl.load(W + off, mask=m2, other=0.0)
-        msk = tl.load(M + off, mask=m2, other=0).to(tl.int32)
-        dcol = tl.load(H + c * ldh + c, mask=cm, other=1.0)
-        err = tl.zeros([BR, BC], dtype=tl.float32)
-        for i in range(0, count):
-            if PRUNEM > 0:
-                if i % PRUNEM == 0:  # choose this group's N:M mask on the weights updated so far
-                    tmp = w * w / (dcol * dcol)[None, :]
-                    for j in tl.static_range(PRUNEM):
-                        tj = tl.sum(tl.where((c == i + j)[None, :], tmp, 0.0), axis=1)
-                        rank = tl.zeros([BR], dtype=tl.int32)
-                        for k in tl.static_range(PRUNEM):
-                            if k != j:
-                                tk = tl.sum(tl.where((c == i + k)[None, :], tmp, 0.0), axis=1)
-                                if k < j:  # ties: the earlier column counts as smaller (stable sort)
-                                    before = tk <= tj
-                                else:
-                                    before = tk < tj
-                                rank += (before & (i + k < count)).to(tl.int32)
-                        hit = (rank < PRUNEN) & (i + j < count)
-                        msk = tl.where((c == i + j)[None, :], hit.to(tl.int32)[:, None], msk)
-            sel = (c == i)[None, :]
-            wi = tl.sum(tl.where(sel, w, 0.0), axis=1)
-            mi = tl.sum(tl.where(sel, msk, 0), axis=1)
-            d = tl.load(H + i * ldh + i)
-            hrow = tl.load(H + i * ldh + c, mask=cm & (c >= i), other=0.0)
-            q = tl.where(mi != 0, 0.0, wi)
-            e = (wi - q) / d
-            w = w - e[:, None] * hrow[None, :]
-            w = tl.where(sel, q[:, None], w)
-            err = tl.where(sel, e[:, None], err)
-        tl.store(W + off, w, mask=m2)
-        tl.store(E + off, err, mask=m2)
-        if PRUNEM > 0:
-            tl.store(M + off, msk.to(tl.int8), mask=m2)
-
+from layerprune.triton_support import usable
 
 def obs_block_torch(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor, prunen: int = 0,
                     prunem: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +49,10 @@ def obs_block(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor, prunen
     count = W1.shape[1]
     if not (fused and usable(W1.device)) or count > 256:
         return obs_block_torch(W1, Hinv1, mask1, prunen, prunem)
+    import triton
+
+    from layerprune.pruners.obs_triton import obs_block_kernel
+
     W = W1.contiguous()
     H = Hinv1.contiguous()
     E = torch.empty_like(W)
@@ -107,7 +60,7 @@ def obs_block(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor, prunen
     rows = W.shape[0]
     bc = max(16, triton.next_power_of_2(count))
     br = 16 if bc <= 128 else 8
-    _obs_block_kernel[(triton.cdiv(rows, br),)](W, E, M, H, rows, count, W.stride(0), H.stride(0),
+    obs_block_kernel[(triton.cdiv(rows, br),)](W, E, M, H, rows, count, W.stride(0), H.stride(0),
                                                 PRUNEN=int(prunen), PRUNEM=int(prunem), BR=br, BC=bc,
                                                 num_warps=4)
     if prunem:

@@ -6,10 +6,12 @@ unstructured mask is chosen per column block by w² / diag(Hinv)² (adaptive mas
 group of m columns on the already-updated weights; every pruned weight's error is spread over the
 remaining columns (the OBS update). TF32 is disabled while solving, as in the reference.
 
-Two changes for speed, neither changing the algorithm: linears that read the same input (q/k/v, gate/up)
+Three changes for speed, none changing the algorithm: linears that read the same input (q/k/v, gate/up)
 share one Hessian (accumulated once) and are solved together over their stacked rows (OBS is row-
-independent given H⁻¹; each keeps its own mask rule); on CUDA the Hessian is accumulated with TF32 tensor-
-core matmuls and fp32 accumulation (``hessian_fp32=True`` for full fp32 products, as the reference).
+independent given H⁻¹; each keeps its own mask rule); each 128-column block's inner loop runs as one Triton
+kernel (``pruners/obs.py``; ``fused=False``: the reference loop); on CUDA, bf16/fp16 activations are
+multiplied on the tensor cores with fp32 outputs (the products are exact, only the summation order differs
+from the reference's fp32 ``addmm``; fp32 activations stay fp32 unless ``hessian_tf32=True``).
 """
 
 from __future__ import annotations
@@ -38,10 +40,26 @@ class SparseGPTOptions:
                             check=lambda v: v >= 1, must="a positive integer, e.g. 128")
     percdamp: float = option(0.01, "SparseGPT Hessian damping as a fraction of mean(diag H)",
                              check=lambda v: 0 <= v < 1, must="in [0, 1), e.g. 0.01")
-    hessian_fp32: bool = option(False, "SparseGPT: accumulate H = Σ x xᵀ in full fp32 on CUDA (default: TF32 "
-                                "tensor cores with fp32 accumulation; ~1e-3 relative error per product)")
+    hessian_tf32: bool = option(False, "SparseGPT: let fp32 activations use TF32 tensor cores for H = Σ x xᵀ on CUDA "
+                                "(faster, ~1e-3 relative error per product; bf16/fp16 activations always use exact "
+                                "products with fp32 accumulation)")
     fused: bool = option(True, "SparseGPT: run each column block's OBS loop as one Triton kernel where Triton "
-                         "runs (False: the reference's per-column loop; same arithmetic, ~10 launches a column)")
+                         "runs (--no-fused-obs: the reference's per-column loop; same arithmetic, ~10 launches a "
+                         "column)", flag="--fused-obs")
+
+
+_EXACT_MM: dict[torch.device, bool] = {}
+
+
+def _exact_mm(x: torch.Tensor) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` (half-precision inputs, fp32 output) runs here."""
+    if x.device not in _EXACT_MM:
+        try:
+            torch.mm(x[:2, :2].t(), x[:2, :2], out_dtype=torch.float32)
+            _EXACT_MM[x.device] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _EXACT_MM[x.device] = False
+    return _EXACT_MM[x.device]
 
 
 class SparseGPTPruner:
@@ -52,7 +70,7 @@ class SparseGPTPruner:
         self.layer = layer
         self.blocksize = opts.blocksize
         self.percdamp = opts.percdamp
-        self.tf32 = not opts.hessian_fp32
+        self.tf32 = opts.hessian_tf32
         self.fused = opts.fused
         cols = layer.in_features
         self.H = torch.zeros(cols, cols, dtype=torch.float32, device=layer.weight.device)
@@ -61,10 +79,14 @@ class SparseGPTPruner:
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
         tmp = x.shape[0] if x.dim() == 3 else 1
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
         self.H *= self.nsamples / (self.nsamples + tmp)
         self.nsamples += tmp
-        x = math.sqrt(2 / self.nsamples) * x
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _exact_mm(x):
+            # bf16 × bf16 products are exact in fp32: tensor cores, fp32 accumulation, nothing rounded but sums
+            self.H.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=2 / self.nsamples)
+            return
+        x = math.sqrt(2 / self.nsamples) * x.float()
         with tf32(self.tf32):
             self.H.addmm_(x.t(), x)
 
