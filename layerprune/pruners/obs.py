@@ -1,4 +1,5 @@
-"""SparseGPT's inner OBS loop over one column block (Frantar & Alistarh 2023, Alg. 1, lines 6–13).
+"""SparseGPT's inner OBS loop over one column block (Frantar & Alistarh 2023, Algorithm 1: the loop over
+the columns of a block of B = 128).
 
 Given a column block ``W1`` (rows × B, fp32, already carrying the updates of earlier blocks), the block of
 the upper Cholesky factor ``Hinv1`` of H⁻¹ and, for unstructured sparsity, the block's mask, every column
