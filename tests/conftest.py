@@ -95,3 +95,16 @@ def _capture_layerprune_log(caplog):
     caplog.set_level(logging.INFO, logger="layerprune")
     yield
     lg.removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def interpret():
+    """Triton kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 is set above, before
+    Triton is imported); skipped without the triton package, or on a GPU machine (the real kernels run there)."""
+    pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
+    from layerprune import triton_support
+
+    if not triton_support.interpreted():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU run uses the real kernels)")
+    with triton_support.on_cpu():
+        yield

@@ -88,18 +88,6 @@ def test_sparsegpt_retries_cholesky(caplog):
     assert "retrying" in caplog.text
 
 
-@pytest.fixture
-def interpret_triton():
-    """Triton kernels on CPU tensors under Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
-    pytest.importorskip("triton", reason="the fused OBS kernel needs the triton package (pip install triton)")
-    from layerprune import triton_support
-
-    if not triton_support.interpreted():
-        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU run uses the real kernel)")
-    with triton_support.on_cpu():
-        yield
-
-
 def _hinv(count, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(400, count, generator=g) @ torch.randn(count, count, generator=g) * 0.3
@@ -109,7 +97,7 @@ def _hinv(count, seed=0):
 
 @pytest.mark.parametrize("rows,count,n,m", [(21, 64, 0, 0), (9, 50, 0, 0), (21, 64, 2, 4), (10, 40, 4, 8),
                                             (7, 30, 2, 4)])
-def test_fused_obs_kernel_equals_reference_loop(interpret_triton, rows, count, n, m):
+def test_fused_obs_kernel_equals_reference_loop(interpret, rows, count, n, m):
     """The Triton OBS block kernel gives the reference loop's pruned weights, errors and (N:M) masks:
     ragged row tiles, a block narrower than the tile, and N:M groups cut by the block's end."""
     from layerprune.pruners.obs import obs_block, obs_block_torch
@@ -129,7 +117,7 @@ def test_fused_obs_kernel_equals_reference_loop(interpret_triton, rows, count, n
 
 
 @pytest.mark.parametrize("pattern", [Pattern(0.6), Pattern(0.5, 2, 4)])
-def test_sparsegpt_fused_solve_equals_loop(interpret_triton, pattern):
+def test_sparsegpt_fused_solve_equals_loop(interpret, pattern):
     """A whole SparseGPT solve (two column blocks, one ragged) with the fused kernel equals the loop's."""
     from layerprune.pruners.sparsegpt import SparseGPTOptions
 

@@ -80,18 +80,6 @@ def test_sparse_linear_torch_path_equals_f_linear(dtype):
     assert torch.allclose(sl(x).float(), ref.float(), **tol)
 
 
-@pytest.fixture
-def interpret():
-    """The kernels under Triton's interpreter (conftest sets TRITON_INTERPRET=1 before Triton is imported)."""
-    pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
-    from layerprune.sparse import kernels
-
-    if not kernels.interpreted():
-        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU run uses the real kernels)")
-    with kernels.on_cpu():
-        yield
-
-
 @pytest.mark.parametrize("shape", [(37, 200), (16, 128), (50, 130), (33, 300)])
 @pytest.mark.parametrize("kind", ["0.7", "2:4", "uneven", "empty", "dense"])
 @pytest.mark.parametrize("batch", [1, 2, 5, 17])
