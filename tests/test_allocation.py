@@ -146,7 +146,7 @@ def test_histogram_select_is_the_exact_kth_value(k_at):
 
     g = torch.Generator().manual_seed(0)
     parts = [torch.rand(1000, generator=g) ** 3 * 5, torch.zeros(300), torch.exp(torch.randn(5000, generator=g) * 4),
-             torch.full((77,), 0.25)]
+             torch.full((77,), 0.25), torch.full((5,), -0.0)]
     allv = torch.cat(parts)
     k = {"first": 1, "zeros_end": 300, "median": (allv.numel() + 1) // 2, "last": allv.numel()}[k_at]
     assert kth_nonneg(parts, k) == float(torch.kthvalue(allv, k).values)

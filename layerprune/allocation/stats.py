@@ -61,13 +61,18 @@ def kth_nonneg(parts: list[torch.Tensor], k: int) -> float:
     at a time, instead of a sort of all of it (a 7B block's 200 M scores: milliseconds on the GPU)."""
     hist = None
     for t in parts:
-        h = torch.bincount(t.view(torch.int32) >> 16, minlength=1 << 15)
+        h = torch.bincount(_bucket(t), minlength=1 << 15)
         hist = h if hist is None else hist + h
     cum = hist.cumsum(0)
     b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device, dtype=cum.dtype)))
     below = int(cum[b - 1]) if b > 0 else 0
-    cand = torch.cat([t[(t.view(torch.int32) >> 16) == b] for t in parts])
+    cand = torch.cat([t[_bucket(t) == b] for t in parts])
     return float(torch.sort(cand).values[k - below - 1])
+
+
+def _bucket(t: torch.Tensor) -> torch.Tensor:
+    """Top 16 bits of each float32's pattern with the sign cleared (−0.0 falls in +0.0's bucket)."""
+    return (t.view(torch.int32) & 0x7FFFFFFF) >> 16
 
 
 def score_stats(scores: torch.Tensor | list[torch.Tensor], ms: tuple[float, ...]) -> dict:

@@ -89,8 +89,8 @@ def decide_resident(model: nn.Module, adapter: ModelAdapter, device: torch.devic
                     resident: bool | None = None) -> bool:
     """Whether the whole model stays on the accelerator for a pass (``resident=None``: when it fits).
 
-    A resident model moves to the GPU once instead of every block twice per pass (host↔GPU copies of
-    pageable memory were a quarter of a 7B Wanda prune on the H200); it fits when its bytes plus
+    A resident model moves to the GPU once instead of every block twice per pass (a 7B block takes 81 ms
+    to copy in from pageable memory on the H200, BENCHMARKS.md); it fits when its bytes plus
     eight blocks' worth of working memory (Hessians, scores, activations) stay under 80% of free memory.
     Streamed models (``weights``) and CPU runs never are."""
     if device.type != "cuda" or weights is not None:
@@ -99,9 +99,10 @@ def decide_resident(model: nn.Module, adapter: ModelAdapter, device: torch.devic
         return resident
     block = sum(p.numel() * p.element_size() for p in adapter.blocks[0].parameters())
     free, _ = torch.cuda.mem_get_info(device)
-    fits = model_bytes_off(model, device) + 8 * block < 0.8 * free
+    off = model_bytes_off(model, device)
+    fits = off + 8 * block < 0.8 * free
     log.info("weights %s the GPU for this pass (%.1f GiB to move, %.1f GiB free)",
-             "kept on" if fits else "streamed block by block to", model_bytes_off(model, device) / 2**30, free / 2**30)
+             "kept on" if fits else "streamed block by block to", off / 2**30, free / 2**30)
     return fits
 
 
