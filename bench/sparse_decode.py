@@ -1,5 +1,6 @@
-"""Sparse inference on the GPU: per-linear kernel times vs F.linear, the break-even sparsity, and end-to-end
-decode tokens/s of a LLaMA-2-7B-dims model pruned by layerprune (Wanda + DLP, 70%), dense vs sparse.
+"""Sparse inference on the GPU: per-linear kernel times vs F.linear (both layouts: ``delta``, the default, and
+``bitmask``), the break-even sparsity of each, and end-to-end decode tokens/s of a LLaMA-2-7B-dims model
+pruned by layerprune (Wanda + DLP, 70%), dense vs sparse.
 
     python bench/sparse_decode.py --out $OUT/sparse_decode_h200.json [--parts linears,breakeven,e2e]
 
@@ -27,8 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from layerprune.pruners.masks import nm_mask  # noqa: E402
-from layerprune.sparse import kernels  # noqa: E402
-from layerprune.sparse.format import pack  # noqa: E402
+from layerprune.sparse import delta_kernels, kernels  # noqa: E402
+from layerprune.sparse.delta import DeltaTensor  # noqa: E402
+from layerprune.sparse.linear import pack_as  # noqa: E402
 
 DEV = torch.device("cuda")
 SHAPES = {"llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
@@ -64,6 +66,8 @@ def masked(n: int, k: int, sparsity: float | str) -> torch.Tensor:
 
 
 def op(x, sp, n, k):
+    if isinstance(sp, DeltaTensor):
+        return torch.ops.layerprune.sparse_linear_delta(x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k)
     return torch.ops.layerprune.sparse_linear(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk)
 
 
@@ -73,7 +77,7 @@ def linears(reps: int, batches: list[int], sparsities: list) -> list[dict]:
         for (n, k) in shapes:
             for s in sparsities:
                 w = masked(n, k, s)
-                sp = pack(w)
+                sp, bsp = pack_as(w, "delta"), pack_as(w, "bitmask")
                 cusp = None
                 if s == "2:4":
                     try:
@@ -86,11 +90,16 @@ def linears(reps: int, batches: list[int], sparsities: list) -> list[dict]:
                     x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
                     y_ref = F.linear(x, w)
                     err = float((op(x, sp, n, k).float() - y_ref.float()).abs().max() / y_ref.float().abs().max())
+                    err_b = float((op(x, bsp, n, k).float() - y_ref.float()).abs().max() / y_ref.float().abs().max())
                     d = timeit(lambda: F.linear(x, w), reps)
                     sps = timeit(lambda: op(x, sp, n, k), reps)
+                    bms = timeit(lambda: op(x, bsp, n, k), reps)
                     row = {"model": model, "shape": [n, k], "sparsity": s, "batch": b, "dense_us": d, "sparse_us": sps,
-                           "speedup": d / sps, "rel_err": err, "sparse_bytes": sp.nbytes(), "dense_bytes": w.numel() * 2,
-                           "path": "decode-kernel" if b <= kernels.SMALL_BATCH else "decompress+cuBLAS"}
+                           "speedup": d / sps, "layout": "delta", "rel_err": err, "sparse_bytes": sp.nbytes(),
+                           "dense_bytes": w.numel() * 2, "bitmask_us": bms, "bitmask_speedup": d / bms,
+                           "bitmask_rel_err": err_b, "bitmask_bytes": bsp.nbytes(),
+                           "path": "decode-kernel" if b <= delta_kernels.SMALL_BATCH else "decompress+cuBLAS",
+                           "bitmask_path": "decode-kernel" if b <= kernels.SMALL_BATCH else "decompress+cuBLAS"}
                     if cusp is not None:
                         try:
                             row["cusparselt_us"] = timeit(lambda: F.linear(x, cusp), reps) if b >= 16 else None
@@ -98,21 +107,23 @@ def linears(reps: int, batches: list[int], sparsities: list) -> list[dict]:
                             row["cusparselt_error"] = str(e)[:100]
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                del w, sp, cusp
+                del w, sp, bsp, cusp
     return rows
 
 
 def breakeven(reps: int) -> list[dict]:
     rows = []
-    for (n, k) in [(4096, 4096), (11008, 4096), (28672, 8192)]:
-        for s in (0.6, 0.65, 0.7, 0.75):
+    for (n, k) in [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]:
+        for s in (0.5, 0.55, 0.6, 0.65, 0.7, 0.75):
             w = masked(n, k, s)
-            sp = pack(w)
             x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
-            d = timeit(lambda: F.linear(x, w), reps)
-            sps = timeit(lambda: op(x, sp, n, k), reps)
-            rows.append({"shape": [n, k], "sparsity": s, "batch": 1, "dense_us": d, "sparse_us": sps, "speedup": d / sps})
-            print(json.dumps(rows[-1]), flush=True)
+            for layout in ("delta", "bitmask"):
+                sp = pack_as(w, layout)
+                d = timeit(lambda: F.linear(x, w), reps)
+                sps = timeit(lambda: op(x, sp, n, k), reps)
+                rows.append({"shape": [n, k], "sparsity": s, "batch": 1, "layout": layout, "dense_us": d,
+                             "sparse_us": sps, "speedup": d / sps})
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -146,10 +157,12 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
     profile = rec["per_block"]
     sparse = copy.deepcopy(model)
     t = time.perf_counter()
-    layers = sparsify(sparse)  # layers under the measured break-even stay dense
+    layers = sparsify(sparse)  # delta layout; layers under its measured break-even stay dense
     pack_s = time.perf_counter() - t
     packed_all = copy.deepcopy(model)
     sparsify(packed_all, 0.0)  # every linear packed: the smallest weights
+    bitmask = copy.deepcopy(model)
+    sparsify(bitmask, layout="bitmask")  # the bitmask layout, layers under its break-even dense
     x = torch.randint(0, 32000, (1, 16), device=DEV)
     with torch.no_grad():
         diff = float((sparse(x).logits.float() - model(x).logits.float()).abs().max())
@@ -160,14 +173,17 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
         d, mode_d = decode_rate(model, b, 32, new_tokens, g, vocab_hi=32000)
         s, mode_s = decode_rate(sparse, b, 32, new_tokens, g, vocab_hi=32000)
         a, _ = decode_rate(packed_all, b, 32, new_tokens, g, vocab_hi=32000)
+        bm, _ = decode_rate(bitmask, b, 32, new_tokens, g, vocab_hi=32000)
         rows.append({"model": "llama2-7b-dims (random bf16, Wanda+DLP 70%)", "sparsity": 0.7, "batch": b,
-                     "dense_tok_s": d, "sparse_tok_s": s, "speedup": s / d, "all_packed_tok_s": a,
-                     "all_packed_speedup": a / d, "mode": f"{mode_d}/{mode_s}"})
+                     "dense_tok_s": d, "sparse_tok_s": s, "speedup": s / d, "layout": "delta",
+                     "all_packed_tok_s": a, "all_packed_speedup": a / d, "bitmask_tok_s": bm,
+                     "bitmask_speedup": bm / d, "mode": f"{mode_d}/{mode_s}"})
         print(json.dumps(rows[-1]), flush=True)
     info = {"build_s": build_s, "prune_s": prune_s, "pack_s": pack_s, "per_block": profile,
             "achieved": rec["sparsity"]["achieved"], "timing": rec["timing"], "logit_max_abs_diff": diff,
             "logit_max_abs": scale, "dense_weight_bytes": weight_bytes(model),
             "sparse_weight_bytes": weight_bytes(sparse), "all_packed_weight_bytes": weight_bytes(packed_all),
+            "bitmask_weight_bytes": weight_bytes(bitmask),
             "sparse_layers": sum(v["format"] == "sparse" for v in layers.values()),
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if DEV.type == "cuda" else None}
     return rows, info

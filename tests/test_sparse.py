@@ -110,7 +110,7 @@ def test_custom_op_paths_and_compile(interpret):
 
     lin = torch.nn.Linear(130, 50, bias=False)
     lin.weight.data = _weight(50, 130, "uneven")
-    sl = SparseLinear.from_linear(lin)
+    sl = SparseLinear.from_linear(lin, "bitmask")
     for b in (3, 70):
         x = torch.randn(b, 130)
         assert torch.allclose(sl(x), F.linear(x, lin.weight), atol=1e-4)
@@ -131,7 +131,8 @@ def _pruned_dir(tmp_path, model, tok):
     return tmp_path / "pruned", rec
 
 
-def test_export_load_same_logits_and_greedy_tokens(tiny_with_tok, tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["delta", "bitmask"])
+def test_export_load_same_logits_and_greedy_tokens(tiny_with_tok, tmp_path, capsys, layout):
     from layerprune.cli import main
     from layerprune.models.loading import load_model
     from layerprune.sparse import load_sparse
@@ -139,12 +140,13 @@ def test_export_load_same_logits_and_greedy_tokens(tiny_with_tok, tmp_path, caps
 
     model, tok = tiny_with_tok
     pdir, _ = _pruned_dir(tmp_path, model, tok)
-    assert main(["export", str(pdir), "--format", "sparse", "--min-sparsity", "0.5", "--out", str(tmp_path / "sp"),
-                 "--json", "--quiet"]) == 0
+    assert main(["export", str(pdir), "--format", "sparse", "--layout", layout, "--min-sparsity", "0.5", "--out",
+                 str(tmp_path / "sp"), "--json", "--quiet"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["sparse_layers"] == len(info["layers"]) and info["size"]["ratio"] < 0.75
+    assert info["sparse_layers"] == len(info["layers"]) and info["size"]["ratio"] < 0.75 and info["layout"] == layout
     sm = load_sparse(tmp_path / "sp")
-    assert sum(isinstance(m, SparseLinear) for m in sm.modules()) == info["sparse_layers"]
+    sls = [m for m in sm.modules() if isinstance(m, SparseLinear)]
+    assert len(sls) == info["sparse_layers"] and {m.layout for m in sls} == {layout}
     dense, _ = load_model(str(pdir))
     ids = torch.randint(0, 100, (2, 12))
     with torch.no_grad():
@@ -191,11 +193,24 @@ def test_corrupted_sparse_checkpoint_refused_on_load(tiny_with_tok, tmp_path):
     export_sparse(pdir, tmp_path / "sp", min_sparsity=0.5, progress=False)
     f = tmp_path / "sp" / "model.safetensors"
     sd = load_file(str(f))
+    key = next(k for k in sd if k.endswith(".deltas"))  # the default layout
+    sd[key][5] ^= 0x11  # two deltas, one up and one down: every count stays consistent; the CRC-32 sees it
+    save_file(sd, str(f))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        load_sparse(tmp_path / "sp")
+    export_sparse(pdir, tmp_path / "spb", min_sparsity=0.5, progress=False, layout="bitmask")
+    fb = tmp_path / "spb" / "model.safetensors"
+    sd = load_file(str(fb))
     key = next(k for k in sd if k.endswith(".offsets"))
     sd[key][2] += 3
-    save_file(sd, str(f))
+    save_file(sd, str(fb))
+    cfg_path = tmp_path / "spb" / "sparse_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for v in cfg["layers"].values():  # without checksums (as written before them) the structural checks refuse it
+        v.pop("crc32", None)
+    cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="offsets disagree"):
-        load_sparse(tmp_path / "sp")
+        load_sparse(tmp_path / "spb")
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(UserError, match="damaged"):
         load_sparse(tmp_path / "sp")
@@ -216,7 +231,7 @@ def test_smollm2_sparse_generates_the_same_greedy_tokens(tmp_path, smol):
     prune(m, tokenizer=tok, sparsity=0.5, pruner="wanda", allocation="dlp", eval=[], nsamples=4, seqlen=128,
           device="cpu", progress=False, use_cache=False)
     sp = copy.deepcopy(m)
-    sparsify(sp)
+    sparsify(sp, 0.0)  # every linear packed (delta layout), whatever its sparsity
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         a = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
@@ -225,3 +240,141 @@ def test_smollm2_sparse_generates_the_same_greedy_tokens(tmp_path, smol):
                         pad_token_id=tok.eos_token_id)
     assert torch.equal(a, b)
     assert torch.equal(densify(sp).model.layers[3].mlp.up_proj.weight, m.model.layers[3].mlp.up_proj.weight)
+
+
+# ---- the delta layout (layerprune/sparse/delta.py, delta_kernels.py) ----
+DKINDS = ["0.7", "0.5", "2:4", "uneven", "empty", "dense", "0.97"]  # 0.97: gaps ≥ 16 need filler entries
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(5, 1000)])
+@pytest.mark.parametrize("kind", DKINDS)
+def test_delta_pack_unpack_exact_and_validates(shape, kind):
+    from layerprune.sparse import delta
+
+    w = _weight(*shape, kind)
+    sp = delta.pack(w)
+    delta.validate(sp)
+    assert torch.equal(delta.unpack(sp), w)
+    assert sp.nnz == int((w != 0).sum())
+    n, k = shape
+    per_row = (w != 0).sum(1)
+    assert sp.groups >= int(((per_row + 31) // 32).sum())  # fillers may add groups, never remove them
+    assert int(sp.gptr[-1]) == sp.groups and sp.values.numel() == 32 * sp.groups
+    assert sp.nbytes() == sp.groups * (32 * w.element_size() + 16 + 2) + (n + 1) * 4
+    if kind == "dense":  # every delta is 0: no fillers, rows of ceil(k/32) groups
+        assert sp.groups == n * -(-k // 32)
+
+
+def test_delta_bytes_and_fillers():
+    from layerprune.sparse import delta
+
+    w = torch.zeros(2, 300, dtype=torch.bfloat16)
+    w[0, 299] = 1.0  # 299 zeros before it: 18 fillers of 16 columns, then delta 11
+    w[1, 0] = 2.0
+    sp = delta.pack(w)
+    assert torch.equal(delta.unpack(sp), w) and sp.groups == 2
+    assert delta._deltas(sp)[0, :19].tolist() == [15] * 18 + [11]
+    assert delta.bytes_per_weight(0.7) == pytest.approx(0.3 * 2.5 + 0.3 * 2 / 32)
+    big = delta.pack(_weight(32, 4096, "0.7").to(torch.bfloat16))  # a row's padding is ≤ 31 entries
+    assert big.nbytes() / (32 * 4096) < delta.bytes_per_weight(0.7) * 1.03 < 0.4 * 2
+
+
+def test_delta_corruption_refused():
+    from layerprune.sparse import delta
+
+    sp = delta.pack(_weight(37, 200, "0.7"))
+    cases = {"deltas": lambda s: s.deltas.__setitem__(4, int(s.deltas[4]) ^ 0x10),
+             "starts": lambda s: s.starts.__setitem__(1, int(s.starts[1]) + 1),
+             "gptr": lambda s: s.gptr.__setitem__(3, int(s.gptr[3]) + 1)}
+    for name, corrupt in cases.items():
+        bad = delta.DeltaTensor(sp.values.clone(), sp.deltas.clone(), sp.starts.clone(), sp.gptr.clone(), sp.shape)
+        corrupt(bad)
+        with pytest.raises(UserError, match="disagree"):
+            delta.validate(bad, name)
+    short = delta.DeltaTensor(sp.values[:-32], sp.deltas, sp.starts, sp.gptr, sp.shape)
+    with pytest.raises(UserError, match="wrong sizes"):
+        delta.validate(short)
+    with pytest.raises(ValueError, match="65536"):
+        delta.pack(torch.zeros(1, 70000))
+
+
+@pytest.mark.parametrize("shape", [(37, 200), (16, 128), (5, 1000)])
+@pytest.mark.parametrize("kind", ["0.7", "2:4", "uneven", "empty", "dense", "0.97"])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_triton_delta_kernel_equals_f_linear(interpret, shape, kind, batch):
+    """K not a multiple of a group, empty and dense rows, unequal nonzeros per row, N:M, filler entries;
+    one token (plain x), 3 (x transposed, and not), 16 (the largest decode batch)."""
+    from layerprune.sparse import delta, delta_kernels
+
+    n, k = shape
+    w = _weight(n, k, kind, seed=batch)
+    sp = delta.pack(w)
+    x = torch.randn(batch, k)
+    ref = F.linear(x, w)
+    y = delta_kernels.sparse_mm(x, *sp.buffers(), n, k)  # the launch settings the op uses
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
+    if batch in (1, 3):  # unpredicated loads (the 1-2 token path on wide weights) and predicated ones
+        y = delta_kernels.sparse_mm(x, *sp.buffers(), n, k, unmasked=True, transpose_x=batch == 3)
+        assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
+    if batch == 3:  # the other x layout and a tile of several rows × groups
+        y = delta_kernels.sparse_mm(x, *sp.buffers(), n, k, r=4, gp=2, transpose_x=False)
+        assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["0.7", "uneven", "2:4", "0.97"])
+def test_triton_delta_decompress_is_exact(interpret, kind):
+    from layerprune.sparse import delta, delta_kernels
+
+    w = _weight(37, 200, kind)
+    sp = delta.pack(w)
+    assert torch.equal(delta_kernels.decompress(*sp.buffers(), 37, 200), w)
+
+
+def test_delta_custom_op_paths_and_compile(interpret):
+    from layerprune.sparse.linear import SparseLinear
+
+    lin = torch.nn.Linear(130, 50, bias=True)
+    lin.weight.data = _weight(50, 130, "uneven")
+    sl = SparseLinear.from_linear(lin)
+    assert sl.layout == "delta" and "layout=delta" in repr(sl)
+    for b in (1, 3, 40):  # decode kernel (1, 3) and decompress + F.linear (40)
+        x = torch.randn(b, 130)
+        assert torch.allclose(sl(x), F.linear(x, lin.weight, lin.bias), atol=1e-4)
+    assert torch.equal(sl.dense_weight(), lin.weight.data)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(torch.randn(2, 7, 130))
+        out = torch.ops.layerprune.sparse_linear_delta(fx, *(mode.from_tensor(t) for t in sl.packed().buffers()),
+                                                       50, 130)
+        assert out.shape == (2, 7, 50)
+
+
+def test_delta_torch_path_without_triton(monkeypatch):
+    """No Triton (or no CUDA): the plain PyTorch path gives F.linear."""
+    from layerprune.sparse import delta_kernels
+    from layerprune.sparse.linear import SparseLinear
+
+    monkeypatch.setattr(delta_kernels, "usable", lambda device: False)
+    lin = torch.nn.Linear(200, 37, bias=False)
+    lin.weight.data = _weight(37, 200, "0.7")
+    sl = SparseLinear.from_linear(lin)
+    x = torch.randn(3, 200)
+    assert torch.allclose(sl(x), F.linear(x, lin.weight), atol=1e-5)
+
+
+def test_v1_bitmask_directory_still_loads(tiny_with_tok, tmp_path):
+    """A directory written before the delta layout (format v1, no "layout" key) loads as bitmask."""
+    from layerprune.sparse import load_sparse
+    from layerprune.sparse.export import SPARSE_CONFIG, export_sparse
+    from layerprune.sparse.linear import SparseLinear
+
+    model, tok = tiny_with_tok
+    pdir, _ = _pruned_dir(tmp_path, model, tok)
+    export_sparse(pdir, tmp_path / "sp", min_sparsity=0.5, progress=False, layout="bitmask")
+    cfg = json.loads((tmp_path / "sp" / SPARSE_CONFIG).read_text())
+    cfg["format"] = "layerprune-sparse-v1"
+    del cfg["layout"]
+    (tmp_path / "sp" / SPARSE_CONFIG).write_text(json.dumps(cfg))
+    sm = load_sparse(tmp_path / "sp")
+    assert {m.layout for m in sm.modules() if isinstance(m, SparseLinear)} == {"bitmask"}

@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the pruned model + layerprune.json here (resumable)")
     p.add_argument("--sparse-out", default=None,
                    help="also write the compressed sparse model (layerprune export --format sparse) here")
+    p.add_argument("--sparse-layout", default="delta", choices=["delta", "bitmask"],
+                   help="layout of --sparse-out (see export --layout)")
     p.add_argument("--stream", action="store_true",
                    help="never hold the whole model in host memory: read each block from the local safetensors "
                         "when it is pruned, write it to --out, evaluate block by block (uniform/dlp/owl)")
@@ -239,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a pruned model in the compressed sparse format (SparseLinear)")
     x.add_argument("pruned_dir", help="a layerprune output directory (prune --out)")
-    x.add_argument("--format", default="sparse", choices=["sparse"], help="sparse: bitmask + packed values")
+    x.add_argument("--format", default="sparse", choices=["sparse"], help="sparse: packed nonzeros (SparseLinear)")
+    x.add_argument("--layout", default="delta", choices=["delta", "bitmask"],
+                   help="delta: values + 4-bit column deltas, fastest decode (default); bitmask: bitmask + values, "
+                        "faster prefill (BENCHMARKS.md 'Sparse inference')")
     x.add_argument("--min-sparsity", type=float, default=None,
                    help="layers below this sparsity stay dense (default: the measured break-even, see BENCHMARKS.md)")
     x.add_argument("--out", required=True)
@@ -257,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--prompt-len", type=int, default=32)
     b.add_argument("--no-graphs", action="store_true", help="plain eager decode (no torch.compile / CUDA graphs)")
+    b.add_argument("--layout", default="delta", choices=["delta", "bitmask"],
+                   help="layout used when MODEL is a prune --out directory (a sparse directory keeps its own)")
     _common(b)
 
     ls = sub.add_parser("ls", help="list model aliases, data sources, pruners, allocations, tasks")

@@ -47,7 +47,7 @@ def cmd_prune(a: argparse.Namespace) -> tuple[dict, str]:
     if a.sparse_out:
         from layerprune.sparse.export import export_sparse
 
-        rec["sparse_out"] = export_sparse(a.out, a.sparse_out)["out"]
+        rec["sparse_out"] = export_sparse(a.out, a.sparse_out, layout=a.sparse_layout)["out"]
     return rec, prune_summary(rec)
 
 
@@ -156,14 +156,15 @@ def cmd_quantize(a: argparse.Namespace) -> tuple[dict, str]:
 def cmd_export(a: argparse.Namespace) -> tuple[dict, str]:
     from layerprune.sparse.export import export_sparse
 
-    rec = export_sparse(a.pruned_dir, a.out, min_sparsity=a.min_sparsity, progress=not a.quiet)
+    rec = export_sparse(a.pruned_dir, a.out, min_sparsity=a.min_sparsity, progress=not a.quiet, layout=a.layout)
     rows = [[n, lr["sparsity"], lr["format"], lr["bytes"]] for n, lr in list(rec["layers"].items())[:12]]
     txt = table(["linear", "sparsity", "format", "bytes"], rows)
     if len(rec["layers"]) > 12:
         txt += f"\n… {len(rec['layers']) - 12} more linears"
     s = rec["size"]
     txt += (f"\n\n{rec['sparse_layers']} of {len(rec['layers'])} linears compressed; linear weights "
-            f"{s['dense_bytes'] / 2**20:.1f} MiB dense → {s['sparse_bytes'] / 2**20:.1f} MiB ({s['ratio']:.3f}); "
+            f"{s['dense_bytes'] / 2**20:.1f} MiB dense → {s['sparse_bytes'] / 2**20:.1f} MiB ({s['ratio']:.3f}, "
+            f"{rec['layout']} layout); "
             f"saved to {rec['out']}")
     return rec, txt
 
@@ -184,7 +185,7 @@ def cmd_bench_decode(a: argparse.Namespace) -> tuple[dict, str]:
     except ValueError:
         raise UserError(f"--batch-sizes must be comma-separated integers, e.g. 1,4,16 (got {a.batch_sizes!r})") from None
     rec = bench_decode(a.model, bss, a.new_tokens, a.prompt_len, device=a.device, dtype=a.dtype,
-                       graphs=not a.no_graphs)
+                       graphs=not a.no_graphs, layout=a.layout)
     rows = [[r["batch"], r["dense_tok_s"], r["sparse_tok_s"], r["speedup"]] for r in rec["rows"]]
     txt = table(["batch", "dense tok/s", "sparse tok/s", "speed-up"], rows)
     txt += f"\n\n{rec['device']}, {rec['dtype']}, {rec['mode']}; weights on the GPU: dense " \

@@ -1,15 +1,17 @@
 """Sparse inference: a compressed format for pruned linears, ``SparseLinear`` with Triton kernels, export/load.
 
-``format.py`` (pack / unpack / validate, pure torch) → ``kernels.py`` (Triton: decode-GEMM for small
-batches, tile decompression for large ones) → ``linear.py`` (``SparseLinear`` and the ``torch.library``
-op ``layerprune::sparse_linear``) → ``export.py`` (``export_sparse`` / ``load_sparse``) → ``runtime.py``
+Two layouts, each a pure-torch format (pack / unpack / validate) and its Triton kernels: ``delta.py`` +
+``delta_kernels.py`` (values + 4-bit column deltas; the default, fastest at decode) and ``format.py`` +
+``kernels.py`` (tile-major bitmask + values; faster prefill) → ``linear.py`` (``SparseLinear`` and the
+``torch.library`` ops) → ``export.py`` (``export_sparse`` / ``load_sparse``) → ``runtime.py``
 (generation) and ``bench.py`` (``layerprune bench-decode``).
 """
 
+from layerprune.sparse.delta import DeltaTensor
 from layerprune.sparse.format import SparseTensor, pack, unpack
-from layerprune.sparse.linear import SparseLinear
+from layerprune.sparse.linear import SparseLinear, pack_as
 
-__all__ = ["SparseLinear", "SparseTensor", "load_sparse", "pack", "unpack"]
+__all__ = ["DeltaTensor", "SparseLinear", "SparseTensor", "load_sparse", "pack", "pack_as", "unpack"]
 
 
 def load_sparse(path, device="cpu", dtype=None):

@@ -89,13 +89,14 @@ def decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, 
 
 
 def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt_len: int = 32,
-                 device: str = "auto", dtype: str = "bfloat16", graphs: bool = True) -> dict:
+                 device: str = "auto", dtype: str = "bfloat16", graphs: bool = True, layout: str = "delta") -> dict:
     """Dense vs sparse decode tokens/s for a sparse directory or a ``prune --out`` directory."""
     from layerprune.export import is_layerprune_dir
     from layerprune.models.loading import parse_dtype
-    from layerprune.sparse.export import densify, is_sparse_dir, load_sparse, sparsify
+    from layerprune.sparse.export import check_layout, densify, is_sparse_dir, load_sparse, sparsify
     from layerprune.utils import resolve_device
 
+    check_layout(layout)
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError("--batch-sizes must be positive integers, e.g. 1,4,16")
     if new_tokens < 1 or prompt_len < 1:
@@ -114,7 +115,7 @@ def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt
 
         dense = AutoModelForCausalLM.from_pretrained(spec, dtype=dt).to(dev).eval()
         sparse = copy.deepcopy(dense)
-        sparsify(sparse)
+        sparsify(sparse, layout=layout)
     rows = []
     for b in batch_sizes:
         d_rate, mode = decode_rate(dense, b, prompt_len, new_tokens, graphs)
@@ -124,4 +125,5 @@ def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt
     return {"model": spec, "device": torch.cuda.get_device_name(dev), "dtype": str(dt).replace("torch.", ""),
             "mode": rows[0]["mode"], "new_tokens": new_tokens, "prompt_len": prompt_len, "rows": rows,
             "dense_weight_bytes": weight_bytes(dense), "sparse_weight_bytes": weight_bytes(sparse),
+            "layout": sorted({m.layout for m in sparse.modules() if hasattr(m, "layout")}),
             "torch": torch.__version__}

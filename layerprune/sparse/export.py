@@ -1,16 +1,19 @@
 """Export a pruned output directory to the compressed format, and load it back as ``SparseLinear`` layers.
 
-A sparse directory holds ``model.safetensors`` (the packed linears as ``<name>.bitmask`` / ``.values`` /
-``.offsets`` next to every other tensor), ``sparse_config.json`` (the format, tile, and per-linear
-shape, sparsity and bytes), ``config.json``, the tokenizer and ``layerprune.json`` (the run record).
-A linear below ``min_sparsity`` stays a dense ``nn.Linear``: its packed form would not be faster
-(the break-even is measured on the H200, BENCHMARKS.md "Sparse inference").
+A sparse directory holds ``model.safetensors`` (each packed linear as its layout's tensors, e.g.
+``<name>.values`` / ``.deltas`` / ``.starts`` / ``.gptr`` for ``delta``, next to every other tensor),
+``sparse_config.json`` (format, layout, and per-linear shape, sparsity and bytes), ``config.json``,
+the tokenizer and ``layerprune.json`` (the run record). A linear below ``min_sparsity`` stays a dense
+``nn.Linear``: its packed form would not be faster (the break-even is measured per layout on the H200,
+BENCHMARKS.md "Sparse inference"). Directories written before the delta layout (``layerprune-sparse-v1``)
+load as ``bitmask``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +25,20 @@ from layerprune.errors import UserError
 from layerprune.export import RECORD, RunDir, check_out_dir, is_layerprune_dir
 from layerprune.models.adapter import ModelAdapter
 from layerprune.record import args_hash, now
+from layerprune.sparse import delta
 from layerprune.sparse.format import BK, BN, SparseTensor, bytes_per_weight, validate
-from layerprune.sparse.linear import SparseLinear
+from layerprune.sparse.linear import LAYOUTS, SparseLinear
 
 log = logging.getLogger("layerprune")
 
-FORMAT = "layerprune-sparse-v1"
+FORMAT = "layerprune-sparse-v2"
+FORMATS_READ = ("layerprune-sparse-v1", FORMAT)  # v1: bitmask only, no "layout" key
 SPARSE_CONFIG = "sparse_config.json"
-# below this sparsity the packed bf16 linear is slower than dense F.linear for one decode token on the
-# H200 (break-even 0.68–0.71 over the 7B/8B/70B shapes, bench/sparse_kernel_variants.py and
-# bench/sparse_decode.py; BENCHMARKS.md "Sparse inference"): such layers stay dense. 0.695, not 0.70: a layer
-# pruned to 70% holds floor(0.7·n) zeros per row, just under 0.70
-MIN_SPARSITY = 0.695
+# below these sparsities a packed bf16 linear is slower than dense F.linear for one decode token on the
+# H200 (BENCHMARKS.md "Sparse inference": bench/sparse_decode.py's break-even rows): such layers stay
+# dense. bitmask: break-even 0.68–0.71 over the 7B/8B/70B shapes; delta: 0.98–0.99× at 50%, 1.04–1.09× at
+# 55%. A layer pruned to s holds floor(s·n) zeros per row, just under s: hence 0.695 and 0.545
+MIN_SPARSITY = {"bitmask": 0.695, "delta": 0.545}
 
 
 def is_sparse_dir(path: str | Path) -> bool:
@@ -51,16 +56,25 @@ def _set_module(model: nn.Module, name: str, mod: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, mod)
 
 
-def sparsify(model: nn.Module, min_sparsity: float = MIN_SPARSITY) -> dict[str, dict]:
-    """Replace every block linear at or above ``min_sparsity`` by a :class:`SparseLinear` (in place)."""
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
+    return layout
+
+
+def sparsify(model: nn.Module, min_sparsity: float | None = None, layout: str = "delta") -> dict[str, dict]:
+    """Replace every block linear at or above ``min_sparsity`` (default: the layout's measured
+    break-even) by a :class:`SparseLinear` in ``layout`` (in place)."""
+    check_layout(layout)
+    ms = MIN_SPARSITY[layout] if min_sparsity is None else min_sparsity
     ad = ModelAdapter.of(model)
     layers = {}
     for i, n, lin in ad.all_linears():
         name = ad.full_name(i, n)
         w = lin.weight.data
         s = float((w == 0).sum()) / w.numel()
-        if s >= min_sparsity:
-            sl = SparseLinear.from_linear(lin)
+        if s >= ms and (layout != "delta" or w.shape[1] < delta.MAX_K):
+            sl = SparseLinear.from_linear(lin, layout)
             _set_module(model, name, sl)
             layers[name] = {"format": "sparse", "sparsity": s, "shape": list(w.shape),
                             "bytes": sl.packed().nbytes(), "dense_bytes": w.numel() * w.element_size()}
@@ -68,6 +82,15 @@ def sparsify(model: nn.Module, min_sparsity: float = MIN_SPARSITY) -> dict[str, 
             layers[name] = {"format": "dense", "sparsity": s, "shape": list(w.shape),
                             "bytes": w.numel() * w.element_size(), "dense_bytes": w.numel() * w.element_size()}
     return layers
+
+
+def checksum(sl: SparseLinear) -> str:
+    """CRC-32 of a packed linear's buffers (in their layout's order): structural checks cannot see a
+    corruption that keeps every count consistent, this can."""
+    crc = 0
+    for t in sl.packed().buffers():
+        crc = zlib.crc32(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes(), crc)
+    return f"{crc:08x}"
 
 
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,14 +106,15 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, layout: str = "delta") -> dict:
     """Write ``pruned_dir`` (a ``prune --out`` directory) in the compressed format to ``out`` (atomic)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(pruned_dir).is_dir() or not is_layerprune_dir(pruned_dir):
         raise UserError(f"{pruned_dir} is not a layerprune output directory (no {RECORD} and config.json): "
                         "run `layerprune prune ... --out DIR` first")
-    ms = MIN_SPARSITY if min_sparsity is None else min_sparsity
+    check_layout(layout)
+    ms = MIN_SPARSITY[layout] if min_sparsity is None else min_sparsity
     if not (0 <= ms <= 1):
         raise UserError(f"--min-sparsity must be in [0, 1] (got {ms})")
     check_out_dir(out)
@@ -100,18 +124,22 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
         tok = AutoTokenizer.from_pretrained(str(pruned_dir))
     except (OSError, ValueError) as e:
         raise UserError(f"{pruned_dir} does not hold a model transformers can load: {str(e).splitlines()[0][:120]}") from None
-    layers = sparsify(model, ms)
+    layers = sparsify(model, ms, layout)
+    for name, info_l in layers.items():
+        if info_l["format"] == "sparse":
+            info_l["crc32"] = checksum(model.get_submodule(name))
     n_sparse = sum(v["format"] == "sparse" for v in layers.values())
     if n_sparse == 0:
         log.warning("no linear reaches --min-sparsity %.2f: every layer stays dense", ms)
     dense_b = sum(v["dense_bytes"] for v in layers.values())
     sparse_b = sum(v["bytes"] for v in layers.values())
-    cfg = {"format": FORMAT, "bn": BN, "bk": BK, "min_sparsity": ms, "dtype": str(model.dtype).replace("torch.", ""),
-           "layers": layers}
+    cfg = {"format": FORMAT, "layout": layout, "min_sparsity": ms, "dtype": str(model.dtype).replace("torch.", ""),
+           "layers": layers, **({"bn": BN, "bk": BK} if layout == "bitmask" else {"group": delta.GROUP})}
     info = {"out": str(out), "source": str(pruned_dir), "exported": now(), "layers": layers, "sparse_layers": n_sparse,
-            "min_sparsity": ms, "size": {"dense_bytes": dense_b, "sparse_bytes": sparse_b,
-                                         "ratio": sparse_b / max(dense_b, 1)},
-            "bytes_per_weight_at_0.7": bytes_per_weight(0.7, model.dtype.itemsize)}
+            "min_sparsity": ms, "layout": layout, "size": {"dense_bytes": dense_b, "sparse_bytes": sparse_b,
+                                                           "ratio": sparse_b / max(dense_b, 1)},
+            "bytes_per_weight_at_0.7": (bytes_per_weight(0.7, model.dtype.itemsize) if layout == "bitmask"
+                                        else delta.bytes_per_weight(0.7, model.dtype.itemsize))}
 
     def write(m: nn.Module, tokenizer: Any, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -124,7 +152,7 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 
-    rd = RunDir(out, args_hash({"src": str(Path(pruned_dir).resolve()), "ms": ms}))
+    rd = RunDir(out, args_hash({"src": str(Path(pruned_dir).resolve()), "ms": ms, "layout": layout}))
     try:
         rd.finalize(model, tok, {**rec0, "sparse_export": {k: v for k, v in info.items() if k != "layers"}}, writer=write)
     except BaseException:
@@ -134,8 +162,8 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
 
 
 def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """A Hugging Face causal LM whose packed linears are :class:`SparseLinear`; every tile is checked
-    (offsets against bitmask popcounts) before the model is returned."""
+    """A Hugging Face causal LM whose packed linears are :class:`SparseLinear`; every packed linear is
+    checked (``validate`` of its layout) before the model is returned."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -147,8 +175,12 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: tor
         sd = load_file(str(path / "model.safetensors"))
     except Exception as e:  # noqa: BLE001 - a truncated file fails inside safetensors
         raise UserError(f"{path} is damaged ({type(e).__name__}): export it again") from None
-    if cfg.get("format") != FORMAT:
-        raise UserError(f"{path}: unknown sparse format {cfg.get('format')!r} (this layerprune reads {FORMAT})")
+    if cfg.get("format") not in FORMATS_READ:
+        raise UserError(f"{path}: unknown sparse format {cfg.get('format')!r} (this layerprune reads "
+                        f"{', '.join(FORMATS_READ)})")
+    layout = cfg.get("layout", "bitmask")
+    if layout not in LAYOUTS:
+        raise UserError(f"{path}: unknown sparse layout {layout!r}: the checkpoint is damaged or newer than this layerprune")
     dt = dtype or getattr(torch, cfg.get("dtype", "float32"))
     config = AutoConfig.from_pretrained(str(path))
     with torch.device(device):
@@ -158,7 +190,7 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: tor
             continue
         lin = model.get_submodule(name)
         _set_module(model, name, SparseLinear(lin.in_features, lin.out_features, lin.bias is not None,
-                                              dtype=dt, device=device))
+                                              dtype=dt, device=device, layout=layout))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
@@ -168,7 +200,10 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     for name, info in cfg["layers"].items():
         if info["format"] == "sparse":
             sl = model.get_submodule(name)
-            validate(sl.packed(), name)
+            if "crc32" in info and checksum(sl) != info["crc32"]:
+                raise UserError(f"sparse tensor {name}: checksum mismatch (a corrupted checkpoint): export it again")
+            sp = sl.packed()
+            (delta.validate if isinstance(sp, delta.DeltaTensor) else validate)(sp, name)
             sl.values.data = sl.values.data.to(dt)
     model.to(device).eval()
     model.config.use_cache = True

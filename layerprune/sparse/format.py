@@ -38,8 +38,11 @@ class SparseTensor:
     def nnz(self) -> int:
         return int(self.values.numel())
 
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.bitmask, self.values, self.offsets
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.bitmask, self.values, self.offsets))
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def tiles(self) -> tuple[int, int]:
         n, k = self.shape

@@ -1,10 +1,16 @@
-"""``SparseLinear``: a drop-in for ``nn.Linear`` holding a packed weight (:mod:`layerprune.sparse.format`).
+"""``SparseLinear``: a drop-in for ``nn.Linear`` holding a packed weight in one of two layouts.
 
-Its forward is one PyTorch custom op, ``torch.ops.layerprune.sparse_linear`` (``torch.library``), so
-``torch.compile`` and CUDA-graph capture take it as it is. The op picks the path by where it runs:
-CUDA with Triton → the decode kernel for up to ``SMALL_BATCH`` tokens, else decompress + ``F.linear``
-(cuBLAS); no CUDA or no Triton → unpack with plain PyTorch and ``F.linear`` (correct, not fast; one
-warning).
+* ``delta`` (default, :mod:`layerprune.sparse.delta`): row-major values + 4-bit column deltas. The fast
+  one for decode (1–4 tokens: 1.1–1.5× dense at 70% on the H200); its prefill path scatters the weight
+  back to dense first, which is slow.
+* ``bitmask`` (:mod:`layerprune.sparse.format`): tile-major bitmask + values. Dense speed at 70% for one
+  token, but a tile decompression for prefill that costs 15–25% over dense.
+
+Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
+``layerprune::sparse_linear``), so ``torch.compile`` and CUDA-graph capture take it as it is. The op
+picks the path by where it runs: CUDA with Triton → the decode kernel for small batches, else
+decompress + ``F.linear`` (cuBLAS); no CUDA or no Triton → unpack with plain PyTorch and ``F.linear``
+(correct, not fast; one warning).
 """
 
 from __future__ import annotations
@@ -15,18 +21,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerprune.sparse import kernels
+from layerprune.sparse import delta, delta_kernels, kernels
 from layerprune.sparse.format import SparseTensor, pack, unpack
 
 log = logging.getLogger("layerprune")
 _warned = False
+LAYOUTS = ("delta", "bitmask")
+BUFFERS = {"delta": ("values", "deltas", "starts", "gptr"), "bitmask": ("bitmask", "values", "offsets")}
+
+
+def _torch_path(x: torch.Tensor) -> None:
+    global _warned
+    if not _warned and x.device.type == "cuda":
+        log.warning("SparseLinear: Triton is not available, using the plain PyTorch path (correct, not fast)")
+        _warned = True
 
 
 @torch.library.custom_op("layerprune::sparse_linear", mutates_args=())
 def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                   n: int, k: int, bn: int, bk: int) -> torch.Tensor:
-    """y = x · Wᵀ for a packed W (n × k); x is (..., k)."""
-    global _warned
+    """y = x · Wᵀ for a W (n × k) in the bitmask layout; x is (..., k)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if kernels.usable(x.device):
@@ -35,9 +49,7 @@ def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, 
         else:
             y = F.linear(x2, kernels.decompress(bitmask, values, offsets, n, k, bn, bk))
     else:
-        if not _warned and x.device.type == "cuda":
-            log.warning("SparseLinear: Triton is not available, using the plain PyTorch path (correct, not fast)")
-            _warned = True
+        _torch_path(x)
         y = F.linear(x2, unpack(SparseTensor(bitmask, values, offsets, (n, k), bn, bk)).to(x2.dtype))
     return y.reshape(*lead, n)
 
@@ -47,54 +59,98 @@ def _(x, bitmask, values, offsets, n, k, bn, bk):
     return x.new_empty(*x.shape[:-1], n)
 
 
-class SparseLinear(nn.Module):
-    """``nn.Linear`` with a packed weight; the buffers are the format's three tensors."""
+@torch.library.custom_op("layerprune::sparse_linear_delta", mutates_args=())
+def sparse_linear_delta(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor,
+                        gptr: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """y = x · Wᵀ for a W (n × k) in the delta layout; x is (..., k)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if delta_kernels.usable(x.device):
+        if x2.shape[0] <= delta_kernels.SMALL_BATCH:
+            y = delta_kernels.sparse_mm(x2.contiguous(), values, deltas, starts, gptr, n, k)
+        else:
+            y = F.linear(x2, delta_kernels.decompress(values, deltas, starts, gptr, n, k))
+    else:
+        _torch_path(x)
+        y = F.linear(x2, delta.unpack(delta.DeltaTensor(values, deltas, starts, gptr, (n, k))).to(x2.dtype))
+    return y.reshape(*lead, n)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, sp: SparseTensor | None = None,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> None:
+
+@sparse_linear_delta.register_fake
+def _(x, values, deltas, starts, gptr, n, k):
+    return x.new_empty(*x.shape[:-1], n)
+
+
+def pack_as(w: torch.Tensor, layout: str) -> SparseTensor | delta.DeltaTensor:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown sparse layout {layout!r} (one of {', '.join(LAYOUTS)})")
+    return delta.pack(w) if layout == "delta" else pack(w)
+
+
+class SparseLinear(nn.Module):
+    """``nn.Linear`` with a packed weight; the buffers are the layout's tensors (``BUFFERS``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, sp: SparseTensor | delta.DeltaTensor | None = None,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", layout: str = "delta") -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        if sp is None:  # empty shell, filled by load_state_dict
-            from layerprune.sparse.format import BK, BN
-
-            rb, kt = -(-out_features // BN), -(-in_features // BK)
-            sp = SparseTensor(torch.zeros(rb * kt, BN, BK // 32, dtype=torch.int32, device=device),
-                              torch.zeros(0, dtype=dtype, device=device),
-                              torch.zeros(rb * kt + 1, dtype=torch.int32, device=device),
-                              (out_features, in_features))
-        self.bn, self.bk = sp.bn, sp.bk
-        self.register_buffer("bitmask", sp.bitmask)
-        self.register_buffer("values", sp.values)
-        self.register_buffer("offsets", sp.offsets)
+        if sp is None:  # empty shell, filled by load_state_dict (sizes come from the checkpoint)
+            sp = _empty(in_features, out_features, dtype, device, layout)
+        self.layout = "delta" if isinstance(sp, delta.DeltaTensor) else "bitmask"
+        self.bn, self.bk = (sp.bn, sp.bk) if self.layout == "bitmask" else (0, 0)
+        for name in BUFFERS[self.layout]:
+            self.register_buffer(name, getattr(sp, name))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear) -> "SparseLinear":
-        sp = pack(lin.weight.data)
+    def from_linear(cls, lin: nn.Linear, layout: str = "delta") -> "SparseLinear":
+        sp = pack_as(lin.weight.data, layout)
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, sp, lin.weight.dtype, lin.weight.device)
         if lin.bias is not None:
             m.bias.data.copy_(lin.bias.data)
         return m
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        v = state_dict.get(prefix + "values")
-        if v is not None and v.shape != self.values.shape:  # nnz is known only from the checkpoint
-            self.values = torch.empty_like(v, device=self.values.device)
+        for name in BUFFERS[self.layout]:
+            v = state_dict.get(prefix + name)
+            if v is not None and v.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(v, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def packed(self) -> SparseTensor:
-        return SparseTensor(self.bitmask, self.values, self.offsets, (self.out_features, self.in_features),
-                            self.bn, self.bk)
+    def packed(self) -> SparseTensor | delta.DeltaTensor:
+        shape = (self.out_features, self.in_features)
+        if self.layout == "delta":
+            return delta.DeltaTensor(self.values, self.deltas, self.starts, self.gptr, shape)
+        return SparseTensor(self.bitmask, self.values, self.offsets, shape, self.bn, self.bk)
 
     def dense_weight(self) -> torch.Tensor:
-        return unpack(self.packed())
+        sp = self.packed()
+        return delta.unpack(sp) if isinstance(sp, delta.DeltaTensor) else unpack(sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.layerprune.sparse_linear(x, self.bitmask, self.values, self.offsets, self.out_features,
-                                               self.in_features, self.bn, self.bk)
+        n, k = self.out_features, self.in_features
+        if self.layout == "delta":
+            y = torch.ops.layerprune.sparse_linear_delta(x, self.values, self.deltas, self.starts, self.gptr, n, k)
+        else:
+            y = torch.ops.layerprune.sparse_linear(x, self.bitmask, self.values, self.offsets, n, k, self.bn, self.bk)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        nnz = self.values.numel()
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+        nnz = int((self.values != 0).sum())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
                 f"sparsity={1 - nnz / (self.in_features * self.out_features):.3f}, bias={self.bias is not None}")
+
+
+def _empty(in_features: int, out_features: int, dtype: torch.dtype, device, layout: str):
+    if layout == "delta":
+        return delta.DeltaTensor(torch.zeros(0, dtype=dtype, device=device), torch.zeros(0, dtype=torch.uint8, device=device),
+                                 torch.zeros(0, dtype=torch.int16, device=device),
+                                 torch.zeros(out_features + 1, dtype=torch.int32, device=device), (out_features, in_features))
+    if layout != "bitmask":
+        raise ValueError(f"unknown sparse layout {layout!r} (one of {', '.join(LAYOUTS)})")
+    from layerprune.sparse.format import BK, BN
+
+    rb, kt = -(-out_features // BN), -(-in_features // BK)
+    return SparseTensor(torch.zeros(rb * kt, BN, BK // 32, dtype=torch.int32, device=device),
+                        torch.zeros(0, dtype=dtype, device=device),
+                        torch.zeros(rb * kt + 1, dtype=torch.int32, device=device), (out_features, in_features))

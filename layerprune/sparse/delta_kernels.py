@@ -1,0 +1,215 @@
+"""Triton kernels for :mod:`layerprune.sparse.delta` (tested on the CPU with ``TRITON_INTERPRET=1``).
+
+``sparse_mm``: y = x · Wᵀ for a small batch (decode, B ≤ ``SMALL_BATCH``). A program owns ``R`` rows and
+walks their groups ``GP`` at a time (for 1–2 tokens without predicated loads: group indices clamped in
+bounds, out-of-row groups zeroed by a select, padding columns clamped to K − 1, where their value is 0). A group's columns come without a cross-lane scan: its two 8-byte
+delta words are split into four quarters of 8 entries, each quarter's nibbles + 1 spread one per byte
+and multiplied by 0x0101…01, which leaves the running column count in every byte (SWAR prefix sum,
+≤ 128 per byte); then x is gathered at the columns (L1/L2 hits: x is small) and multiplied in fp32.
+The work follows the stored entries. For B ≥ 3 x is transposed first so that one gather fetches the
+B values of a column. Launch settings: the best of bench/sparse_delta_search.py's sweep on the H200.
+
+``decompress``: the dense weight (zeros, then one scatter of the entries), for batches and prefills
+beyond ``SMALL_BATCH``. Scattered 2-byte stores are slow (≈ 5× the bitmask layout's tile decompression,
+BENCHMARKS.md "Sparse inference"): the bitmask layout is the one for prefill-heavy serving.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from layerprune.triton_support import HAVE_TRITON, interpreted, on_cpu, usable  # noqa: F401
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+SMALL_BATCH = 16
+
+if HAVE_TRITON:
+    _LO = tl.constexpr(0x0F0F0F0F0F0F0F0F)
+    _ONE = tl.constexpr(0x0101010101010101)
+
+    @triton.jit
+    def _quarters(dl_ptr, gs_ptr, g, gm, UNMASKED: tl.constexpr = False):
+        """Per group ``g``: the column before its first entry and, for each quarter of 8 entries, the running
+        column counts packed one per byte (SWAR: nibbles + 1 spread to bytes, times 0x0101…01 = prefix sums
+        in every byte, ≤ 128) plus the quarter's carry. No cross-lane scan: all of it is per-thread."""
+        dp = dl_ptr.to(tl.pointer_type(tl.int64)) + g * 2
+        if UNMASKED:  # g is in bounds (clamped by the caller); the caller zeroes the values of masked groups
+            base = (tl.load(gs_ptr + g).to(tl.int32) & 0xFFFF) - 1
+            w0 = tl.load(dp)
+            w1 = tl.load(dp + 1)
+        else:
+            base = (tl.load(gs_ptr + g, mask=gm, other=0).to(tl.int32) & 0xFFFF) - 1
+            w0 = tl.load(dp, mask=gm, other=0)
+            w1 = tl.load(dp + 1, mask=gm, other=0)
+        p0 = ((w0 & _LO) + _ONE) * _ONE  # entries 0-7 (low nibbles of bytes 0-7)
+        p1 = ((w1 & _LO) + _ONE) * _ONE  # entries 8-15
+        p2 = (((w0 >> 4) & _LO) + _ONE) * _ONE  # entries 16-23 (high nibbles of bytes 0-7)
+        p3 = (((w1 >> 4) & _LO) + _ONE) * _ONE  # entries 24-31
+        c1 = ((p0 >> 56) & 0xFF).to(tl.int32)
+        c2 = c1 + ((p1 >> 56) & 0xFF).to(tl.int32)
+        c3 = c2 + ((p2 >> 56) & 0xFF).to(tl.int32)
+        return base, p0, p1, p2, p3, c1, c2, c3
+
+    @triton.jit
+    def _cols(base, p, c, SHIFT32: tl.constexpr = False):
+        """(R, GP, 8) columns of one quarter (SHIFT32: bytes taken from the 32-bit halves of ``p``)."""
+        if SHIFT32:
+            i = tl.arange(0, 8)[None, None, :]
+            lo = p.to(tl.int32)[:, :, None]
+            hi = (p >> 32).to(tl.int32)[:, :, None]
+            return (base + c)[:, :, None] + ((tl.where(i < 4, lo, hi) >> ((i % 4) * 8)) & 0xFF)
+        else:
+            sh = (tl.arange(0, 8) * 8).to(tl.int64)
+            return (base + c)[:, :, None] + ((p[:, :, None] >> sh[None, None, :]) & 0xFF).to(tl.int32)
+
+    @triton.jit
+    def _quarter_dot_u(x_ptr, val_ptr, g, gm, col, q: tl.constexpr, K, sxk, sxb, bs, BB: tl.constexpr):
+        """``_quarter_dot`` without predicated loads: ``g`` is clamped in bounds, masked groups' values are
+        zeroed by a select and columns past the row (padding) are clamped to K − 1 (their values are 0)."""
+        i = tl.arange(0, 8)
+        v = tl.load(val_ptr + g[:, :, None] * 32 + q * 8 + i[None, None, :]).to(tl.float32)
+        v = tl.where(gm[:, :, None], v, 0.0)
+        c = tl.minimum(col, K - 1)
+        if BB == 1:
+            return v * tl.load(x_ptr + c * sxk).to(tl.float32)
+        else:
+            xv = tl.load(x_ptr + c[:, :, :, None] * sxk + bs[None, None, None, :] * sxb).to(tl.float32)
+            return v[:, :, :, None] * xv
+
+    @triton.jit
+    def _quarter_dot(x_ptr, val_ptr, g, gm, col, q: tl.constexpr, K, sxk, sxb, b, bm, BB: tl.constexpr):
+        """Σ over the quarter's 8 entries of value × x[col] for each token: (R, GP, 8) if BB == 1 else
+        (R, GP, 8, BB)."""
+        i = tl.arange(0, 8)
+        m = gm[:, :, None]
+        v = tl.load(val_ptr + g[:, :, None] * 32 + q * 8 + i[None, None, :], mask=m, other=0.0).to(tl.float32)
+        mc = m & (col < K)
+        if BB == 1:
+            return v * tl.load(x_ptr + col * sxk, mask=mc, other=0.0).to(tl.float32)
+        else:
+            xv = tl.load(x_ptr + col[:, :, :, None] * sxk + b[None, None, None, :] * sxb,
+                         mask=mc[:, :, :, None] & bm[None, None, None, :], other=0.0).to(tl.float32)
+            return v[:, :, :, None] * xv
+
+    @triton.jit
+    def _spmv_kernel(x_ptr, val_ptr, dl_ptr, gs_ptr, gp_ptr, y_ptr, B, N, K, G, sxk, sxb, syb,
+                     R: tl.constexpr, GP: tl.constexpr, BB: tl.constexpr, UNMASKED: tl.constexpr = True,
+                     SHIFT32: tl.constexpr = False):
+        pid = tl.program_id(0)
+        rows = pid * R + tl.arange(0, R)
+        rm = rows < N
+        g0 = tl.load(gp_ptr + rows, mask=rm, other=0)
+        ng = tl.load(gp_ptr + rows + 1, mask=rm, other=0) - g0
+        maxg = tl.max(ng, axis=0)
+        gpr = tl.arange(0, GP)
+        b = tl.arange(0, BB)
+        bm = b < B
+        bs = tl.minimum(b, B - 1)  # tokens past B read token B − 1 (in bounds); they are never stored
+        if BB == 1:
+            acc = tl.zeros((R, GP, 8), dtype=tl.float32)
+        else:
+            acc = tl.zeros((R, GP, 8, BB), dtype=tl.float32)
+        for it in range(0, maxg, GP):
+            gi = it + gpr[None, :]
+            gm = gi < ng[:, None]
+            g = g0[:, None] + gi
+            if UNMASKED:
+                g = tl.minimum(g, G - 1)
+                base, p0, p1, p2, p3, c1, c2, c3 = _quarters(dl_ptr, gs_ptr, g, gm, True)
+                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p0, 0, SHIFT32), 0, K, sxk, sxb, bs, BB)
+                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p1, c1, SHIFT32), 1, K, sxk, sxb, bs, BB)
+                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p2, c2, SHIFT32), 2, K, sxk, sxb, bs, BB)
+                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p3, c3, SHIFT32), 3, K, sxk, sxb, bs, BB)
+            else:
+                base, p0, p1, p2, p3, c1, c2, c3 = _quarters(dl_ptr, gs_ptr, g, gm)
+                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p0, 0, SHIFT32), 0, K, sxk, sxb, b, bm, BB)
+                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p1, c1, SHIFT32), 1, K, sxk, sxb, b, bm, BB)
+                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p2, c2, SHIFT32), 2, K, sxk, sxb, b, bm, BB)
+                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p3, c3, SHIFT32), 3, K, sxk, sxb, b, bm, BB)
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+        if BB == 1:
+            tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=rm)
+        else:
+            tl.store(y_ptr + b[None, :] * syb + rows[:, None], out.to(y_ptr.dtype.element_ty),
+                     mask=rm[:, None] & bm[None, :])
+
+    @triton.jit
+    def _scatter_quarter(val_ptr, wrow, g, gm, col, q: tl.constexpr, K):
+        i = tl.arange(0, 8)
+        m = gm[:, :, None]
+        v = tl.load(val_ptr + g[:, :, None] * 32 + q * 8 + i[None, None, :], mask=m, other=0.0)
+        tl.store(wrow + col, v, mask=m & (col < K))
+
+    @triton.jit
+    def _decompress_kernel(val_ptr, dl_ptr, gs_ptr, gp_ptr, w_ptr, N, K, R: tl.constexpr, GP: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * R + tl.arange(0, R)
+        rm = rows < N
+        g0 = tl.load(gp_ptr + rows, mask=rm, other=0)
+        ng = tl.load(gp_ptr + rows + 1, mask=rm, other=0) - g0
+        maxg = tl.max(ng, axis=0)
+        gpr = tl.arange(0, GP)
+        wrow = w_ptr + rows.to(tl.int64)[:, None, None] * K
+        for it in range(0, maxg, GP):
+            gi = it + gpr[None, :]
+            gm = gi < ng[:, None]
+            g = g0[:, None] + gi
+            base, p0, p1, p2, p3, c1, c2, c3 = _quarters(dl_ptr, gs_ptr, g, gm)
+            _scatter_quarter(val_ptr, wrow, g, gm, _cols(base, p0, 0), 0, K)
+            _scatter_quarter(val_ptr, wrow, g, gm, _cols(base, p1, c1), 1, K)
+            _scatter_quarter(val_ptr, wrow, g, gm, _cols(base, p2, c2), 2, K)
+            _scatter_quarter(val_ptr, wrow, g, gm, _cols(base, p3, c3), 3, K)
+
+
+def _launch(num_warps: int, num_stages: int) -> dict:
+    return {} if interpreted() else {"num_warps": num_warps, "num_stages": num_stages}
+
+
+def settings(n: int, k: int, b: int) -> tuple[int, int, int, bool, bool]:
+    """(rows per program, groups per row per step, warps, transpose x, unmasked) for an n × k weight and b
+    tokens: the best of bench/sparse_delta_search.py's sweeps (1, 4, 8/16 tokens; its ``ab`` part for
+    unmasked loads) and bench/sparse_delta_decompress.py (GP = 32, 2 tokens) on the H200."""
+    if b == 1:
+        return 2, 16, (2 if n <= 2048 else 1), False, k >= 8192
+    if b == 2:
+        return 2, 8, 1, False, True
+    if b <= 4:
+        return 2, 8, (4 if n <= 2048 else 2), True, False
+    return (2, 8, 2, True, False) if n <= 2048 else (4, 4, 2, True, False)
+
+
+def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
+              n: int, k: int, r: int | None = None, gp: int | None = None, num_warps: int | None = None,
+              num_stages: int | None = None, transpose_x: bool | None = None, unmasked: bool | None = None,
+              shift32: bool = False) -> torch.Tensor:
+    """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype, B ≤ ``SMALL_BATCH``."""
+    B = x.shape[0]
+    G = starts.numel()
+    if B == 0 or G == 0:  # no tokens, or a weight without nonzeros
+        return torch.zeros(B, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(B, n, dtype=x.dtype, device=x.device)
+    r0, gp0, nw0, tx0, um0 = settings(n, k, B)
+    r, gp, nw = r or r0, gp or gp0, num_warps or nw0
+    unmasked = um0 if unmasked is None else unmasked
+    if (tx0 if transpose_x is None else transpose_x) and B > 1:
+        xt = x.t().contiguous()
+        sxk, sxb, xx = B, 1, xt
+    else:
+        sxk, sxb, xx = x.stride(1), x.stride(0), x
+    bb = max(1, triton.next_power_of_2(B))
+    _spmv_kernel[(-(-n // r),)](xx, values, deltas, starts, gptr, y, B, n, k, G, sxk, sxb, y.stride(0),
+                                R=r, GP=gp, BB=bb, UNMASKED=unmasked, SHIFT32=shift32,
+                                **_launch(nw, num_stages or 2))
+    return y
+
+
+def decompress(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, n: int,
+               k: int) -> torch.Tensor:
+    """The dense (n × k) weight on the device."""
+    w = torch.zeros(n, k, dtype=values.dtype, device=values.device)
+    r = 8
+    _decompress_kernel[(-(-n // r),)](values, deltas, starts, gptr, w, n, k, R=r, GP=4, **_launch(4, 2))
+    return w
