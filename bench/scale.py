@@ -71,10 +71,14 @@ def run_case(dims: str, pruner: str, allocation: str, nsamples: int, seqlen: int
     prune_call_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     ids = torch.randint(0, vocab, (eval_windows, seqlen), generator=g)
-    model.to("cuda")
+    resident = next(model.parameters()).is_cuda  # a model that fits is left on the GPU by the prune
+    model.to("cuda")  # as evaluate_ppl does: a no-op for a resident model
     ppl = perplexity_of_windows(model, ids, batch_size=4, device="cuda")
-    model.to("cpu")
+    torch.cuda.synchronize()
     eval_s = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    model.to("cpu")  # not part of the command (the CLI moves the model back only to save --out, as export)
+    back_s = time.perf_counter() - t3
     tm = rec["timing"]
     split = {"load": load_s, "statistics_or_game": tm.get("allocation_seconds") or 0.0,
              "forwards_and_hessians": tm["prune_seconds"] - tm["mask_seconds"], "solve": tm["mask_seconds"],
@@ -82,7 +86,8 @@ def run_case(dims: str, pruner: str, allocation: str, nsamples: int, seqlen: int
     split["other"] = prune_call_s - split["statistics_or_game"] - tm["prune_seconds"]
     out = {"dims": dims, "blocks": blocks or DIMS[dims]["num_hidden_layers"], "pruner": pruner,
            "allocation": allocation, "wall_s": load_s + prune_call_s + eval_s, "split_s": split,
-           "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20,
+           "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20, "resident_after_prune": resident,
+           "move_back_s_untimed": back_s,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "extrapolated": False,
            "achieved": rec["sparsity"]["achieved"], "calib_tokens_per_s": tm["calib_tokens_per_second"],
            "ppl_random_tokens": ppl, "pruner_options": pruner_options or {}}
