@@ -10,7 +10,7 @@ The work follows the stored entries. For B ≥ 3 x is transposed first so that o
 B values of a column. Launch settings: the best of bench/sparse_delta_search.py's sweep on the H200.
 
 ``decompress``: the dense weight (zeros, then one scatter of the entries), for batches and prefills
-beyond ``SMALL_BATCH``. Scattered 2-byte stores are slow (≈ 5× the bitmask layout's tile decompression,
+beyond ``SMALL_BATCH``. Scattered 2-byte stores are slow (≈ 3× the bitmask layout's tile decompression,
 BENCHMARKS.md "Sparse inference"): the bitmask layout is the one for prefill-heavy serving.
 """
 
