@@ -95,15 +95,19 @@ if HAVE_TRITON:
             return v[:, :, :, None] * xv
 
     @triton.jit
-    def _spmv_kernel(x_ptr, val_ptr, dl_ptr, gs_ptr, gp_ptr, y_ptr, B, N, K, G, sxk, sxb, syb,
-                     R: tl.constexpr, GP: tl.constexpr, BB: tl.constexpr, UNMASKED: tl.constexpr = True,
-                     SHIFT32: tl.constexpr = False):
-        pid = tl.program_id(0)
-        rows = pid * R + tl.arange(0, R)
+    def _row_block(gp_ptr, N, R: tl.constexpr):
+        """This program's ``R`` rows, their mask, first group and group count, and the most groups of any."""
+        rows = tl.program_id(0) * R + tl.arange(0, R)
         rm = rows < N
         g0 = tl.load(gp_ptr + rows, mask=rm, other=0)
         ng = tl.load(gp_ptr + rows + 1, mask=rm, other=0) - g0
-        maxg = tl.max(ng, axis=0)
+        return rows, rm, g0, ng, tl.max(ng, axis=0)
+
+    @triton.jit
+    def _spmv_kernel(x_ptr, val_ptr, dl_ptr, gs_ptr, gp_ptr, y_ptr, B, N, K, G, sxk, sxb, syb,
+                     R: tl.constexpr, GP: tl.constexpr, BB: tl.constexpr, UNMASKED: tl.constexpr = True,
+                     SHIFT32: tl.constexpr = False):
+        rows, rm, g0, ng, maxg = _row_block(gp_ptr, N, R)
         gpr = tl.arange(0, GP)
         b = tl.arange(0, BB)
         bm = b < B
@@ -145,12 +149,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decompress_kernel(val_ptr, dl_ptr, gs_ptr, gp_ptr, w_ptr, N, K, R: tl.constexpr, GP: tl.constexpr):
-        pid = tl.program_id(0)
-        rows = pid * R + tl.arange(0, R)
-        rm = rows < N
-        g0 = tl.load(gp_ptr + rows, mask=rm, other=0)
-        ng = tl.load(gp_ptr + rows + 1, mask=rm, other=0) - g0
-        maxg = tl.max(ng, axis=0)
+        rows, rm, g0, ng, maxg = _row_block(gp_ptr, N, R)
         gpr = tl.arange(0, GP)
         wrow = w_ptr + rows.to(tl.int64)[:, None, None] * K
         for it in range(0, maxg, GP):

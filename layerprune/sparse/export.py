@@ -73,7 +73,11 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, layout: str = 
         name = ad.full_name(i, n)
         w = lin.weight.data
         s = float((w == 0).sum()) / w.numel()
-        if s >= ms and (layout != "delta" or w.shape[1] < delta.MAX_K):
+        too_wide = layout == "delta" and w.shape[1] >= delta.MAX_K
+        if too_wide and s >= ms:
+            log.warning("%s: %d input features do not fit the delta layout's 16-bit group starts: kept dense "
+                        "(--layout bitmask packs it)", name, w.shape[1])
+        if s >= ms and not too_wide:
             sl = SparseLinear.from_linear(lin, layout)
             _set_module(model, name, sl)
             layers[name] = {"format": "sparse", "sparsity": s, "shape": list(w.shape),
