@@ -218,27 +218,29 @@ def test_corrupted_sparse_checkpoint_refused_on_load(tiny_with_tok, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_sparse_generates_the_same_greedy_tokens(tmp_path, smol):
-    """The real pruned SmolLM2 (Wanda 50%, DLP) saved sparse loads back and generates what the dense-with-
-    zeros model generates."""
+    """The real pruned SmolLM2 (Wanda 50%, DLP) saved, exported sparse and loaded back generates what the
+    dense-with-zeros model generates (the bitmask layout's save → load: the tiny-model tests)."""
     import copy
 
-    from layerprune.sparse.export import densify, sparsify
+    from layerprune.api import prune
+    from layerprune.sparse import load_sparse
+    from layerprune.sparse.export import densify, export_sparse
+    from layerprune.sparse.linear import SparseLinear
 
     model, tok = smol
     m = copy.deepcopy(model)
-    from layerprune.api import prune
-
     prune(m, tokenizer=tok, sparsity=0.5, pruner="wanda", allocation="dlp", eval=[], nsamples=4, seqlen=128,
-          device="cpu", progress=False, use_cache=False)
-    sp = copy.deepcopy(m)
-    sparsify(sp, 0.0)  # every linear packed (delta layout), whatever its sparsity
+          device="cpu", progress=False, use_cache=False, out=tmp_path / "pruned")
     ids = tok("The capital of France is", return_tensors="pt").input_ids
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     with torch.no_grad():
-        a = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                       pad_token_id=tok.eos_token_id)
-        b = sp.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                        pad_token_id=tok.eos_token_id)
-    assert torch.equal(a, b)
+        a = m.generate(ids, **kw)
+    export_sparse(tmp_path / "pruned", tmp_path / "sp", min_sparsity=0.0, progress=False)  # the delta layout
+    sp = load_sparse(tmp_path / "sp")
+    sls = [x for x in sp.modules() if isinstance(x, SparseLinear)]
+    assert len(sls) == 7 * 30 and {x.layout for x in sls} == {"delta"}  # every linear of the 30 blocks
+    with torch.no_grad():
+        assert torch.equal(sp.generate(ids, **kw), a)
     assert torch.equal(densify(sp).model.layers[3].mlp.up_proj.weight, m.model.layers[3].mlp.up_proj.weight)
 
 
