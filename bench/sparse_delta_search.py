@@ -69,20 +69,25 @@ def sweep(reps: int, batches: list[int]) -> list[dict]:
 
 
 def ab(reps: int) -> list[dict]:
-    """The decode kernel with predicated loads (masked) against clamped indices + a select (unmasked), and
-    64-bit against 32-bit byte extraction, at the launch settings the op uses."""
+    """The decode kernel with predicated loads (masked) against clamped indices + a select (unmasked), with x
+    as it comes and transposed (tx), at the launch settings the op uses otherwise."""
     rows = []
     for (n, k) in [(4096, 4096), (11008, 4096), (28672, 8192), (8192, 28672)]:
         for s in (0.5, 0.7):
             w = masked(n, k, s)
             sp = pack(w)
-            for b in (1, 2, 4, 16):
+            for b in (1, 2, 3, 4, 16):
                 x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
                 ref = F.linear(x, w).float()
                 d = timeit(lambda: F.linear(x, w), reps)
                 row = {"shape": [n, k], "sparsity": s, "batch": b, "dense_us": d}
-                for name, um, s32 in (("masked", False, False), ("unmasked", True, False), ("unmasked32", True, True)):
-                    f = lambda: dkernels.sparse_mm(x, *sp.buffers(), n, k, unmasked=um, shift32=s32)  # noqa: E731
+                variants = (("masked", False, False, None), ("unmasked", True, False, None),
+                            ("masked_tx", False, False, True), ("unmasked_tx", True, False, True))
+                for name, um, s32, tx in variants:
+                    if tx and b == 1:
+                        continue
+                    f = lambda: dkernels.sparse_mm(x, *sp.buffers(), n, k, unmasked=um, shift32=s32,  # noqa: E731
+                                                   transpose_x=tx)
                     row[name + "_err"] = float((f().float() - ref).abs().max() / ref.abs().max())
                     row[name + "_us"] = timeit(f, reps)
                 rows.append(row)

@@ -315,8 +315,8 @@ def test_triton_delta_kernel_equals_f_linear(interpret, shape, kind, batch):
     ref = F.linear(x, w)
     y = delta_kernels.sparse_mm(x, *sp.buffers(), n, k)  # the launch settings the op uses
     assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
-    if batch in (1, 3):  # unpredicated loads (the 1-2 token path on wide weights) and predicated ones
-        y = delta_kernels.sparse_mm(x, *sp.buffers(), n, k, unmasked=True, transpose_x=batch == 3)
+    if batch in (1, 3, 16):  # unpredicated loads, with padded tokens (3 of 4) and without (16 of 16)
+        y = delta_kernels.sparse_mm(x, *sp.buffers(), n, k, unmasked=True, transpose_x=batch > 1)
         assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
     if batch == 3:  # the other x layout and a tile of several rows × groups
         y = delta_kernels.sparse_mm(x, *sp.buffers(), n, k, r=4, gp=2, transpose_x=False)
