@@ -81,13 +81,12 @@ def ab(reps: int) -> list[dict]:
                 ref = F.linear(x, w).float()
                 d = timeit(lambda: F.linear(x, w), reps)
                 row = {"shape": [n, k], "sparsity": s, "batch": b, "dense_us": d}
-                variants = (("masked", False, False, None), ("unmasked", True, False, None),
-                            ("masked_tx", False, False, True), ("unmasked_tx", True, False, True))
-                for name, um, s32, tx in variants:
+                variants = (("masked", False, None), ("unmasked", True, None), ("masked_tx", False, True),
+                            ("unmasked_tx", True, True))
+                for name, um, tx in variants:
                     if tx and b == 1:
                         continue
-                    f = lambda: dkernels.sparse_mm(x, *sp.buffers(), n, k, unmasked=um, shift32=s32,  # noqa: E731
-                                                   transpose_x=tx)
+                    f = lambda: dkernels.sparse_mm(x, *sp.buffers(), n, k, unmasked=um, transpose_x=tx)  # noqa: E731
                     row[name + "_err"] = float((f().float() - ref).abs().max() / ref.abs().max())
                     row[name + "_us"] = timeit(f, reps)
                 rows.append(row)

@@ -54,16 +54,11 @@ if HAVE_TRITON:
         return base, p0, p1, p2, p3, c1, c2, c3
 
     @triton.jit
-    def _cols(base, p, c, SHIFT32: tl.constexpr = False):
-        """(R, GP, 8) columns of one quarter (SHIFT32: bytes taken from the 32-bit halves of ``p``)."""
-        if SHIFT32:
-            i = tl.arange(0, 8)[None, None, :]
-            lo = p.to(tl.int32)[:, :, None]
-            hi = (p >> 32).to(tl.int32)[:, :, None]
-            return (base + c)[:, :, None] + ((tl.where(i < 4, lo, hi) >> ((i % 4) * 8)) & 0xFF)
-        else:
-            sh = (tl.arange(0, 8) * 8).to(tl.int64)
-            return (base + c)[:, :, None] + ((p[:, :, None] >> sh[None, None, :]) & 0xFF).to(tl.int32)
+    def _cols(base, p, c):
+        """(R, GP, 8) columns of one quarter (a 64-bit shift per byte; taking the bytes from 32-bit halves
+        instead measured no faster, bench/results/sparse_delta_ab_h200.json's ``unmasked32``)."""
+        sh = (tl.arange(0, 8) * 8).to(tl.int64)
+        return (base + c)[:, :, None] + ((p[:, :, None] >> sh[None, None, :]) & 0xFF).to(tl.int32)
 
     @triton.jit
     def _quarter_dot_u(x_ptr, val_ptr, g, gm, col, q: tl.constexpr, K, sxk, sxb, bs, BB: tl.constexpr):
@@ -106,7 +101,7 @@ if HAVE_TRITON:
     @triton.jit
     def _spmv_kernel(x_ptr, val_ptr, dl_ptr, gs_ptr, gp_ptr, y_ptr, B, N, K, G, sxk, sxb, syb,
                      R: tl.constexpr, GP: tl.constexpr, BB: tl.constexpr, UNMASKED: tl.constexpr = True,
-                     SHIFT32: tl.constexpr = False, FULL: tl.constexpr = False):
+                     FULL: tl.constexpr = False):
         rows, rm, g0, ng, maxg = _row_block(gp_ptr, N, R)
         gpr = tl.arange(0, GP)
         b = tl.arange(0, BB)
@@ -126,16 +121,16 @@ if HAVE_TRITON:
             if UNMASKED:
                 g = tl.minimum(g, G - 1)
                 base, p0, p1, p2, p3, c1, c2, c3 = _quarters(dl_ptr, gs_ptr, g, gm, True)
-                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p0, 0, SHIFT32), 0, K, sxk, sxb, bs, BB)
-                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p1, c1, SHIFT32), 1, K, sxk, sxb, bs, BB)
-                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p2, c2, SHIFT32), 2, K, sxk, sxb, bs, BB)
-                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p3, c3, SHIFT32), 3, K, sxk, sxb, bs, BB)
+                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p0, 0), 0, K, sxk, sxb, bs, BB)
+                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p1, c1), 1, K, sxk, sxb, bs, BB)
+                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p2, c2), 2, K, sxk, sxb, bs, BB)
+                acc += _quarter_dot_u(x_ptr, val_ptr, g, gm, _cols(base, p3, c3), 3, K, sxk, sxb, bs, BB)
             else:
                 base, p0, p1, p2, p3, c1, c2, c3 = _quarters(dl_ptr, gs_ptr, g, gm)
-                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p0, 0, SHIFT32), 0, K, sxk, sxb, b, bm, BB)
-                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p1, c1, SHIFT32), 1, K, sxk, sxb, b, bm, BB)
-                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p2, c2, SHIFT32), 2, K, sxk, sxb, b, bm, BB)
-                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p3, c3, SHIFT32), 3, K, sxk, sxb, b, bm, BB)
+                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p0, 0), 0, K, sxk, sxb, b, bm, BB)
+                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p1, c1), 1, K, sxk, sxb, b, bm, BB)
+                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p2, c2), 2, K, sxk, sxb, b, bm, BB)
+                acc += _quarter_dot(x_ptr, val_ptr, g, gm, _cols(base, p3, c3), 3, K, sxk, sxb, b, bm, BB)
         out = tl.sum(tl.sum(acc, axis=2), axis=1)
         if BB == 1:
             tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=rm)
@@ -185,8 +180,8 @@ def settings(n: int, k: int, b: int) -> tuple[int, int, int, bool, bool]:
 
 def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
               n: int, k: int, r: int | None = None, gp: int | None = None, num_warps: int | None = None,
-              num_stages: int | None = None, transpose_x: bool | None = None, unmasked: bool | None = None,
-              shift32: bool = False) -> torch.Tensor:
+              num_stages: int | None = None, transpose_x: bool | None = None,
+              unmasked: bool | None = None) -> torch.Tensor:
     """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype, B ≤ ``SMALL_BATCH``."""
     B = x.shape[0]
     G = starts.numel()
@@ -203,7 +198,7 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
         sxk, sxb, xx = x.stride(1), x.stride(0), x
     bb = max(1, triton.next_power_of_2(B))
     _spmv_kernel[(-(-n // r),)](xx, values, deltas, starts, gptr, y, B, n, k, G, sxk, sxb, y.stride(0),
-                                R=r, GP=gp, BB=bb, UNMASKED=unmasked, SHIFT32=shift32, FULL=B == bb,
+                                R=r, GP=gp, BB=bb, UNMASKED=unmasked, FULL=B == bb,
                                 **_launch(nw, num_stages or 2))
     return y
 

@@ -27,7 +27,7 @@ from layerprune.models.adapter import ModelAdapter
 from layerprune.record import args_hash, now
 from layerprune.sparse import delta
 from layerprune.sparse.format import BK, BN, SparseTensor, bytes_per_weight, validate
-from layerprune.sparse.linear import LAYOUTS, SparseLinear
+from layerprune.sparse.linear import BUFFERS, LAYOUTS, SparseLinear
 
 log = logging.getLogger("layerprune")
 
@@ -88,11 +88,11 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, layout: str = 
     return layers
 
 
-def checksum(sl: SparseLinear) -> str:
-    """CRC-32 of a packed linear's buffers (in their layout's order): structural checks cannot see a
-    corruption that keeps every count consistent, this can."""
+def checksum(tensors) -> str:
+    """CRC-32 of a packed linear's buffers (in their layout's order, ``BUFFERS``): structural checks cannot
+    see a corruption that keeps every count consistent, this can."""
     crc = 0
-    for t in sl.packed().buffers():
+    for t in tensors:
         crc = zlib.crc32(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes(), crc)
     return f"{crc:08x}"
 
@@ -131,7 +131,8 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
     layers = sparsify(model, ms, layout)
     for name, info_l in layers.items():
         if info_l["format"] == "sparse":
-            info_l["crc32"] = checksum(model.get_submodule(name))
+            sl = model.get_submodule(name)
+            info_l["crc32"] = checksum(getattr(sl, b) for b in BUFFERS[sl.layout])
     n_sparse = sum(v["format"] == "sparse" for v in layers.values())
     if n_sparse == 0:
         log.warning("no linear reaches --min-sparsity %.2f: every layer stays dense", ms)
@@ -204,7 +205,8 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     for name, info in cfg["layers"].items():
         if info["format"] == "sparse":
             sl = model.get_submodule(name)
-            if "crc32" in info and checksum(sl) != info["crc32"]:
+            # from the file's tensors, still on the CPU (no copy back from the device)
+            if "crc32" in info and checksum(sd[f"{name}.{b}"] for b in BUFFERS[sl.layout]) != info["crc32"]:
                 raise UserError(f"sparse tensor {name}: checksum mismatch (a corrupted checkpoint): export it again")
             sp = sl.packed()
             (delta.validate if isinstance(sp, delta.DeltaTensor) else validate)(sp, name)
