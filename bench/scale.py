@@ -2,6 +2,7 @@
 ``layerprune.prune`` with 128 × 2048 calibration and a perplexity evaluation, whole call split into its parts.
 
     python bench/scale.py --out $OUT/scale_h200.json --cases wanda:uniform,wanda:dlp,sparsegpt:uniform
+    python bench/scale.py --out $OUT/sweep.json --cases sweep:none     # one plain dense forward sweep
     python bench/scale.py --out $OUT/solve.json --ab-blocks 4     # SparseGPT: fused OBS kernel vs the column loop
     python bench/scale.py --out $OUT/70b.json --dims llama2-70b --blocks 8 --cases sparsegpt:dlp   # extrapolated
 
@@ -11,7 +12,8 @@ calibration and evaluation use random token ids of the real sizes (no LLaMA toke
 evaluation is 146 windows of 2048 tokens, WikiText-2's count for the LLaMA tokenizer's size), so times and
 memory are those of the real command. ``--ab-blocks N`` times SparseGPT on the first N blocks twice in one
 run: with the fused Triton OBS kernel and with the reference's per-column loop. ``--blocks N`` runs the first
-N blocks only (70B dimensions: 8 of 80) and adds a row extrapolated to all blocks, labelled so.
+N blocks only (70B dimensions: 8 of 80) and adds a row extrapolated to all blocks, labelled so. The process's
+CUDA start-up is timed once before the cases (``cuda_init_s``), so no case's "load" carries it.
 """
 
 from __future__ import annotations
@@ -54,8 +56,31 @@ def build(dims: str, blocks: int | None = None) -> torch.nn.Module:
     return m
 
 
+def sweep_case(dims: str, nsamples: int, seqlen: int, blocks: int | None = None) -> dict:
+    """One plain dense forward sweep through the engine (no hooks; the model starts on the CPU and moves to the
+    GPU first, as in the statistics pass): the yardstick of the DLP/OWL statistics pass."""
+    from layerprune.engine.sequential import dense_sweep
+    from layerprune.models.adapter import ModelAdapter
+
+    model = build(dims, blocks)
+    ids = torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    split = dense_sweep(model, ModelAdapter.of(model), ids, torch.device("cuda"), lambda i, lins: {},
+                        lambda i, lins, s: None, batch_size=8, progress=False)
+    torch.cuda.synchronize()
+    out = {"dims": dims, "blocks": blocks or DIMS[dims]["num_hidden_layers"], "pruner": "none",
+           "allocation": "dense forward sweep", "wall_s": time.perf_counter() - t0, "split_s": split,
+           "extrapolated": False}
+    print(json.dumps(out), flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
 def run_case(dims: str, pruner: str, allocation: str, nsamples: int, seqlen: int, eval_windows: int,
              blocks: int | None = None, pruner_options: dict | None = None) -> dict:
+    if pruner == "sweep":  # "sweep:none"
+        return sweep_case(dims, nsamples, seqlen, blocks)
     t0 = time.perf_counter()
     model = build(dims, blocks)
     load_s = time.perf_counter() - t0
@@ -90,7 +115,8 @@ def run_case(dims: str, pruner: str, allocation: str, nsamples: int, seqlen: int
            "move_back_s_untimed": back_s,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "extrapolated": False,
            "achieved": rec["sparsity"]["achieved"], "calib_tokens_per_s": tm["calib_tokens_per_second"],
-           "ppl_random_tokens": ppl, "pruner_options": pruner_options or {}}
+           "ppl_random_tokens": ppl, "pruner_options": pruner_options or {},
+           "statistics_split_s": getattr(sess._stats, "split", None) if getattr(sess, "_stats", None) else None}
     print(json.dumps(out), flush=True)
     del model, sess
     torch.cuda.empty_cache()
@@ -132,8 +158,10 @@ def main() -> None:
     a = ap.parse_args()
     import transformers
 
+    t0 = time.perf_counter()
+    torch.ones(1, device="cuda").sum().item()  # the process's CUDA start-up, paid once before any case
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,
-           "dtype": "bfloat16", "cases": []}
+           "dtype": "bfloat16", "cuda_init_s": time.perf_counter() - t0, "cases": []}
     out = Path(a.out)
     if a.ab_blocks:
         res["ab"] = ab(a.ab_blocks, a.nsamples, a.seqlen)

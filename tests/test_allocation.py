@@ -153,3 +153,54 @@ def test_histogram_select_is_the_exact_kth_value(k_at):
     s = score_stats(parts, (3.0,))
     assert s["median"] == float(torch.median(allv)) and s["mean"] == pytest.approx(float(allv.double().mean()))
     assert s["outlier"][3.0] == float((allv > 3.0 * s["mean"]).sum()) / allv.numel()
+
+
+def test_statistics_over_rank_shares_equal_the_whole():
+    """Data-parallel statistics: each rank holds a share of a block's score tensors (one share empty) and
+    every histogram, sum and count is summed over the ranks: every rank gets the one-process result."""
+    import threading
+
+    from layerprune.allocation.stats import score_stats
+
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.rand(700, generator=g) ** 2, torch.exp(torch.randn(3000, generator=g) * 3), torch.zeros(50)]
+    whole = score_stats(parts, (3.0, 5.0))
+    shares, box, bar, out = [parts[:1], parts[1:], []], [None] * 3, threading.Barrier(3), [None] * 3
+
+    def reduce_for(r):
+        def red(t):
+            box[r] = t.clone()
+            bar.wait()
+            total = box[0] + box[1] + box[2]
+            bar.wait()
+            return t.copy_(total)
+        return red
+
+    def run(r):
+        out[r] = score_stats(shares[r], (3.0, 5.0), reduce_for(r), numel=sum(t.numel() for t in parts))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for o in out:
+        assert o["median"] == whole["median"] and o["outlier"] == whole["outlier"]
+        assert o["mean"] == pytest.approx(whole["mean"], rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_outlier_counts_from_histogram_and_threshold_bins_are_exact(seed):
+    """Outlier ratios come from the first radix digit's histogram plus an exact count inside the bins that
+    hold the thresholds: equal to counting ``A > M·mean`` directly, with ties at a threshold included."""
+    from layerprune.allocation.stats import OUTLIER_MS, score_stats
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.exp(torch.randn(20000, generator=g) * 2)
+    mean = float(a.double().mean())
+    b = torch.full((400,), float(torch.tensor(5.0 * mean).float()))  # values on (about) a threshold
+    parts = [a, b, torch.zeros(10)]
+    allv = torch.cat(parts)
+    s = score_stats(parts, OUTLIER_MS)
+    for m in OUTLIER_MS:
+        assert s["outlier"][m] == float((allv > m * s["mean"]).sum()) / allv.numel()

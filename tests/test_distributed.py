@@ -20,7 +20,9 @@ def _prune(method: str, ids: torch.Tensor) -> tuple[dict, list]:
     plan = {ad.full_name(i, n): Pattern(0.6) for i in range(3) for n in ad.linear_names[i]}
     res = prune_sequential(m, ad, ids, plan, method, torch.device("cpu"), batch_size=2, progress=False)
     assert res.calib_tokens == ids.numel()  # every rank reports the tokens of the whole set
-    return {k: v.clone() for k, v in m.state_dict().items()}, [b["median"] for b in stats.per_block]
+    blocks = [b["median"] for b in stats.per_block] + [b["outlier"][5.0] for b in stats.per_block]
+    linears = [v[key] for v in stats.per_linear.values() for key in ("median", "mean")]
+    return {k: v.clone() for k, v in m.state_dict().items()}, blocks + linears
 
 
 def _worker(rank: int, world: int, init: str, method: str, ids: torch.Tensor, out: str) -> None:
@@ -46,7 +48,8 @@ def test_two_ranks_equal_one_process(method, tmp_path):
         if k.endswith("proj.weight"):
             agree = ((r0["sd"][k] == 0) == (ref_sd[k] == 0)).float().mean().item()
             assert agree > 0.995, f"{k}: masks agree on {agree:.4f}"
-    assert r0["median"] == pytest.approx(ref_med, rel=1e-4)  # dense statistics see all samples too
+    # dense statistics see all samples too; each rank scored a share of the linears, the rows were summed
+    assert r0["median"] == r1["median"] and r0["median"] == pytest.approx(ref_med, rel=1e-4)
 
 
 def _game_phi() -> tuple[list[float], int, list[int] | None]:

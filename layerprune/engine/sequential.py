@@ -40,7 +40,7 @@ def feed_hooks(linears: dict[str, nn.Linear], sinks: dict[str, object],
     from then on only the leader's sink is fed (its statistics are the members' too)."""
     handles = []
     seen: list[tuple[torch.Tensor, str]] = []  # this forward's inputs (strong refs: identity is reliable)
-    first = next(iter(linears), None)
+    first = next((n for n in linears if n in sinks), None)
     state = {"batch": 0}
 
     def make(name: str, sink: object):
@@ -64,7 +64,8 @@ def feed_hooks(linears: dict[str, nn.Linear], sinks: dict[str, object],
         return hook
 
     for name, lin in linears.items():
-        handles.append(lin.register_forward_hook(make(name, sinks[name])))
+        if name in sinks:  # a linear without a sink runs unobserved
+            handles.append(lin.register_forward_hook(make(name, sinks[name])))
     try:
         yield
     finally:
@@ -272,15 +273,19 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
 def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor | None, device: torch.device,
                 make_sinks: Callable[[int, dict[str, nn.Linear]], dict], on_block: Callable[[int, dict, dict], None],
                 batch_size: int = 8, offload: str = "auto", progress: bool = True, desc: str = "dense sweep",
-                weights: object = None, resident: bool | None = None) -> None:
+                weights: object = None, resident: bool | None = None) -> dict:
     """One forward per **dense** block (§1.6 pass 1): hooks feed ``make_sinks(i, linears)`` while the
     block's outputs become the next block's inputs; then ``on_block(i, linears, sinks)`` (which may
     compute pruned copies, but must leave the dense weights in place). Without ``calib_ids`` no data runs.
-    ``resident`` as in :func:`prune_sequential`."""
+    ``resident`` as in :func:`prune_sequential`. Returns where the time went, in seconds: the model's move
+    and the input capture, the forwards (with the sinks' hooks), ``on_block``."""
+    t_start = time.perf_counter()
+    times = {"capture_s": 0.0, "forwards_s": 0.0, "on_block_s": 0.0}
     keep = decide_resident(model, adapter, device, weights, resident)
     if keep:
         model.to(device)
     runner = BlockRunner(model, adapter, shard(calib_ids), device, batch_size, offload) if calib_ids is not None else None
+    times["capture_s"] = time.perf_counter() - t_start
     for i in tqdm(range(adapter.n_blocks), desc=desc, disable=not progress, unit="block"):
         block = adapter.blocks[i]
         if weights is not None:
@@ -288,6 +293,7 @@ def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor
         block.to(device)
         linears = adapter.linears(i)
         sinks = make_sinks(i, linears)
+        t0 = time.perf_counter()
         if runner is not None:
             share = all(hasattr(x, "share_from") for x in sinks.values())
             groups: dict[str, str] = {}
@@ -296,7 +302,11 @@ def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor
             reduce_stats({n: x for n, x in sinks.items() if n not in groups})
             for member, leader in groups.items():
                 sinks[member].share_from(sinks[leader])
+        t1 = time.perf_counter()
         on_block(i, linears, sinks)
+        sync(device)
+        times["forwards_s"] += t1 - t0
+        times["on_block_s"] += time.perf_counter() - t1
         if device.type == "cuda" and not keep:
             block.to("cpu")
         if weights is not None:
@@ -305,6 +315,8 @@ def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor
         runner.free()
     if device.type == "cuda" and not keep:
         move_non_block(model, adapter, torch.device("cpu"))
+    times["total_s"] = time.perf_counter() - t_start
+    return times
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Wanda (Sun et al. 2024; methods_dlp.md §4.1): score S_ij = |W_ij| · ‖X_j‖₂, compared per output row.
 
-``add_batch`` accumulates Σ x_j² over all calibration tokens in fp32 on the layer's device; the
+``add_batch`` accumulates Σ x_j² over all calibration tokens in fp32 on the layer's device (bf16/fp16 inputs as
+the squared fp32 norm of each batch, read once); the
 reference's normalisation by the number of sequences is a constant per layer and changes no mask.
 """
 
@@ -25,8 +26,14 @@ class WandaPruner:
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
         self.nseq += x.shape[0] if x.dim() == 3 else 1
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sq += (x * x).sum(dim=0)
+        x = x.reshape(-1, x.shape[-1])
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # one pass over the half-precision input with fp32 accumulation (no fp32 copy, no x² tensor);
+            # the reference, too, adds torch.norm(x.float())² per batch
+            self.sq += torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square_()
+        else:
+            x = x.float()
+            self.sq += (x * x).sum(dim=0)
 
     def share_from(self, other: "WandaPruner") -> None:
         """Take the statistics of a linear that reads the same input (q/k/v, gate/up): Σx² is the same."""
