@@ -19,6 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from layerprune.allocation.stats import OUTLIER_MS, block_stats, digit_hist  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_forward import timed as cuda_timed  # noqa: E402
 from layerprune.pruners.wanda import WandaPruner  # noqa: E402
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
@@ -26,18 +29,10 @@ SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096)
 
 
 def timed(fn, reps: int = 5) -> float:
-    """Median wall time (s) of ``fn`` with the device synchronised around each call, after one warm-up."""
+    """Median seconds of ``fn`` over ``reps`` calls (CUDA events, ``probe_forward.timed``) after one warm-up."""
     fn()
-    out = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e) / 1e3)
-    return sorted(out)[len(out) // 2]
+    torch.cuda.synchronize()
+    return cuda_timed(fn, reps)
 
 
 # ---- the previous version (commit fe1d405), kept here only to time it side by side
