@@ -79,6 +79,22 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(t, src)
 
 
+def explain_failure(e: BaseException) -> str | None:
+    """One line for an error raised by a collective (another rank died, or hung past the timeout); ``None`` for
+    any other error, or outside a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    dist_error = getattr(dist, "DistError", None)
+    known = ("timed out", "timeout", "connection closed", "connection reset", "nccl", "gloo", "watchdog", "peer")
+    if not ((dist_error is not None and isinstance(e, dist_error)) or any(k in text.lower() for k in known)):
+        return None
+    t = os.environ.get("LAYERPRUNE_DIST_TIMEOUT", "900")
+    return (f"rank {rank()} of {world_size()}: a collective with the other ranks failed ({text}). Another rank "
+            f"stopped or is stuck (see every rank's log), or one step takes longer than LAYERPRUNE_DIST_TIMEOUT={t} s: "
+            "raise it if so")
+
+
 def init_from_env(device: str) -> str:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group and pick this rank's device.
     Returns the device string to use (``cuda:LOCAL_RANK`` with NCCL, else the given one with gloo)."""

@@ -96,3 +96,38 @@ def test_deal_balances_costs_deterministically():
     owners = deal([5.0, 4.0, 3.0, 3.0, 1.0], 2)
     assert [sum(c for c, o in zip([5, 4, 3, 3, 1], owners) if o == r) for r in (0, 1)] == [8, 8]
     assert deal([1.0, 1.0, 1.0], 1) == [0, 0, 0] and deal([], 3) == []
+
+
+def _hang_worker(rank: int, world: int, init: str, out: str) -> None:
+    import datetime
+    import time
+
+    from layerprune.distributed import all_reduce_sum, explain_failure
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=3))
+    try:
+        if rank == 1:
+            time.sleep(8)  # never joins the collective: rank 0 must not wait for ever
+            return
+        t0 = time.monotonic()
+        try:
+            all_reduce_sum(torch.ones(4))
+            msg = None
+        except Exception as e:  # noqa: BLE001
+            msg = explain_failure(e)
+        with open(out, "w") as f:
+            f.write(f"{time.monotonic() - t0:.1f}\n{msg}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_stuck_rank_gives_a_timeout_and_one_clear_line(tmp_path):
+    """A rank that never joins a collective: the others fail after the process group's timeout with a one-line
+    account (what the CLI prints instead of a traceback), not a silent hang."""
+    out = str(tmp_path / "hang.txt")
+    mp.spawn(_hang_worker, args=(2, f"file://{tmp_path / 'pg'}", out), nprocs=2, join=True)
+    waited, msg = open(out).read().split("\n", 1)
+    assert float(waited) < 8, "rank 0 waited for the stuck rank instead of timing out"
+    assert msg.startswith("rank 0 of 2: a collective with the other ranks failed") and "LAYERPRUNE_DIST_TIMEOUT" in msg

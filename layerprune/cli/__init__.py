@@ -384,8 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                                            else ""), file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001
-        traceback.print_exc(file=sys.stderr)
-        print(f"layerprune: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        from layerprune.distributed import explain_failure
+
+        why = explain_failure(e)  # a failed or timed-out collective: one line, no traceback from inside torch
+        if why is None:
+            traceback.print_exc(file=sys.stderr)
+        print(f"layerprune: failed: {why or f'{type(e).__name__}: {e}'}", file=sys.stderr)
         return 1
 
 
