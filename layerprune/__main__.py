@@ -1,7 +1,5 @@
 """``python -m layerprune``: the command line (same as the ``layerprune`` script)."""
 
-import sys
+from layerprune.cli import run
 
-from layerprune.cli import main
-
-sys.exit(main())
+run()

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,21 @@ def test_console_script_json_only_stdout():
     p = subprocess.run([sys.executable, "-m", "layerprune", "ls", "--json"], capture_output=True, text=True)
     assert p.returncode == 0
     json.loads(p.stdout)  # exactly one JSON object
+
+
+def test_process_entry_point_keeps_exit_codes_and_flushes_output(tmp_path):
+    """``python -m layerprune`` ends with a fast exit (no interpreter teardown): the exit code of bad input
+    (2, one line) and a complete JSON record on stdout must still come through; a file target is written."""
+    p = subprocess.run([sys.executable, "-m", "layerprune", "prune", "no-such-model", "--sparsity", "0.5"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().startswith("layerprune: error:") and p.stdout == ""
+    p = subprocess.run([sys.executable, "-m", "layerprune.cli", "ls", "--json"], capture_output=True, text=True)
+    assert p.returncode == 0 and "smollm2-135m" in json.loads(p.stdout)["models"]
+    from layerprune.cli import _has_children
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        assert _has_children() or not Path("/proc/self/task").is_dir()  # a live child: exit the normal way
+    finally:
+        child.kill()
+        child.wait()

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
 from dataclasses import fields
@@ -393,5 +394,40 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _has_children() -> bool:
+    """Whether this process has live child processes (Linux ``/proc``; True when that cannot be read)."""
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                if f.read().strip():
+                    return True
+        return False
+    except OSError:
+        return True
+
+
+def run() -> None:
+    """The process entry point (the ``layerprune`` script, ``python -m layerprune`` / ``layerprune.cli``):
+    :func:`main`, then a fast exit. Every file a command writes is closed (and renamed into place) before
+    ``main`` returns, and the output streams and log handlers are flushed here; what is skipped is the
+    interpreter's teardown of torch and transformers, 1–2.4 s of every run on a 2-core machine (BENCHMARKS.md,
+    "Fixed costs"). A process with live child processes (``torch.compile``'s workers), one where that cannot be
+    told (no Linux ``/proc``), and any run with ``LAYERPRUNE_NORMAL_EXIT=1`` exit normally."""
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    if _has_children() or os.environ.get("LAYERPRUNE_NORMAL_EXIT"):
+        sys.exit(rc)
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
