@@ -125,6 +125,7 @@ def released(a) -> dict:
     tok = AutoTokenizer.from_pretrained(a.model_dir, use_fast=True)
     _patch_rope(model)
     load_s = time.perf_counter() - t
+    # the released code picks its LLaMA code paths by the substring "llama" in --model; the folder is a LLaMA
     args = argparse.Namespace(model=str(Path(a.model_dir).resolve()) + "-llama", seed=0, nsamples=a.nsamples,
                               sparsity_ratio=a.sparsity, sparsity_type="unstructured", use_variant=False,
                               alpha=a.alpha, strategy="median", Lamda=0.08, Hyper_m=5, wbits=16)

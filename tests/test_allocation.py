@@ -139,8 +139,8 @@ def test_ratio_cache_keys_on_resolved_options_and_mixed_nm_warning(tmp_path, mon
 
 
 @pytest.mark.parametrize("k_at", ["first", "zeros_end", "median", "last"])
-def test_histogram_select_is_the_exact_kth_value(k_at):
-    """The accelerator's median (bucket of the top 16 float bits, then a sort of that bucket) equals
+def test_radix_select_is_the_exact_kth_value(k_at):
+    """The statistics' median (a radix select over the float bit patterns: 12, 12 and 7 bits) equals
     ``kthvalue`` over the concatenation: ties, zeros, a spread over many binades, several parts."""
     from layerprune.allocation.stats import kth_nonneg, score_stats
 

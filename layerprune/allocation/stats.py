@@ -44,21 +44,10 @@ class DenseStats:
 OUTLIER_MS = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)
 
 
-def lower_median(x: torch.Tensor | list[torch.Tensor]) -> float:
-    """The lower median (``torch.median`` convention) of ``x`` or of the concatenation of the tensors in it:
-    the ⌈n/2⌉-th smallest value, exact. Non-negative float32 scores (Wanda's) go through
-    :func:`kth_nonneg` (a radix select: no sort, no concatenated copy); else ``kthvalue``."""
-    parts = [t.flatten() for t in (x if isinstance(x, (list, tuple)) else [x])]
-    k = (sum(t.numel() for t in parts) + 1) // 2
-    if all(t.dtype == torch.float32 for t in parts) and all(bool((t >= 0).all()) for t in parts):
-        return kth_nonneg(parts, k)
-    return float(torch.kthvalue(torch.cat(parts) if len(parts) > 1 else parts[0], k).values)
-
-
 # Radix-select digits of a non-negative float32's bit pattern: (shift, width). Such floats order like their
 # bit patterns read as integers, so the k-th value is found digit by digit: the top 12 bits below the sign
-# (exponent and 3 mantissa bits; 4096 bins, which torch's bincount counts in shared memory: 3.3 ms for a 7B
-# block's 200 M scores on the H200, against 25 ms for 15 bits in global memory), then 12 and 7 more bits
+# (exponent and 3 mantissa bits; 4096 bins, which torch's bincount counts in shared memory: 3.7 ms for a 7B
+# block's 200 M scores on the H200, against 26 ms for 15 bits in global memory; bench/results/probe_stats_h200.json), then 12 and 7 more bits
 # among the values still in the race.
 DIGITS = ((19, 12), (7, 12), (0, 7))
 
