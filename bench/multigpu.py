@@ -9,7 +9,8 @@ every rank: one seed), 128 × 2048 random-token calibration, through ``layerprun
     torchrun --nproc-per-node 2 bench/multigpu.py --game --blocks 32 --out $OUT/game2.json
 
 One model is built per process and restored to its dense weights before each case. Rank 0 writes each
-prune call's time (the model built and on the CPU, as after loading a checkpoint), its split and the peak
+prune call's time (the model built and on its GPU, as the CLI now loads a checkpoint that fits; ``--start-on
+cpu``: on the CPU, as it loaded before), its split and the peak
 memory of every GPU; ``--ref`` compares its masks with the one-GPU run's (a sample of every linear's mask
 is saved next to the JSON).
 """
@@ -63,6 +64,10 @@ def main() -> None:
     ap.add_argument("--game", action="store_true", help="time the SV-NUP game instead (window 4, --sv-samples windows)")
     ap.add_argument("--pruner", default="sparsegpt", help="the game's base pruner")
     ap.add_argument("--sv-samples", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=1, help="run the list of cases this many times (rows carry 'repeat')")
+    ap.add_argument("--start-on", choices=("gpu", "cpu"), default="gpu",
+                    help="where the weights are when each prune call starts: gpu (as the CLI now loads a model that "
+                         "fits), cpu (as before: the call moves the model to the GPU)")
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -73,7 +78,8 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    model.to("cpu")
+    home = "cpu" if a.start_on == "cpu" or a.game else dev
+    model.to(home)
     model.config.use_cache = False
     torch.cuda.empty_cache()
     load_s = time.perf_counter() - t0
@@ -106,9 +112,9 @@ def main() -> None:
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     ref = json.loads(Path(a.ref).read_text()) if a.ref else None
     rows, samples = [], {}
-    for case in a.cases.split(","):
+    for rep, case in [(r, c) for r in range(a.repeat) for c in a.cases.split(",")]:
         pruner, allocation = case.split(":")
-        model.to("cpu")
+        model.to(home)
         model.load_state_dict(dense)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -126,7 +132,8 @@ def main() -> None:
             rs = torch.load(Path(a.ref).with_suffix(".masks.pt"))[case]
             agree = sum(int((rs[k] == sample[k]).sum()) for k in rs) / sum(v.numel() for v in rs.values())
         tm = rec["timing"]
-        row = {"gpus": world_size(), "pruner": pruner, "allocation": allocation, "blocks": a.blocks,
+        row = {"gpus": world_size(), "pruner": pruner, "allocation": allocation, "blocks": a.blocks, "repeat": rep,
+               "start_on": a.start_on,
                "wall_s": prune_s, "split_s": {"statistics": tm.get("allocation_seconds") or 0.0,
                                               "forwards": tm["prune_seconds"] - tm["mask_seconds"],
                                               "solve": tm["mask_seconds"],

@@ -160,7 +160,7 @@ def ours(a) -> dict:
     pruner, _, alloc = a.method.partition("_")
     cmd = [sys.executable, "-m", "layerprune.cli", "prune", a.model_dir, "--pruner", pruner,
            "--allocation", alloc or "uniform", "--sparsity", str(a.sparsity), "--nsamples", str(a.nsamples),
-           "--seqlen", "2048", "--dtype", "float16", "--device", a.device, "--eval", "wikitext2", "--json", "--quiet"]
+           "--seqlen", "2048", "--dtype", a.lp_dtype, "--device", a.device, "--eval", "wikitext2", "--json", "--quiet"]
     if a.eval_windows:
         cmd += ["--eval-max-windows", str(a.eval_windows)]
     if alloc == "dlp":
@@ -187,6 +187,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=0)
     ap.add_argument("--tokenizer", help="with --make-model: a directory holding the tokenizer to use")
     ap.add_argument("--eval-windows", type=int, default=0, help="layerprune side: evaluate only N windows (a smoke test)")
+    ap.add_argument("--lp-dtype", default="float16", help="layerprune side: --dtype (float16, as the released side)")
     ap.add_argument("--out", help="write the result as JSON here")
     a = ap.parse_args()
     if a.make_model:

@@ -31,7 +31,7 @@ from layerprune.errors import UserError, require
 from layerprune.evaluation.perplexity import check_seqlen, evaluate_ppl
 from layerprune.export import RunDir, check_out_dir, open_run_dir
 from layerprune.models.adapter import ModelAdapter
-from layerprune.models.loading import cache_dir, check_model_spec, load_model, parse_dtype
+from layerprune.models.loading import cache_dir, check_model_spec, load_model, load_placement, parse_dtype
 from layerprune.options import resolved
 from layerprune.pruners import Pattern, get_pruner, parse_pattern
 from layerprune.record import args_hash, now, run_record, versions, weights_hash
@@ -258,10 +258,14 @@ class Session:
                             flag="--eval-seqlen" if ev.seqlen else "--seqlen")
 
 
-def load(model: str | nn.Module, tokenizer=None, dtype: str = "float32", trust_remote_code: bool = False):
-    """``(model, tokenizer, source name)`` from a model spec, or a model object with its tokenizer."""
+def load(model: str | nn.Module, tokenizer=None, dtype: str = "float32", trust_remote_code: bool = False,
+         device: torch.device | str = "cpu"):
+    """``(model, tokenizer, source name)`` from a model spec, or a model object with its tokenizer.
+
+    ``device`` a GPU: a local checkpoint that fits is loaded straight onto it (:func:`load_placement`)."""
     if isinstance(model, str):
-        m, tok = load_model(model, dtype=parse_dtype(dtype), device="cpu", trust_remote_code=trust_remote_code)
+        place = load_placement(model, parse_dtype(dtype), torch.device(device))
+        m, tok = load_model(model, dtype=parse_dtype(dtype), device=place, trust_remote_code=trust_remote_code)
         return m, tok, model
     require(tokenizer is not None, "pass tokenizer= together with a model object")
     return model, tokenizer, getattr(model, "layerprune_source", type(model).__name__)
@@ -381,7 +385,7 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
         session.weights = weights
         session._whash = weights.fingerprint()
     elif session is None:
-        mdl, tok, src = load(model, tokenizer, dtype, trust_remote_code)
+        mdl, tok, src = load(model, tokenizer, dtype, trust_remote_code, dev)
         session = Session(mdl, tok, dev, cal, progress=progress, use_cache=use_cache, data_dir=root)
     load_s = time.perf_counter() - t_load
     mdl, tok = session.model, session.tokenizer
@@ -389,7 +393,8 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
     config = req.config(model_name, cal, dtype)
     if ev.datasets:
         check_seqlen(mdl, ev.seqlen or cal.seqlen, "--eval-seqlen" if ev.seqlen else "--seqlen")
-    timing: dict[str, Any] = {"load_seconds": load_s, "started": started}
+    timing: dict[str, Any] = {"load_seconds": load_s, "started": started,
+                              "loaded_on": str(next(mdl.parameters()).device)}
     with open_run_dir(out, lambda: args_hash({**config, "w": session.weights_hash()}), mdl) as run_dir:
         if run_dir is not None and run_dir.done and active():
             raise UserError(f"resuming {out} works in a single process only: rerun it without torchrun "

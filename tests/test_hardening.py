@@ -187,3 +187,26 @@ def test_missing_or_truncated_shard_refused_before_any_work(tiny_dir, tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and str(f) in err and ("missing" in err or "truncated" in err), err
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_load_placement_reads_sizes_from_headers_and_picks_the_gpu_only_when_it_fits(tiny_dir, monkeypatch):
+    """A local checkpoint is loaded straight onto the GPU when its bytes (from the safetensors headers, in the
+    run's dtype) plus eight blocks fit in 80% of the free memory; otherwise, on the CPU, and for a CPU run."""
+    import torch
+
+    from transformers import AutoModelForCausalLM
+
+    from layerprune.models import loading
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    n = sum(t.numel() for k, t in loaded.state_dict().items() if k != "lm_head.weight" or not loaded.config.tie_word_embeddings)
+    assert loading.checkpoint_bytes(tiny_dir, torch.bfloat16) == 2 * n
+    assert loading.checkpoint_bytes(tiny_dir, torch.float32) == 4 * n
+    need = 2 * n * (1 + 8 / 3)
+    cuda = torch.device("cuda", 0)
+    assert loading.load_placement(str(tiny_dir), torch.bfloat16, torch.device("cpu")).type == "cpu"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.8) + 16, 1 << 40))
+    assert loading.load_placement(str(tiny_dir), torch.bfloat16, cuda) == cuda
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.8) - 16, 1 << 40))
+    assert loading.load_placement(str(tiny_dir), torch.bfloat16, cuda).type == "cpu"
+    assert loading.load_placement("org/not-local", torch.bfloat16, cuda).type == "cpu"  # a hub id: unknown size

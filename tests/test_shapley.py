@@ -191,3 +191,25 @@ def test_copies_in_host_memory_give_the_same_game():
         for k, v in m.state_dict().items():
             assert torch.equal(v, before[k]), k
     assert np.array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("absent,background,players,window", [
+    ("pruned", "pruned", [0, 1, 2, 3, 4, 5], 3),    # shared pattern: every player absent
+    ("pruned", "dense", [0, 1, 2, 3, 4, 5], 3),     # shared pattern: every player present
+    ("removed", "pruned", [0, 1, 2, 3, 4, 5], 2),   # no shared pattern; absent blocks are skipped
+    ("pruned", "pruned", [1, 2, 4, 5], 2),          # players with gaps: blocks between them at background
+])
+def test_window_tree_gives_the_same_payoffs_as_one_coalition_at_a_time(absent, background, players, window):
+    """The tree walk over a window's coalitions (play_window) runs each block on the same inputs with the same
+    weights as run_from, so every payoff, the evaluation count and φ are identical, bit for bit."""
+    m = tiny_model("llama", layers=6, seed=21)
+    ad, g = _game(m, absent=absent, background=background)
+    tree = g.swsv(players, window, progress=False)
+    calls_tree = g.evaluations
+    g.window_tree = False
+    g.evaluations = 0
+    one = g.swsv(players, window, progress=False)
+    g.close()
+    assert tree[1] == one[1] == swsv_evaluations(len(players), window, 1, shared=(absent == "pruned" or background == "dense"))
+    assert calls_tree == g.evaluations
+    np.testing.assert_array_equal(tree[0], one[0])

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
+import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,9 +143,6 @@ def check_model_spec(spec: str) -> None:
 
 def _safetensors_size(path: Path) -> int:
     """The size a safetensors file must have: 8 + header + the end of its last tensor."""
-    import json
-    import struct
-
     with path.open("rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
@@ -157,8 +156,6 @@ def _safetensors_size(path: Path) -> int:
 def check_checkpoint(d: Path) -> None:
     """Every shard named by ``model.safetensors.index.json`` (or the single ``model.safetensors``) exists and
     is as long as its header says; a missing or truncated one is one clear error naming the file."""
-    import json
-
     idx = d / "model.safetensors.index.json"
     if idx.is_file():
         try:
@@ -269,6 +266,62 @@ def check_tokenizer(tok, where: str) -> None:
         )
 
 
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def checkpoint_bytes(d: Path, dtype: torch.dtype) -> int | None:
+    """Bytes a local safetensors checkpoint's tensors take once loaded in ``dtype`` (floating tensors
+    converted, others as stored), read from the file headers only; ``None`` when ``d`` holds no safetensors."""
+    files = sorted(Path(d).glob("*.safetensors"))
+    if not files:
+        return None
+    size = torch.tensor([], dtype=dtype).element_size()
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            meta = json.loads(fh.read(n))
+        for k, v in meta.items():
+            if k == "__metadata__":
+                continue
+            numel = 1
+            for x in v["shape"]:
+                numel *= x
+            total += numel * (size if v["dtype"] in ("F64", "F32", "F16", "BF16") else _ITEMSIZE.get(v["dtype"], 4))
+    return total
+
+
+def load_placement(spec: str, dtype: torch.dtype, device: torch.device) -> torch.device:
+    """Where to load ``spec``'s weights: straight onto ``device`` (a GPU) when the checkpoint is local and
+    fits with room to prune (its bytes plus eight blocks' worth of working memory under 80% of the free
+    memory, the engine's own rule in ``engine.sequential.decide_resident``), else the CPU.
+
+    Loading onto the GPU saves the host copy and the move of the whole model to the GPU before the first
+    pass (about 2 s for 13.5 GB at LLaMA-2-7B size on an H200, BENCHMARKS.md "Scale")."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    try:
+        kind, loc = resolve_spec(spec)
+    except UserError:
+        return torch.device("cpu")
+    if kind in ("alias", "gguf"):
+        loc = _gguf_to_dir(Path(loc))
+    if kind == "hub" or (Path(loc) / "sparse_config.json").is_file():
+        return torch.device("cpu")
+    try:
+        need = checkpoint_bytes(Path(loc), dtype)
+        blocks = int(json.loads((Path(loc) / "config.json").read_text()).get("num_hidden_layers") or 1)
+    except (OSError, ValueError, KeyError, struct.error):
+        return torch.device("cpu")
+    if need is None:
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = need + 8 * need / max(blocks, 1) < 0.8 * free
+    log.info("loading the weights %s (%.1f GiB, %.1f GiB free)", f"straight onto {device}" if fits else "into host memory",
+             need / 2**30, free / 2**30)
+    return device if fits else torch.device("cpu")
+
+
 def load_model(
     spec: str,
     dtype: torch.dtype | str = torch.float32,
@@ -277,13 +330,15 @@ def load_model(
 ):
     """Return ``(model, tokenizer)`` for a hub id, local HF dir, ``.gguf`` file or packaged alias.
 
-    The model is put in eval mode with ``use_cache=False``; weights stay on ``device`` (the engine
-    moves one block at a time to the accelerator, so ``cpu`` is the default).
+    The model is put in eval mode with ``use_cache=False``; weights are loaded onto ``device`` (a GPU:
+    straight there from the safetensors files, with no host copy; ``prune`` picks the GPU when the model
+    fits, :func:`load_placement`, and the CPU otherwise, where the engine moves one block at a time).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
+    device = torch.device(device)
     kind, loc = resolve_spec(spec)
     if kind == "dir" and (Path(loc) / "sparse_config.json").is_file():  # a compressed sparse export
         from layerprune.sparse.export import load_sparse
@@ -301,7 +356,8 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(str(loc), **cfg_kw)
         if kind in ("alias", "gguf"):
             check_tokenizer(tok, str(loc))
-        model = AutoModelForCausalLM.from_pretrained(str(loc), dtype=dtype, **cfg_kw)
+        place = {"device_map": {"": device}} if device.type == "cuda" else {}
+        model = AutoModelForCausalLM.from_pretrained(str(loc), dtype=dtype, **place, **cfg_kw)
     except (OSError, ValueError) as e:
         if kind == "hub":
             raise UserError(
