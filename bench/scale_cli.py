@@ -83,7 +83,8 @@ def run_case(model: str, dims: str, pruner: str, allocation: str, extra: list[st
            "--quiet", *extra]
     log = logdir / f"{pruner}_{allocation}.log"
     t0 = time.perf_counter()
-    with GpuPeak() as gpu, log.open("w") as err:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    with GpuPeak(int(visible)) as gpu, log.open("w") as err:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
         timer = threading.Timer(timeout, p.kill)
         timer.start()
