@@ -80,7 +80,7 @@ def run_case(model: str, dims: str, pruner: str, allocation: str, extra: list[st
              logdir: Path, device: str = "cuda") -> dict:
     cmd = [sys.executable, "-m", "layerprune.cli", "prune", model, "--pruner", pruner, "--allocation", allocation,
            "--sparsity", "0.5", "--dtype", "bfloat16", "--device", device, "--eval", "wikitext2", "--json",
-           "--quiet", *extra]
+           "--quiet", "--no-cache", *extra]  # no cached statistics or allocation: every case computes its own
     log = logdir / f"{pruner}_{allocation}.log"
     t0 = time.perf_counter()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"

@@ -216,8 +216,12 @@ class Session:
         key = args_hash(key_d)
         path = cache_dir() / "ratios" / f"{method}-{key}.json"
         if self.use_cache and spec.cached and path.is_file():
+            t = time.perf_counter()
             alloc = Allocation.from_json(json.loads(path.read_text()))
             alloc.diagnostics["cached"] = str(path)
+            # "seconds" is this run's time (the cache read); the run that computed it keeps its own
+            alloc.diagnostics["computed_seconds"] = alloc.diagnostics.get("seconds")
+            alloc.diagnostics["seconds"] = time.perf_counter() - t
             log.info("allocation %s: loaded from cache %s", method, path.name)
             return alloc
         t = time.perf_counter()

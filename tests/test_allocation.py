@@ -129,6 +129,9 @@ def test_ratio_cache_keys_on_resolved_options_and_mixed_nm_warning(tmp_path, mon
     assert "cached" not in a.diagnostics
     b = s.allocate("dlp", 0.7, {"alpha": 0.15})  # the default spelled out: the same entry
     assert "cached" in b.diagnostics and b.per_block == a.per_block
+    # a cache hit reports its own (read) time; the computing run's time is kept apart
+    assert b.diagnostics["computed_seconds"] == a.diagnostics["seconds"]
+    assert b.diagnostics["seconds"] != a.diagnostics["seconds"]
     c = s.allocate("dlp", 0.7, {"alpha": 0.2})
     assert "cached" not in c.diagnostics
     assert len(list((tmp_path / "ratios").glob("dlp-*.json"))) == 2
