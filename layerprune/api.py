@@ -41,6 +41,7 @@ from layerprune.utils import resolve_device, write_atomic
 log = logging.getLogger("layerprune")
 
 OFFLOAD = ("auto", "cpu", "device")
+STARTED_AT: float | None = None  # set by the CLI: when the process imported layerprune (record: startup_seconds)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class Session:
         self._stats: DenseStats | None = None
         self._sv: torch.Tensor | None = None
         self._whash: str | None = None
+        self.timing: dict[str, float] = {}  # calibration sampling and weight hashing, for the run record
 
     # the calibration settings, read-only (tests and bench read them by these names)
     nsamples = property(lambda self: self.calib_cfg.nsamples)
@@ -141,7 +143,7 @@ class Session:
         if self._whash is None:
             t = time.perf_counter()
             self._whash = weights_hash(self.model)
-            log.debug("weights hash in %.2f s", time.perf_counter() - t)
+            self.timing["weights_hash_seconds"] = time.perf_counter() - t
         return self._whash
 
     def calib(self) -> CalibSet:
@@ -150,6 +152,7 @@ class Session:
             t = time.perf_counter()
             self._calib = sample_c4_windows(self.tokenizer, c.nsamples, c.seqlen, c.seed, c.source,
                                             data_dir=self.data_dir)
+            self.timing["calibration_seconds"] = time.perf_counter() - t
             log.info("calibration: %d x %d tokens from %s (seed %d) in %.1f s", c.nsamples, c.seqlen, c.source,
                      c.seed, time.perf_counter() - t)
         return self._calib
@@ -403,9 +406,10 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
         if run_dir is not None and run_dir.done and active():
             raise UserError(f"resuming {out} works in a single process only: rerun it without torchrun "
                             f"(or delete .{Path(out).name}.partial to start again)")
+        home = next(mdl.parameters()).device
         dense = session.evaluate(ev) if dense_ppl and ev.datasets else {}
         if dense:
-            mdl.to("cpu")
+            mdl.to(home)  # back where it was loaded (the engine decides per pass what stays on the GPU)
         # ---- allocate
         alloc = session.allocate(req.allocator.name, req.target, req.alloc_options, req.pruner.name, req.nm,
                                  req.pruner_options, allow_long)
@@ -432,6 +436,11 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
             zs = zero_shot(mdl, tok, list(ev.tasks), limit=ev.limit, device=dev, data_dir=root)
         timing["eval_seconds"] = time.perf_counter() - t_eval
         timing["total_seconds"] = time.perf_counter() - t_start
+        timing.update(session.timing)  # parts of the above: calibration sampling, weight hashing (if done now)
+        session.timing.clear()  # a session reused by a later call does not claim them again
+        global STARTED_AT
+        if STARTED_AT is not None:  # the CLI: Python's imports and argument handling before this call
+            timing["startup_seconds"], STARTED_AT = t_start - STARTED_AT, None
         record = run_record(config, mdl, str(dev), alloc, res, ppl, dense, zs, quant, before_q, timing,
                             req.pruner.needs_data)
         if run_dir is not None:

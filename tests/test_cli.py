@@ -74,3 +74,18 @@ def test_process_entry_point_keeps_exit_codes_and_flushes_output(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def test_run_record_times_the_fixed_costs(tiny_dir):
+    """The record of a CLI run says where the fixed time went: start-up before the call (imports, arguments),
+    calibration sampling, weight hashing, and where the weights were loaded; each inside the whole."""
+    p = subprocess.run([sys.executable, "-m", "layerprune", "prune", str(tiny_dir), "--sparsity", "0.5", "--pruner",
+                        "wanda", "--allocation", "dlp", "--nsamples", "2", "--seqlen", "32", "--eval", "", "--json",
+                        "--quiet", "--device", "cpu", "--no-cache"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-800:]
+    tm = json.loads(p.stdout)["timing"]
+    assert tm["loaded_on"] == "cpu"
+    assert 0 < tm["startup_seconds"] < 120
+    assert 0 < tm["calibration_seconds"] <= tm["total_seconds"]
+    assert 0 < tm["weights_hash_seconds"] <= tm["total_seconds"]
+    assert tm["load_seconds"] + tm["allocation_seconds"] + tm["prune_seconds"] <= tm["total_seconds"]

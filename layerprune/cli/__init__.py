@@ -413,6 +413,10 @@ def run() -> None:
     interpreter's teardown of torch and transformers, 1–2.4 s of every run on a 2-core machine (BENCHMARKS.md,
     "Fixed costs"). A process with live child processes (``torch.compile``'s workers), one where that cannot be
     told (no Linux ``/proc``), and any run with ``LAYERPRUNE_NORMAL_EXIT=1`` exit normally."""
+    import layerprune
+    from layerprune import api
+
+    api.STARTED_AT = layerprune.IMPORTED_AT  # the run record's startup_seconds
     rc = main()
     sys.stdout.flush()
     sys.stderr.flush()
