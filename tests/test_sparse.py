@@ -94,6 +94,21 @@ def test_triton_decode_kernel_equals_f_linear(interpret, shape, kind, batch):
     assert torch.allclose(y, F.linear(x, w), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("split", [2, 3, 8])
+@pytest.mark.parametrize("kind", ["0.7", "uneven", "empty"])
+def test_triton_split_k_tile_kernel_equals_f_linear(interpret, kind, split):
+    """Split-K (partial sums of every split-th tile added atomically in fp32) gives F.linear, also when the
+    split does not divide the tiles of a row (K = 300: 3 tiles) or exceeds them (8)."""
+    from layerprune.sparse import kernels
+
+    n, k = 33, 300
+    w = _weight(n, k, kind, seed=split)
+    sp = pack(w)
+    x = torch.randn(5, k)
+    y = kernels.sparse_mm(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk, split_k=split)
+    assert torch.allclose(y, F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["0.7", "uneven", "2:4"])
 def test_triton_decompress_is_exact(interpret, kind):
     from layerprune.sparse import kernels

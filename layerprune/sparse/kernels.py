@@ -115,22 +115,30 @@ if HAVE_TRITON:
 
     @triton.jit
     def _sparse_mm_kernel(x_ptr, bm_ptr, val_ptr, off_ptr, y_ptr, B, N, K, KT, sxb, syb,
-                          BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HW: tl.constexpr):
-        """Decode for 3–64 tokens: tiles decoded to registers, multiplied on the tensor cores (``tl.dot``)."""
+                          BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HW: tl.constexpr,
+                          SPLIT: tl.constexpr = 1):
+        """Decode for 3–64 tokens: tiles decoded to registers, multiplied on the tensor cores (``tl.dot``).
+        ``SPLIT`` > 1: split-K, program (rb, bb, s) takes every SPLIT-th tile of its row block and adds its
+        partial sums into an fp32 ``y`` with atomics (more programs, fewer dependent tile decodes each)."""
         rb = tl.program_id(0)
         bb = tl.program_id(1)
+        ks = tl.program_id(2)
         cols = tl.arange(0, BK)
         bidx = bb * BB + tl.arange(0, BB)
         acc = tl.zeros((BB, BN), dtype=tl.float32)
-        for kb in range(0, KT):
+        for kb in range(ks, KT, SPLIT):
             w = _decode_tile(bm_ptr, val_ptr, off_ptr, rb * KT + kb, BN, BK, HW)
             kidx = kb * BK + cols
             x = tl.load(x_ptr + bidx[:, None] * sxb + kidx[None, :], mask=(bidx[:, None] < B) & (kidx[None, :] < K),
                         other=0.0)
             acc += tl.dot(x.to(w.dtype), tl.trans(w))
         ridx = rb * BN + tl.arange(0, BN)
-        tl.store(y_ptr + bidx[:, None] * syb + ridx[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(bidx[:, None] < B) & (ridx[None, :] < N))
+        out = y_ptr + bidx[:, None] * syb + ridx[None, :]
+        ok = (bidx[:, None] < B) & (ridx[None, :] < N)
+        if SPLIT == 1:
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.atomic_add(out, acc, mask=ok)
 
     @triton.jit
     def _decompress_kernel(bm_ptr, val_ptr, off_ptr, w_ptr, N, K, KT, BN: tl.constexpr, BK: tl.constexpr,
@@ -150,10 +158,12 @@ def _launch(num_warps: int, num_stages: int) -> dict:
 
 def sparse_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int, k: int,
               bn: int, bk: int, tc: int | None = None, num_warps: int | None = None,
-              num_stages: int | None = None) -> torch.Tensor:
+              num_stages: int | None = None, split_k: int = 1) -> torch.Tensor:
     """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype. B ≤ 2: the set-bit kernel;
     3 ≤ B ≤ ``SMALL_BATCH``: tiles decoded to registers and ``tl.dot`` (launch settings measured on the H200,
-    bench/sparse_kernel_variants.py)."""
+    bench/sparse_kernel_variants.py). ``split_k`` > 1 (3 ≤ B): the tiles of a row block are shared by
+    ``split_k`` programs whose fp32 partial sums meet by atomic adds (not yet timed on the GPU; the
+    default keeps the measured kernel)."""
     B = x.shape[0]
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
     if B == 0:
@@ -167,10 +177,12 @@ def sparse_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offs
                                           BN=bn, BK=bk, TC=tc, BB=B, HW=hw, **_launch(nw, num_stages or 1))
         return y
     bb = 16 if B <= 16 else 32 if B <= 32 else 64
-    _sparse_mm_kernel[(-(-n // bn), -(-B // bb))](x, bitmask, values, offsets, y, B, n, k, kt, x.stride(0), y.stride(0),
-                                                  BB=bb, BN=bn, BK=bk, HW=hw,
-                                                  **_launch(num_warps or 4, num_stages or 3))
-    return y
+    split = max(1, min(split_k, kt))
+    out = y if split == 1 else torch.zeros(B, n, dtype=torch.float32, device=x.device)
+    _sparse_mm_kernel[(-(-n // bn), -(-B // bb), split)](x, bitmask, values, offsets, out, B, n, k, kt, x.stride(0),
+                                                         out.stride(0), BB=bb, BN=bn, BK=bk, HW=hw, SPLIT=split,
+                                                         **_launch(num_warps or 4, num_stages or 3))
+    return y if split == 1 else out.to(x.dtype)
 
 
 def decompress(bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int, k: int, bn: int,
