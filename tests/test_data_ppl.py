@@ -70,3 +70,28 @@ def test_perplexity_protocol_known_answer(llama):
 def test_windows_drop_remainder():
     w = token_windows(CharTok(), "z" * 35, 10)
     assert w.shape == (3, 10)
+
+
+def test_blockwise_perplexity_equals_the_whole_model_and_is_chosen_when_the_model_does_not_fit(
+        tiny_with_tok, monkeypatch):
+    """A model that does not fit on the GPU is evaluated one block at a time through the engine: the same
+    perplexity as the whole model (reference protocol), and the model stays in host memory."""
+    import importlib
+
+    P = importlib.import_module("layerprune.evaluation.perplexity")  # the package exports a function of that name
+    model, tok = tiny_with_tok
+    cpu = torch.device("cpu")
+    whole = P.evaluate_ppl(model, tok, ["wikitext2"], 32, 6, cpu, blockwise=False)["wikitext2"]
+    block = P.evaluate_ppl(model, tok, ["wikitext2"], 32, 6, cpu, blockwise=True)["wikitext2"]
+    assert block["blockwise"] and block["windows"] == whole["windows"] == 6
+    assert block["ppl"] == pytest.approx(whole["ppl"], rel=1e-5)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    # the choice: the bytes to move plus a batch's logits and 1 GiB, against 90% of the free memory
+    cuda = torch.device("cuda", 0)
+    nbytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    need = nbytes + 8 * 2 * 32 * model.config.vocab_size + 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.9) + 64, 1 << 40))
+    assert P.fits_for_eval(model, cuda, 2, 32)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.9) - 64, 1 << 40))
+    assert not P.fits_for_eval(model, cuda, 2, 32)
+    assert P.fits_for_eval(model, cpu, 2, 32)

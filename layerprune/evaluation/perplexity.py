@@ -57,29 +57,81 @@ def perplexity_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: i
     return math.exp(total / (n * seqlen))
 
 
+def perplexity_blockwise(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 1) -> float:
+    """The same perplexity with the model run one block at a time on ``device`` through the engine (every
+    window through block i, then block i + 1), for a model that does not fit there: each block is copied in,
+    run on all windows and copied back; the head runs last, in pieces. Total NLL / predicted tokens equals
+    the reference's mean of per-window means (every window predicts seqlen − 1 tokens)."""
+    from layerprune.engine.sequential import sweep_nll
+    from layerprune.models.adapter import ModelAdapter
+
+    tot, cnt = sweep_nll(model, ModelAdapter.of(model), windows, device, lambda i, b: None,
+                         lambda i, b: b.to("cpu"), batch_size)
+    return math.exp(tot / cnt)
+
+
+def fits_for_eval(model: nn.Module, device: torch.device, batch_size: int, seqlen: int) -> bool:
+    """Whether the whole model can go to ``device`` for evaluation: the bytes not yet there plus a batch's
+    fp32 logits (twice) and 1 GiB of activations under 90% of the free memory; always on a CPU."""
+    if device.type != "cuda":
+        return True
+    from layerprune.engine.sequential import model_bytes_off
+
+    free, _ = torch.cuda.mem_get_info(device)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+    need = model_bytes_off(model, device) + 8 * batch_size * seqlen * vocab + 2**30
+    return need < 0.9 * free
+
+
+def _blockwise_ok(model: nn.Module) -> bool:
+    from layerprune.models.adapter import ModelAdapter
+
+    try:
+        ModelAdapter.of(model)
+    except Exception:  # noqa: BLE001 - e.g. a PEFT wrapper: evaluated whole, as before
+        return False
+    return True
+
+
 def perplexity(model: nn.Module, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
                max_windows: int | None = None, batch_size: int = 1, split: str | None = None,
-               data_dir: str | None = None, progress: bool = False, flag: str = "--seqlen") -> dict:
-    """Return ``{"ppl", "windows", "tokens", "seqlen", "dataset"}`` for one dataset."""
+               data_dir: str | None = None, progress: bool = False, flag: str = "--seqlen",
+               blockwise_on: torch.device | None = None) -> dict:
+    """Return ``{"ppl", "windows", "tokens", "seqlen", "dataset"}`` for one dataset (``blockwise_on``: run
+    the model one block at a time on that device, :func:`perplexity_blockwise`)."""
     check_seqlen(model, seqlen, flag)
     text = load_text(dataset, split, data_dir)
     if dataset == "c4":
         max_windows = 256 if max_windows is None else min(max_windows, 256)
     win = token_windows(tokenizer, text, seqlen, max_windows, flag)
-    ppl = perplexity_of_windows(model, win, batch_size, desc=f"ppl {dataset}", progress=progress)
-    return {"dataset": dataset, "ppl": ppl, "windows": int(win.shape[0]), "tokens": int(win.numel()), "seqlen": seqlen}
+    if blockwise_on is not None:
+        ppl = perplexity_blockwise(model, win, blockwise_on, batch_size)
+    else:
+        ppl = perplexity_of_windows(model, win, batch_size, desc=f"ppl {dataset}", progress=progress)
+    out = {"dataset": dataset, "ppl": ppl, "windows": int(win.shape[0]), "tokens": int(win.numel()), "seqlen": seqlen}
+    if blockwise_on is not None:
+        out["blockwise"] = True
+    return out
 
 
 def evaluate_ppl(model: nn.Module, tokenizer, datasets: list[str], seqlen: int, max_windows: int | None,
                  device: torch.device, batch_size: int = 1, data_dir: str | None = None, progress: bool = False,
-                 flag: str = "--eval-seqlen") -> dict[str, dict]:
-    """Perplexity on each dataset (the model moves to ``device``); ``{name: perplexity record + seconds}``."""
-    model.to(device)
+                 flag: str = "--eval-seqlen", blockwise: bool | None = None) -> dict[str, dict]:
+    """Perplexity on each dataset; ``{name: perplexity record + seconds}``. The model moves to ``device``
+    when it fits there (:func:`fits_for_eval`); otherwise (or with ``blockwise=True``) it runs one block at a
+    time through the engine and stays in host memory."""
+    device = torch.device(device)
+    if blockwise is None:
+        blockwise = not fits_for_eval(model, device, batch_size, seqlen) and _blockwise_ok(model)
+        if blockwise:
+            log.info("the model does not fit on %s for evaluation: perplexity runs one block at a time", device)
+    if not blockwise:
+        model.to(device)
     out = {}
     for d in datasets:
         t = time.perf_counter()
         r = perplexity(model, tokenizer, d, seqlen, max_windows, batch_size, data_dir=data_dir, progress=progress,
-                       flag=flag)
+                       flag=flag, blockwise_on=device if blockwise else None)
         r["seconds"] = time.perf_counter() - t
         out[d] = r
         log.info("ppl %s (seqlen %d, %d windows): %.3f", d, seqlen, r["windows"], r["ppl"])
