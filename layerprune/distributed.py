@@ -13,13 +13,29 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+_ALONE = 0  # > 0 inside alone(): this process acts as if it were the only one
+
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return _ALONE == 0 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Inside, this process works as if alone (rank 0 of 1: all samples, no collectives). Ranks that run the
+    same work inside get the one-process result bit for bit, at the one-process cost."""
+    global _ALONE
+    _ALONE += 1
+    try:
+        yield
+    finally:
+        _ALONE -= 1
 
 
 def rank() -> int:

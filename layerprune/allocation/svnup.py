@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from layerprune.allocation.common import AllocContext, Allocation, band_from_importance, finish
 from layerprune.allocation.shapley import exact_shapley, monte_carlo_shapley, swsv, swsv_evaluations, window_starts
-from layerprune.distributed import deal, rank, world_size
+from layerprune.distributed import alone, deal, rank, world_size
 from layerprune.engine.runner import BlockRunner
 from layerprune.engine.sequential import dense_sweep, prune_sequential
 from layerprune.errors import UserError
@@ -90,8 +90,12 @@ class SVGame:
         self.dense: list[dict[str, torch.Tensor]] = []
         self.pruned: list[dict[str, torch.Tensor]] = []
         if absent == "pruned" or background == "pruned":
-            self._make_pruned_copies(calib_ids, target, pruner, batch_size, progress,
-                                     get_pruner(pruner).make_options(pruner_kwargs))
+            # every rank makes the copies by itself (all calibration samples, no collectives): data-parallel
+            # statistics are summed in another order and flip a few mask decisions, which would make φ depend
+            # on the number of processes; this way φ is the one-process φ bit for bit (tests/test_distributed.py)
+            with alone():
+                self._make_pruned_copies(calib_ids, target, pruner, batch_size, progress,
+                                         get_pruner(pruner).make_options(pruner_kwargs))
         else:
             self.dense = [{n: lin.weight.data for n, lin in adapter.linears(i).items()} for i in range(L)]
         self.host_dense = self.dense  # the dense weights the model gets back on close()
