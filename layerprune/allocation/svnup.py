@@ -179,12 +179,16 @@ class SVGame:
         with tf32(self.tf32 or torch.backends.cuda.matmul.allow_tf32):
             self._apply(states)
             skip = frozenset(i for i, st in enumerate(states) if st == "R")
-            tot, cnt = torch.zeros((), dtype=torch.float64, device=self.device), 0
-            bs = self.runner.batch_size
-            for b, h in enumerate(hidden):
-                x = self.runner.forward(b, h, start, skip=skip)
-                s, c = self.runner.head_nll(b, x, self.sv_ids[b * bs : (b + 1) * bs], self.head_tokens)
-                tot, cnt = tot + s, cnt + c
+            return self._payoff((b, self.runner.forward(b, h, start, skip=skip)) for b, h in enumerate(hidden))
+
+    def _payoff(self, outputs) -> float:
+        """One evaluation's payoff from the last block's output of each batch, ``(b, x)`` pairs (consumed one
+        at a time): −mean NLL (``nll``) or −perplexity (``ppl``) of the SV windows."""
+        tot, cnt = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        bs = self.runner.batch_size
+        for b, x in outputs:
+            s, c = self.runner.head_nll(b, x, self.sv_ids[b * bs : (b + 1) * bs], self.head_tokens)
+            tot, cnt = tot + s, cnt + c
         self.evaluations += 1
         nll = float(tot) / cnt
         return -nll if self.payoff_kind == "nll" else -math.exp(nll)
@@ -218,43 +222,21 @@ class SVGame:
             skip_r = frozenset(i for i in range(start, stop) if states[i] == "R")
             return [self.runner.forward(b, x, start, stop, skip=skip_r) for b, x in enumerate(h)]
 
-        def leaf(h: list[torch.Tensor]) -> float:
-            with tf32(self.tf32 or torch.backends.cuda.matmul.allow_tf32):
-                x = segment(h, blocks[-1] + 1, L)
-                tot, cnt = torch.zeros((), dtype=torch.float64, device=self.device), 0
-                bs = self.runner.batch_size
-                for b, xb in enumerate(x):
-                    s, c = self.runner.head_nll(b, xb, self.sv_ids[b * bs : (b + 1) * bs], self.head_tokens)
-                    tot, cnt = tot + s, cnt + c
-            self.evaluations += 1
-            nll = float(tot) / cnt
-            return -nll if self.payoff_kind == "nll" else -math.exp(nll)
-
         def walk(j: int, h: list[torch.Tensor], members: frozenset) -> None:
-            if j == w:
-                if members != skip:
-                    out[members] = leaf(h)
+            if j == w:  # a leaf: the blocks after the window, then the payoff
+                out[members] = self._payoff(enumerate(segment(h, blocks[-1] + 1, L)))
                 return
             start = blocks[j - 1] + 1 if j else blocks[0]
             for c, m in (("D", members | {active[j]}), (self.absent_state, members)):
-                if not self._wanted(j, w, m, skip):
+                if j == w - 1 and m == skip:  # the shared pattern's leaf: evaluated once elsewhere
                     continue
                 choice.append(c)
-                with tf32(self.tf32 or torch.backends.cuda.matmul.allow_tf32):
-                    nxt = segment(h, start, blocks[j] + 1)
-                walk(j + 1, nxt, m)
-                del nxt
+                walk(j + 1, segment(h, start, blocks[j] + 1), m)
                 choice.pop()
 
-        walk(0, hidden, frozenset())
+        with tf32(self.tf32 or torch.backends.cuda.matmul.allow_tf32):
+            walk(0, hidden, frozenset())
         return out
-
-    @staticmethod
-    def _wanted(j: int, w: int, members: frozenset, skip: frozenset | None) -> bool:
-        """Whether a subtree holds a coalition to evaluate: not when its only leaf is ``skip``."""
-        if skip is None or j + 1 < w:
-            return True
-        return members != skip
 
     @torch.no_grad()
     def advance(self, hidden: list[torch.Tensor], i: int) -> list[torch.Tensor]:
