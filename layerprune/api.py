@@ -92,7 +92,7 @@ class EvalConfig:
         require(self.seqlen is None or self.seqlen >= 2, f"--eval-seqlen must be at least 2 (got {self.seqlen})")
         require(self.max_windows is None or self.max_windows >= 1,
                 f"--eval-max-windows must be at least 1 (got {self.max_windows}); leave it out for all windows")
-        require(self.batch_size >= 1, f"the evaluation batch size must be at least 1 (got {self.batch_size})")
+        require(self.batch_size >= 1, f"--eval-batch-size must be at least 1 (got {self.batch_size})")
         require(self.limit is None or self.limit >= 1, f"--limit must be at least 1 (got {self.limit})")
         tbs = self.task_batch_size
         require(tbs == "auto" or (isinstance(tbs, int) and tbs >= 1),

@@ -89,3 +89,22 @@ def test_run_record_times_the_fixed_costs(tiny_dir):
     assert 0 < tm["calibration_seconds"] <= tm["total_seconds"]
     assert 0 < tm["weights_hash_seconds"] <= tm["total_seconds"]
     assert tm["load_seconds"] + tm["allocation_seconds"] + tm["prune_seconds"] <= tm["total_seconds"]
+
+
+def test_prune_eval_batch_size_gives_the_same_perplexity(tiny_dir, capsys):
+    """--eval-batch-size batches the perplexity windows: the same perplexity (float rounding aside); 0 is refused
+    with one line and exit code 2 before any work."""
+    from layerprune.cli import main
+
+    base = ["prune", str(tiny_dir), "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "32", "--eval-max-windows", "5",
+            "--json", "--quiet", "--device", "cpu", "--no-cache"]
+    ppl = {}
+    for bs in ("1", "3"):
+        assert main(base + ["--eval-batch-size", bs]) == 0
+        rec = json.loads(capsys.readouterr().out)
+        ppl[bs] = rec["ppl"]["wikitext2"]
+        assert rec["ppl_details"]["wikitext2"]["windows"] == 5
+    assert ppl["3"] == pytest.approx(ppl["1"], rel=1e-5)
+    assert main(base + ["--eval-batch-size", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--eval-batch-size must be at least 1" in err[0]

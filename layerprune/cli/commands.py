@@ -34,7 +34,7 @@ def cmd_prune(a: argparse.Namespace) -> tuple[dict, str]:
 
     ao, po = _methods(a, a.allocation, a.pruner)
     ev = EvalConfig(datasets=tuple(csv_list(a.eval)), seqlen=a.eval_seqlen, max_windows=a.eval_max_windows,
-                    tasks=tuple(csv_list(a.tasks)), limit=a.limit)
+                    batch_size=a.eval_batch_size, tasks=tuple(csv_list(a.tasks)), limit=a.limit)
     if a.sparse_out:
         from layerprune.sparse.export import check_sparse_out
 
