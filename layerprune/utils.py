@@ -53,6 +53,13 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def fits_resident(move_bytes: float, block_bytes: float, free_bytes: float) -> bool:
+    """The residency rule (one place): a model whose bytes still to move plus eight blocks' worth of working
+    memory (Hessians, scores, activations) stay under 80% of the accelerator's free memory stays there for a
+    pass; used when loading (``models.loading.load_placement``) and per pass (``engine.decide_resident``)."""
+    return move_bytes + 8 * block_bytes < 0.8 * free_bytes
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

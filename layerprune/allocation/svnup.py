@@ -279,9 +279,8 @@ class SVGame:
                 state["cursor"] += 1
             if (st, members) not in table:
                 active = list(range(st, st + window))
-                is_shared = shared is not None and members == frozenset(st + j for j in shared)
-                if self.window_tree and not is_shared:
-                    skip = frozenset(st + j for j in shared) if shared is not None else None
+                skip = frozenset(st + j for j in shared) if shared is not None else None  # evaluated once
+                if self.window_tree and members != skip:
                     vals = self.play_window(players, active, state["hidden"], skip)
                     table.update({(st, m): v for m, v in vals.items()})
                     bar.update(len(vals))

@@ -25,7 +25,7 @@ from layerprune.distributed import broadcast_tensor, deal, rank, reduce_count, s
 from layerprune.engine.runner import BlockRunner, move_non_block
 from layerprune.models.adapter import ModelAdapter
 from layerprune.pruners import Pattern, get_pruner
-from layerprune.utils import peak_memory_mb, reset_peak, sync
+from layerprune.utils import fits_resident, peak_memory_mb, reset_peak, sync
 
 log = logging.getLogger("layerprune")
 
@@ -101,7 +101,7 @@ def decide_resident(model: nn.Module, adapter: ModelAdapter, device: torch.devic
     block = sum(p.numel() * p.element_size() for p in adapter.blocks[0].parameters())
     free, _ = torch.cuda.mem_get_info(device)
     off = model_bytes_off(model, device)
-    fits = off + 8 * block < 0.8 * free
+    fits = fits_resident(off, block, free)
     log.info("weights %s the GPU for this pass (%.1f GiB to move, %.1f GiB free)",
              "kept on" if fits else "streamed block by block to", off / 2**30, free / 2**30)
     return fits

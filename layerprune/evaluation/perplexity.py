@@ -104,13 +104,11 @@ def perplexity(model: nn.Module, tokenizer, dataset: str = "wikitext2", seqlen: 
     if dataset == "c4":
         max_windows = 256 if max_windows is None else min(max_windows, 256)
     win = token_windows(tokenizer, text, seqlen, max_windows, flag)
+    out = {"dataset": dataset, "windows": int(win.shape[0]), "tokens": int(win.numel()), "seqlen": seqlen}
     if blockwise_on is not None:
-        ppl = perplexity_blockwise(model, win, blockwise_on, batch_size)
+        out.update(ppl=perplexity_blockwise(model, win, blockwise_on, batch_size), blockwise=True)
     else:
-        ppl = perplexity_of_windows(model, win, batch_size, desc=f"ppl {dataset}", progress=progress)
-    out = {"dataset": dataset, "ppl": ppl, "windows": int(win.shape[0]), "tokens": int(win.numel()), "seqlen": seqlen}
-    if blockwise_on is not None:
-        out["blockwise"] = True
+        out["ppl"] = perplexity_of_windows(model, win, batch_size, desc=f"ppl {dataset}", progress=progress)
     return out
 
 

@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata as md
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from layerprune.errors import UserError
+from layerprune.utils import fits_resident
 
 log = logging.getLogger("layerprune")
 
@@ -141,16 +143,22 @@ def check_model_spec(spec: str) -> None:
             check_checkpoint(Path(loc))
 
 
-def _safetensors_size(path: Path) -> int:
-    """The size a safetensors file must have: 8 + header + the end of its last tensor."""
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """``(header length, {tensor name: entry})`` of a safetensors file, without its ``__metadata__``;
+    a file too short for a header reads as an enormous header, so a size check fails."""
     with path.open("rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            return 1 << 62
+            return 1 << 62, {}
         n = struct.unpack("<Q", head)[0]
         meta = json.loads(fh.read(n))
-    ends = [v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"]
-    return 8 + n + max(ends, default=0)
+    return n, {k: v for k, v in meta.items() if k != "__metadata__"}
+
+
+def _safetensors_size(path: Path) -> int:
+    """The size a safetensors file must have: 8 + header + the end of its last tensor."""
+    n, meta = _safetensors_header(path)
+    return 8 + n + max((v["data_offsets"][1] for v in meta.values()), default=0)
 
 
 def check_checkpoint(d: Path) -> None:
@@ -276,25 +284,14 @@ def checkpoint_bytes(d: Path, dtype: torch.dtype) -> int | None:
     if not files:
         return None
     size = torch.tensor([], dtype=dtype).element_size()
-    total = 0
-    for f in files:
-        with f.open("rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            meta = json.loads(fh.read(n))
-        for k, v in meta.items():
-            if k == "__metadata__":
-                continue
-            numel = 1
-            for x in v["shape"]:
-                numel *= x
-            total += numel * (size if v["dtype"] in ("F64", "F32", "F16", "BF16") else _ITEMSIZE.get(v["dtype"], 4))
-    return total
+    return sum(math.prod(v["shape"]) * (size if v["dtype"] in ("F64", "F32", "F16", "BF16") else _ITEMSIZE.get(v["dtype"], 4))
+               for f in files for v in _safetensors_header(f)[1].values())
 
 
 def load_placement(spec: str, dtype: torch.dtype, device: torch.device) -> torch.device:
     """Where to load ``spec``'s weights: straight onto ``device`` (a GPU) when the checkpoint is local and
     fits with room to prune (its bytes plus eight blocks' worth of working memory under 80% of the free
-    memory, the engine's own rule in ``engine.sequential.decide_resident``), else the CPU.
+    memory: ``utils.fits_resident``, the rule the engine applies per pass), else the CPU.
 
     Loading onto the GPU saves the host copy and the move of the whole model to the GPU before the first
     pass (about 2 s for 13.5 GB at LLaMA-2-7B size on an H200, BENCHMARKS.md "Scale")."""
@@ -316,7 +313,7 @@ def load_placement(spec: str, dtype: torch.dtype, device: torch.device) -> torch
     if need is None:
         return torch.device("cpu")
     free, _ = torch.cuda.mem_get_info(device)
-    fits = need + 8 * need / max(blocks, 1) < 0.8 * free
+    fits = fits_resident(need, need / max(blocks, 1), free)
     log.info("loading the weights %s (%.1f GiB, %.1f GiB free)", f"straight onto {device}" if fits else "into host memory",
              need / 2**30, free / 2**30)
     return device if fits else torch.device("cpu")
