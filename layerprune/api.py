@@ -95,9 +95,11 @@ class EvalConfig:
         require(self.batch_size >= 1, f"--eval-batch-size must be at least 1 (got {self.batch_size})")
         require(self.limit is None or self.limit >= 1, f"--limit must be at least 1 (got {self.limit})")
         tbs = self.task_batch_size
+        if isinstance(tbs, str) and tbs.strip().isdigit():
+            tbs = int(tbs)
         require(tbs == "auto" or (isinstance(tbs, int) and tbs >= 1),
                 f"--task-batch-size must be a positive integer or auto (got {tbs!r})")
-        return dataclasses.replace(self, datasets=ds, tasks=tasks)
+        return dataclasses.replace(self, datasets=ds, tasks=tasks, task_batch_size=tbs)
 
 
 _CALIB_KW = {"nsamples", "seqlen", "seed", "batch_size", "offload"}
@@ -128,7 +130,7 @@ class Session:
         self.weights = None  # models.streaming.BlockWeights when the blocks are read from disk as needed
         self._calib: CalibSet | None = None
         self._stats: DenseStats | None = None
-        self._sv: torch.Tensor | None = None
+        self._sv: dict[int, torch.Tensor] = {}  # SV windows by length
         self._whash: str | None = None
         self.timing: dict[str, float] = {}  # calibration sampling and weight hashing, for the run record
 
@@ -157,22 +159,24 @@ class Session:
                      c.seed, time.perf_counter() - t)
         return self._calib
 
-    def sv_ids(self, n: int = 32) -> torch.Tensor:
+    def sv_ids(self, n: int = 32, seqlen: int | None = None) -> torch.Tensor:
         """SV-evaluation windows, disjoint from the pruning calibration set: the calibration
         documents it did not use are joined with "\\n\\n", tokenised, cut into non-overlapping
-        windows of ``seqlen``, and ``n`` of them are drawn with ``random.Random(seed + 1)``."""
-        if self._sv is None or self._sv.shape[0] < n:
+        windows of ``seqlen`` (default: the calibration seqlen), and ``n`` of them are drawn with
+        ``random.Random(seed + 1)``."""
+        c = self.calib_cfg
+        seqlen = int(seqlen or c.seqlen)
+        if seqlen not in self._sv or self._sv[seqlen].shape[0] < n:
             import random
 
-            c = self.calib_cfg
             used = set(self.calib().doc_ids)
             docs = load_documents(c.source, calib_split(c.source), self.data_dir)
-            win = token_windows(self.tokenizer, "\n\n".join(d for i, d in enumerate(docs) if i not in used), c.seqlen)
+            win = token_windows(self.tokenizer, "\n\n".join(d for i, d in enumerate(docs) if i not in used), seqlen)
             if win.shape[0] < n:
-                raise UserError(f"only {win.shape[0]} held-out windows of {c.seqlen} tokens for the SV set: "
-                                "lower --sv-samples or --seqlen")
-            self._sv = win[sorted(random.Random(c.seed + 1).sample(range(win.shape[0]), n))]
-        return self._sv[:n]
+                raise UserError(f"only {win.shape[0]} held-out windows of {seqlen} tokens for the SV set: "
+                                "lower --sv-samples, --sv-seqlen or --seqlen")
+            self._sv[seqlen] = win[sorted(random.Random(c.seed + 1).sample(range(win.shape[0]), n))]
+        return self._sv[seqlen][:n]
 
     def dense_stats(self) -> DenseStats:
         if self._stats is None:
@@ -433,7 +437,8 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
         if ev.tasks:
             from layerprune.evaluation.zeroshot import zero_shot
 
-            zs = zero_shot(mdl, tok, list(ev.tasks), limit=ev.limit, device=dev, data_dir=root)
+            zs = zero_shot(mdl, tok, list(ev.tasks), limit=ev.limit, batch_size=ev.task_batch_size, device=dev,
+                           data_dir=root)
         timing["eval_seconds"] = time.perf_counter() - t_eval
         timing["total_seconds"] = time.perf_counter() - t_start
         timing.update(session.timing)  # parts of the above: calibration sampling, weight hashing (if done now)

@@ -210,7 +210,8 @@ def run_grid(model: str, out: str | Path, allocations: list[str], pruners: list[
         if ev.tasks:
             from layerprune.evaluation.zeroshot import zero_shot
 
-            zs = zero_shot(mdl, tok, list(ev.tasks), ev.limit, device=dev, data_dir=root)
+            zs = zero_shot(mdl, tok, list(ev.tasks), ev.limit, batch_size=ev.task_batch_size, device=dev,
+                           data_dir=root)
             res["dense"]["tasks"], res["dense"]["zs_average"] = zs["tasks"], zs["average"]["acc"]
         mdl.to("cpu")
         save()

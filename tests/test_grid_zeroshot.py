@@ -138,3 +138,21 @@ def test_grid_over_seeds_reports_mean_and_spread(tiny_dir, tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert page.count("<tr data-run>") == 2 + 1 and "<h2>Settings</h2>" in page and "<figcaption>" in page
     assert "ratios_0.5" in page and "standard deviation" in page
+
+
+def test_task_batch_size_reaches_lm_eval_from_prune_and_compare(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--task-batch-size is lm-eval's batch size in `prune` and in every `compare` cell (and its dense row)."""
+    import layerprune.evaluation.zeroshot as zs
+
+    seen, real = [], zs.zero_shot
+    monkeypatch.setattr(zs, "zero_shot", lambda *a, **k: seen.append(k["batch_size"]) or real(*a, **k))
+    assert main(["prune", str(tiny_dir), "--sparsity", "0.5", "--pruner", "magnitude", "--tasks", "arc_easy",
+                 "--limit", "2", "--eval", "", "--seqlen", "64", "--task-batch-size", "5", "--json", "--quiet"]) == 0
+    assert main(["compare", str(tiny_dir), "--allocations", "uniform", "--pruners", "magnitude", "--sparsities", "0.5",
+                 "--tasks", "arc_easy", "--limit", "2", "--ppl", "", "--seqlen", "64", "--task-batch-size", "3",
+                 "--out", str(tmp_path / "g"), "--quiet"]) == 0
+    assert seen == [5, 3, 3]
+    capsys.readouterr()
+    assert main(["compare", str(tiny_dir), "--tasks", "arc_easy", "--task-batch-size", "x", "--out",
+                 str(tmp_path / "h")]) == 2
+    assert "--task-batch-size must be a positive integer or auto" in capsys.readouterr().err

@@ -177,6 +177,24 @@ def test_cli_allocate_and_prune_svnup(tiny_dir, tmp_path, monkeypatch, capsys):
     assert "--window 4 must be between 1 and the number of player blocks (3)" in err and "Traceback" not in err
 
 
+def test_sv_seqlen_sets_the_game_windows(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--sv-seqlen plays the game on held-out windows of that length (methods_svnup §1.8: 512 for small local
+    models) while the pruner keeps the calibration --seqlen; --sv-samples above 32 is honoured."""
+    from layerprune.cli import main
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    common = ["--allocation", "svnup", "--sparsity", "0.6", "--window", "2", "--pruner", "wanda", "--nsamples", "2",
+              "--seqlen", "32", "--device", "cpu", "--eval", "", "--json", "--quiet", "--no-cache"]
+    assert main(["prune", str(tiny_dir), *common, "--sv-samples", "40", "--sv-seqlen", "8"]) == 0
+    d = json.loads(capsys.readouterr().out)["allocation"]["diagnostics"]
+    assert (d["sv_samples"], d["sv_seqlen"], d["evaluations"]) == (40, 8, 7)
+    assert main(["prune", str(tiny_dir), *common, "--sv-samples", "2"]) == 0
+    d = json.loads(capsys.readouterr().out)["allocation"]["diagnostics"]
+    assert (d["sv_samples"], d["sv_seqlen"]) == (2, 32)
+    assert main(["prune", str(tiny_dir), *common, "--sv-seqlen", "1"]) == 2
+    assert "--sv-seqlen" in capsys.readouterr().err
+
+
 def test_copies_in_host_memory_give_the_same_game():
     """With the dense/pruned copies kept off the accelerator (copied into one buffer per linear on each state
     change) the payoffs, hence φ, are those of the copies-on-device game; the model ends dense."""

@@ -376,6 +376,9 @@ class SVNUPOptions:
                              "ppl, BENCHMARKS.md) or dense", choices=("dense", "pruned"))
     payoff: str = option("nll", "SV-NUP payoff: −mean NLL or −perplexity", choices=("nll", "ppl"))
     sv_samples: int = option(32, "SV-NUP evaluation windows (held-out C4)", check=lambda v: v >= 1, must="at least 1")
+    sv_seqlen: Optional[int] = option(None, "SV-NUP evaluation window length in tokens (default: the calibration "
+                                      "--seqlen; methods_svnup §1.8 uses 512 for small local models)",
+                                      check=lambda v: v is None or v >= 2, must="at least 2")
     aggregate: str = option("center", "SV-NUP: a block's φ from the window centred on it, or the mean over windows",
                             choices=("center", "mean"))
     stride: int = option(1, "SV-NUP window stride: 1 or w", check=lambda v: v >= 1, must="1 or the window size")
@@ -400,12 +403,12 @@ def allocate_svnup(ctx: AllocContext, target: float, options: SVNUPOptions | Non
     if stride not in (1, window):
         raise UserError(f"--stride must be 1 or the window size ({window})")
     E = swsv_evaluations(len(players), window, stride)
-    seqlen = int(ctx.extra.get("seqlen", 2048))
+    seqlen = int(o.sv_seqlen or ctx.extra.get("seqlen", 2048))
     eta = estimate_seconds(ad.model, sv_samples * seqlen, E, ctx.extra.get("device", torch.device("cpu")))
     if (eta > 3600 or window > 10) and not ctx.allow_long:
         raise UserError(f"SWSV with window {window} needs {E} evaluations (roughly {eta / 60:.0f} min here); "
                         "pass --yes to run it, or use a smaller --window")
-    sv_ids = ctx.extra["sv_ids"]() if callable(ctx.extra.get("sv_ids")) else ctx.extra.get("sv_ids")
+    sv_ids = ctx.extra["sv_ids"](sv_samples, seqlen) if callable(ctx.extra.get("sv_ids")) else ctx.extra.get("sv_ids")
     dev = ctx.extra.get("device", torch.device("cpu"))
     t0 = time.perf_counter()
     game = SVGame(ad.model, ad, sv_ids[:sv_samples], ctx.calib(), target, ctx.extra.get("pruner", "sparsegpt"), dev,
@@ -428,7 +431,7 @@ def allocate_svnup(ctx: AllocContext, target: float, options: SVNUPOptions | Non
     s[players] = s_players
     diag = {"phi": phi.tolist(), "evaluations": evals, "expected_evaluations": E, "window": window, "lambda": lam,
             "absent": absent, "background": background, "payoff": payoff, "sv_samples": int(sv_ids[:sv_samples].shape[0]),
-            "aggregate": aggregate, "stride": stride, "mapping": mapping, "local_weights": local_weights,
+            "sv_seqlen": int(sv_ids.shape[1]), "aggregate": aggregate, "stride": stride, "mapping": mapping, "local_weights": local_weights,
             "sv_seconds": t_sv, "tf32": not o.fp32, "ranks": world_size(),
             "evaluations_per_rank": getattr(game, "evaluations_per_rank", [evals]), "setup_seconds": t1 - t0, "evals_per_second": evals / max(t_sv, 1e-9),
             "unclipped": s.tolist()}

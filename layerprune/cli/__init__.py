@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-ppl", action="store_true", help="also evaluate the dense model first")
     p.add_argument("--tasks", default="", help="zero-shot tasks after pruning (lm-eval), comma separated")
     p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
+    p.add_argument("--task-batch-size", default="16", help="lm-eval batch size (an integer or auto)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize surviving weights after pruning")
     p.add_argument("--group-size", type=int, default=None, help="quantization group size (default per channel)")
     p.add_argument("--out", default=None, help="write the pruned model + layerprune.json here (resumable)")
@@ -197,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-seqlen", type=int, default=None)
     c.add_argument("--eval-max-windows", type=int, default=None)
     c.add_argument("--tasks", default="")
-    c.add_argument("--limit", type=int, default=None)
+    c.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
+    c.add_argument("--task-batch-size", default="16", help="lm-eval batch size (an integer or auto)")
+    c.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward in the perplexity pass")
     c.add_argument("--out", required=True)
     c.add_argument("--seeds", default=None, help="calibration seeds, comma separated (e.g. 0,1,2): every cell runs "
                                                  "per seed and the tables report mean ± std (default: --seed)")

@@ -34,7 +34,8 @@ def cmd_prune(a: argparse.Namespace) -> tuple[dict, str]:
 
     ao, po = _methods(a, a.allocation, a.pruner)
     ev = EvalConfig(datasets=tuple(csv_list(a.eval)), seqlen=a.eval_seqlen, max_windows=a.eval_max_windows,
-                    batch_size=a.eval_batch_size, tasks=tuple(csv_list(a.tasks)), limit=a.limit)
+                    batch_size=a.eval_batch_size, tasks=tuple(csv_list(a.tasks)), limit=a.limit,
+                    task_batch_size=a.task_batch_size)
     if a.sparse_out:
         from layerprune.sparse.export import check_sparse_out
 
@@ -96,7 +97,8 @@ def cmd_compare(a: argparse.Namespace) -> tuple[dict, str]:
         raise UserError("--allocations and --pruners must each name at least one method")
     check_pruner_flags(pruners, a)
     ev = EvalConfig(datasets=tuple(csv_list(a.ppl)), seqlen=a.eval_seqlen, max_windows=a.eval_max_windows,
-                    tasks=tuple(csv_list(a.tasks)), limit=a.limit)
+                    batch_size=a.eval_batch_size, tasks=tuple(csv_list(a.tasks)), limit=a.limit,
+                    task_batch_size=a.task_batch_size)
     try:
         seeds = [int(x) for x in csv_list(a.seeds)] if a.seeds else None
     except ValueError:
