@@ -2,7 +2,9 @@
 seed per GPU, `bench/quality_grid.sh`) into one directory: runs concatenated, tables with mean ± std over the
 seeds, figures; then `layerprune report OUT` writes the HTML page.
 
-    python3 bench/merge_grids.py OUT DIR [DIR ...]
+    python3 bench/merge_grids.py OUT DIR [DIR ...] [--name NAME]
+
+--name: the model's name in the tables (e.g. the alias, where the runs named a carried file by its path).
 
 Refuses directories of different models (weight hashes) or different settings other than the seeds.
 """
@@ -48,15 +50,26 @@ def merge(dirs: list[Path]) -> dict:
 
 
 def main() -> int:
-    if len(sys.argv) < 3:
-        print("usage: python3 bench/merge_grids.py OUT DIR [DIR ...]", file=sys.stderr)
+    argv = sys.argv[1:]
+    name = None
+    if "--name" in argv:
+        i = argv.index("--name")
+        if i + 1 >= len(argv):
+            print("error: --name needs a value", file=sys.stderr)
+            return 2
+        name = argv[i + 1]
+        del argv[i : i + 2]
+    if len(argv) < 2:
+        print("usage: python3 bench/merge_grids.py OUT DIR [DIR ...] [--name NAME]", file=sys.stderr)
         return 2
-    out, dirs = Path(sys.argv[1]), [Path(x) for x in sys.argv[2:]]
+    out, dirs = Path(argv[0]), [Path(x) for x in argv[1:]]
     try:
         res = merge(dirs)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if name:
+        res["source"], res["model"] = res.get("model"), name
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "results.json", json.dumps(res, indent=1, default=str))
     write_tables(out, res, table)

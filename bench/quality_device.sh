@@ -45,7 +45,7 @@ status)
   done
   for d in $S/work/*/; do echo "== $d"; python3 bench/quality_queue.py status "$d"; done
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
-  [ -n "${OUT:-}" ] && tar -czf "$OUT/work.tgz" -C $S work --exclude='*.safetensors' && ls -la "$OUT"
+  [ -n "${OUT:-}" ] && tar -czf "$OUT/work.tgz" --exclude="*.safetensors" -C $S work && ls -la "$OUT"
   ;;
 *) echo "usage: see the top of $0" >&2; exit 2 ;;
 esac

@@ -481,8 +481,8 @@ def streamed_ppl(session: Session, ev: EvalConfig, run_dir: RunDir) -> dict[str,
     """Perplexity with every block read from its pruned checkpoint, one block at a time."""
     import math
 
-    from layerprune.data.sources import load_text
     from layerprune.engine.sequential import sweep_nll
+    from layerprune.evaluation.perplexity import eval_windows
 
     seq = ev.seqlen or session.seqlen
     out = {}
@@ -493,8 +493,7 @@ def streamed_ppl(session: Session, ev: EvalConfig, run_dir: RunDir) -> dict[str,
 
     for d in ev.datasets:
         t = time.perf_counter()
-        mw = min(ev.max_windows or 256, 256) if d == "c4" else ev.max_windows
-        ids = token_windows(session.tokenizer, load_text(d, None, session.data_dir), seq, mw)
+        ids = eval_windows(session.tokenizer, d, seq, ev.max_windows, data_dir=session.data_dir)
         tot, cnt = sweep_nll(session.model, session.adapter, ids, session.device, load_pruned, w.release)
         out[d] = {"dataset": d, "ppl": math.exp(tot / cnt), "windows": int(ids.shape[0]), "tokens": int(ids.numel()),
                   "seqlen": seq, "seconds": time.perf_counter() - t, "streamed": True}

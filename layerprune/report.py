@@ -40,7 +40,7 @@ def _style(pruner: str, pruners: list[str]) -> str:
 def plot_ratios(series: dict[str, list[float]], path: str | Path, title: str = "", target: float | None = None) -> str:
     """Per-block allocated sparsity, one line per method (``allocation`` or ``allocation+pruner``)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 4), dpi=120)
     pruners = sorted({n.split("+")[1] for n in series if "+" in n})
     for name, ys in series.items():
         al, _, pr = name.partition("+")
@@ -54,7 +54,7 @@ def plot_ratios(series: dict[str, list[float]], path: str | Path, title: str = "
     ax.set_ylabel("sparsity")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, never on a line
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -87,7 +87,7 @@ def make_figures(d: Path, res: dict) -> list[str]:
     dense = res.get("dense", {})
 
     def curve(name: str, ylabel: str, get, dense_y, log: bool) -> None:
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
         for meth in sorted({(c["allocation"], c["pruner"]) for c in cs}):
             pts = sorted((c["sparsity"], *get(c)) for c in cs if (c["allocation"], c["pruner"]) == meth
                          and get(c)[0] is not None)
@@ -101,7 +101,7 @@ def make_figures(d: Path, res: dict) -> list[str]:
         ax.set_xlabel("target sparsity")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
         fig.savefig(d / f"{name}.png")
         plt.close(fig)

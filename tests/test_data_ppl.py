@@ -95,3 +95,26 @@ def test_blockwise_perplexity_equals_the_whole_model_and_is_chosen_when_the_mode
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(need / 0.9) - 64, 1 << 40))
     assert not P.fits_for_eval(model, cuda, 2, 32)
     assert P.fits_for_eval(model, cpu, 2, 32)
+
+
+def test_eval_windows_tokenise_once_per_tokenizer_and_settings():
+    """A grid evaluates the same texts after every cell: the windows are tokenised once per tokenizer object and
+    (dataset, seqlen, max_windows); C4 keeps the reference's 256-window cap; another tokenizer is not served
+    the first one's windows."""
+    from layerprune.evaluation.perplexity import eval_windows
+
+    class Counting(CharTok):
+        calls = 0
+
+        def __call__(self, text, return_tensors=None):
+            Counting.calls += 1
+            return super().__call__(text, return_tensors)
+
+    a, b = Counting(), Counting()
+    w1 = eval_windows(a, "wikitext2", 64, 3)
+    w2 = eval_windows(a, "wikitext2", 64, 3)
+    assert w1 is w2 and w1.shape == (3, 64) and Counting.calls == 1
+    assert eval_windows(a, "wikitext2", 32, 3).shape == (3, 32) and Counting.calls == 2
+    assert torch.equal(eval_windows(b, "wikitext2", 64, 3), w1) and Counting.calls == 3
+    assert eval_windows(a, "c4", 16, None).shape[0] == 256 and eval_windows(a, "c4", 16, 999).shape[0] == 256
+    assert Counting.calls == 4  # both C4 requests are the capped 256 windows: one tokenisation
