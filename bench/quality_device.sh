@@ -8,6 +8,7 @@
 #   bash bench/quality_device.sh assemble NAME SHA256  # cat the chunks, check the sum
 #   bash bench/quality_device.sh start NAME [PER_GPU]  # queue bench/quality_jobs/NAME.txt, detached
 #   bash bench/quality_device.sh status [SECONDS]      # wait up to SECONDS for the queues, then tar results to $OUT
+#   bash bench/quality_device.sh stop NAME [JOB ...]   # end a queue (or some of its jobs); finished cells stay
 set -u
 S=/root/stage
 R=$S/repo
@@ -46,6 +47,9 @@ status)
   for d in $S/work/*/; do echo "== $d"; python3 bench/quality_queue.py status "$d"; done
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
   [ -n "${OUT:-}" ] && tar -czf "$OUT/work.tgz" --exclude="*.safetensors" -C $S work && ls -la "$OUT"
+  ;;
+stop)
+  cd $R && python3 bench/quality_queue.py stop $S/work/$2 "${@:3}"
   ;;
 *) echo "usage: see the top of $0" >&2; exit 2 ;;
 esac

@@ -5,6 +5,7 @@ grid on a lent device, where one session's device time is short and every minute
     python3 bench/quality_queue.py start JOBS WORK --per-gpu 2     # returns at once; the queue runs detached
     python3 bench/quality_queue.py wait WORK --seconds 500          # sleeps until done or the time is up
     python3 bench/quality_queue.py status WORK                     # one line per job
+    python3 bench/quality_queue.py stop WORK [JOB ...]             # end the queue (or only these jobs)
 
 JOBS: one job per line, ``NAME MODEL compare-options ...`` (``#`` comments). Each job is one process,
 ``python3 -m layerprune.cli compare MODEL OPTIONS --out WORK/NAME --yes --quiet``, with CUDA_VISIBLE_DEVICES
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -93,14 +95,21 @@ def run_queue(jobs: list[tuple[str, list[str]]], work: Path, per_gpu: int) -> No
             with open(work / f"{name}.log", "a") as log:
                 log.write(f"$ {shlex.join(cmd)}\n")
                 log.flush()
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                with lock:
+                    status[name]["pid"] = proc.pid
+                    save()
+                rc = proc.wait()
             with lock:
-                status[name].update(state="done" if rc == 0 else "failed", rc=rc, end=time.time(),
+                state = "done" if rc == 0 else "stopped" if rc in (-signal.SIGTERM, -signal.SIGKILL) else "failed"
+                status[name].update(state=state, rc=rc, end=time.time(),
                                     seconds=round(time.time() - status[name]["start"], 1))
                 save()
 
     with lock:
         save()
+    (work / "queue.pid").write_text(str(os.getpid()))
+    signal.signal(signal.SIGTERM, lambda *_: (todo.clear(), None))  # stop: start nothing more, let workers end
     slots = [g for g in (gpus() or [None]) for _ in range(per_gpu)]
     threads = [threading.Thread(target=worker, args=(g,)) for g in slots]
     for t in threads:
@@ -126,6 +135,24 @@ def show(work: Path) -> bool:
     return (work / "queue.done").is_file()
 
 
+def stop(work: Path, names: list[str]) -> None:
+    """End the queue in ``work``: its driver starts nothing more, and its running jobs (or only ``names``) get
+    SIGTERM; `compare` writes results.json after each cell, so what finished stays."""
+    st = json.loads((work / "status.json").read_text()) if (work / "status.json").is_file() else {}
+    if not names and (work / "queue.pid").is_file():
+        try:
+            os.kill(int((work / "queue.pid").read_text()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError):
+            pass
+    for name, s in st.items():
+        if s.get("state") == "running" and "pid" in s and (not names or name in names):
+            try:
+                os.kill(s["pid"], signal.SIGTERM)
+                print(f"stopped {name} (pid {s['pid']})")
+            except ProcessLookupError:
+                pass
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -138,7 +165,13 @@ def main() -> int:
         w = sub.add_parser(name)
         w.add_argument("work", type=Path)
         w.add_argument("--seconds", type=float, default=0)
+    k = sub.add_parser("stop")
+    k.add_argument("work", type=Path)
+    k.add_argument("jobs", nargs="*")
     a = ap.parse_args()
+    if a.cmd == "stop":
+        stop(a.work, a.jobs)
+        return 0
     if a.cmd == "start":
         jobs = read_jobs(a.jobs)
         if a.foreground:
