@@ -1,6 +1,7 @@
 """Comparison grid (resume, tables, report) and lm-eval zero-shot integration."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,29 @@ def test_task_batch_size_reaches_lm_eval_from_prune_and_compare(tiny_dir, tmp_pa
     assert main(["compare", str(tiny_dir), "--tasks", "arc_easy", "--task-batch-size", "x", "--out",
                  str(tmp_path / "h")]) == 2
     assert "--task-batch-size must be a positive integer or auto" in capsys.readouterr().err
+
+
+def test_quality_claims_pair_seeds_and_need_both_datasets(tmp_path):
+    """bench/quality_claims.py, which backs the README's claims: "beats" only when every shared seed is lower on
+    both datasets, "loses" only when every one is higher, else "mixed"; unpaired seeds are ignored."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qc", Path(__file__).parents[1] / "bench" / "quality_claims.py")
+    qc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qc)
+
+    def run(al, seed, wt, c4):
+        return {"allocation": al, "pruner": "wanda", "sparsity": 0.6, "seed": seed, "ppl": {"wikitext2": wt, "c4": c4}}
+
+    runs = [run("uniform", 0, 10, 20), run("uniform", 1, 12, 22), run("uniform", 2, 11, 21),
+            run("svnup", 0, 8, 18), run("svnup", 1, 9, 19),                      # seed 2 missing: not paired
+            run("owl", 0, 9, 25), run("owl", 1, 11, 21), run("owl", 2, 10, 20),   # C4 worse for seed 0: mixed
+            run("dlp", 0, 13, 23), run("dlp", 1, 14, 24), run("dlp", 2, 11.5, 21.5)]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "results.json").write_text(json.dumps({"model": "m", "runs": runs}))
+    rows = {(r["a"], r["b"]): r for r in qc.claims(qc.load(tmp_path))}
+    assert rows[("svnup", "uniform")]["verdict"] == "beats" and rows[("svnup", "uniform")]["seeds"] == [0, 1]
+    assert rows[("owl", "uniform")]["verdict"] == "mixed"
+    assert rows[("dlp", "uniform")]["verdict"] == "loses"
+    assert rows[("svnup", "uniform")]["ratio"]["wikitext2"] == pytest.approx(17 / 22)
+    assert "beats in 1, loses in 0" in qc.render(list(rows.values()))
