@@ -88,7 +88,7 @@ def run_queue(jobs: list[tuple[str, list[str]]], work: Path, per_gpu: int) -> No
                 status[name] = {"state": "running", "gpu": gpu, "start": time.time()}
                 save()
             env = dict(os.environ)
-            # CPU threads shared out: eight processes with a thread per core each ran 3-5x slower (session 10)
+            # CPU threads shared out: eight processes with a thread per core each thrashed 32 cores (session 10)
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(slots))))
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
