@@ -11,6 +11,7 @@ Refuses directories of different models (weight hashes) or different settings ot
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -50,26 +51,19 @@ def merge(dirs: list[Path]) -> dict:
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    name = None
-    if "--name" in argv:
-        i = argv.index("--name")
-        if i + 1 >= len(argv):
-            print("error: --name needs a value", file=sys.stderr)
-            return 2
-        name = argv[i + 1]
-        del argv[i : i + 2]
-    if len(argv) < 2:
-        print("usage: python3 bench/merge_grids.py OUT DIR [DIR ...] [--name NAME]", file=sys.stderr)
-        return 2
-    out, dirs = Path(argv[0]), [Path(x) for x in argv[1:]]
+    ap = argparse.ArgumentParser(description="Merge per-seed `layerprune compare` directories into one.")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("dirs", type=Path, nargs="+")
+    ap.add_argument("--name", default=None, help="the model's name in the tables (e.g. its alias)")
+    a = ap.parse_args()
+    out = a.out
     try:
-        res = merge(dirs)
+        res = merge(a.dirs)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if name:
-        res["source"], res["model"] = res.get("model"), name
+    if a.name:
+        res["source"], res["model"] = res.get("model"), a.name
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "results.json", json.dumps(res, indent=1, default=str))
     write_tables(out, res, table)

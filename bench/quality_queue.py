@@ -3,7 +3,6 @@ given (the first lines are the most important), and report how far they got. Bui
 grid on a lent device, where one session's device time is short and every minute must keep both GPUs busy:
 
     python3 bench/quality_queue.py start JOBS WORK --per-gpu 2     # returns at once; the queue runs detached
-    python3 bench/quality_queue.py wait WORK --seconds 500          # sleeps until done or the time is up
     python3 bench/quality_queue.py status WORK                     # one line per job
     python3 bench/quality_queue.py stop WORK [JOB ...]             # end the queue (or only these jobs)
 
@@ -122,6 +121,7 @@ def run_queue(jobs: list[tuple[str, list[str]]], work: Path, per_gpu: int) -> No
 
 
 def show(work: Path) -> bool:
+    """Print one line per job; True when the queue has ended."""
     p = work / "status.json"
     if not p.is_file():
         print(f"no queue in {work}")
@@ -163,10 +163,8 @@ def main() -> int:
     s.add_argument("work", type=Path)
     s.add_argument("--per-gpu", type=int, default=2)
     s.add_argument("--foreground", action="store_true", help="run here instead of detached (tests, CPU)")
-    for name in ("wait", "status"):
-        w = sub.add_parser(name)
-        w.add_argument("work", type=Path)
-        w.add_argument("--seconds", type=float, default=0)
+    w = sub.add_parser("status")
+    w.add_argument("work", type=Path)
     k = sub.add_parser("stop")
     k.add_argument("work", type=Path)
     k.add_argument("jobs", nargs="*")
@@ -188,11 +186,8 @@ def main() -> int:
                          start_new_session=True)
         print(f"queue started: {len(jobs)} jobs, {a.per_gpu} per GPU, in {a.work}")
         return 0
-    end = time.time() + a.seconds
-    while True:
-        if a.cmd == "status" or (a.work / "queue.done").is_file() or time.time() >= end:
-            return 0 if show(a.work) or a.cmd == "status" else 0
-        time.sleep(5)
+    show(a.work)
+    return 0
 
 
 if __name__ == "__main__":

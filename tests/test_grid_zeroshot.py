@@ -157,6 +157,8 @@ def test_task_batch_size_reaches_lm_eval_from_prune_and_compare(tiny_dir, tmp_pa
     assert main(["compare", str(tiny_dir), "--tasks", "arc_easy", "--task-batch-size", "x", "--out",
                  str(tmp_path / "h")]) == 2
     assert "--task-batch-size must be a positive integer or auto" in capsys.readouterr().err
+    assert main(["eval", str(tiny_dir), "--tasks", "arc_easy", "--task-batch-size", "0"]) == 2  # one rule, in EvalConfig
+    assert "--task-batch-size must be a positive integer or auto" in capsys.readouterr().err
 
 
 def test_quality_claims_pair_seeds_and_need_both_datasets(tmp_path):

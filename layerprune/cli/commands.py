@@ -71,15 +71,9 @@ def cmd_allocate(a: argparse.Namespace) -> tuple[dict, str]:
 def cmd_eval(a: argparse.Namespace) -> tuple[dict, str]:
     from layerprune.api import evaluate
 
-    tbs: int | str = a.task_batch_size
-    if tbs != "auto":
-        try:
-            tbs = int(tbs)
-        except ValueError:
-            raise UserError(f"--task-batch-size must be a positive integer or auto (got {tbs!r})") from None
     rec = evaluate(a.model, ppl=None if a.ppl is None else csv_list(a.ppl), seqlen=a.seqlen,
                    max_windows=a.max_windows, tasks=csv_list(a.tasks), limit=a.limit, device=a.device, dtype=a.dtype,
-                   batch_size=a.batch_size, trust_remote_code=a.trust_remote_code, task_batch_size=tbs,
+                   batch_size=a.batch_size, trust_remote_code=a.trust_remote_code, task_batch_size=a.task_batch_size,
                    data_dir=a.data_dir)
     return rec, eval_summary(rec)
 
