@@ -6,7 +6,8 @@
 #   bash bench/quality_device.sh setup                 # wheels, a stable copy of the repo and its data
 #   bash bench/quality_device.sh take                  # move this call's chunks (and a gem tokenizer) to /root/stage
 #   bash bench/quality_device.sh assemble NAME SHA256  # cat the chunks, check the sum
-#   bash bench/quality_device.sh start NAME [PER_GPU]  # queue bench/quality_jobs/NAME.txt, detached
+#   bash bench/quality_device.sh start NAME [PER_GPU [GPUS]]  # queue bench/quality_jobs/NAME.txt, detached
+#                                                      # (GPUS: e.g. 1 or 0,1; default all)
 #   bash bench/quality_device.sh status [SECONDS]      # wait up to SECONDS for the queues, then tar results to $OUT
 #   bash bench/quality_device.sh stop NAME [JOB ...]   # end a queue (or some of its jobs); finished cells stay
 set -u
@@ -20,7 +21,7 @@ setup)
   nvidia-smi -L; free -g | head -2; df -h $S | tail -1
   ;;
 take)
-  for f in .stage/chunks/*; do [ -f "$f" ] && cp "$f" $S/; done
+  for f in .stage/chunks/*; do [ -f "$f" ] && mv "$f" $S/; done   # moved: kept copies would travel again
   if [ -f .stage/gemtok/tokenizer.json.gz ]; then
     mkdir -p $S/gem.tokenizer && gunzip -c .stage/gemtok/tokenizer.json.gz > $S/gem.tokenizer/tokenizer.json
     cp .stage/gemtok/tokenizer_config.json $S/gem.tokenizer/
@@ -35,7 +36,7 @@ assemble)
 start)
   cd $R && export PYTHONPATH=$S/site:$R LAYERPRUNE_DATA=$R/.devdata LAYERPRUNE_CACHE=$S/cache \
     HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-  python3 bench/quality_queue.py start bench/quality_jobs/$2.txt $S/work/$2 --per-gpu "${3:-1}"
+  python3 bench/quality_queue.py start bench/quality_jobs/$2.txt $S/work/$2 --per-gpu "${3:-1}" --gpus "${4:-}"
   ;;
 status)
   cd $R && end=$(( $(date +%s) + ${2:-0} ))

@@ -34,6 +34,17 @@ def gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
+def deal_slots(found: list[str], per_gpu: int, only: list[str] | None = None) -> list[str | None]:
+    """One slot per job that may run at once: ``per_gpu`` on each GPU found (or on ``only`` of them), dealt
+    round-robin so that a queue's first jobs land on different GPUs; one CPU slot when there is no GPU."""
+    if not found:
+        return [None] * per_gpu
+    use = [g for g in found if g in only] if only else found
+    if not use:
+        raise SystemExit(f"error: --gpus {','.join(only or [])} names none of the GPUs found ({','.join(found)})")
+    return [g for _ in range(per_gpu) for g in use]
+
+
 def read_jobs(path: Path) -> list[tuple[str, list[str]]]:
     jobs = []
     for line in path.read_text().splitlines():
@@ -65,7 +76,7 @@ def prepare(jobs: list[tuple[str, list[str]]]) -> None:
         print(f"{path} -> {d}", flush=True)
 
 
-def run_queue(jobs: list[tuple[str, list[str]]], work: Path, per_gpu: int) -> None:
+def run_queue(jobs: list[tuple[str, list[str]]], work: Path, per_gpu: int, only: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     prepare(jobs)
     status_path = work / "status.json"
@@ -111,7 +122,7 @@ def run_queue(jobs: list[tuple[str, list[str]]], work: Path, per_gpu: int) -> No
         save()
     (work / "queue.pid").write_text(str(os.getpid()))
     signal.signal(signal.SIGTERM, lambda *_: (todo.clear(), None))  # stop: start nothing more, let workers end
-    slots = [g for g in (gpus() or [None]) for _ in range(per_gpu)]
+    slots = deal_slots(gpus(), per_gpu, only)
     threads = [threading.Thread(target=worker, args=(g,)) for g in slots]
     for t in threads:
         t.start()
@@ -162,6 +173,7 @@ def main() -> int:
     s.add_argument("jobs", type=Path)
     s.add_argument("work", type=Path)
     s.add_argument("--per-gpu", type=int, default=2)
+    s.add_argument("--gpus", default="", help="comma-separated GPU indices this queue may use (default: all)")
     s.add_argument("--foreground", action="store_true", help="run here instead of detached (tests, CPU)")
     w = sub.add_parser("status")
     w.add_argument("work", type=Path)
@@ -175,12 +187,13 @@ def main() -> int:
     if a.cmd == "start":
         jobs = read_jobs(a.jobs)
         if a.foreground:
-            run_queue(jobs, a.work, a.per_gpu)
+            run_queue(jobs, a.work, a.per_gpu, [g for g in a.gpus.split(",") if g] or None)
             show(a.work)
             return 0
         a.work.mkdir(parents=True, exist_ok=True)
         (a.work / "queue.done").unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, "start", str(a.jobs), str(a.work), "--per-gpu", str(a.per_gpu), "--foreground"]
+        cmd = [sys.executable, __file__, "start", str(a.jobs), str(a.work), "--per-gpu", str(a.per_gpu), "--gpus", a.gpus,
+               "--foreground"]
         # a new session: the device tool lets such a process outlive the call that started it
         subprocess.Popen(cmd, stdout=open(a.work / "queue.log", "a"), stderr=subprocess.STDOUT,
                          start_new_session=True)

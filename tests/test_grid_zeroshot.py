@@ -185,3 +185,36 @@ def test_quality_claims_pair_seeds_and_need_both_datasets(tmp_path):
     assert rows[("dlp", "uniform")]["verdict"] == "loses"
     assert rows[("svnup", "uniform")]["ratio"]["wikitext2"] == pytest.approx(17 / 22)
     assert "beats in 1, loses in 0" in qc.render(list(rows.values()))
+
+    # a grid with zero-shot tasks is judged on the mean accuracy (higher is better, every seed), not on perplexity
+    def zs(al, seed, acc):
+        return {"allocation": al, "pruner": "wanda", "sparsity": 0.6, "seed": seed, "ppl": {"wikitext2": 50.0},
+                "zs_average": acc, "tasks": {}}
+
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "results.json").write_text(json.dumps({"model": "m", "runs": [
+        zs("uniform", 0, 0.40), zs("uniform", 1, 0.41), zs("svnup", 0, 0.42), zs("svnup", 1, 0.43),
+        zs("dlp", 0, 0.41), zs("dlp", 1, 0.40)]}))
+    grids = qc.load(tmp_path)
+    assert set(grids) == {"m", "z"}                      # keyed by directory: the zero-shot grid does not replace m's
+    zrows = {(r["a"], r["b"]): r for r in qc.claims({"z": grids["z"]})}
+    assert {r["metric"] for r in zrows.values()} == {"zeroshot"}
+    assert zrows[("svnup", "uniform")]["verdict"] == "beats"
+    assert zrows[("dlp", "uniform")]["verdict"] == "mixed"
+    assert zrows[("svnup", "dlp")]["verdict"] == "beats"
+    assert zrows[("svnup", "uniform")]["ratio"]["zeroshot"] == pytest.approx(0.85 / 0.81)
+    assert "zero-shot mean accuracy: beats in 1" in qc.render(list(zrows.values()))
+
+
+def test_quality_queue_deals_slots_round_robin():
+    """bench/quality_queue.py: a queue's first jobs go to different GPUs; --gpus pins a queue; no GPU, CPU slots."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qq", Path(__file__).parents[1] / "bench" / "quality_queue.py")
+    qq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qq)
+    assert qq.deal_slots(["0", "1"], 2) == ["0", "1", "0", "1"]
+    assert qq.deal_slots(["0", "1"], 1, ["1"]) == ["1"]
+    assert qq.deal_slots([], 2) == [None, None]
+    with pytest.raises(SystemExit, match="names none of the GPUs"):
+        qq.deal_slots(["0", "1"], 1, ["3"])
