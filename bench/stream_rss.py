@@ -87,7 +87,9 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--out", required=True)
     ap.add_argument("--reuse", action="store_true", help="reuse a checkpoint this script wrote before")
-    ap.add_argument("--allocation", default="dlp", help="uniform | dlp | owl (what --stream supports)")
+    ap.add_argument("--allocation", default="dlp", help="uniform | dlp | owl | svnup (what --stream supports)")
+    ap.add_argument("--sv-args", default="--window 2 --sv-samples 1 --sv-seqlen 8",
+                    help="the SV-NUP game's options with --allocation svnup (a tiny SV set: the CPU is the slow part)")
     a = ap.parse_args()
     d = Path(a.dir)
     t = time.perf_counter()
@@ -103,6 +105,8 @@ def main() -> None:
            "--allocation", a.allocation, "--sparsity", "0.5", "--nsamples", "1", "--seqlen", "8", "--eval", "wikitext2",
            "--eval-seqlen", "8", "--eval-max-windows", "1", "--device", "cpu", "--out", str(out_dir), "--json",
            "--quiet"]
+    if a.allocation == "svnup":
+        cmd += a.sv_args.split()
     t = time.perf_counter()
     r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=dict(os.environ))
     wall = time.perf_counter() - t
@@ -114,6 +118,9 @@ def main() -> None:
            "block_bytes": sizes["block_bytes"], "non_block_bytes": sizes["rest_bytes"],
            "peak_rss_mb": rss_kb / 1024, "wall_s": wall, "write_checkpoint_s": write_s, "command": " ".join(cmd),
            "achieved": rec["sparsity"]["achieved"], "timing": rec["timing"],
+           "allocation_seconds": rec["allocation"]["diagnostics"].get("seconds"),
+           "sv_evaluations": rec["allocation"]["diagnostics"].get("evaluations"),
+           "sv_seconds": rec["allocation"]["diagnostics"].get("sv_seconds"),
            "output_bytes": sum(f.stat().st_size for f in out_dir.glob("*.safetensors")),
            "torch": torch.__version__, "cpu_count": os.cpu_count()}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ class Session:
         self.adapter = ModelAdapter.of(model)
         self.progress, self.use_cache, self.data_dir = progress, use_cache, data_dir
         self.weights = None  # models.streaming.BlockWeights when the blocks are read from disk as needed
+        self.scratch: Path | None = None  # where a streamed model's SV game keeps its pruned copies
         self._calib: CalibSet | None = None
         self._stats: DenseStats | None = None
         self._sv: dict[int, torch.Tensor] = {}  # SV windows by length
@@ -198,7 +200,8 @@ class Session:
                             calib=lambda: self.calib().input_ids if pruner.needs_data else None,
                             extra={"device": self.device, "pruner": pruner.name, "batch_size": self.batch_size,
                                    "progress": self.progress, "seqlen": self.seqlen, "sv_ids": self.sv_ids,
-                                   "pruner_kwargs": pruner_options},
+                                   "pruner_kwargs": pruner_options, "weights": self.weights,
+                                   "scratch": self.scratch},
                             allow_long=allow_long)
 
     def cache_key(self, spec: AllocatorSpec, target: float, opts: Any, nm: tuple[int, int] | None,
@@ -355,7 +358,8 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
     keywords (``nsamples=``, ``seqlen=``, ``eval=[...]``, ``eval_seqlen=``, ``tasks=`` …).
     ``stream``: the model (a local safetensors directory) is never whole in host memory: each block is read
     when it is pruned, checkpointed into ``out`` and dropped; perplexity runs block by block; the output is
-    written shard by shard from the checkpoints (uniform, DLP and OWL allocation).
+    written shard by shard from the checkpoints (uniform, DLP, OWL and SV-NUP allocation; the SV game keeps its
+    pruned copies on disk).
     """
     t_start, started = time.perf_counter(), now()
     # ---- validate everything before any heavy work (nothing loaded, nothing created)
@@ -415,6 +419,8 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
         if dense:
             mdl.to(home)  # back where it was loaded (the engine decides per pass what stays on the GPU)
         # ---- allocate
+        if session.weights is not None and req.allocator.name == "svnup":
+            session.scratch = stream_scratch(session, run_dir, out)
         alloc = session.allocate(req.allocator.name, req.target, req.alloc_options, req.pruner.name, req.nm,
                                  req.pruner_options, allow_long)
         # ---- prune
@@ -471,10 +477,28 @@ def check_stream(model: Any, out: Any, req: PruneRequest, ev: EvalConfig, dense_
     require(isinstance(model, str) and Path(model).is_dir() and session is None,
             "--stream reads the model from a local Hugging Face directory (safetensors): give its path")
     require(out is not None, "--stream writes each pruned block to --out as it goes: give --out")
-    require(req.allocator.name in ("uniform", "dlp", "owl"),
-            f"--stream supports uniform, dlp and owl allocation, not {req.allocator.name}")
+    require(req.allocator.name in ("uniform", "dlp", "owl", "svnup"),
+            f"--stream supports uniform, dlp, owl and svnup allocation, not {req.allocator.name}")
     require(not req.quantize and not ev.tasks and not dense_ppl,
             "--stream does not combine with --quantize, --tasks or --dense-ppl yet")
+
+
+def stream_scratch(session: Session, run_dir: RunDir | None, out: Any) -> Path:
+    """Where the SV-NUP game of a streamed model writes the pruned copy of every block: inside the run's partial
+    folder, removed when the game ends, before the pruning pass writes its checkpoints and the output, so the disk
+    must hold the larger of the two."""
+    if run_dir is None:  # a data-parallel rank other than the first: no output folder of its own
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="layerprune-sv-"))
+    copies = sum(p.numel() * p.element_size() for b in session.adapter.blocks for p in b.parameters())
+    need = getattr(run_dir, "need", None) or 0
+    free = shutil.disk_usage(run_dir.partial).free
+    require(free >= 1.02 * max(copies, need),
+            f"--out {out}: the streamed SV-NUP game writes a pruned copy of every block ({copies / 2**30:.2f} GiB, "
+            f"removed before the pruning writes the run's {need / 2**30:.2f} GiB), but only {free / 2**30:.2f} GiB "
+            "are free there: free space or choose another --out")
+    return run_dir.partial / "sv_copies"
 
 
 def streamed_ppl(session: Session, ev: EvalConfig, run_dir: RunDir) -> dict[str, dict]:

@@ -8,6 +8,9 @@ blocks outside the window are dense or pruned (``background``); the payoff is �
 pruning calibration set. SWSV (§1.5) evaluates (L − w + 1)(2^w − 1) + 1 coalitions for stride-1
 windows. Cost tricks: each block's pruned copy is computed once and a coalition only swaps weight
 tensors; the hidden state entering each window is cached so only blocks from the window on run.
+A streamed model (``--stream``: blocks read from safetensors as needed) plays the same game with the pruned
+copies in a scratch folder on disk and each block read, run over every SV batch, and dropped; a window is
+played breadth first, so it reads each player twice and each later block once (bit-identical payoffs).
 Budgets (§1.6): band ``s = p − 2λ(φ̃ − mean φ̃)`` (φ̃ = minmax φ) or proportional density, then
 clip to [0, 0.99] and restore the parameter-weighted mean.
 
@@ -21,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -33,8 +38,8 @@ from tqdm.auto import tqdm
 from layerprune.allocation.common import AllocContext, Allocation, band_from_importance, finish
 from layerprune.allocation.shapley import exact_shapley, monte_carlo_shapley, swsv, swsv_evaluations, window_starts
 from layerprune.distributed import alone, deal, rank, world_size
-from layerprune.engine.runner import BlockRunner
-from layerprune.engine.sequential import dense_sweep, prune_sequential
+from layerprune.engine.runner import BlockRunner, move_non_block
+from layerprune.engine.sequential import Checkpointer, dense_sweep, prune_sequential
 from layerprune.errors import UserError
 from layerprune.options import option
 from layerprune.pruners import Pattern, get_pruner
@@ -44,6 +49,31 @@ from layerprune.utils import tf32
 log = logging.getLogger("layerprune")
 
 STATES = ("D", "P", "R")
+
+
+class ScratchBlocks(Checkpointer):
+    """The pruned copy of every block of a streamed model, one safetensors file per block in ``directory``:
+    written once by the copies' pass (the engine's checkpoint protocol), read whenever a block runs pruned."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.done = 0
+
+    def save_block(self, i: int, block: nn.Module, record: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.dir / f"block_{i}.tmp"
+        save_file({n: p.detach().cpu().contiguous() for n, p in block.named_parameters()}, str(tmp))
+        tmp.replace(self.dir / f"block_{i}.safetensors")
+
+    def read(self, i: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.dir / f"block_{i}.safetensors"))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def deal_windows(starts: list[int], first_blocks: list[int], n_blocks: int, ranks: int) -> list[set[int]]:
@@ -66,11 +96,17 @@ class SVGame:
                  target: float, pruner: str, device: torch.device, background: str = "pruned",
                  absent: str = "pruned", payoff: str = "nll", batch_size: int = 8, progress: bool = True,
                  pruner_kwargs: object = None, use_tf32: bool = True, head_tokens: int | None = None,
-                 copies_on_device: bool | None = None) -> None:
+                 copies_on_device: bool | None = None, weights: object = None,
+                 scratch: str | Path | None = None) -> None:
         """``copies_on_device``: keep the dense and pruned copy of every linear on the accelerator (fast state
         switches; three weights' worth of memory) or keep them in (pinned) host memory and copy a block's
         version into one device buffer per linear when its state changes (one weight's worth). ``None``: on
-        the device when both copies fit in 60% of the free accelerator memory."""
+        the device when both copies fit in 60% of the free accelerator memory.
+
+        ``weights`` (``models.streaming.BlockWeights``, a streamed model whose blocks start empty): the pruned
+        copies go to ``scratch`` on disk, and every block run reads the block in its state (dense from the
+        checkpoint, pruned from ``scratch``), runs it over every SV batch and drops it, so host and accelerator
+        memory hold one block besides the SV activations of a window's 2^w coalitions."""
         if background not in ("dense", "pruned"):
             raise UserError("--background must be dense or pruned")
         if absent not in ("pruned", "removed"):
@@ -89,6 +125,23 @@ class SVGame:
         L = adapter.n_blocks
         self.dense: list[dict[str, torch.Tensor]] = []
         self.pruned: list[dict[str, torch.Tensor]] = []
+        self.weights, self.scratch = weights, None
+        self.block_reads = 0  # a streamed model: blocks read from disk by the game
+        self.window_tree = True  # play a window's coalitions as one tree (play_window); False: one by one
+        self.bg_state = "D" if background == "dense" else "P"
+        self.absent_state = "P" if absent == "pruned" else "R"
+        if weights is not None:
+            if scratch is None:
+                raise UserError("the SV-NUP game of a streamed model needs a scratch folder for its pruned copies")
+            self.scratch = ScratchBlocks(Path(scratch) / f"rank{rank()}" if world_size() > 1 else Path(scratch))
+            self.copies_on_device = False
+            if absent == "pruned" or background == "pruned":
+                with alone():
+                    self._make_pruned_copies_streamed(calib_ids, target, pruner, batch_size, progress,
+                                                      get_pruner(pruner).make_options(pruner_kwargs))
+            self.runner = BlockRunner(model, adapter, sv_ids, device, batch_size, offload="device")
+            self.state = ["D"] * L
+            return
         if absent == "pruned" or background == "pruned":
             # every rank makes the copies by itself (all calibration samples, no collectives): data-parallel
             # statistics are summed in another order and flip a few mask decisions, which would make φ depend
@@ -118,10 +171,7 @@ class SVGame:
                 for n, lin in adapter.linears(i).items():
                     lin.weight.data = torch.empty_like(self.dense[i][n], device=device)
         self.state = ["D"] * L
-        self.window_tree = True  # play a window's coalitions as one tree (play_window); False: one by one
         self._apply(["D"] * L, force=True)
-        self.bg_state = "D" if background == "dense" else "P"
-        self.absent_state = "P" if absent == "pruned" else "R"
 
     # -------------------------------------------------------------- weight copies
     @torch.no_grad()
@@ -156,6 +206,58 @@ class SVGame:
             for n, lin in ad.linears(i).items():
                 lin.weight.data = self.dense[i][n]
 
+    @torch.no_grad()
+    def _make_pruned_copies_streamed(self, calib_ids, target, pruner, batch_size, progress, pk) -> None:
+        """The pruned copies of a streamed model, written to ``scratch`` block by block: the sequential
+        uniform-p pass (background pruned) or the dense sweep's pruners (background dense), as in memory."""
+        ad, dev, cls = self.adapter, self.device, get_pruner(pruner)
+        if calib_ids is None and cls.needs_data:
+            raise UserError(f"the {pruner} pruner needs calibration data for the SV game")
+        if self.background == "pruned":
+            plan = {ad.full_name(i, n): Pattern(target) for i in range(ad.n_blocks) for n in ad.linear_names[i]}
+            prune_sequential(self.model, ad, calib_ids, plan, pruner, dev, batch_size, checkpoint=self.scratch,
+                             progress=progress, pruner_kwargs=pk, weights=self.weights)
+            return
+
+        def save_pruned(i: int, lins: dict, prs: dict) -> None:
+            for n in lins:
+                prs[n].prune(Pattern(target))
+                prs[n].free()
+            self.scratch.save_block(i, ad.blocks[i])  # type: ignore[union-attr]
+
+        dense_sweep(self.model, ad, calib_ids if cls.needs_data else None, dev,
+                    lambda i, lins: {n: cls.make(lin, pk) for n, lin in lins.items()}, save_pruned, batch_size,
+                    progress=progress, desc="SV: pruned copies", weights=self.weights)
+
+    def _run(self, hidden: list[torch.Tensor], start: int, stop: int, states: list[str]) -> list[torch.Tensor]:
+        """Every batch's hidden state through blocks ``start .. stop-1`` in ``states`` (R: left out). In memory
+        batch by batch; a streamed model block by block, each block read in its state, run over every batch
+        and dropped (the same operations on the same inputs, so the same outputs)."""
+        if self.weights is None:
+            self._apply(states)
+            skip = frozenset(i for i in range(start, stop) if states[i] == "R")
+            return [self.runner.forward(b, x, start, stop, skip=skip) for b, x in enumerate(hidden)]
+        return self._stream_many([hidden], start, stop, states)[0]
+
+    def _stream_many(self, entries: list[list[torch.Tensor]], start: int, stop: int,
+                     states: list[str]) -> list[list[torch.Tensor]]:
+        """A streamed model: several coalitions' hidden states (``entries``, each one tensor per batch) through
+        blocks ``start .. stop-1`` in ``states``, each block read once (dense from the checkpoint, pruned from the
+        scratch), run over every entry and batch, and dropped."""
+        out = [list(h) for h in entries]
+        for i in range(start, stop):
+            if states[i] == "R":
+                continue
+            blk = self.adapter.blocks[i]
+            self.weights.load(i, blk, self.scratch.read(i) if states[i] == "P" else None)  # type: ignore[union-attr]
+            self.block_reads += 1
+            try:
+                blk.to(self.device)
+                out = [[self.runner.forward(b, x, i, i + 1) for b, x in enumerate(h)] for h in out]
+            finally:
+                self.weights.release(i, blk)  # type: ignore[union-attr]
+        return out
+
     def _apply(self, states: list[str], force: bool = False) -> None:
         for i, st in enumerate(states):
             if st == self.state[i] and not force:
@@ -177,6 +279,8 @@ class SVGame:
         On CUDA the coalition forwards use TF32 matmuls by default (``fp32=False``; ~3x faster in fp32,
         payoff error ~1e-4 nats, far below the differences between coalitions)."""
         with tf32(self.tf32 or torch.backends.cuda.matmul.allow_tf32):
+            if self.weights is not None:
+                return self._payoff(enumerate(self._run(hidden, start, self.adapter.n_blocks, states)))
             self._apply(states)
             skip = frozenset(i for i, st in enumerate(states) if st == "R")
             return self._payoff((b, self.runner.forward(b, h, start, skip=skip)) for b, h in enumerate(hidden))
@@ -205,6 +309,8 @@ class SVGame:
         run once per coalition. Each block sees exactly the inputs and weights it sees in
         :meth:`run_from`, so the payoffs are identical; for w = 4 a window costs 2 + 4 + 8 + 16 = 30 block
         runs instead of 4 × 16 = 64 before its tail (about 12% of a 32-block game)."""
+        if self.weights is not None:
+            return self._play_window_streamed(players, active, hidden, skip)
         L = self.adapter.n_blocks
         w = len(active)
         blocks = [players[p] for p in active]
@@ -218,9 +324,7 @@ class SVGame:
                 states[i] = bg
             for j, c in enumerate(choice):
                 states[blocks[j]] = c
-            self._apply(states)
-            skip_r = frozenset(i for i in range(start, stop) if states[i] == "R")
-            return [self.runner.forward(b, x, start, stop, skip=skip_r) for b, x in enumerate(h)]
+            return self._run(h, start, stop, states)
 
         def walk(j: int, h: list[torch.Tensor], members: frozenset) -> None:
             if j == w:  # a leaf: the blocks after the window, then the payoff
@@ -239,12 +343,40 @@ class SVGame:
         return out
 
     @torch.no_grad()
+    def _play_window_streamed(self, players: list[int], active: list[int], hidden: list[torch.Tensor],
+                              skip: frozenset | None) -> dict[frozenset, float]:
+        """:meth:`play_window` for a streamed model, breadth first: the tree's level j holds the hidden states
+        of every choice for the first j players, so each block is read once per state per window (a player
+        twice, D and absent; a block after the window once, for all 2^w coalitions together) instead of once
+        per block run. Memory: 2^w coalitions' SV activations. The same operations on the same inputs as the
+        depth-first walk, so the same payoffs."""
+        L = self.adapter.n_blocks
+        blocks = [players[p] for p in active]
+        bg = self.bg_state
+        level: list[tuple[frozenset, list[torch.Tensor]]] = [(frozenset(), list(hidden))]
+        with tf32(self.tf32 or torch.backends.cuda.matmul.allow_tf32):
+            for j, blk in enumerate(blocks):
+                st = [bg] * L
+                start = blocks[j - 1] + 1 if j else blk
+                if start < blk:  # blocks between two players, in the background state
+                    level = list(zip([m for m, _ in level], self._stream_many([h for _, h in level], start, blk, st)))
+                nxt: list[tuple[frozenset, list[torch.Tensor]]] = []
+                for c, present in (("D", True), (self.absent_state, False)):
+                    kids = [(m | {active[j]} if present else m, h) for m, h in level]
+                    kids = [(m, h) for m, h in kids if not (j == len(blocks) - 1 and m == skip)]
+                    if kids:
+                        st[blk] = c
+                        nxt += zip([m for m, _ in kids], self._stream_many([h for _, h in kids], blk, blk + 1, st))
+                level = nxt
+            tails = self._stream_many([h for _, h in level], blocks[-1] + 1, L, [bg] * L)
+            return {m: self._payoff(enumerate(h)) for (m, _), h in zip(level, tails)}
+
+    @torch.no_grad()
     def advance(self, hidden: list[torch.Tensor], i: int) -> list[torch.Tensor]:
         """Hidden states after block ``i`` in its background state (the prefix cache)."""
         st = list(self.state)
         st[i] = self.bg_state
-        self._apply(st)
-        return [self.runner.forward(b, h, i, i + 1) for b, h in enumerate(hidden)]
+        return self._run(hidden, i, i + 1, st)
 
     def states_for(self, players: list[int], members: frozenset, active: list[int]) -> list[str]:
         """Background everywhere; ``active`` players present if in ``members``, else absent."""
@@ -326,9 +458,16 @@ class SVGame:
         return phi, self.evaluations - before
 
     def restore_dense(self) -> None:
-        self._apply(["D"] * self.adapter.n_blocks, force=True)
+        if self.weights is None:  # a streamed model's blocks are empty between runs: nothing to restore
+            self._apply(["D"] * self.adapter.n_blocks, force=True)
 
     def close(self) -> None:
+        if self.weights is not None:
+            self.runner.free()
+            self.scratch.remove()  # type: ignore[union-attr]
+            if self.device.type == "cuda":
+                move_non_block(self.model, self.adapter, torch.device("cpu"))
+            return
         self.restore_dense()
         if not self.copies_on_device:  # the model gets its own dense weights back, not the device buffers
             for i in range(self.adapter.n_blocks):
@@ -411,16 +550,17 @@ def allocate_svnup(ctx: AllocContext, target: float, options: SVNUPOptions | Non
     sv_ids = ctx.extra["sv_ids"](sv_samples, seqlen) if callable(ctx.extra.get("sv_ids")) else ctx.extra.get("sv_ids")
     dev = ctx.extra.get("device", torch.device("cpu"))
     t0 = time.perf_counter()
+    weights = ctx.extra.get("weights")
     game = SVGame(ad.model, ad, sv_ids[:sv_samples], ctx.calib(), target, ctx.extra.get("pruner", "sparsegpt"), dev,
                   background, absent, payoff, int(ctx.extra.get("batch_size", 8)), bool(ctx.extra.get("progress", True)),
-                  ctx.extra.get("pruner_kwargs"), not o.fp32)
+                  ctx.extra.get("pruner_kwargs"), not o.fp32, weights=weights, scratch=ctx.extra.get("scratch"))
     try:
         t1 = time.perf_counter()
         phi_p, evals = game.swsv(players, window, aggregate, stride, local_weights, bool(ctx.extra.get("progress", True)))
         t_sv = time.perf_counter() - t1
     finally:
         game.close()
-        if dev.type == "cuda":
+        if dev.type == "cuda" and weights is None:
             for b in ad.blocks:
                 b.to("cpu")
     log.info("SV-NUP: %d evaluations (E(L=%d, w=%d) = %d) in %.1f s", evals, len(players), window, E, t_sv)
@@ -434,6 +574,7 @@ def allocate_svnup(ctx: AllocContext, target: float, options: SVNUPOptions | Non
             "sv_seqlen": int(sv_ids.shape[1]), "aggregate": aggregate, "stride": stride, "mapping": mapping, "local_weights": local_weights,
             "sv_seconds": t_sv, "tf32": not o.fp32, "ranks": world_size(),
             "evaluations_per_rank": getattr(game, "evaluations_per_rank", [evals]), "setup_seconds": t1 - t0, "evals_per_second": evals / max(t_sv, 1e-9),
+            "streamed": weights is not None, "block_reads": game.block_reads,
             "unclipped": s.tolist()}
     alloc = finish("svnup", ad, target, per_block=s.tolist(), lo=0.0, hi=0.99, diagnostics=diag)
     if L > 2 and alloc.per_block[0] > target:

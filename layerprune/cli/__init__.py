@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layout of --sparse-out (see export --layout)")
     p.add_argument("--stream", action="store_true",
                    help="never hold the whole model in host memory: read each block from the local safetensors "
-                        "when it is pruned, write it to --out, evaluate block by block (uniform/dlp/owl)")
+                        "when it is pruned, write it to --out, evaluate block by block (uniform/dlp/owl/svnup; "
+                        "the SV game keeps its pruned copies on disk)")
     _run_args(p)
 
     a = sub.add_parser("allocate", help="compute per-block sparsities of one allocation method",
