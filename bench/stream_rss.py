@@ -121,6 +121,7 @@ def main() -> None:
            "allocation_seconds": rec["allocation"]["diagnostics"].get("seconds"),
            "sv_evaluations": rec["allocation"]["diagnostics"].get("evaluations"),
            "sv_seconds": rec["allocation"]["diagnostics"].get("sv_seconds"),
+           "sv_block_reads": rec["allocation"]["diagnostics"].get("block_reads"),
            "output_bytes": sum(f.stat().st_size for f in out_dir.glob("*.safetensors")),
            "torch": torch.__version__, "cpu_count": os.cpu_count()}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
