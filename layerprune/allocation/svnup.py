@@ -134,14 +134,6 @@ class SVGame:
             if scratch is None:
                 raise UserError("the SV-NUP game of a streamed model needs a scratch folder for its pruned copies")
             self.scratch = ScratchBlocks(Path(scratch) / f"rank{rank()}" if world_size() > 1 else Path(scratch))
-            self.copies_on_device = False
-            if absent == "pruned" or background == "pruned":
-                with alone():
-                    self._make_pruned_copies_streamed(calib_ids, target, pruner, batch_size, progress,
-                                                      get_pruner(pruner).make_options(pruner_kwargs))
-            self.runner = BlockRunner(model, adapter, sv_ids, device, batch_size, offload="device")
-            self.state = ["D"] * L
-            return
         if absent == "pruned" or background == "pruned":
             # every rank makes the copies by itself (all calibration samples, no collectives): data-parallel
             # statistics are summed in another order and flip a few mask decisions, which would make φ depend
@@ -149,8 +141,13 @@ class SVGame:
             with alone():
                 self._make_pruned_copies(calib_ids, target, pruner, batch_size, progress,
                                          get_pruner(pruner).make_options(pruner_kwargs))
-        else:
+        elif weights is None:
             self.dense = [{n: lin.weight.data for n, lin in adapter.linears(i).items()} for i in range(L)]
+        if weights is not None:  # blocks stay empty: each run reads its block (_stream_many)
+            self.copies_on_device = False
+            self.runner = BlockRunner(model, adapter, sv_ids, device, batch_size, offload="device")
+            self.state = ["D"] * L
+            return
         self.host_dense = self.dense  # the dense weights the model gets back on close()
         if copies_on_device is None:
             need = sum(t.numel() * t.element_size() for d in self.dense + self.pruned for t in d.values())
@@ -176,58 +173,42 @@ class SVGame:
     # -------------------------------------------------------------- weight copies
     @torch.no_grad()
     def _make_pruned_copies(self, calib_ids, target, pruner, batch_size, progress, pk) -> None:
-        ad, dev = self.adapter, self.device
-        if calib_ids is None and get_pruner(pruner).needs_data:
-            raise UserError(f"the {pruner} pruner needs calibration data for the SV game")
-        self.dense = [{n: lin.weight.data.clone() for n, lin in ad.linears(i).items()} for i in range(ad.n_blocks)]
-        if self.background == "pruned":
-            # P copies from the standard sequential uniform-p pass (inputs from pruned blocks)
-            plan = {ad.full_name(i, n): Pattern(target) for i in range(ad.n_blocks) for n in ad.linear_names[i]}
-            prune_sequential(self.model, ad, calib_ids, plan, pruner, dev, batch_size, progress=progress, pruner_kwargs=pk)
-            self.pruned = [{n: lin.weight.data.clone() for n, lin in ad.linears(i).items()} for i in range(ad.n_blocks)]
-        else:
-            # P copies from dense-model inputs: the engine's dense sweep feeds each pruner, then
-            # every linear is pruned, copied, and given its dense weights back
-            cls = get_pruner(pruner)
-
-            def copy_pruned(i: int, lins: dict, prs: dict) -> None:
-                copies = {}
-                for n, lin in lins.items():
-                    prs[n].prune(Pattern(target))
-                    prs[n].free()
-                    copies[n] = lin.weight.data.clone()
-                    lin.weight.data = self.dense[i][n].clone()
-                self.pruned.append(copies)
-
-            dense_sweep(self.model, ad, calib_ids if cls.needs_data else None, dev,
-                        lambda i, lins: {n: cls.make(lin, pk) for n, lin in lins.items()}, copy_pruned, batch_size,
-                        progress=progress, desc="SV: pruned copies")
-        for i in range(ad.n_blocks):  # restore the dense weights bit-exactly
-            for n, lin in ad.linears(i).items():
-                lin.weight.data = self.dense[i][n]
-
-    @torch.no_grad()
-    def _make_pruned_copies_streamed(self, calib_ids, target, pruner, batch_size, progress, pk) -> None:
-        """The pruned copies of a streamed model, written to ``scratch`` block by block: the sequential
-        uniform-p pass (background pruned) or the dense sweep's pruners (background dense), as in memory."""
+        """Every block's P copy: from the standard sequential uniform-p pass (background pruned: inputs from
+        pruned blocks) or from the engine's dense sweep, whose pruners see dense-model inputs (background
+        dense). In memory the copies are cloned and the dense weights put back bit-exactly; a streamed model's
+        go to ``scratch`` on disk as each block finishes (the blocks are dropped anyway)."""
         ad, dev, cls = self.adapter, self.device, get_pruner(pruner)
         if calib_ids is None and cls.needs_data:
             raise UserError(f"the {pruner} pruner needs calibration data for the SV game")
+        streamed = self.weights is not None
+        if not streamed:
+            self.dense = [{n: lin.weight.data.clone() for n, lin in ad.linears(i).items()} for i in range(ad.n_blocks)]
         if self.background == "pruned":
             plan = {ad.full_name(i, n): Pattern(target) for i in range(ad.n_blocks) for n in ad.linear_names[i]}
             prune_sequential(self.model, ad, calib_ids, plan, pruner, dev, batch_size, checkpoint=self.scratch,
                              progress=progress, pruner_kwargs=pk, weights=self.weights)
-            return
+            if not streamed:
+                self.pruned = [{n: lin.weight.data.clone() for n, lin in ad.linears(i).items()}
+                               for i in range(ad.n_blocks)]
+        else:
+            def keep_pruned(i: int, lins: dict, prs: dict) -> None:
+                for n in lins:
+                    prs[n].prune(Pattern(target))
+                    prs[n].free()
+                if streamed:
+                    self.scratch.save_block(i, ad.blocks[i])  # type: ignore[union-attr]
+                    return
+                self.pruned.append({n: lin.weight.data.clone() for n, lin in lins.items()})
+                for n, lin in lins.items():  # the sweep goes on with the dense weights
+                    lin.weight.data = self.dense[i][n].clone()
 
-        def save_pruned(i: int, lins: dict, prs: dict) -> None:
-            for n in lins:
-                prs[n].prune(Pattern(target))
-                prs[n].free()
-            self.scratch.save_block(i, ad.blocks[i])  # type: ignore[union-attr]
-
-        dense_sweep(self.model, ad, calib_ids if cls.needs_data else None, dev,
-                    lambda i, lins: {n: cls.make(lin, pk) for n, lin in lins.items()}, save_pruned, batch_size,
-                    progress=progress, desc="SV: pruned copies", weights=self.weights)
+            dense_sweep(self.model, ad, calib_ids if cls.needs_data else None, dev,
+                        lambda i, lins: {n: cls.make(lin, pk) for n, lin in lins.items()}, keep_pruned, batch_size,
+                        progress=progress, desc="SV: pruned copies", weights=self.weights)
+        if not streamed:
+            for i in range(ad.n_blocks):  # restore the dense weights bit-exactly
+                for n, lin in ad.linears(i).items():
+                    lin.weight.data = self.dense[i][n]
 
     def _run(self, hidden: list[torch.Tensor], start: int, stop: int, states: list[str]) -> list[torch.Tensor]:
         """Every batch's hidden state through blocks ``start .. stop-1`` in ``states`` (R: left out). In memory
