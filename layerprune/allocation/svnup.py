@@ -39,7 +39,7 @@ from layerprune.allocation.common import AllocContext, Allocation, band_from_imp
 from layerprune.allocation.shapley import exact_shapley, monte_carlo_shapley, swsv, swsv_evaluations, window_starts
 from layerprune.distributed import alone, deal, rank, world_size
 from layerprune.engine.runner import BlockRunner, move_non_block
-from layerprune.engine.sequential import Checkpointer, dense_sweep, prune_sequential
+from layerprune.engine.sequential import Checkpointer, block_read, dense_sweep, prune_sequential
 from layerprune.errors import UserError
 from layerprune.options import option
 from layerprune.pruners import Pattern, get_pruner
@@ -225,18 +225,16 @@ class SVGame:
         """A streamed model: several coalitions' hidden states (``entries``, each one tensor per batch) through
         blocks ``start .. stop-1`` in ``states``, each block read once (dense from the checkpoint, pruned from the
         scratch), run over every entry and batch, and dropped."""
+        w, scratch = self.weights, self.scratch
         out = [list(h) for h in entries]
         for i in range(start, stop):
             if states[i] == "R":
                 continue
-            blk = self.adapter.blocks[i]
-            self.weights.load(i, blk, self.scratch.read(i) if states[i] == "P" else None)  # type: ignore[union-attr]
-            self.block_reads += 1
-            try:
-                blk.to(self.device)
+            pruned = scratch.read(i) if states[i] == "P" else None  # type: ignore[union-attr]
+            with block_read(i, self.adapter.blocks[i], self.device, lambda j, blk: w.load(j, blk, pruned),
+                            w.release):  # type: ignore[union-attr]
                 out = [[self.runner.forward(b, x, i, i + 1) for b, x in enumerate(h)] for h in out]
-            finally:
-                self.weights.release(i, blk)  # type: ignore[union-attr]
+            self.block_reads += 1
         return out
 
     def _apply(self, states: list[str], force: bool = False) -> None:

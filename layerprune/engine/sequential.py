@@ -319,6 +319,19 @@ def dense_sweep(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor
     return times
 
 
+@contextmanager
+def block_read(i: int, block: nn.Module, device: torch.device, load: Callable[[int, nn.Module], None],
+               release: Callable[[int, nn.Module], None]) -> Iterator[nn.Module]:
+    """Block ``i`` of a model whose blocks live on disk, for one run: read by ``load``, moved to ``device``,
+    and dropped by ``release`` afterwards (also when the run fails)."""
+    load(i, block)
+    try:
+        block.to(device)
+        yield block
+    finally:
+        release(i, block)
+
+
 @torch.no_grad()
 def sweep_nll(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, device: torch.device,
               load: Callable[[int, nn.Module], None], release: Callable[[int, nn.Module], None],
@@ -327,11 +340,8 @@ def sweep_nll(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor, device
     dropped by ``release``): perplexity for a model that fits neither the GPU nor host memory."""
     runner = BlockRunner(model, adapter, ids, device, batch_size, offload="auto")
     for i in range(adapter.n_blocks):
-        block = adapter.blocks[i]
-        load(i, block)
-        block.to(device)
-        runner.run(i, store=True)
-        release(i, block)
+        with block_read(i, adapter.blocks[i], device, load, release):
+            runner.run(i, store=True)
     move_non_block(model, adapter, device)
     tot, cnt = 0.0, 0
     bs = runner.batch_size
