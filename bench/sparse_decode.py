@@ -127,7 +127,14 @@ def breakeven(reps: int) -> list[dict]:
     return rows
 
 
-def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: bool = False) -> list[dict]:
+E2E_DIMS = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=32),
+            "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                               num_key_value_heads=8)}
+
+
+def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: bool = False,
+        dims: str = "llama2-7b", blocks: int = 0) -> list[dict]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from layerprune.api import Session, prune
@@ -135,8 +142,10 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
     from layerprune.sparse.bench import decode_rate, weight_bytes
     from layerprune.sparse.export import sparsify
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    dcfg = dict(E2E_DIMS[dims])
+    if blocks:  # a part of the model's blocks (70B: 16 of 80 fit twice on one GPU with the sparse copies)
+        dcfg["num_hidden_layers"] = blocks
+    cfg = LlamaConfig(**dcfg, vocab_size=32000, max_position_embeddings=4096)
     if smoke:  # a CPU check of this code path with tiny dimensions
         cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                           num_key_value_heads=4, vocab_size=32000, max_position_embeddings=512)
@@ -174,7 +183,8 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
         s, mode_s = decode_rate(sparse, b, 32, new_tokens, g, vocab_hi=32000)
         a, _ = decode_rate(packed_all, b, 32, new_tokens, g, vocab_hi=32000)
         bm, _ = decode_rate(bitmask, b, 32, new_tokens, g, vocab_hi=32000)
-        rows.append({"model": "llama2-7b-dims (random bf16, Wanda+DLP 70%)", "sparsity": 0.7, "batch": b,
+        name = f"{dims}-dims, {cfg.num_hidden_layers} blocks (random bf16, Wanda+DLP 70%)"
+        rows.append({"model": name, "sparsity": 0.7, "batch": b,
                      "dense_tok_s": d, "sparse_tok_s": s, "speedup": s / d, "layout": "delta",
                      "all_packed_tok_s": a, "all_packed_speedup": a / d, "bitmask_tok_s": bm,
                      "bitmask_speedup": bm / d, "mode": f"{mode_d}/{mode_s}"})
@@ -200,6 +210,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--smoke", action="store_true", help="tiny dimensions on the CPU (checks the code path)")
+    ap.add_argument("--e2e-dims", default="llama2-7b", choices=tuple(E2E_DIMS))
+    ap.add_argument("--e2e-blocks", type=int, default=0, help="end to end with this many blocks (0: all)")
     a = ap.parse_args()
     global DEV
     if a.smoke:
@@ -226,7 +238,8 @@ def main() -> None:
         res["breakeven"] = breakeven(a.reps)
         save()
     if "e2e" in parts:
-        res["end_to_end"], res["end_to_end_info"] = e2e([1, 4, 16], a.new_tokens, a.nsamples, a.seqlen, a.smoke)
+        res["end_to_end"], res["end_to_end_info"] = e2e([1, 4, 16], a.new_tokens, a.nsamples, a.seqlen, a.smoke,
+                                                        a.e2e_dims, a.e2e_blocks)
         save()
 
 

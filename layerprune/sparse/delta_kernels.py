@@ -9,6 +9,14 @@ and multiplied by 0x0101…01, which leaves the running column count in every by
 The work follows the stored entries. For B ≥ 3 x is transposed first so that one gather fetches the
 B values of a column. Launch settings: the best of bench/sparse_delta_search.py's sweep on the H200.
 
+``_spmv_bcast_kernel``: one token on a wide weight (K ≥ ``WIDE_K``: LLaMA-2-70B's shapes). The kernel above
+computes a group's SWAR words on one lane and moves them through shared memory to the eight lanes that own
+the group's entries (eight layout conversions per loop step, Nsight Compute: L1-bound at 46% of DRAM
+bandwidth). Here every entry lane loads its group's words itself (one address per group: a broadcast load)
+and repeats the SWAR arithmetic: more instructions, no shared memory in the loop. Measured on the H200
+(bench/sparse_delta_v2.py): 1.43 → 1.54–1.62× of dense on 28672×8192 at 70%, 1.36 → 1.48× on 8192×28672,
+1.65 → 2.07–2.09× at 80%; a tie on 4096×11008 and 4096×14336, slower on K = 4096 (not used there).
+
 ``decompress``: the dense weight (zeros, then one scatter of the entries), for batches and prefills
 beyond ``SMALL_BATCH``. Scattered 2-byte stores are slow (≈ 3× the bitmask layout's tile decompression,
 BENCHMARKS.md "Sparse inference"): the bitmask layout is the one for prefill-heavy serving.
@@ -25,6 +33,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
 SMALL_BATCH = 16
+WIDE_K = 8192  # one token on K ≥ WIDE_K: the broadcast kernel (bench/sparse_delta_v2.py)
 
 if HAVE_TRITON:
     _LO = tl.constexpr(0x0F0F0F0F0F0F0F0F)
@@ -139,6 +148,42 @@ if HAVE_TRITON:
                      mask=rm[:, None] & bm[None, :])
 
     @triton.jit
+    def _spmv_bcast_kernel(x_ptr, val_ptr, dl_ptr, gs_ptr, gp_ptr, y_ptr, N, K, G,
+                           R: tl.constexpr, GP: tl.constexpr, UNMASKED: tl.constexpr):
+        """One token: ``_spmv_kernel`` with each group's words loaded by the lanes of its entries ((R, GP, 8)
+        pointers, eight lanes to an address), so that no layout conversion sits in the loop."""
+        rows, rm, g0, ng, maxg = _row_block(gp_ptr, N, R)
+        gpr = tl.arange(0, GP)
+        i8 = tl.arange(0, 8)[None, None, :]
+        sh = (tl.arange(0, 8) * 8).to(tl.int64)[None, None, :]
+        acc = tl.zeros((R, GP, 8), dtype=tl.float32)
+        for it in range(0, maxg, GP):
+            gi = it + gpr[None, :, None] + i8 * 0  # (1, GP, 8): loaded in the entries' layout
+            gm = gi < ng[:, None, None]
+            g = g0[:, None, None] + gi
+            if UNMASKED:
+                g = tl.minimum(g, G - 1)
+            base, p0, p1, p2, p3, c1, c2, c3 = _quarters(dl_ptr, gs_ptr, g, gm, UNMASKED)
+            vp = val_ptr + g * 32 + i8
+            for q in tl.static_range(4):
+                if q == 0:
+                    col = base + ((p0 >> sh) & 0xFF).to(tl.int32)
+                elif q == 1:
+                    col = base + c1 + ((p1 >> sh) & 0xFF).to(tl.int32)
+                elif q == 2:
+                    col = base + c2 + ((p2 >> sh) & 0xFF).to(tl.int32)
+                else:
+                    col = base + c3 + ((p3 >> sh) & 0xFF).to(tl.int32)
+                if UNMASKED:  # masked groups' values zeroed, padding columns clamped (their values are 0)
+                    v = tl.where(gm, tl.load(vp + q * 8).to(tl.float32), 0.0)
+                    acc += v * tl.load(x_ptr + tl.minimum(col, K - 1)).to(tl.float32)
+                else:
+                    v = tl.load(vp + q * 8, mask=gm, other=0.0).to(tl.float32)
+                    acc += v * tl.load(x_ptr + col, mask=gm & (col < K), other=0.0).to(tl.float32)
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+        tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=rm)
+
+    @triton.jit
     def _scatter_quarter(val_ptr, wrow, g, gm, col, q: tl.constexpr, K):
         i = tl.arange(0, 8)
         m = gm[:, :, None]
@@ -178,16 +223,34 @@ def settings(n: int, k: int, b: int) -> tuple[int, int, int, bool, bool]:
     return (2, 8, 2, True, False) if n <= 2048 else (4, 4, 2, True, False)
 
 
+def bcast_settings(n: int, k: int) -> tuple[int, int, int]:
+    """(rows per program, groups per row per step, warps) of the broadcast kernel: the best of
+    bench/sparse_delta_v2.py on the H200 (one token, K ≥ 8192, 50–80%)."""
+    if n <= 2048:
+        return 1, 32, 1
+    if n <= 4096:
+        return 2, 16, 1
+    return (4, 16, 2) if k > n else (2, 8, 1)
+
+
 def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
               n: int, k: int, r: int | None = None, gp: int | None = None, num_warps: int | None = None,
               num_stages: int | None = None, transpose_x: bool | None = None,
-              unmasked: bool | None = None) -> torch.Tensor:
-    """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype, B ≤ ``SMALL_BATCH``."""
+              unmasked: bool | None = None, bcast: bool | None = None) -> torch.Tensor:
+    """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype, B ≤ ``SMALL_BATCH``.
+    ``bcast`` (one token only): the broadcast kernel; by default when k ≥ ``WIDE_K``."""
     B = x.shape[0]
     G = starts.numel()
     if B == 0 or G == 0:  # no tokens, or a weight without nonzeros
         return torch.zeros(B, n, dtype=x.dtype, device=x.device)
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
+    if B == 1 and (k >= WIDE_K if bcast is None else bcast):
+        r0, gp0, nw0 = bcast_settings(n, k)
+        r, gp, nw = r or r0, gp or gp0, num_warps or nw0
+        _spmv_bcast_kernel[(-(-n // r),)](x, values, deltas, starts, gptr, y, n, k, G, R=r, GP=gp,
+                                          UNMASKED=k >= 8192 if unmasked is None else unmasked,
+                                          **_launch(nw, num_stages or 2))
+        return y
     r0, gp0, nw0, tx0, um0 = settings(n, k, B)
     r, gp, nw = r or r0, gp or gp0, num_warps or nw0
     unmasked = um0 if unmasked is None else unmasked

@@ -1,0 +1,57 @@
+"""One sparse-linear call under Nsight Compute: where a decode kernel's time goes (issue slots, L1 wavefronts,
+stall reasons), next to dense ``F.linear`` on the same shape.
+
+    ncu --target-processes all -k regex:'_spmv|_tile|gemv|gemm' --launch-skip 5 --launch-count 3 \\
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \\
+        python3 bench/probe_sparse_ncu.py --shape 28672x8192 --sparsity 0.7 --batch 1 --layout delta
+
+The call repeats ``--calls`` times (ncu skips the first launches: JIT and warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from layerprune.sparse import delta, delta_kernels, kernels  # noqa: E402
+from layerprune.sparse.format import pack  # noqa: E402
+from sparse_decode import masked  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="28672x8192")
+    ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--layout", default="delta", choices=("delta", "bitmask", "dense"))
+    ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--delta-kernel", default="lane", choices=("lane", "bcast", "auto"),
+                    help="one token, delta: the lane kernel (session 12's profile), the broadcast one, or the op's choice")
+    a = ap.parse_args()
+    n, k = (int(v) for v in a.shape.split("x"))
+    w = masked(n, k, a.sparsity)
+    x = torch.randn(a.batch, k, device=w.device, dtype=torch.bfloat16)
+    if a.layout == "delta":
+        sp = delta.pack(w)
+        bc = {"lane": False, "bcast": True, "auto": None}[a.delta_kernel]
+        fn = lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, bcast=bc)  # noqa: E731
+    elif a.layout == "bitmask":
+        sp = pack(w)
+        fn = lambda: kernels.sparse_mm(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk)  # noqa: E731
+    else:
+        fn = lambda: F.linear(x, w)  # noqa: E731
+    ref = F.linear(x, w).float()
+    err = float((fn().float() - ref).abs().max() / ref.abs().max())
+    for _ in range(a.calls):
+        fn()
+    torch.cuda.synchronize()
+    print(f"{a.layout} {n}x{k} s={a.sparsity} b={a.batch}: max rel err {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()
