@@ -248,7 +248,7 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
         r0, gp0, nw0 = bcast_settings(n, k)
         r, gp, nw = r or r0, gp or gp0, num_warps or nw0
         _spmv_bcast_kernel[(-(-n // r),)](x, values, deltas, starts, gptr, y, n, k, G, R=r, GP=gp,
-                                          UNMASKED=k >= 8192 if unmasked is None else unmasked,
+                                          UNMASKED=settings(n, k, 1)[4] if unmasked is None else unmasked,
                                           **_launch(nw, num_stages or 2))
         return y
     r0, gp0, nw0, tx0, um0 = settings(n, k, B)
