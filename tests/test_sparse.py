@@ -401,3 +401,23 @@ def test_v1_bitmask_directory_still_loads(tiny_with_tok, tmp_path):
     (tmp_path / "sp" / SPARSE_CONFIG).write_text(json.dumps(cfg))
     sm = load_sparse(tmp_path / "sp")
     assert {m.layout for m in sm.modules() if isinstance(m, SparseLinear)} == {"bitmask"}
+
+
+@pytest.mark.parametrize("layout", ["delta", "bitmask"])
+def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks(layout):
+    """Both ops pass ``torch.library.opcheck`` (schema, fake tensor, autograd registration, AOT dispatch) and a
+    ``SparseLinear`` compiles whole (``fullgraph=True``) to the same output as eager: torch.compile takes the
+    op as it is (the PyTorch path here, on the CPU)."""
+    from layerprune.sparse.linear import SparseLinear
+
+    lin = torch.nn.Linear(130, 50, bias=True)
+    lin.weight.data = _weight(50, 130, "uneven")
+    sl = SparseLinear.from_linear(lin, layout)
+    x = torch.randn(3, 130)
+    op = torch.ops.layerprune.sparse_linear_delta if layout == "delta" else torch.ops.layerprune.sparse_linear
+    args = ((x, sl.values, sl.deltas, sl.starts, sl.gptr, 50, 130) if layout == "delta"
+            else (x, sl.bitmask, sl.values, sl.offsets, 50, 130, sl.bn, sl.bk))
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    compiled = torch.compile(sl, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(x), sl(x), atol=1e-6)
+    assert torch.allclose(sl(x), lin(x), atol=1e-4)
