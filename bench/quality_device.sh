@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Steps of the quality grid on a lent GPU machine (BENCHMARKS.md, "Quality across seeds"), one short command
-# per device call. Models travel as 61 MiB chunks in .stage/chunks (split -b 61M FILE .stage/chunks/NAME.),
-# one or two per call, and are assembled on the machine; the queues run detached (setsid) while the next
-# chunks travel, so both GPUs work during the carrying.
+# per device call. Models travel in chunks in .stage/chunks, one per call (`split -n 19 FILE .stage/chunks/NAME.`
+# for the 1.5B GGUF: each chunk plus the tracked tree must stay under 64 MiB), and are assembled on the
+# machine; the queues run detached (setsid) while the next chunks travel, so the GPUs work during the carrying.
 #   bash bench/quality_device.sh setup                 # wheels, a stable copy of the repo and its data
 #   bash bench/quality_device.sh take                  # move this call's chunks (and a gem tokenizer) to /root/stage
 #   bash bench/quality_device.sh assemble NAME SHA256  # cat the chunks, check the sum

@@ -65,6 +65,19 @@ def masked(n: int, k: int, sparsity: float | str) -> torch.Tensor:
     return w.masked_fill(torch.rand(n, k, device=DEV) < sparsity, 0)
 
 
+def variant_row(x: torch.Tensor, w: torch.Tensor, variants: dict, reps: int, **fields) -> dict:
+    """One row of a side-by-side run: dense ``F.linear`` and each variant (name → callable) in µs, each with its
+    max relative error against dense, and the fastest variant with its speed-up."""
+    ref = F.linear(x, w).float()
+    row = dict(fields, dense_us=timeit(lambda: F.linear(x, w), reps))
+    for name, fn in variants.items():
+        row[name + "_err"] = float((fn().float() - ref).abs().max() / ref.abs().max())
+        row[name] = timeit(fn, reps)
+    best = min((row[name], name) for name in variants)
+    row["best"], row["best_speedup"] = best[1], row["dense_us"] / best[0]
+    return row
+
+
 def op(x, sp, n, k):
     if isinstance(sp, DeltaTensor):
         return torch.ops.layerprune.sparse_linear_delta(x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k)
@@ -183,7 +196,7 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
         s, mode_s = decode_rate(sparse, b, 32, new_tokens, g, vocab_hi=32000)
         a, _ = decode_rate(packed_all, b, 32, new_tokens, g, vocab_hi=32000)
         bm, _ = decode_rate(bitmask, b, 32, new_tokens, g, vocab_hi=32000)
-        name = f"{dims}-dims, {cfg.num_hidden_layers} blocks (random bf16, Wanda+DLP 70%)"
+        name = f"{'smoke (tiny dims)' if smoke else dims + '-dims'}, {cfg.num_hidden_layers} blocks (random bf16, Wanda+DLP 70%)"
         rows.append({"model": name, "sparsity": 0.7, "batch": b,
                      "dense_tok_s": d, "sparse_tok_s": s, "speedup": s / d, "layout": "delta",
                      "all_packed_tok_s": a, "all_packed_speedup": a / d, "bitmask_tok_s": bm,

@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layerprune.sparse import kernels  # noqa: E402
 from layerprune.sparse.format import pack  # noqa: E402
-from sparse_decode import masked, timeit  # noqa: E402
+from sparse_decode import masked, variant_row  # noqa: E402
 
 
 def main() -> None:
@@ -45,17 +44,10 @@ def main() -> None:
             sp = pack(w)
             for b in (int(v) for v in a.batches.split(",")):
                 x = torch.randn(b, k, device=w.device, dtype=torch.bfloat16)
-                ref = F.linear(x, w).float()
-                row = {"shape": [n, k], "sparsity": s, "batch": b, "dense_us": timeit(lambda: F.linear(x, w), a.reps)}
-                for split in (int(v) for v in a.splits.split(",")):
-                    for nw in (int(v) for v in a.warps.split(",")):
-                        fn = (lambda split=split, nw=nw: kernels.sparse_mm(x, sp.bitmask, sp.values, sp.offsets, n, k,
-                                                                           sp.bn, sp.bk, num_warps=nw, split_k=split))
-                        name = f"split{split}_w{nw}"
-                        row[name + "_err"] = float((fn().float() - ref).abs().max() / ref.abs().max())
-                        row[name] = timeit(fn, a.reps)
-                best = min((v, kname) for kname, v in row.items() if kname.startswith("split") and not kname.endswith("_err"))
-                row["best"], row["best_speedup"] = best[1], row["dense_us"] / best[0]
+                variants = {f"split{split}_w{nw}": (lambda split=split, nw=nw: kernels.sparse_mm(
+                    x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk, num_warps=nw, split_k=split))
+                    for split in (int(v) for v in a.splits.split(",")) for nw in (int(v) for v in a.warps.split(","))}
+                row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=b)
                 row["shipped_speedup"] = row["dense_us"] / row["split1_w4"] if "split1_w4" in row else None
                 rows.append(row)
                 print(json.dumps({kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in row.items()
