@@ -106,6 +106,12 @@ def run_case(model: str, dims: str, pruner: str, allocation: str, extra: list[st
              "evaluation": tm["eval_seconds"]}
     split["other_in_call"] = tm["total_seconds"] - sum(split.values())
     split["process"] = wall - tm["total_seconds"]
+    parts = {k: tm[k] for k in ("startup_seconds", "load_import_seconds", "load_tokenizer_seconds",
+                                "load_weights_seconds", "weights_hash_seconds", "calibration_seconds",
+                                "prefetch_seconds", "prefetch_wait_seconds") if k in tm}
+    if "startup_seconds" in tm:  # process = start-up (interpreter, torch, layerprune, arguments) + exit
+        parts["exit_seconds"] = split["process"] - tm["startup_seconds"]
+    row["parts_s"] = parts
     row.update(blocks=len(rec["per_block"]), split_s=split, ppl_wikitext2=rec["ppl"].get("wikitext2"),
                eval_windows=rec["ppl_details"].get("wikitext2", {}).get("windows"),
                achieved=rec["sparsity"]["achieved"], prune_peak_gpu_mb=rec.get("peak_mem_mb"),

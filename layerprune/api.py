@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,13 +24,14 @@ from torch import nn
 from layerprune.allocation import AllocContext, Allocation, check_target, get_allocator, mixed_nm
 from layerprune.allocation.common import expand_blocks
 from layerprune.allocation.stats import DenseStats, dense_stats_pass
+from layerprune.data import prefetch
 from layerprune.data.calibration import CalibSet, sample_c4_windows, token_windows
 from layerprune.data.sources import SOURCES, calib_split, check_datasets, load_documents
 from layerprune.data.sources import data_dir as resolve_data_dir
 from layerprune.distributed import active, init_from_env, is_main, world_size
 from layerprune.engine.sequential import prune_sequential
 from layerprune.errors import UserError, require
-from layerprune.evaluation.perplexity import check_seqlen, evaluate_ppl
+from layerprune.evaluation.perplexity import check_seqlen, eval_windows, evaluate_ppl
 from layerprune.export import RunDir, check_out_dir, open_run_dir
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import cache_dir, check_model_spec, load_model, load_placement, parse_dtype
@@ -154,9 +156,9 @@ class Session:
         if self._calib is None:
             c = self.calib_cfg
             t = time.perf_counter()
-            self._calib = sample_c4_windows(self.tokenizer, c.nsamples, c.seqlen, c.seed, c.source,
-                                            data_dir=self.data_dir)
-            self.timing["calibration_seconds"] = time.perf_counter() - t
+            self._calib = prefetch.take(self.tokenizer, calib_key(c, self.data_dir)) or sample_c4_windows(
+                self.tokenizer, c.nsamples, c.seqlen, c.seed, c.source, data_dir=self.data_dir)
+            self.timing["calibration_seconds"] = time.perf_counter() - t  # (the wait, when prefetched)
             log.info("calibration: %d x %d tokens from %s (seed %d) in %.1f s", c.nsamples, c.seqlen, c.source,
                      c.seed, time.perf_counter() - t)
         return self._calib
@@ -272,14 +274,36 @@ class Session:
                             flag="--eval-seqlen" if ev.seqlen else "--seqlen")
 
 
+def calib_key(c: CalibConfig, data_dir) -> tuple:
+    """What a prefetched calibration set is filed under (everything ``sample_c4_windows`` reads)."""
+    return ("calib", c.nsamples, c.seqlen, c.seed, c.source, str(data_dir))
+
+
+def start_prefetch(tok, *, cal: CalibConfig, ev: "EvalConfig", root, calib: bool) -> None:
+    """Tokenise the calibration set (when the run reads one) and the evaluation windows on a background
+    thread while the weights load (:mod:`layerprune.data.prefetch`)."""
+    jobs: dict[Any, Any] = {}
+    if calib:
+        jobs[calib_key(cal, root)] = partial(sample_c4_windows, tok, cal.nsamples, cal.seqlen, cal.seed, cal.source,
+                                             data_dir=root)
+    seq = ev.seqlen or cal.seqlen
+    for d in ev.datasets:
+        jobs[("eval", d)] = partial(eval_windows, tok, d, seq, ev.max_windows, None, root,
+                                    "--eval-seqlen" if ev.seqlen else "--seqlen")
+    if jobs:
+        prefetch.start(tok, jobs)
+
+
 def load(model: str | nn.Module, tokenizer=None, dtype: str = "float32", trust_remote_code: bool = False,
-         device: torch.device | str = "cpu"):
+         device: torch.device | str = "cpu", on_tokenizer=None):
     """``(model, tokenizer, source name)`` from a model spec, or a model object with its tokenizer.
 
-    ``device`` a GPU: a local checkpoint that fits is loaded straight onto it (:func:`load_placement`)."""
+    ``device`` a GPU: a local checkpoint that fits is loaded straight onto it (:func:`load_placement`).
+    ``on_tokenizer(tok)`` runs before the weights load (``prune`` starts tokenising there)."""
     if isinstance(model, str):
         place = load_placement(model, parse_dtype(dtype), torch.device(device))
-        m, tok = load_model(model, dtype=parse_dtype(dtype), device=place, trust_remote_code=trust_remote_code)
+        m, tok = load_model(model, dtype=parse_dtype(dtype), device=place, trust_remote_code=trust_remote_code,
+                            on_tokenizer=on_tokenizer)
         return m, tok, model
     require(tokenizer is not None, "pass tokenizer= together with a model object")
     return model, tokenizer, getattr(model, "layerprune_source", type(model).__name__)
@@ -400,7 +424,10 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
         session.weights = weights
         session._whash = weights.fingerprint()
     elif session is None:
-        mdl, tok, src = load(model, tokenizer, dtype, trust_remote_code, dev)
+        early = partial(start_prefetch, cal=cal, ev=ev, root=root,
+                        calib=req.pruner.needs_data or req.allocator.needs_calibration)
+        mdl, tok, src = load(model, tokenizer, dtype, trust_remote_code, dev,
+                             on_tokenizer=early if isinstance(model, str) else None)
         session = Session(mdl, tok, dev, cal, progress=progress, use_cache=use_cache, data_dir=root)
     load_s = time.perf_counter() - t_load
     mdl, tok = session.model, session.tokenizer
@@ -448,6 +475,9 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
         timing["eval_seconds"] = time.perf_counter() - t_eval
         timing["total_seconds"] = time.perf_counter() - t_start
         timing.update(session.timing)  # parts of the above: calibration sampling, weight hashing (if done now)
+        timing.update(prefetch.WAITED)  # the background tokenising (its own time) and the waits for it
+        prefetch.WAITED.clear()
+        timing.update(getattr(mdl, "layerprune_load_timing", {}))  # the parts of load_seconds
         session.timing.clear()  # a session reused by a later call does not claim them again
         global STARTED_AT
         if STARTED_AT is not None:  # the CLI: Python's imports and argument handling before this call

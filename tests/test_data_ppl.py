@@ -118,3 +118,64 @@ def test_eval_windows_tokenise_once_per_tokenizer_and_settings():
     assert torch.equal(eval_windows(b, "wikitext2", 64, 3), w1) and Counting.calls == 3
     assert eval_windows(a, "c4", 16, None).shape[0] == 256 and eval_windows(a, "c4", 16, 999).shape[0] == 256
     assert Counting.calls == 4  # both C4 requests are the capped 256 windows: one tokenisation
+
+
+def test_prefetch_gives_the_calls_results_once_and_keeps_the_tokenizer_single_threaded():
+    """Background jobs give exactly what the calls give; a failing job leaves no result (the consumer repeats
+    the call, so its error surfaces where it always did); a job that itself tokenises does not wait on its own
+    thread; a tokenising call on the main thread waits for the jobs first."""
+    import threading
+    import time
+
+    from layerprune.data import prefetch
+    from layerprune.data.calibration import sample_c4_windows
+
+    class Watched(CharTok):
+        busy = 0
+        overlap = False
+
+        def __call__(self, text, return_tensors=None):
+            Watched.busy += 1
+            Watched.overlap |= Watched.busy > 1
+            time.sleep(0.01)
+            try:
+                return super().__call__(text, return_tensors)
+            finally:
+                Watched.busy -= 1
+
+    tok = Watched()
+    started = threading.Event()
+
+    def calib():
+        started.set()
+        return sample_c4_windows(tok, 4, 32, 0, "c4")
+
+    def boom():
+        raise UserError("no such data")
+
+    prefetch.start(tok, {"calib": calib, "bad": boom, "text": lambda: token_windows(tok, "ab " * 200, 16)})
+    started.wait(5)
+    direct = token_windows(tok, "xyz " * 100, 8)  # waits for the jobs: never two tokenisations at once
+    assert not Watched.overlap and direct.shape == (50, 8)
+    got = prefetch.take(tok, "calib")
+    assert torch.equal(got.input_ids, sample_c4_windows(Watched(), 4, 32, 0, "c4").input_ids)
+    assert prefetch.take(tok, "calib") is None and prefetch.take(tok, "bad") is None
+    assert torch.equal(prefetch.take(tok, "text"), token_windows(CharTok(), "ab " * 200, 16))
+    assert prefetch.take(CharTok(), "calib") is None  # another tokenizer has no jobs
+
+
+def test_prune_prefetches_calibration_and_windows_with_the_same_result(tiny_dir, monkeypatch):
+    """prune(spec) tokenises the calibration set and the evaluation windows while the weights load; the
+    record says so, and the result is the one without the background thread."""
+    from layerprune import api
+
+    kw = dict(sparsity=0.5, pruner="wanda", allocation="dlp", nsamples=4, seqlen=32, eval=["wikitext2"],
+              eval_max_windows=2, device="cpu", progress=False, use_cache=False)
+    rec = api.prune(str(tiny_dir), **kw)
+    tm = rec["timing"]
+    assert tm["prefetch_seconds"] > 0 and {"load_import_seconds", "load_tokenizer_seconds",
+                                           "load_weights_seconds"} <= set(tm)
+    monkeypatch.setattr(api, "start_prefetch", lambda *a, **k: None)
+    plain = api.prune(str(tiny_dir), **kw)
+    assert "prefetch_seconds" not in plain["timing"]
+    assert rec["ppl"] == plain["ppl"] and rec["per_block"] == plain["per_block"]

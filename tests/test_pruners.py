@@ -131,3 +131,37 @@ def test_sparsegpt_fused_solve_equals_loop(interpret, pattern):
         outs.append(lin.weight.data.clone())
     assert torch.equal(outs[0] == 0, outs[1] == 0)
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("count", [7, 64, 150])
+def test_direct_hinv_factor_equals_the_reference_three_step_factor(count):
+    """U = J L⁻¹ J from one Cholesky of the flipped H is the upper Cholesky factor of H⁻¹: the reference's
+    Cholesky → cholesky_inverse → Cholesky gives the same matrix up to fp32 rounding, and Uᵀ U = H⁻¹."""
+    from layerprune.pruners.sparsegpt import SparseGPTOptions
+
+    g = torch.Generator().manual_seed(count)
+    X = torch.randn(3 * count, count, generator=g) @ torch.randn(count, count, generator=g)
+    H = X.T @ X / (3 * count)
+    lin = make_layer(count, 3)
+    direct = SparseGPTPruner(lin, SparseGPTOptions(hinv_direct=True))._hinv(H)
+    ref = SparseGPTPruner(lin, SparseGPTOptions(hinv_direct=False))._hinv(H)
+    assert torch.equal(direct, direct.triu()) and bool((direct.diagonal() > 0).all())
+    assert float((direct - ref).abs().max() / ref.abs().max()) < 1e-4
+    Hd = H + 0.01 * H.diagonal().mean() * torch.eye(count)
+    assert torch.allclose((direct.T @ direct).double(), torch.linalg.inv(Hd.double()), rtol=1e-3, atol=1e-5)
+
+
+def test_sparsegpt_direct_hinv_prunes_as_the_reference():
+    """A whole solve with the direct factor picks the same mask and (to fp32 rounding) the same weights."""
+    from layerprune.pruners.sparsegpt import SparseGPTOptions
+
+    X = correlated_inputs(n=512, d=160)
+    outs = []
+    for direct in (True, False):
+        lin = make_layer(160, 12)
+        p = SparseGPTPruner(lin, SparseGPTOptions(hinv_direct=direct))
+        p.add_batch(X.unsqueeze(0))
+        p.prune(Pattern(0.6))
+        outs.append(lin.weight.data.clone())
+    assert torch.equal(outs[0] == 0, outs[1] == 0)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)

@@ -109,13 +109,29 @@ def test_triton_split_k_tile_kernel_equals_f_linear(interpret, kind, split):
     assert torch.allclose(y, F.linear(x, w), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rb,tc,split", [(2, 1, 1), (4, 2, 1), (2, 2, 3), (8, 1, 2), (4, 3, 8)])
+@pytest.mark.parametrize("kind", ["0.7", "uneven", "empty", "2:4"])
+def test_triton_tile_kernel_row_blocks_and_k_steps(interpret, kind, rb, tc, split):
+    """Several row blocks a program (fewer row blocks than that in the weight, a last group cut short) and
+    several k-tiles a step (a last step cut short), with and without split-K, give F.linear."""
+    from layerprune.sparse import kernels
+
+    for (n, k), b in (((33, 300), 3), ((64, 256), 17)):
+        w = _weight(n, k, kind, seed=rb + tc)
+        sp = pack(w)
+        x = torch.randn(b, k)
+        y = kernels.sparse_mm(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk, rb=rb, tc=tc, split_k=split)
+        assert torch.allclose(y, F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rb", [1, 2, 4])
 @pytest.mark.parametrize("kind", ["0.7", "uneven", "2:4"])
-def test_triton_decompress_is_exact(interpret, kind):
+def test_triton_decompress_is_exact(interpret, kind, rb):
     from layerprune.sparse import kernels
 
     w = _weight(37, 200, kind)
     sp = pack(w)
-    assert torch.equal(kernels.decompress(sp.bitmask, sp.values, sp.offsets, 37, 200, sp.bn, sp.bk), w)
+    assert torch.equal(kernels.decompress(sp.bitmask, sp.values, sp.offsets, 37, 200, sp.bn, sp.bk, rb=rb), w)
 
 
 def test_custom_op_paths_and_compile(interpret):
@@ -341,6 +357,9 @@ def test_triton_delta_kernel_equals_f_linear(interpret, shape, kind, batch):
         for um, r, gp in launches:
             y = delta_kernels.sparse_mm(x, *sp.buffers(), n, k, bcast=True, unmasked=um, r=r, gp=gp)
             assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (um, r, gp)
+        for r, gp in ((None, None), (1, 1), (4, 2)):  # the prefetching kernel: a step's loads one step early
+            y = delta_kernels.sparse_mm(x, *sp.buffers(), n, k, prefetch=True, r=r, gp=gp)
+            assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (r, gp)
 
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from layerprune.data import prefetch
 from layerprune.data.sources import calib_split, load_documents
 from layerprune.errors import UserError
 
@@ -40,6 +41,7 @@ class CalibSet:
 def sample_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int,
                    exclude: set[int] | None = None, max_tries: int = 200_000) -> tuple[torch.Tensor, list[int]]:
     """Reference sampler; documents in ``exclude`` are skipped (for disjoint held-out sets)."""
+    prefetch.settle(tokenizer)  # the tokenizer is used by one thread at a time
     if nsamples < 1:
         raise UserError(f"nsamples must be at least 1 (got {nsamples})")
     if seqlen < 2:
@@ -84,6 +86,7 @@ def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = N
     the option that set ``seqlen``, for the error message."""
     if max_windows is not None and max_windows < 1:
         raise UserError(f"the number of windows must be at least 1 (got {max_windows})")
+    prefetch.settle(tokenizer)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     n = ids.numel() // seqlen
     if max_windows is not None:

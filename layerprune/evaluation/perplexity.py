@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from layerprune.data import prefetch
 from layerprune.data.calibration import token_windows
 from layerprune.data.sources import load_text
 from layerprune.errors import UserError
@@ -36,6 +37,7 @@ def eval_windows(tokenizer, dataset: str, seqlen: int, max_windows: int | None, 
     if dataset == "c4":
         max_windows = 256 if max_windows is None else min(max_windows, 256)
     key = (dataset, split, str(data_dir), seqlen, max_windows)
+    prefetch.settle(tokenizer)  # the windows may be on their way from prune's background tokenising
     try:
         cache = _WINDOWS.setdefault(tokenizer, {})
     except TypeError:  # an object that takes no weak reference: no cache

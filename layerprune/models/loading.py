@@ -17,6 +17,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,14 +325,21 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    on_tokenizer=None,
 ):
     """Return ``(model, tokenizer)`` for a hub id, local HF dir, ``.gguf`` file or packaged alias.
 
     The model is put in eval mode with ``use_cache=False``; weights are loaded onto ``device`` (a GPU:
     straight there from the safetensors files, with no host copy; ``prune`` picks the GPU when the model
     fits, :func:`load_placement`, and the CPU otherwise, where the engine moves one block at a time).
+    ``on_tokenizer(tok)`` is called before the weights load. The model's ``layerprune_load_timing`` holds
+    the seconds of the parts: ``load_import_seconds`` (transformers), ``load_tokenizer_seconds``,
+    ``load_weights_seconds``.
     """
+    t0 = time.perf_counter()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    timing = {"load_import_seconds": time.perf_counter() - t0}
 
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
@@ -350,9 +358,16 @@ def load_model(
         loc = _gguf_to_dir(Path(loc))
     try:
         cfg_kw = dict(trust_remote_code=trust_remote_code)
+        t = time.perf_counter()
         tok = AutoTokenizer.from_pretrained(str(loc), **cfg_kw)
         if kind in ("alias", "gguf"):
             check_tokenizer(tok, str(loc))
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        timing["load_tokenizer_seconds"] = time.perf_counter() - t
+        if on_tokenizer is not None:
+            on_tokenizer(tok)
+        t = time.perf_counter()
         place = {"device_map": {"": device}} if device.type == "cuda" else {}
         model = AutoModelForCausalLM.from_pretrained(str(loc), dtype=dtype, **place, **cfg_kw)
     except (OSError, ValueError) as e:
@@ -365,9 +380,9 @@ def load_model(
     model.eval()
     model.config.use_cache = False
     model.to(device)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    timing["load_weights_seconds"] = time.perf_counter() - t
     model.layerprune_source = str(spec)  # type: ignore[attr-defined]
+    model.layerprune_load_timing = timing  # type: ignore[attr-defined]
     return model, tok
 
 

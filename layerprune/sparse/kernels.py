@@ -2,12 +2,13 @@
 
 ``sparse_mm``: y = x · Wᵀ for a small batch (decode; B ≤ ``SMALL_BATCH``). For one or two tokens each lane
 owns a 32-bit bitmask word and consumes one set bit per step (``ffs``; the word's first value offset
-from a popcount prefix sum), so the work follows the nonzeros. For 3–64 tokens each (``bn`` × ``bk``)
-tile is decoded into registers (a position's rank = popcount of the bits before it) and multiplied on
-the tensor cores (``tl.dot``, fp32 accumulate). Bytes read per weight: the format's 1/8 + d·2 (+ offsets).
+from a popcount prefix sum), so the work follows the nonzeros. For 3–64 tokens a program decodes a stack
+of row blocks' (``bn`` × ``bk``) tiles into registers (a position's rank = popcount of the bits before
+it; every position loads its own word, so the decode keeps one layout) and multiplies it on the tensor
+cores (``tl.dot``, fp32 accumulate). Bytes read per weight: the format's 1/8 + d·2 (+ offsets).
 Measured on the H200 (BENCHMARKS.md "Sparse inference"): the set-bit kernel reaches dense speed at 70%
-and 1.3× at 80% for one token; the tile kernel is 0.3–0.5× of dense — a hand-written CUDA decoder is
-the open next step.
+and 1.3× at 80% for one token; the tile kernel 0.43–0.61× of dense at 4–16 tokens and 0.35–0.47× at 64
+(bench/sparse_tile_v2.py; was 0.41–0.56× and 0.29–0.39×): its work is per weight position, not per nonzero.
 
 ``decompress``: writes the dense weight tile by tile (same decode), for batches and prefills where a
 cuBLAS matmul on the decompressed weight beats decoding per batch block.
@@ -98,73 +99,101 @@ if HAVE_TRITON:
                      mask=ridx < N)
 
     @triton.jit
-    def _decode_tile(bm_ptr, val_ptr, off_ptr, t, BN: tl.constexpr, BK: tl.constexpr, HW: tl.constexpr):
-        """The dense (BN × BK) tile ``t``: each position's rank = the popcount of the bits before it."""
+    def _decode_tiles(bm_ptr, val_ptr, off_ptr, t, ok, RB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      HW: tl.constexpr):
+        """The dense (RB·BN × BK) stack of the ``RB`` tiles ``t`` (positions of tiles with ``ok`` false read as 0):
+        each position's rank = its tile's offset + the popcounts of the rows and words before it + the
+        popcount of the bits before it in its word; all ``RB`` tiles' loads are issued together."""
         NW: tl.constexpr = BK // 32
-        r = tl.arange(0, BN)[:, None, None]
-        w = tl.arange(0, NW)[None, :, None]
-        j = tl.arange(0, 32)[None, None, :]
+        tt = t[:, None, None, None]
+        r = tl.arange(0, BN)[None, :, None, None]
+        w = tl.arange(0, NW)[None, None, :, None]
+        j = tl.arange(0, 32)[None, None, None, :]
         base = tl.load(off_ptr + t)
-        words = tl.load(bm_ptr + t * (BN * NW) + r * NW + w)
-        pc = _popc(words, HW)
-        rowcnt = tl.sum(tl.sum(pc, axis=2), axis=1)
-        rowstart = tl.cumsum(rowcnt, axis=0) - rowcnt
-        rank = rowstart[:, None, None] + tl.cumsum(pc, axis=1) - pc + _popc(words & ((1 << j) - 1), HW)
-        v = tl.load(val_ptr + base + rank, mask=((words >> j) & 1) != 0, other=0.0)
-        return tl.reshape(v, (BN, BK))
+        # every position's lane loads its word (32 lanes to an address: a broadcast), so the positions keep
+        # one layout from the words to the value gather (no pointer tensor moved through shared memory);
+        # the word index is written as position >> 5 so that the compiler sees no contiguity along the
+        # words and gives this load the value gather's layout
+        words = tl.load(bm_ptr + tt * (BN * NW) + r * NW + ((w * 32 + j) >> 5))
+        wcnt = tl.max(_popc(words, HW), axis=3)  # (RB, BN, NW): set bits of each word
+        rowcnt = tl.sum(wcnt, axis=2)
+        rowstart = tl.cumsum(rowcnt, axis=1) - rowcnt
+        wstart = tl.cumsum(wcnt, axis=2) - wcnt
+        rank = (base[:, None, None, None] + (rowstart[:, :, None] + wstart)[:, :, :, None]
+                + _popc(words & ((1 << j) - 1), HW))
+        m = (((words >> j) & 1) != 0) & ok[:, None, None, None]
+        v = tl.load(val_ptr + rank, mask=m, other=0.0)
+        return tl.reshape(v, (RB * BN, BK))
 
     @triton.jit
-    def _sparse_mm_kernel(x_ptr, bm_ptr, val_ptr, off_ptr, y_ptr, B, N, K, KT, sxb, syb,
+    def _sparse_mm_kernel(x_ptr, bm_ptr, val_ptr, off_ptr, y_ptr, B, N, K, KT, RBS, sxb, syb, SPLIT,
                           BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HW: tl.constexpr,
-                          SPLIT: tl.constexpr = 1):
+                          RB: tl.constexpr = 1, TC: tl.constexpr = 1, ATOMIC: tl.constexpr = False):
         """Decode for 3–64 tokens: tiles decoded to registers, multiplied on the tensor cores (``tl.dot``).
-        ``SPLIT`` > 1: split-K, program (rb, bb, s) takes every SPLIT-th tile of its row block and adds its
-        partial sums into an fp32 ``y`` with atomics (more programs, fewer dependent tile decodes each)."""
-        rb = tl.program_id(0)
+
+        A program owns ``RB`` consecutive row blocks (RB·BN output rows: one x tile serves them all, and the
+        loads of RB tile decodes are in flight together) and walks ``TC`` consecutive k-tiles a step
+        (unrolled). ``SPLIT`` > 1 (``ATOMIC``): split-K, program (g, bb, s) takes every SPLIT-th step of its
+        rows and adds its partial sums into an fp32 ``y`` with atomics."""
+        g = tl.program_id(0)
         bb = tl.program_id(1)
         ks = tl.program_id(2)
         cols = tl.arange(0, BK)
         bidx = bb * BB + tl.arange(0, BB)
-        acc = tl.zeros((BB, BN), dtype=tl.float32)
-        for kb in range(ks, KT, SPLIT):
-            w = _decode_tile(bm_ptr, val_ptr, off_ptr, rb * KT + kb, BN, BK, HW)
-            kidx = kb * BK + cols
-            x = tl.load(x_ptr + bidx[:, None] * sxb + kidx[None, :], mask=(bidx[:, None] < B) & (kidx[None, :] < K),
-                        other=0.0)
-            acc += tl.dot(x.to(w.dtype), tl.trans(w))
-        ridx = rb * BN + tl.arange(0, BN)
+        rbs = g * RB + tl.arange(0, RB)
+        rok = rbs < RBS
+        rbc = tl.minimum(rbs, RBS - 1)
+        acc = tl.zeros((BB, RB * BN), dtype=tl.float32)
+        for k0 in range(ks * TC, KT, SPLIT * TC):
+            for c in tl.static_range(TC):
+                kb = k0 + c
+                w = _decode_tiles(bm_ptr, val_ptr, off_ptr, rbc * KT + tl.minimum(kb, KT - 1), rok & (rbc * 0 + kb < KT),
+                                  RB, BN, BK, HW)
+                kidx = kb * BK + cols
+                x = tl.load(x_ptr + bidx[:, None] * sxb + kidx[None, :],
+                            mask=(bidx[:, None] < B) & (kidx[None, :] < K), other=0.0)
+                acc += tl.dot(x.to(w.dtype), tl.trans(w))
+        ridx = g * RB * BN + tl.arange(0, RB * BN)
         out = y_ptr + bidx[:, None] * syb + ridx[None, :]
         ok = (bidx[:, None] < B) & (ridx[None, :] < N)
-        if SPLIT == 1:
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=ok)
-        else:
+        if ATOMIC:
             tl.atomic_add(out, acc, mask=ok)
+        else:
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _decompress_kernel(bm_ptr, val_ptr, off_ptr, w_ptr, N, K, KT, BN: tl.constexpr, BK: tl.constexpr,
-                           HW: tl.constexpr):
-        t = tl.program_id(0)
-        rb = t // KT
-        kb = t % KT
-        w = _decode_tile(bm_ptr, val_ptr, off_ptr, t, BN, BK, HW)
-        r = rb * BN + tl.arange(0, BN)
+    def _decompress_kernel(bm_ptr, val_ptr, off_ptr, w_ptr, N, K, KT, RBS, BN: tl.constexpr, BK: tl.constexpr,
+                           HW: tl.constexpr, RB: tl.constexpr = 1):
+        """Program (g, kb) writes the k-tile ``kb`` of row blocks g·RB … g·RB + RB − 1."""
+        g = tl.program_id(0)
+        kb = tl.program_id(1)
+        rbs = g * RB + tl.arange(0, RB)
+        rok = rbs < RBS
+        w = _decode_tiles(bm_ptr, val_ptr, off_ptr, tl.minimum(rbs, RBS - 1) * KT + kb, rok, RB, BN, BK, HW)
+        r = g * RB * BN + tl.arange(0, RB * BN)
         c = kb * BK + tl.arange(0, BK)
-        tl.store(w_ptr + r[:, None] * K + c[None, :], w, mask=(r[:, None] < N) & (c[None, :] < K))
+        tl.store(w_ptr + r[:, None].to(tl.int64) * K + c[None, :], w, mask=(r[:, None] < N) & (c[None, :] < K))
 
 
 def _launch(num_warps: int, num_stages: int) -> dict:
     return {} if interpreted() else {"num_warps": num_warps, "num_stages": num_stages}
 
 
+def tile_settings(n: int, k: int, b: int) -> tuple[int, int, int, int]:
+    """(row blocks per program, k-tiles per step, split-K, warps) of the tile kernel for an n × k weight and
+    b tokens (3 ≤ b ≤ ``SMALL_BATCH``): the settings with the best geometric-mean speed-up over six 7B/8B/70B
+    shapes at 70% in bench/sparse_tile_v2.py's sweep on the H200 (4 and 16 tokens: 4 row blocks, split 8;
+    64 tokens: 2 row blocks, split 4)."""
+    return (4, 1, 8, 4) if b <= 16 else (2, 1, 4, 4)
+
+
 def sparse_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int, k: int,
               bn: int, bk: int, tc: int | None = None, num_warps: int | None = None,
-              num_stages: int | None = None, split_k: int | None = None) -> torch.Tensor:
-    """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype. B ≤ 2: the set-bit kernel;
-    3 ≤ B ≤ ``SMALL_BATCH``: tiles decoded to registers and ``tl.dot`` (launch settings measured on the H200,
-    bench/sparse_kernel_variants.py). ``split_k`` (3 ≤ B): the tiles of a row block are shared by
-    ``split_k`` programs whose fp32 partial sums meet by atomic adds. Default 4 for B ≤ 16 and 2 above: the
-    best of bench/sparse_splitk.py on the H200 at 70% (4096×4096, 4 tokens: 53.0 → 33.6 µs; 28672×8192:
-    315.5 → 299.3 µs; 64 tokens: split 2 best), ``split_k=1`` the single-program kernel."""
+              num_stages: int | None = None, split_k: int | None = None, rb: int | None = None) -> torch.Tensor:
+    """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype. B ≤ 2: the set-bit kernel
+    (``tc`` tiles a step); 3 ≤ B ≤ ``SMALL_BATCH``: tiles decoded to registers and ``tl.dot``, ``rb`` row
+    blocks a program, ``tc`` k-tiles a step, ``split_k`` programs a row group whose fp32 partial sums meet
+    by atomic adds (``split_k=1``: no atomics); defaults from :func:`tile_settings`."""
     B = x.shape[0]
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
     if B == 0:
@@ -177,20 +206,28 @@ def sparse_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offs
         _spmv_bits_kernel[(-(-n // bn),)](x, bitmask, values, offsets, y, B, n, k, kt, x.stride(0), y.stride(0),
                                           BN=bn, BK=bk, TC=tc, BB=B, HW=hw, **_launch(nw, num_stages or 1))
         return y
+    rb0, tc0, split0, nw0 = tile_settings(n, k, B)
+    rb, tc = rb or rb0, tc or tc0
     bb = 16 if B <= 16 else 32 if B <= 32 else 64
-    split = max(1, min(split_k or (4 if B <= 16 else 2), kt))
+    rbs = -(-n // bn)
+    steps = -(-kt // tc)
+    split = max(1, min(split_k or split0, steps))
     out = y if split == 1 else torch.zeros(B, n, dtype=torch.float32, device=x.device)
-    _sparse_mm_kernel[(-(-n // bn), -(-B // bb), split)](x, bitmask, values, offsets, out, B, n, k, kt, x.stride(0),
-                                                         out.stride(0), BB=bb, BN=bn, BK=bk, HW=hw, SPLIT=split,
-                                                         **_launch(num_warps or 4, num_stages or 3))
+    _sparse_mm_kernel[(-(-rbs // rb), -(-B // bb), split)](x, bitmask, values, offsets, out, B, n, k, kt, rbs,
+                                                           x.stride(0), out.stride(0), split, BB=bb, BN=bn, BK=bk,
+                                                           HW=hw, RB=rb, TC=tc, ATOMIC=split > 1,
+                                                           **_launch(num_warps or nw0, num_stages or 3))
     return y if split == 1 else out.to(x.dtype)
 
 
 def decompress(bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int, k: int, bn: int,
-               bk: int) -> torch.Tensor:
-    """The dense (n × k) weight, tile by tile on the device."""
+               bk: int, rb: int = 1, num_warps: int = 1) -> torch.Tensor:
+    """The dense (n × k) weight, ``rb`` row blocks × one k-tile a program, on the device (one row block and
+    one warp: the best of bench/sparse_tile_v2.py's prefill sweep on five of six shapes, and within 1% on
+    the sixth)."""
     w = torch.empty(n, k, dtype=values.dtype, device=values.device)
     kt = -(-k // bk)
-    _decompress_kernel[(-(-n // bn) * kt,)](bitmask, values, offsets, w, n, k, kt, BN=bn, BK=bk,
-                                             HW=not interpreted(), **_launch(4, 2))
+    rbs = -(-n // bn)
+    _decompress_kernel[(-(-rbs // rb), kt)](bitmask, values, offsets, w, n, k, kt, rbs, BN=bn, BK=bk,
+                                            HW=not interpreted(), RB=rb, **_launch(num_warps, 2))
     return w
