@@ -190,29 +190,44 @@ if HAVE_TRITON:
         tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=rm)
 
     @triton.jit
-    def _group_loads(dl_ptr, gs_ptr, val_ptr, g):
-        """A step's loads for groups ``g`` (in bounds): start, the two delta words, the four value quarters."""
-        dp = dl_ptr.to(tl.pointer_type(tl.int64)) + g * 2
+    def _group_loads(dl_ptr, gs_ptr, val_ptr, g, BCAST: tl.constexpr):
+        """A step's loads for groups ``g`` (R, GP; in bounds): start, the two delta words, the four value
+        quarters (R, GP, 8). ``BCAST``: the start and words are loaded by every lane of the group's entries,
+        (R, GP, 8), eight lanes to an address, so that no layout conversion follows."""
         i8 = tl.arange(0, 8)[None, None, :]
-        vp = val_ptr + g[:, :, None] * 32 + i8
-        return (tl.load(gs_ptr + g), tl.load(dp), tl.load(dp + 1), tl.load(vp), tl.load(vp + 8), tl.load(vp + 16),
+        g3 = g[:, :, None]
+        vp = val_ptr + g3 * 32 + i8
+        gw = g3 + i8 * 0 if BCAST else g
+        dp = dl_ptr.to(tl.pointer_type(tl.int64)) + gw * 2
+        return (tl.load(gs_ptr + gw), tl.load(dp), tl.load(dp + 1), tl.load(vp), tl.load(vp + 8), tl.load(vp + 16),
                 tl.load(vp + 24))
 
     @triton.jit
+    def _pf_quarter(x_ptr, v, m, base, p, c, K, BCAST: tl.constexpr):
+        """Σ-ready products of one quarter: value (zeroed where ``m`` is false) × x at its columns."""
+        sh = (tl.arange(0, 8) * 8).to(tl.int64)[None, None, :]
+        if BCAST:
+            col = base + c + ((p >> sh) & 0xFF).to(tl.int32)
+        else:
+            col = _cols(base, p, c)
+        return tl.where(m, v.to(tl.float32), 0.0) * tl.load(x_ptr + tl.minimum(col, K - 1)).to(tl.float32)
+
+    @triton.jit
     def _spmv_pf_kernel(x_ptr, val_ptr, dl_ptr, gs_ptr, gp_ptr, y_ptr, N, K, G,
-                        R: tl.constexpr, GP: tl.constexpr):
+                        R: tl.constexpr, GP: tl.constexpr, BCAST: tl.constexpr = False):
         """One token, ``_spmv_kernel``'s unpredicated arithmetic with the next step's loads (starts, deltas,
         values) issued before this step's columns and gathers are computed: two steps in flight per
-        program instead of one, so a row's dependent DRAM round trips overlap."""
+        program instead of one, so a row's dependent DRAM round trips overlap. ``BCAST``: the group words
+        in the entries' layout, as in ``_spmv_bcast_kernel``."""
         rows, rm, g0, ng, maxg = _row_block(gp_ptr, N, R)
         gpr = tl.arange(0, GP)[None, :]
         acc = tl.zeros((R, GP, 8), dtype=tl.float32)
         gm = gpr < ng[:, None]
-        s, w0, w1, v0, v1, v2, v3 = _group_loads(dl_ptr, gs_ptr, val_ptr, tl.minimum(g0[:, None] + gpr, G - 1))
+        s, w0, w1, v0, v1, v2, v3 = _group_loads(dl_ptr, gs_ptr, val_ptr, tl.minimum(g0[:, None] + gpr, G - 1), BCAST)
         for it in range(0, maxg, GP):
             gmn = it + GP + gpr < ng[:, None]
             sn, w0n, w1n, v0n, v1n, v2n, v3n = _group_loads(dl_ptr, gs_ptr, val_ptr,
-                                                            tl.minimum(g0[:, None] + it + GP + gpr, G - 1))
+                                                            tl.minimum(g0[:, None] + it + GP + gpr, G - 1), BCAST)
             base = (s.to(tl.int32) & 0xFFFF) - 1
             p0 = ((w0 & _LO) + _ONE) * _ONE
             p1 = ((w1 & _LO) + _ONE) * _ONE
@@ -222,14 +237,10 @@ if HAVE_TRITON:
             c2 = c1 + ((p1 >> 56) & 0xFF).to(tl.int32)
             c3 = c2 + ((p2 >> 56) & 0xFF).to(tl.int32)
             m = gm[:, :, None]
-            acc += tl.where(m, v0.to(tl.float32), 0.0) * tl.load(
-                x_ptr + tl.minimum(_cols(base, p0, 0), K - 1)).to(tl.float32)
-            acc += tl.where(m, v1.to(tl.float32), 0.0) * tl.load(
-                x_ptr + tl.minimum(_cols(base, p1, c1), K - 1)).to(tl.float32)
-            acc += tl.where(m, v2.to(tl.float32), 0.0) * tl.load(
-                x_ptr + tl.minimum(_cols(base, p2, c2), K - 1)).to(tl.float32)
-            acc += tl.where(m, v3.to(tl.float32), 0.0) * tl.load(
-                x_ptr + tl.minimum(_cols(base, p3, c3), K - 1)).to(tl.float32)
+            acc += _pf_quarter(x_ptr, v0, m, base, p0, 0, K, BCAST)
+            acc += _pf_quarter(x_ptr, v1, m, base, p1, c1, K, BCAST)
+            acc += _pf_quarter(x_ptr, v2, m, base, p2, c2, K, BCAST)
+            acc += _pf_quarter(x_ptr, v3, m, base, p3, c3, K, BCAST)
             s, w0, w1, v0, v1, v2, v3, gm = sn, w0n, w1n, v0n, v1n, v2n, v3n, gmn
         out = tl.sum(tl.sum(acc, axis=2), axis=1)
         tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=rm)
@@ -307,7 +318,7 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
     if B == 1 and prefetch:
         r0, gp0, nw0 = pf_settings(n, k)
         _spmv_pf_kernel[(-(-n // (r or r0)),)](x, values, deltas, starts, gptr, y, n, k, G, R=r or r0, GP=gp or gp0,
-                                               **_launch(num_warps or nw0, num_stages or 1))
+                                               BCAST=bool(bcast), **_launch(num_warps or nw0, num_stages or 1))
         return y
     if B == 1 and (k >= WIDE_K if bcast is None else bcast):
         r0, gp0, nw0 = bcast_settings(n, k)
