@@ -1,5 +1,5 @@
 """The one-token delta kernel with its next step's loads issued early (``prefetch=True``,
-``delta_kernels._spmv_pf_kernel``; ``--kinds pf,pfb``: with the group words in the lanes' layout as well, ``bcast=True``) side by side with the shipped choice (the lane kernel for K < 8192, the
+``delta_kernels._spmv_pf_kernel``) side by side with the shipped choice (the lane kernel for K < 8192, the
 broadcast kernel above) and ``F.linear``. Hypothesis (Nsight Compute, session 12: "L1TEX scoreboard" the main
 stall, 25–46% of DRAM bandwidth): each program waits on one step's loads at a time; two steps in flight
 should overlap the round trips. Rows: median µs over ``--reps`` calls, L2 flushed.
@@ -29,7 +29,6 @@ def main() -> None:
     ap.add_argument("--rs", default="1,2,4")
     ap.add_argument("--gps", default="8,16,32")
     ap.add_argument("--warps", default="1,2")
-    ap.add_argument("--kinds", default="pf", help="pf (lane words), pfb (broadcast words), or both: pf,pfb")
     ap.add_argument("--reps", type=int, default=100)
     a = ap.parse_args()
     import triton
@@ -44,11 +43,11 @@ def main() -> None:
             sp = delta.pack(w)
             x = torch.randn(1, k, device=w.device, dtype=torch.bfloat16)
             variants = {"shipped": lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k)}
-            for kind, r, gp, nw in itertools.product(a.kinds.split(","), ints(a.rs), ints(a.gps), ints(a.warps)):
+            for r, gp, nw in itertools.product(ints(a.rs), ints(a.gps), ints(a.warps)):
                 if r * gp > 64 and nw == 1:
                     continue
-                variants[f"{kind}_r{r}_gp{gp}_w{nw}"] = (lambda r=r, gp=gp, nw=nw, b=kind == "pfb": delta_kernels.sparse_mm(
-                    x, *sp.buffers(), n, k, prefetch=True, bcast=b, r=r, gp=gp, num_warps=nw))
+                variants[f"pf_r{r}_gp{gp}_w{nw}"] = (lambda r=r, gp=gp, nw=nw: delta_kernels.sparse_mm(
+                    x, *sp.buffers(), n, k, prefetch=True, r=r, gp=gp, num_warps=nw))
             row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=1)
             row["shipped_speedup"] = row["dense_us"] / row["shipped"]
             rows.append(row)

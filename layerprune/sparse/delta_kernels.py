@@ -17,11 +17,15 @@ and repeats the SWAR arithmetic: more instructions, no shared memory in the loop
 (bench/sparse_delta_v2.py): 1.43 → 1.54–1.62× of dense on 28672×8192 at 70%, 1.36 → 1.48× on 8192×28672,
 1.65 → 2.07–2.09× at 80%; a tie on 4096×11008 and 4096×14336, slower on K = 4096 (not used there).
 
-``_spmv_pf_kernel``: one token on K < ``WIDE_K`` (LLaMA-2-7B / Llama-3-8B shapes). Nsight Compute put the
+``_spmv_pf_kernel``: one token on K < ``WIDE_K`` or N ≤ 4096 (every LLaMA-2-7B / Llama-3-8B shape). Nsight Compute put the
 lane kernel's main stall on the L1TEX scoreboard at 25% of DRAM bandwidth on 4096×4096: each program waits
 for one step's loads at a time. This kernel issues the next step's loads (starts, deltas, values) before
 computing the current step's columns and gathers, so two steps are in flight (bench/sparse_delta_pf.py, at
-70%: 4096×4096 1.38 → 1.48×, 11008×4096 1.32 → 1.45×, 14336×4096 1.42 → 1.46×, 1024×4096 1.10 → 1.25×).
+70%: 4096×4096 1.38 → 1.48×, 11008×4096 1.32 → 1.45×, 14336×4096 1.42 → 1.46×, 1024×4096 1.10 → 1.25×; at
+80% on 4096×11008 and 4096×14336, where the broadcast kernel ran before: 1.85 → 2.01× and 1.81 → 1.89×). On
+the 70B shapes (N > 4096, K ≥ 8192) the broadcast kernel stays 0–7% faster. A variant with the group words
+loaded in the lanes' layout as well (as the broadcast kernel does) measured within 1% of this one and was not
+kept (bench/results/sparse_delta_pfb_h200.json, commit 714b38e).
 
 ``decompress``: the dense weight (zeros, then one scatter of the entries), for batches and prefills
 beyond ``SMALL_BATCH``. Scattered 2-byte stores are slow (≈ 3× the bitmask layout's tile decompression,
@@ -190,44 +194,29 @@ if HAVE_TRITON:
         tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=rm)
 
     @triton.jit
-    def _group_loads(dl_ptr, gs_ptr, val_ptr, g, BCAST: tl.constexpr):
-        """A step's loads for groups ``g`` (R, GP; in bounds): start, the two delta words, the four value
-        quarters (R, GP, 8). ``BCAST``: the start and words are loaded by every lane of the group's entries,
-        (R, GP, 8), eight lanes to an address, so that no layout conversion follows."""
+    def _group_loads(dl_ptr, gs_ptr, val_ptr, g):
+        """A step's loads for groups ``g`` (in bounds): start, the two delta words, the four value quarters."""
+        dp = dl_ptr.to(tl.pointer_type(tl.int64)) + g * 2
         i8 = tl.arange(0, 8)[None, None, :]
-        g3 = g[:, :, None]
-        vp = val_ptr + g3 * 32 + i8
-        gw = g3 + i8 * 0 if BCAST else g
-        dp = dl_ptr.to(tl.pointer_type(tl.int64)) + gw * 2
-        return (tl.load(gs_ptr + gw), tl.load(dp), tl.load(dp + 1), tl.load(vp), tl.load(vp + 8), tl.load(vp + 16),
+        vp = val_ptr + g[:, :, None] * 32 + i8
+        return (tl.load(gs_ptr + g), tl.load(dp), tl.load(dp + 1), tl.load(vp), tl.load(vp + 8), tl.load(vp + 16),
                 tl.load(vp + 24))
 
     @triton.jit
-    def _pf_quarter(x_ptr, v, m, base, p, c, K, BCAST: tl.constexpr):
-        """Σ-ready products of one quarter: value (zeroed where ``m`` is false) × x at its columns."""
-        sh = (tl.arange(0, 8) * 8).to(tl.int64)[None, None, :]
-        if BCAST:
-            col = base + c + ((p >> sh) & 0xFF).to(tl.int32)
-        else:
-            col = _cols(base, p, c)
-        return tl.where(m, v.to(tl.float32), 0.0) * tl.load(x_ptr + tl.minimum(col, K - 1)).to(tl.float32)
-
-    @triton.jit
     def _spmv_pf_kernel(x_ptr, val_ptr, dl_ptr, gs_ptr, gp_ptr, y_ptr, N, K, G,
-                        R: tl.constexpr, GP: tl.constexpr, BCAST: tl.constexpr = False):
+                        R: tl.constexpr, GP: tl.constexpr):
         """One token, ``_spmv_kernel``'s unpredicated arithmetic with the next step's loads (starts, deltas,
         values) issued before this step's columns and gathers are computed: two steps in flight per
-        program instead of one, so a row's dependent DRAM round trips overlap. ``BCAST``: the group words
-        in the entries' layout, as in ``_spmv_bcast_kernel``."""
+        program instead of one, so a row's dependent DRAM round trips overlap."""
         rows, rm, g0, ng, maxg = _row_block(gp_ptr, N, R)
         gpr = tl.arange(0, GP)[None, :]
         acc = tl.zeros((R, GP, 8), dtype=tl.float32)
         gm = gpr < ng[:, None]
-        s, w0, w1, v0, v1, v2, v3 = _group_loads(dl_ptr, gs_ptr, val_ptr, tl.minimum(g0[:, None] + gpr, G - 1), BCAST)
+        s, w0, w1, v0, v1, v2, v3 = _group_loads(dl_ptr, gs_ptr, val_ptr, tl.minimum(g0[:, None] + gpr, G - 1))
         for it in range(0, maxg, GP):
             gmn = it + GP + gpr < ng[:, None]
             sn, w0n, w1n, v0n, v1n, v2n, v3n = _group_loads(dl_ptr, gs_ptr, val_ptr,
-                                                            tl.minimum(g0[:, None] + it + GP + gpr, G - 1), BCAST)
+                                                            tl.minimum(g0[:, None] + it + GP + gpr, G - 1))
             base = (s.to(tl.int32) & 0xFFFF) - 1
             p0 = ((w0 & _LO) + _ONE) * _ONE
             p1 = ((w1 & _LO) + _ONE) * _ONE
@@ -237,10 +226,14 @@ if HAVE_TRITON:
             c2 = c1 + ((p1 >> 56) & 0xFF).to(tl.int32)
             c3 = c2 + ((p2 >> 56) & 0xFF).to(tl.int32)
             m = gm[:, :, None]
-            acc += _pf_quarter(x_ptr, v0, m, base, p0, 0, K, BCAST)
-            acc += _pf_quarter(x_ptr, v1, m, base, p1, c1, K, BCAST)
-            acc += _pf_quarter(x_ptr, v2, m, base, p2, c2, K, BCAST)
-            acc += _pf_quarter(x_ptr, v3, m, base, p3, c3, K, BCAST)
+            acc += tl.where(m, v0.to(tl.float32), 0.0) * tl.load(
+                x_ptr + tl.minimum(_cols(base, p0, 0), K - 1)).to(tl.float32)
+            acc += tl.where(m, v1.to(tl.float32), 0.0) * tl.load(
+                x_ptr + tl.minimum(_cols(base, p1, c1), K - 1)).to(tl.float32)
+            acc += tl.where(m, v2.to(tl.float32), 0.0) * tl.load(
+                x_ptr + tl.minimum(_cols(base, p2, c2), K - 1)).to(tl.float32)
+            acc += tl.where(m, v3.to(tl.float32), 0.0) * tl.load(
+                x_ptr + tl.minimum(_cols(base, p3, c3), K - 1)).to(tl.float32)
             s, w0, w1, v0, v1, v2, v3, gm = sn, w0n, w1n, v0n, v1n, v2n, v3n, gmn
         out = tl.sum(tl.sum(acc, axis=2), axis=1)
         tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=rm)
@@ -297,7 +290,7 @@ def bcast_settings(n: int, k: int) -> tuple[int, int, int]:
 
 def pf_settings(n: int, k: int) -> tuple[int, int, int]:
     """(rows per program, groups per row per step, warps) of the prefetching one-token kernel: the best of
-    bench/sparse_delta_pf.py on the H200 (K < 8192, 60–80%)."""
+    bench/sparse_delta_pf.py on the H200 (K < 8192 or N ≤ 4096, 60–80%)."""
     return (1, 16, 1) if n <= 2048 else (2, 8, 1)
 
 
@@ -306,19 +299,20 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
               num_stages: int | None = None, transpose_x: bool | None = None,
               unmasked: bool | None = None, bcast: bool | None = None, prefetch: bool | None = None) -> torch.Tensor:
     """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype, B ≤ ``SMALL_BATCH``.
-    One token: ``prefetch`` the prefetching kernel (by default when k < ``WIDE_K`` and no other kernel
-    option is given), ``bcast`` the broadcast kernel (by default when k ≥ ``WIDE_K``), else the lane kernel."""
+    One token: ``prefetch`` the prefetching kernel (by default when k < ``WIDE_K`` or n ≤ 4096 and no other
+    kernel option is given), ``bcast`` the broadcast kernel (by default for the other shapes: k ≥ ``WIDE_K``
+    and n > 4096), else the lane kernel."""
     B = x.shape[0]
     G = starts.numel()
     if B == 0 or G == 0:  # no tokens, or a weight without nonzeros
         return torch.zeros(B, n, dtype=x.dtype, device=x.device)
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
-    if prefetch is None:  # the default one-token kernel below WIDE_K, unless another kernel is asked for
-        prefetch = k < WIDE_K and bcast is None and unmasked is None and transpose_x is None
+    if prefetch is None:  # the default one-token kernel (below WIDE_K, or ≤ 4096 rows), unless another is asked for
+        prefetch = (k < WIDE_K or n <= 4096) and bcast is None and unmasked is None and transpose_x is None
     if B == 1 and prefetch:
         r0, gp0, nw0 = pf_settings(n, k)
         _spmv_pf_kernel[(-(-n // (r or r0)),)](x, values, deltas, starts, gptr, y, n, k, G, R=r or r0, GP=gp or gp0,
-                                               BCAST=bool(bcast), **_launch(num_warps or nw0, num_stages or 1))
+                                               **_launch(num_warps or nw0, num_stages or 1))
         return y
     if B == 1 and (k >= WIDE_K if bcast is None else bcast):
         r0, gp0, nw0 = bcast_settings(n, k)
