@@ -63,6 +63,12 @@ if HAVE_TRITON:
             base = (tl.load(gs_ptr + g, mask=gm, other=0).to(tl.int32) & 0xFFFF) - 1
             w0 = tl.load(dp, mask=gm, other=0)
             w1 = tl.load(dp + 1, mask=gm, other=0)
+        p0, p1, p2, p3, c1, c2, c3 = _swar(w0, w1)
+        return base, p0, p1, p2, p3, c1, c2, c3
+
+    @triton.jit
+    def _swar(w0, w1):
+        """A group's two delta words → per quarter the running column counts, one per byte, and the carries."""
         p0 = ((w0 & _LO) + _ONE) * _ONE  # entries 0-7 (low nibbles of bytes 0-7)
         p1 = ((w1 & _LO) + _ONE) * _ONE  # entries 8-15
         p2 = (((w0 >> 4) & _LO) + _ONE) * _ONE  # entries 16-23 (high nibbles of bytes 0-7)
@@ -70,7 +76,7 @@ if HAVE_TRITON:
         c1 = ((p0 >> 56) & 0xFF).to(tl.int32)
         c2 = c1 + ((p1 >> 56) & 0xFF).to(tl.int32)
         c3 = c2 + ((p2 >> 56) & 0xFF).to(tl.int32)
-        return base, p0, p1, p2, p3, c1, c2, c3
+        return p0, p1, p2, p3, c1, c2, c3
 
     @triton.jit
     def _cols(base, p, c):
@@ -218,13 +224,7 @@ if HAVE_TRITON:
             sn, w0n, w1n, v0n, v1n, v2n, v3n = _group_loads(dl_ptr, gs_ptr, val_ptr,
                                                             tl.minimum(g0[:, None] + it + GP + gpr, G - 1))
             base = (s.to(tl.int32) & 0xFFFF) - 1
-            p0 = ((w0 & _LO) + _ONE) * _ONE
-            p1 = ((w1 & _LO) + _ONE) * _ONE
-            p2 = (((w0 >> 4) & _LO) + _ONE) * _ONE
-            p3 = (((w1 >> 4) & _LO) + _ONE) * _ONE
-            c1 = ((p0 >> 56) & 0xFF).to(tl.int32)
-            c2 = c1 + ((p1 >> 56) & 0xFF).to(tl.int32)
-            c3 = c2 + ((p2 >> 56) & 0xFF).to(tl.int32)
+            p0, p1, p2, p3, c1, c2, c3 = _swar(w0, w1)
             m = gm[:, :, None]
             acc += tl.where(m, v0.to(tl.float32), 0.0) * tl.load(
                 x_ptr + tl.minimum(_cols(base, p0, 0), K - 1)).to(tl.float32)
