@@ -57,7 +57,7 @@ def main() -> None:
         pr = SparseGPTPruner(lin)
         x = torch.randn(8192, cols, device=dev, dtype=torch.bfloat16)
         pr.add_batch(x[None])
-        H = pr.H
+        H = pr.hessian()
         damp = float(0.01 * torch.diag(H).mean())
         with tf32(False):
             t_ref, U_ref = timed(lambda: pr._hinv(H))

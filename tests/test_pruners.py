@@ -165,3 +165,24 @@ def test_sparsegpt_direct_hinv_prunes_as_the_reference():
         outs.append(lin.weight.data.clone())
     assert torch.equal(outs[0] == 0, outs[1] == 0)
     assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("d,rows", [(37, 8), (64, 64), (50, 1024)])
+def test_gram_upper_blocks_mirror_to_the_full_hessian(d, rows):
+    """The Hessian accumulated by row blocks on and above the diagonal (the tensor-core path), mirrored by
+    ``hessian()``, is H = Σ x xᵀ: ragged last blocks, one block, a block wider than H."""
+    from layerprune.pruners.sparsegpt import gram_upper_
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(300, d, generator=g)
+    H = torch.zeros(d, d)
+    gram_upper_(H, x, 0.5, rows)
+    gram_upper_(H, x[:100], 2.0, rows)
+    full = 0.5 * x.T @ x + 2.0 * x[:100].T @ x[:100]
+    below = torch.arange(d)[None, :] < (torch.arange(d)[:, None] // rows * rows)
+    assert bool((H[below] == 0).all()) and bool((H[~below] != 0).all())  # only blocks on/above the diagonal
+    lin = make_layer(d, 3)
+    p = SparseGPTPruner(lin)
+    p.H, p.upper = H, True
+    assert torch.allclose(p.hessian(), full, rtol=1e-5, atol=1e-4)
+    assert torch.equal(p.H, H)  # the accumulated blocks stay as they are (a Hessian may be shared)

@@ -16,7 +16,8 @@ share one Hessian (accumulated once) and are solved together over their stacked 
 independent given H⁻¹; each keeps its own mask rule); each 128-column block's inner loop runs as one Triton
 kernel (``pruners/obs.py``; ``fused=False``: the reference loop); on CUDA, bf16/fp16 activations are
 multiplied on the tensor cores with fp32 outputs (the products are exact, only the summation order differs
-from the reference's fp32 ``addmm``; fp32 activations stay fp32 unless ``hessian_tf32=True``).
+from the reference's fp32 ``addmm``; fp32 activations stay fp32 unless ``hessian_tf32=True``), and only
+H's blocks on and above the diagonal are accumulated (``gram_upper_``; mirrored before the solve).
 """
 
 from __future__ import annotations
@@ -72,6 +73,21 @@ def _exact_mm(x: torch.Tensor) -> bool:
     return _EXACT_MM[x.device]
 
 
+GRAM_ROWS = 1024  # rows of H per GEMM in ``gram_upper_``
+
+
+def gram_upper_(H: torch.Tensor, x: torch.Tensor, alpha: float, rows: int = GRAM_ROWS) -> None:
+    """H[i:i+r, i:] += alpha · x[:, i:i+r]ᵀ x[:, i:] for every row block i: the blocks of H = Σ x xᵀ on and
+    above the diagonal, fp32 output (half-precision x: exact products, as ``torch.mm(out_dtype=float32)``).
+    The FLOPs are ≈ d²/2 + d·r/2 of the full product's d² (0.62× for d = 4096, 0.55× for 11008 at r = 1024)."""
+    d = H.shape[0]
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    for i in range(0, d, rows):
+        a, b = x[:, i:i + rows], x[:, i:]
+        prod = torch.mm(a.t(), b, out_dtype=torch.float32) if half else torch.mm(a.t().float(), b.float())
+        H[i:i + rows, i:].add_(prod, alpha=alpha)
+
+
 class SparseGPTPruner:
     needs_data = True
 
@@ -85,6 +101,7 @@ class SparseGPTPruner:
         self.hinv_direct = opts.hinv_direct
         cols = layer.in_features
         self.H = torch.zeros(cols, cols, dtype=torch.float32, device=layer.weight.device)
+        self.upper = False  # H holds only the blocks on and above the diagonal (the tensor-core path)
         self.nsamples = 0
 
     @torch.no_grad()
@@ -94,8 +111,10 @@ class SparseGPTPruner:
         self.H *= self.nsamples / (self.nsamples + tmp)
         self.nsamples += tmp
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _exact_mm(x):
-            # bf16 × bf16 products are exact in fp32: tensor cores, fp32 accumulation, nothing rounded but sums
-            self.H.add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=2 / self.nsamples)
+            # bf16 × bf16 products are exact in fp32: tensor cores, fp32 accumulation, nothing rounded but sums;
+            # only the blocks on and above the diagonal (H is symmetric; ``hessian`` mirrors them)
+            gram_upper_(self.H, x, 2 / self.nsamples)
+            self.upper = True
             return
         x = math.sqrt(2 / self.nsamples) * x.float()
         with tf32(self.tf32):
@@ -103,7 +122,15 @@ class SparseGPTPruner:
 
     def share_from(self, other: "SparseGPTPruner") -> None:
         """Take the Hessian of a linear that reads the same input (q/k/v, gate/up): H = 2/N Σ x xᵀ is the same."""
-        self.H, self.nsamples = other.H, other.nsamples
+        self.H, self.nsamples, self.upper = other.H, other.nsamples, other.upper
+
+    def hessian(self) -> torch.Tensor:
+        """The full H (a copy): the accumulated blocks on and above the diagonal, mirrored when only those
+        were accumulated."""
+        H = self.H.clone()
+        if self.upper:
+            H = torch.triu(H) + torch.triu(H, 1).T
+        return H
 
     def reduce(self) -> None:
         """Combine the ranks' running means into the Hessian of the whole calibration set (no-op in one process)."""
@@ -166,7 +193,7 @@ class SparseGPTPruner:
         """The OBS solve (reference sparsegpt.py ``fasterprune``) of fp32 ``W``; rows ``r0:r1`` follow their
         own pattern. Returns the updated weights and the mask (True = pruned)."""
         rows, cols = W.shape
-        H = self.H.clone()  # a Hessian shared by q/k/v or gate/up stays untouched for the others
+        H = self.hessian()  # a copy: a Hessian shared by q/k/v or gate/up stays untouched for the others
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
