@@ -175,6 +175,8 @@ def test_prune_prefetches_calibration_and_windows_with_the_same_result(tiny_dir,
     tm = rec["timing"]
     assert tm["prefetch_seconds"] > 0 and {"load_import_seconds", "load_tokenizer_seconds",
                                            "load_weights_seconds"} <= set(tm)
+    uni = api.prune(str(tiny_dir), **{**kw, "allocation": "uniform", "pruner": "magnitude"})
+    assert uni["timing"]["prefetch_seconds"] > 0  # no calibration job: the evaluation windows alone
     monkeypatch.setattr(api, "start_prefetch", lambda *a, **k: None)
     plain = api.prune(str(tiny_dir), **kw)
     assert "prefetch_seconds" not in plain["timing"]

@@ -36,6 +36,7 @@ class _Run:
             except Exception as e:  # noqa: BLE001 - the consumer repeats the call and reports it
                 log.debug("prefetch of %s failed (%s); it runs again when needed", key, e)
         self.seconds = time.perf_counter() - t
+        WAITED["prefetch_seconds"] = self.seconds
 
 
 _RUNS: "weakref.WeakKeyDictionary[Any, _Run]" = weakref.WeakKeyDictionary()
@@ -76,7 +77,4 @@ def take(tokenizer, key) -> Any:
     """The result of job ``key`` (waiting for the jobs first), once; None when there is none."""
     settle(tokenizer)
     run = _get(tokenizer)
-    if run is None:
-        return None
-    WAITED["prefetch_seconds"] = run.seconds
-    return run.results.pop(key, None)
+    return None if run is None else run.results.pop(key, None)
