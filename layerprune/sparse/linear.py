@@ -1,7 +1,7 @@
 """``SparseLinear``: a drop-in for ``nn.Linear`` holding a packed weight in one of two layouts.
 
 * ``delta`` (default, :mod:`layerprune.sparse.delta`): row-major values + 4-bit column deltas. The fast
-  one for decode (one token: 1.3–1.5× dense per 7B–70B linear at 70% on the H200, two tokens ~1×); its
+  one for decode (one token: 1.4–1.55× dense per LLaMA-2 7B–70B linear at 70% on the H200, two tokens ~1×); its
   prefill path scatters the weight back to dense first, which is slow.
 * ``bitmask`` (:mod:`layerprune.sparse.format`): tile-major bitmask + values. Dense speed at 70% for one
   token, but a tile decompression for prefill that costs 15–25% over dense.
