@@ -78,6 +78,25 @@ def variant_row(x: torch.Tensor, w: torch.Tensor, variants: dict, reps: int, **f
     return row
 
 
+def shape_list(text: str) -> list[tuple[int, int]]:
+    """``"4096x4096,11008x4096"`` → [(4096, 4096), (11008, 4096)] (N × K)."""
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+
+
+def brief(row: dict, *keys: str) -> None:
+    """One JSON line of the row's ``keys`` (all but the error fields when none are named), floats rounded."""
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                      if (k in keys if keys else not k.endswith("_err"))}), flush=True)
+
+
+def write_rows(path: str | Path, **parts) -> None:
+    """A side-by-side bench's JSON: the device, torch and Triton versions, bf16, and ``parts`` (row lists)."""
+    import triton
+
+    Path(path).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                                      "triton": triton.__version__, "dtype": "bfloat16", **parts}, indent=1))
+
+
 def op(x, sp, n, k):
     if isinstance(sp, DeltaTensor):
         return torch.ops.layerprune.sparse_linear_delta(x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k)

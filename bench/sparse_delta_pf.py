@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -31,13 +30,11 @@ def main() -> None:
     ap.add_argument("--warps", default="1,2")
     ap.add_argument("--reps", type=int, default=100)
     a = ap.parse_args()
-    import triton
-    from sparse_decode import masked, variant_row
+    from sparse_decode import brief, masked, shape_list, variant_row, write_rows
 
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     rows = []
-    for shape in a.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in shape_list(a.shapes):
         for s in (float(v) for v in a.sparsities.split(",")):
             w = masked(n, k, s)
             sp = delta.pack(w)
@@ -51,12 +48,8 @@ def main() -> None:
             row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=1)
             row["shipped_speedup"] = row["dense_us"] / row["shipped"]
             rows.append(row)
-            print(json.dumps({kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in row.items()
-                              if kk in ("shape", "sparsity", "dense_us", "shipped", "shipped_speedup", "best",
-                                        "best_speedup")}), flush=True)
-            Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                                               "triton": triton.__version__, "dtype": "bfloat16", "rows": rows},
-                                              indent=1))
+            brief(row, "shape", "sparsity", "dense_us", "shipped", "shipped_speedup", "best", "best_speedup")
+            write_rows(a.out, rows=rows)
 
 
 if __name__ == "__main__":

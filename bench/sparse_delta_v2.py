@@ -10,7 +10,6 @@ This run chose ``WIDE_K`` and ``bcast_settings`` in ``layerprune/sparse/delta_ke
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,12 +26,10 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.5,0.7,0.8")
     ap.add_argument("--reps", type=int, default=100)
     a = ap.parse_args()
-    import triton
-    from sparse_decode import masked, timeit, variant_row
+    from sparse_decode import masked, shape_list, timeit, variant_row, write_rows
 
     rows = []
-    for shape in a.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in shape_list(a.shapes):
         for s in (float(v) for v in a.sparsities.split(",")):
             w = masked(n, k, s)
             sp = delta.pack(w)
@@ -48,8 +45,7 @@ def main() -> None:
                   f"({row['best_speedup']:.2f}x)", flush=True)
             rows.append(row)
     if a.out:
-        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                           "triton": triton.__version__, "rows": rows}, indent=1))
+        write_rows(a.out, rows=rows)
 
 
 if __name__ == "__main__":

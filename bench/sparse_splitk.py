@@ -12,7 +12,6 @@ and each split, with the max relative error against F.linear.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layerprune.sparse import kernels  # noqa: E402
 from layerprune.sparse.format import pack  # noqa: E402
-from sparse_decode import masked, variant_row  # noqa: E402
+from sparse_decode import brief, masked, shape_list, variant_row, write_rows  # noqa: E402
 
 
 def main() -> None:
@@ -34,11 +33,8 @@ def main() -> None:
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--reps", type=int, default=100)
     a = ap.parse_args()
-    import triton
-
     rows = []
-    for shape in a.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in shape_list(a.shapes):
         for s in (float(v) for v in a.sparsities.split(",")):
             w = masked(n, k, s)
             sp = pack(w)
@@ -50,10 +46,8 @@ def main() -> None:
                 row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=b)
                 row["shipped_speedup"] = row["dense_us"] / row["split1_w4"] if "split1_w4" in row else None
                 rows.append(row)
-                print(json.dumps({kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in row.items()
-                                  if not kk.endswith("_err")}), flush=True)
-    Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                                       "triton": triton.__version__, "dtype": "bfloat16", "rows": rows}, indent=1))
+                brief(row)
+    write_rows(a.out, rows=rows)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ Hypothesis under test: the tile kernel as shipped (80d7608) took the same ~53 µ
 tokens (0.33× of dense) because (a) Triton moved every position's 64-bit value pointer through shared memory
 between the layout its bitmask words were loaded in and the layout of the value gather, and (b) each program
 decoded one 16-row tile at a time (one tile's loads in flight, an x tile per 16 rows). ``kernels.py`` now loads
-the words in the gather's layout (a broadcast load per position) and decodes ``rb`` row blocks × ``tc`` k-tiles
-per step. Rows: median µs (L2 flushed) of dense ``F.linear``, the shipped kernel (``prev``, its split-K
-default) and each (rb, tc, split, warps) of the new one; for ``--prefill`` tokens, decompression + ``F.linear``
+the words in the gather's layout (a broadcast load per position) and decodes ``rb`` row blocks at once.
+Rows: median µs (L2 flushed) of dense ``F.linear``, the shipped kernel (``prev``, its split-K default) and each
+(rb, split, warps) of the new one (named ``rb…_tc1_s…_w…``: the run in bench/results/sparse_tile_v2_h200.json,
+at commit 2108009, also walked 2 k-tiles a step, ``tc2``, which no default kept and the kernel then lost); for ``--prefill`` tokens, decompression + ``F.linear``
 shipped and new (rb, warps). Each with its max relative error against dense.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layerprune.sparse import kernels  # noqa: E402
 from layerprune.sparse.format import pack  # noqa: E402
 from layerprune.sparse.kernels import _popc  # noqa: E402
-from sparse_decode import masked, variant_row  # noqa: E402
+from sparse_decode import brief, masked, shape_list, variant_row, write_rows  # noqa: E402
 
 
 # ---- the shipped tile kernel and decompression (80d7608), kept here as the side-by-side reference
@@ -115,7 +115,6 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.7")
     ap.add_argument("--batches", default="4,16,64")
     ap.add_argument("--rbs", default="1,2,4,8")
-    ap.add_argument("--tcs", default="1,2")
     ap.add_argument("--splits", default="1,2,4,8")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--prefill", type=int, default=2048)
@@ -123,33 +122,24 @@ def main() -> None:
     a = ap.parse_args()
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     rows, pre = [], []
-    out = Path(a.out)
-
-    def save():
-        out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                                   "triton": triton.__version__, "dtype": "bfloat16", "rows": rows,
-                                   "prefill": pre}, indent=1))
-
-    for shape in a.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    keys = ("shape", "batch", "dense_us", "prev", "prev_speedup", "best", "best_speedup")
+    for n, k in shape_list(a.shapes):
         for s in (float(v) for v in a.sparsities.split(",")):
             w = masked(n, k, s)
             sp = pack(w)
             for b in ints(a.batches):
                 x = torch.randn(b, k, device=w.device, dtype=torch.bfloat16)
                 variants = {"prev": lambda: prev_mm(x, sp, n, k)}
-                for rb, tc, split, nw in itertools.product(ints(a.rbs), ints(a.tcs), ints(a.splits), ints(a.warps)):
-                    variants[f"rb{rb}_tc{tc}_s{split}_w{nw}"] = (
-                        lambda rb=rb, tc=tc, split=split, nw=nw: kernels.sparse_mm(
-                            x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk, tc=tc, num_warps=nw,
-                            split_k=split, rb=rb))
+                for rb, split, nw in itertools.product(ints(a.rbs), ints(a.splits), ints(a.warps)):
+                    variants[f"rb{rb}_tc1_s{split}_w{nw}"] = (
+                        lambda rb=rb, split=split, nw=nw: kernels.sparse_mm(
+                            x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk, num_warps=nw, split_k=split,
+                            rb=rb))
                 row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=b)
                 row["prev_speedup"] = row["dense_us"] / row["prev"]
                 rows.append(row)
-                print(json.dumps({kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in row.items()
-                                  if kk in ("shape", "batch", "dense_us", "prev", "prev_speedup", "best",
-                                            "best_speedup")}), flush=True)
-                save()
+                brief(row, *keys)
+                write_rows(a.out, rows=rows, prefill=pre)
             if a.prefill:
                 x = torch.randn(a.prefill, k, device=w.device, dtype=torch.bfloat16)
                 variants = {"prev": lambda: F.linear(x, prev_decompress(sp, n, k))}
@@ -160,10 +150,8 @@ def main() -> None:
                 row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=a.prefill)
                 row["prev_speedup"] = row["dense_us"] / row["prev"]
                 pre.append(row)
-                print(json.dumps({kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in row.items()
-                                  if kk in ("shape", "batch", "dense_us", "prev", "prev_speedup", "best",
-                                            "best_speedup")}), flush=True)
-                save()
+                brief(row, *keys)
+                write_rows(a.out, rows=rows, prefill=pre)
 
 
 if __name__ == "__main__":

@@ -288,8 +288,8 @@ def start_prefetch(tok, *, cal: CalibConfig, ev: "EvalConfig", root, calib: bool
                                              data_dir=root)
     seq = ev.seqlen or cal.seqlen
     for d in ev.datasets:
-        jobs[("eval", d)] = partial(eval_windows, tok, d, seq, ev.max_windows, None, root,
-                                    "--eval-seqlen" if ev.seqlen else "--seqlen")
+        jobs[("eval", d)] = partial(eval_windows, tok, d, seq, ev.max_windows, data_dir=root,
+                                    flag="--eval-seqlen" if ev.seqlen else "--seqlen")
     if jobs:
         prefetch.start(tok, jobs)
 

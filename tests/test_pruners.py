@@ -116,21 +116,27 @@ def test_fused_obs_kernel_equals_reference_loop(interpret, rows, count, n, m):
         assert torch.equal(m_k.view(rows, -1, m).sum(-1), torch.full((rows, count // m), n))
 
 
-@pytest.mark.parametrize("pattern", [Pattern(0.6), Pattern(0.5, 2, 4)])
-def test_sparsegpt_fused_solve_equals_loop(interpret, pattern):
-    """A whole SparseGPT solve (two column blocks, one ragged) with the fused kernel equals the loop's."""
+def _sgpt_solves(pattern: Pattern, **variants) -> list[torch.Tensor]:
+    """The pruned weights of one 160-input layer (two column blocks, one ragged) under each options variant."""
     from layerprune.pruners.sparsegpt import SparseGPTOptions
 
     X = correlated_inputs(n=512, d=160)
     outs = []
-    for fused in (True, False):
+    for opts in variants.values():
         lin = make_layer(160, 12)
-        p = SparseGPTPruner(lin, SparseGPTOptions(fused=fused))
+        p = SparseGPTPruner(lin, SparseGPTOptions(**opts))
         p.add_batch(X.unsqueeze(0))
         p.prune(pattern)
         outs.append(lin.weight.data.clone())
-    assert torch.equal(outs[0] == 0, outs[1] == 0)
-    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    return outs
+
+
+@pytest.mark.parametrize("pattern", [Pattern(0.6), Pattern(0.5, 2, 4)])
+def test_sparsegpt_fused_solve_equals_loop(interpret, pattern):
+    """A whole SparseGPT solve with the fused kernel equals the loop's."""
+    fused, loop = _sgpt_solves(pattern, fused={"fused": True}, loop={"fused": False})
+    assert torch.equal(fused == 0, loop == 0)
+    assert torch.allclose(fused, loop, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("count", [7, 64, 150])
@@ -153,18 +159,9 @@ def test_direct_hinv_factor_equals_the_reference_three_step_factor(count):
 
 def test_sparsegpt_direct_hinv_prunes_as_the_reference():
     """A whole solve with the direct factor picks the same mask and (to fp32 rounding) the same weights."""
-    from layerprune.pruners.sparsegpt import SparseGPTOptions
-
-    X = correlated_inputs(n=512, d=160)
-    outs = []
-    for direct in (True, False):
-        lin = make_layer(160, 12)
-        p = SparseGPTPruner(lin, SparseGPTOptions(hinv_direct=direct))
-        p.add_batch(X.unsqueeze(0))
-        p.prune(Pattern(0.6))
-        outs.append(lin.weight.data.clone())
-    assert torch.equal(outs[0] == 0, outs[1] == 0)
-    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    direct, ref = _sgpt_solves(Pattern(0.6), direct={"hinv_direct": True}, ref={"hinv_direct": False})
+    assert torch.equal(direct == 0, ref == 0)
+    assert torch.allclose(direct, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("d,rows", [(37, 8), (64, 64), (50, 1024)])

@@ -40,25 +40,25 @@ class _Run:
 
 
 _RUNS: "weakref.WeakKeyDictionary[Any, _Run]" = weakref.WeakKeyDictionary()
-_BY_ID: dict[int, _Run] = {}  # tokenizers that take no weak reference
 WAITED: dict[str, float] = {}  # the last run's figures, for the run record
 
 
 def _get(tokenizer) -> _Run | None:
     try:
         return _RUNS.get(tokenizer)
-    except TypeError:
-        return _BY_ID.get(id(tokenizer))
+    except TypeError:  # an object that takes no weak reference never has jobs
+        return None
 
 
 def start(tokenizer, jobs: dict[Any, Callable[[], Any]]) -> None:
-    """Run ``jobs`` (key → call) one after another on a background thread; their tokenizer is ``tokenizer``."""
+    """Run ``jobs`` (key → call) one after another on a background thread; their tokenizer is ``tokenizer``
+    (one that takes no weak reference gets no thread: the calls then run where they are needed)."""
     settle(tokenizer)
     run = _Run(jobs)
     try:
         _RUNS[tokenizer] = run
     except TypeError:
-        _BY_ID[id(tokenizer)] = run
+        return
     WAITED.clear()
     run.thread.start()
 

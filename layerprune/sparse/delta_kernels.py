@@ -288,7 +288,7 @@ def bcast_settings(n: int, k: int) -> tuple[int, int, int]:
     return (4, 16, 2) if k > n else (2, 8, 1)
 
 
-def pf_settings(n: int, k: int) -> tuple[int, int, int]:
+def pf_settings(n: int) -> tuple[int, int, int]:
     """(rows per program, groups per row per step, warps) of the prefetching one-token kernel: the best of
     bench/sparse_delta_pf.py on the H200 (K < 8192 or N ≤ 4096, 60–80%)."""
     return (1, 16, 1) if n <= 2048 else (2, 8, 1)
@@ -310,7 +310,7 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
     if prefetch is None:  # the default one-token kernel (below WIDE_K, or ≤ 4096 rows), unless another is asked for
         prefetch = (k < WIDE_K or n <= 4096) and bcast is None and unmasked is None and transpose_x is None
     if B == 1 and prefetch:
-        r0, gp0, nw0 = pf_settings(n, k)
+        r0, gp0, nw0 = pf_settings(n)
         _spmv_pf_kernel[(-(-n // (r or r0)),)](x, values, deltas, starts, gptr, y, n, k, G, R=r or r0, GP=gp or gp0,
                                                **_launch(num_warps or nw0, num_stages or 1))
         return y

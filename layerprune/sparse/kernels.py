@@ -128,13 +128,13 @@ if HAVE_TRITON:
     @triton.jit
     def _sparse_mm_kernel(x_ptr, bm_ptr, val_ptr, off_ptr, y_ptr, B, N, K, KT, RBS, sxb, syb, SPLIT,
                           BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HW: tl.constexpr,
-                          RB: tl.constexpr = 1, TC: tl.constexpr = 1, ATOMIC: tl.constexpr = False):
+                          RB: tl.constexpr = 1, ATOMIC: tl.constexpr = False):
         """Decode for 3–64 tokens: tiles decoded to registers, multiplied on the tensor cores (``tl.dot``).
 
         A program owns ``RB`` consecutive row blocks (RB·BN output rows: one x tile serves them all, and the
-        loads of RB tile decodes are in flight together) and walks ``TC`` consecutive k-tiles a step
-        (unrolled). ``SPLIT`` > 1 (``ATOMIC``): split-K, program (g, bb, s) takes every SPLIT-th step of its
-        rows and adds its partial sums into an fp32 ``y`` with atomics."""
+        loads of RB tile decodes are in flight together). ``SPLIT`` > 1 (``ATOMIC``): split-K, program
+        (g, bb, s) takes every SPLIT-th k-tile of its rows and adds its partial sums into an fp32 ``y`` with
+        atomics."""
         g = tl.program_id(0)
         bb = tl.program_id(1)
         ks = tl.program_id(2)
@@ -144,15 +144,12 @@ if HAVE_TRITON:
         rok = rbs < RBS
         rbc = tl.minimum(rbs, RBS - 1)
         acc = tl.zeros((BB, RB * BN), dtype=tl.float32)
-        for k0 in range(ks * TC, KT, SPLIT * TC):
-            for c in tl.static_range(TC):
-                kb = k0 + c
-                w = _decode_tiles(bm_ptr, val_ptr, off_ptr, rbc * KT + tl.minimum(kb, KT - 1), rok & (rbc * 0 + kb < KT),
-                                  RB, BN, BK, HW)
-                kidx = kb * BK + cols
-                x = tl.load(x_ptr + bidx[:, None] * sxb + kidx[None, :],
-                            mask=(bidx[:, None] < B) & (kidx[None, :] < K), other=0.0)
-                acc += tl.dot(x.to(w.dtype), tl.trans(w))
+        for kb in range(ks, KT, SPLIT):
+            w = _decode_tiles(bm_ptr, val_ptr, off_ptr, rbc * KT + kb, rok, RB, BN, BK, HW)
+            kidx = kb * BK + cols
+            x = tl.load(x_ptr + bidx[:, None] * sxb + kidx[None, :], mask=(bidx[:, None] < B) & (kidx[None, :] < K),
+                        other=0.0)
+            acc += tl.dot(x.to(w.dtype), tl.trans(w))
         ridx = g * RB * BN + tl.arange(0, RB * BN)
         out = y_ptr + bidx[:, None] * syb + ridx[None, :]
         ok = (bidx[:, None] < B) & (ridx[None, :] < N)
@@ -179,12 +176,12 @@ def _launch(num_warps: int, num_stages: int) -> dict:
     return {} if interpreted() else {"num_warps": num_warps, "num_stages": num_stages}
 
 
-def tile_settings(n: int, k: int, b: int) -> tuple[int, int, int, int]:
-    """(row blocks per program, k-tiles per step, split-K, warps) of the tile kernel for an n × k weight and
-    b tokens (3 ≤ b ≤ ``SMALL_BATCH``): the settings with the best geometric-mean speed-up over six 7B/8B/70B
-    shapes at 70% in bench/sparse_tile_v2.py's sweep on the H200 (4 and 16 tokens: 4 row blocks, split 8;
-    64 tokens: 2 row blocks, split 4)."""
-    return (4, 1, 8, 4) if b <= 16 else (2, 1, 4, 4)
+def tile_settings(n: int, k: int, b: int) -> tuple[int, int, int]:
+    """(row blocks per program, split-K, warps) of the tile kernel for an n × k weight and b tokens
+    (3 ≤ b ≤ ``SMALL_BATCH``): the settings with the best geometric-mean speed-up over six 7B/8B/70B shapes
+    at 70% in bench/sparse_tile_v2.py's sweep on the H200 (4 and 16 tokens: 4 row blocks, split 8; 64
+    tokens: 2 row blocks, split 4)."""
+    return (4, 8, 4) if b <= 16 else (2, 4, 4)
 
 
 def sparse_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int, k: int,
@@ -192,8 +189,8 @@ def sparse_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offs
               num_stages: int | None = None, split_k: int | None = None, rb: int | None = None) -> torch.Tensor:
     """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype. B ≤ 2: the set-bit kernel
     (``tc`` tiles a step); 3 ≤ B ≤ ``SMALL_BATCH``: tiles decoded to registers and ``tl.dot``, ``rb`` row
-    blocks a program, ``tc`` k-tiles a step, ``split_k`` programs a row group whose fp32 partial sums meet
-    by atomic adds (``split_k=1``: no atomics); defaults from :func:`tile_settings`."""
+    blocks a program, ``split_k`` programs a row group whose fp32 partial sums meet by atomic adds
+    (``split_k=1``: no atomics); defaults from :func:`tile_settings`."""
     B = x.shape[0]
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
     if B == 0:
@@ -206,16 +203,15 @@ def sparse_mm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offs
         _spmv_bits_kernel[(-(-n // bn),)](x, bitmask, values, offsets, y, B, n, k, kt, x.stride(0), y.stride(0),
                                           BN=bn, BK=bk, TC=tc, BB=B, HW=hw, **_launch(nw, num_stages or 1))
         return y
-    rb0, tc0, split0, nw0 = tile_settings(n, k, B)
-    rb, tc = rb or rb0, tc or tc0
+    rb0, split0, nw0 = tile_settings(n, k, B)
+    rb = rb or rb0
     bb = 16 if B <= 16 else 32 if B <= 32 else 64
     rbs = -(-n // bn)
-    steps = -(-kt // tc)
-    split = max(1, min(split_k or split0, steps))
+    split = max(1, min(split_k or split0, kt))
     out = y if split == 1 else torch.zeros(B, n, dtype=torch.float32, device=x.device)
     _sparse_mm_kernel[(-(-rbs // rb), -(-B // bb), split)](x, bitmask, values, offsets, out, B, n, k, kt, rbs,
                                                            x.stride(0), out.stride(0), split, BB=bb, BN=bn, BK=bk,
-                                                           HW=hw, RB=rb, TC=tc, ATOMIC=split > 1,
+                                                           HW=hw, RB=rb, ATOMIC=split > 1,
                                                            **_launch(num_warps or nw0, num_stages or 3))
     return y if split == 1 else out.to(x.dtype)
 
