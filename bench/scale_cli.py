@@ -77,15 +77,15 @@ class GpuPeak:
 
 
 def run_case(model: str, dims: str, pruner: str, allocation: str, extra: list[str], timeout: float,
-             logdir: Path, device: str = "cuda") -> dict:
+             logdir: Path, device: str = "cuda", cwd: Path = ROOT, tag: str = "") -> dict:
     cmd = [sys.executable, "-m", "layerprune.cli", "prune", model, "--pruner", pruner, "--allocation", allocation,
            "--sparsity", "0.5", "--dtype", "bfloat16", "--device", device, "--eval", "wikitext2", "--json",
            "--quiet", "--no-cache", *extra]  # no cached statistics or allocation: every case computes its own
-    log = logdir / f"{pruner}_{allocation}.log"
+    log = logdir / f"{pruner}_{allocation}{tag}.log"
     t0 = time.perf_counter()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
     with GpuPeak(int(visible)) as gpu, log.open("w") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd)
         timer = threading.Timer(timeout, p.kill)
         timer.start()
         out = p.stdout.read()
@@ -94,6 +94,7 @@ def run_case(model: str, dims: str, pruner: str, allocation: str, extra: list[st
     wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
     row = {"dims": dims, "pruner": pruner, "allocation": allocation, "command": " ".join(cmd[1:]), "exit": code,
+           "code": "this checkout" if cwd == ROOT else str(cwd),
            "wall_s": wall, "peak_gpu_mb": gpu.peak, "peak_rss_mb": usage.ru_maxrss / 1024, "extrapolated": False}
     if code != 0 or "{" not in out:
         row["error_tail"] = log.read_text()[-1500:]
@@ -132,6 +133,9 @@ def main() -> None:
     ap.add_argument("--cases", default="wanda:dlp,sparsegpt:dlp")
     ap.add_argument("--extra", default="", help="more prune options for every case, one string")
     ap.add_argument("--timeout", type=float, default=580)
+    ap.add_argument("--cwd", default=str(ROOT),
+                    help="run `python -m layerprune.cli` from this folder (another checkout, for a side-by-side run)")
+    ap.add_argument("--tag", default="", help="suffix of the cases' log files")
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.make:
@@ -144,7 +148,8 @@ def main() -> None:
         res = json.loads(out.read_text())
     for case in [c for c in a.cases.split(",") if c]:
         pruner, allocation = case.split(":")
-        row = run_case(a.model, a.dims, pruner, allocation, a.extra.split(), a.timeout, out.parent, a.device)
+        row = run_case(a.model, a.dims, pruner, allocation, a.extra.split(), a.timeout, out.parent, a.device,
+                       Path(a.cwd).resolve(), a.tag)
         print(json.dumps({k: v for k, v in row.items() if k != "error_tail"}), flush=True)
         if "error_tail" in row:
             print(row["error_tail"], file=sys.stderr)

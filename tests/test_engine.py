@@ -98,6 +98,36 @@ def test_linears_reading_one_input_share_statistics_and_solve():
         assert torch.equal(sinks[member].sq, ref[member].sq)
 
 
+def test_statistics_forward_stops_after_the_last_linear_input():
+    """feed_hooks(stop=True) ends each batch's forward once every observed linear has its input: the sinks
+    get exactly what a whole forward gives them, and the last linear (down_proj) never runs its matmul."""
+    from layerprune.engine.runner import BlockRunner
+    from layerprune.engine.sequential import feed_hooks
+    from layerprune.pruners.wanda import WandaPruner
+
+    m = tiny_model("llama", layers=2, seed=3)
+    ad = ModelAdapter.of(m)
+    runner = BlockRunner(m, ad, torch.randint(0, 128, (5, 16)), torch.device("cpu"), batch_size=2)
+    lins = ad.linears(0)
+    ran = []
+    h = lins["mlp.down_proj"].register_forward_hook(lambda *a: ran.append(1))
+    got, ref = {}, {}
+    for stop, sinks in ((True, got), (False, ref)):
+        sinks.update({n: WandaPruner(lin) for n, lin in lins.items()})
+        groups: dict[str, str] = {}
+        ran.clear()
+        with feed_hooks(lins, sinks, groups, stop=stop):
+            runner.run(0, store=False)
+        assert len(ran) == (0 if stop else 3)  # three batches of 2, 2, 1
+        assert groups == {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                          "mlp.up_proj": "mlp.gate_proj"}
+    h.remove()
+    for n in lins:
+        assert got[n].nseq == ref[n].nseq and torch.equal(got[n].sq, ref[n].sq), n
+    with pytest.raises(RuntimeError, match="stopped early"), feed_hooks(lins, got, stop=True):
+        runner.run(0, store=True)
+
+
 def test_resident_when_the_model_fits_the_accelerator(monkeypatch):
     """The whole model stays on the GPU for a pass when it plus eight blocks fit in 80% of free memory;
     never on the CPU or for a streamed model; an explicit choice wins."""

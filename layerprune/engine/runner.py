@@ -26,8 +26,9 @@ log = logging.getLogger("layerprune")
 _DROP_KWARGS = {"past_key_values", "past_key_value", "use_cache", "cache_position_ids"}
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised inside a block's forward to end it early: by the input capture at the last block, and by
+    ``feed_hooks(stop=True)`` once every observed linear has had its input."""
 
 
 def _block_ids(adapter: ModelAdapter) -> set[int]:
@@ -112,7 +113,7 @@ class BlockRunner:
                 rec.setdefault("kw", {})[i] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
                 rec.setdefault("args", {})[i] = args
                 if i == L - 1:
-                    raise _StopForward
+                    raise StopForward
                 return hidden_states
 
             return fwd
@@ -125,7 +126,7 @@ class BlockRunner:
                 rec.clear()
                 try:
                     model(input_ids=input_ids[s : s + self.batch_size].to(dev), use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
                 if "h" not in rec or len(rec.get("kw", {})) != L:
                     raise RuntimeError("input capture failed: the model did not call every decoder block")
@@ -183,7 +184,12 @@ class BlockRunner:
         """Run block ``i`` over every batch; with ``store`` its outputs replace the activations."""
         block = self.adapter.blocks[i] if block is None else block
         for b, x in self._batches():
-            out = block(x, *self.args[b][i], **self.kwargs[b][i])
+            try:
+                out = block(x, *self.args[b][i], **self.kwargs[b][i])
+            except StopForward:  # feed_hooks(stop=True): the statistics are in, the output is not needed
+                if store:
+                    raise RuntimeError("a block forward whose output is stored was stopped early") from None
+                continue
             if isinstance(out, (tuple, list)):
                 out = out[0]
             if store:

@@ -1,7 +1,8 @@
 """The sequential block-by-block loop (methods_dlp.md §4.4), generic and bounded in accelerator memory.
 
 For each block: move it to the accelerator; run the calibration batches through it once with hooks
-that feed every linear's pruner (inputs come from the already-pruned earlier blocks); prune every
+that feed every linear's pruner (inputs come from the already-pruned earlier blocks; this forward stops
+once the last linear has its input, as its output is not used); prune every
 linear with **its own** pattern; run the pruned block once more to produce the next block's inputs;
 move it back. Two forwards per block, no more; samples are batched; statistics are fp32 on the
 accelerator. ``dense_sweep`` is the one-forward-per-block sweep over the **dense** model, with sinks
@@ -22,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from layerprune.distributed import broadcast_tensor, deal, rank, reduce_count, shard, world_size
-from layerprune.engine.runner import BlockRunner, move_non_block
+from layerprune.engine.runner import BlockRunner, StopForward, move_non_block
 from layerprune.models.adapter import ModelAdapter
 from layerprune.pruners import Pattern, get_pruner
 from layerprune.utils import fits_resident, peak_memory_mb, reset_peak, sync
@@ -32,24 +33,33 @@ log = logging.getLogger("layerprune")
 
 @contextmanager
 def feed_hooks(linears: dict[str, nn.Linear], sinks: dict[str, object],
-               groups: dict[str, str] | None = None) -> Iterator[None]:
-    """Forward hooks that hand each linear's input to ``sinks[name].add_batch``.
+               groups: dict[str, str] | None = None, stop: bool = False) -> Iterator[None]:
+    """Forward pre-hooks that hand each linear's input to ``sinks[name].add_batch``.
 
     With ``groups`` (a dict to fill), linears that receive the very same input tensor in a forward (q/k/v
     after one norm, gate/up after another) are found on the first batch: ``groups[member] = leader``, and
-    from then on only the leader's sink is fed (its statistics are the members' too)."""
+    from then on only the leader's sink is fed (its statistics are the members' too).
+
+    With ``stop``, the block's forward ends (``StopForward``, caught by :meth:`BlockRunner.run`) as soon as
+    every observed linear has had its input: the rest (in a LLaMA block the ``down_proj`` matmul, about a
+    fifth of the block's FLOPs, and the residual) would only make an output that nobody reads. Only for a
+    forward whose output is discarded (``store=False``)."""
     handles = []
     seen: list[tuple[torch.Tensor, str]] = []  # this forward's inputs (strong refs: identity is reliable)
+    fired: set[str] = set()
     first = next((n for n in linears if n in sinks), None)
     state = {"batch": 0}
 
     def make(name: str, sink: object):
-        def hook(mod, inp, out):
-            x = inp[0]
+        def hook(mod, args):
+            x = args[0]
             if name == first:
-                if seen:
+                if seen or fired:
                     state["batch"] += 1
                 seen.clear()
+                fired.clear()
+            fired.add(name)
+            done = stop and len(fired) == len(handles)
             if groups is not None:
                 leader = next((n for t, n in seen if t is x), None)
                 if state["batch"] == 0 and leader is not None:
@@ -57,15 +67,19 @@ def feed_hooks(linears: dict[str, nn.Linear], sinks: dict[str, object],
                 if groups.get(name) is not None:
                     if leader != groups[name]:
                         raise RuntimeError(f"{name} no longer shares its input with {groups[name]}")
+                    if done:
+                        raise StopForward
                     return
                 seen.append((x, name))
             sink.add_batch(x.detach())
+            if done:
+                raise StopForward
 
         return hook
 
     for name, lin in linears.items():
         if name in sinks:  # a linear without a sink runs unobserved
-            handles.append(lin.register_forward_hook(make(name, sinks[name])))
+            handles.append(lin.register_forward_pre_hook(make(name, sinks[name])))
     try:
         yield
     finally:
@@ -216,7 +230,8 @@ def prune_sequential(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
         pruners = {n: cls.make(lin, pk) for n, lin in linears.items()}
         groups: dict[str, str] = {}
         if runner is not None:
-            with feed_hooks(linears, pruners, groups if hasattr(cls.cls, "share_from") else None):
+            share = groups if hasattr(cls.cls, "share_from") else None
+            with feed_hooks(linears, pruners, share, stop=True):
                 runner.run(i, store=False)
             res.block_forwards += 1
             reduce_stats({n: p for n, p in pruners.items() if n not in groups})
