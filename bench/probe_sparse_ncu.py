@@ -30,16 +30,27 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layout", default="delta", choices=("delta", "bitmask", "dense"))
     ap.add_argument("--calls", type=int, default=10)
-    ap.add_argument("--delta-kernel", default="lane", choices=("lane", "bcast", "auto"),
-                    help="one token, delta: the lane kernel (session 12's profile), the broadcast one, or the op's choice")
+    ap.add_argument("--delta-kernel", default="lane", choices=("lane", "bcast", "pf", "auto", "cuda"),
+                    help="one token, delta: the lane kernel (session 12's profile), the broadcast one, the prefetching "
+                         "one, the op's choice, or the CUDA kernel (delta_cuda, settings from --cuda)")
+    ap.add_argument("--cuda", default="", help="the CUDA kernel's unroll, warps, blocks per SM (0: a warp per row); "
+                                                "default: delta_cuda.settings")
     a = ap.parse_args()
     n, k = (int(v) for v in a.shape.split("x"))
     w = masked(n, k, a.sparsity)
     x = torch.randn(a.batch, k, device=w.device, dtype=torch.bfloat16)
     if a.layout == "delta":
         sp = delta.pack(w)
-        bc = {"lane": False, "bcast": True, "auto": None}[a.delta_kernel]
-        fn = lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, bcast=bc)  # noqa: E731
+        if a.delta_kernel == "cuda":
+            from layerprune.sparse import delta_cuda
+
+            u, nw, per_sm = (int(v) for v in a.cuda.split(",")) if a.cuda else delta_cuda.settings(n, k)
+            fn = lambda: delta_cuda.spmv(x, *sp.buffers(), n, k, unroll=u, warps=nw, per_sm=per_sm)  # noqa: E731
+        elif a.delta_kernel == "pf":  # the Triton prefetching kernel
+            fn = lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, prefetch=True)  # noqa: E731
+        else:
+            bc = {"lane": False, "bcast": True, "auto": None}[a.delta_kernel]
+            fn = lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, bcast=bc)  # noqa: E731
     elif a.layout == "bitmask":
         sp = pack(w)
         fn = lambda: kernels.sparse_mm(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk)  # noqa: E731

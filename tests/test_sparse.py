@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,6 +362,50 @@ def test_triton_delta_kernel_equals_f_linear(interpret, shape, kind, batch):
             y = delta_kernels.sparse_mm(x, *sp.buffers(), n, k, prefetch=True, r=r, gp=gp)
             assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (r, gp)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("shape", [(37, 200), (5000, 1000), (2304, 30000), (4100, 4096)])
+@pytest.mark.parametrize("kind", ["0.7", "2:4", "uneven", "empty", "dense", "0.97"])
+def test_cuda_delta_kernel_equals_f_linear(shape, kind):
+    """The one-token CUDA kernel (delta_cuda) on the GPU against F.linear in fp32 on the same bf16 weight:
+    K not a multiple of 8 (1000, 200) or of a group, more than 48 KB of shared memory (K = 30000), empty, dense
+    and unequal rows, N:M, fillers, an x whose data is not 16-byte aligned; every launch setting of the table
+    and a warp per row / a few blocks per SM. Error: bf16 rounding of the output (and fp32 summation order)."""
+    from layerprune.sparse import delta, delta_cuda, delta_kernels
+
+    n, k = shape
+    w = _weight(n, k, kind).to("cuda", torch.bfloat16)
+    sp = delta.pack(w)
+    xs = torch.randn(1, k + 1, device="cuda", dtype=torch.bfloat16)
+    for x in (xs[:, :k], xs[:, 1:]):  # aligned, then shifted by one element (the kernel's scalar x copy)
+        ref = F.linear(x.float(), w.float())
+        tol = 1e-2 * float(ref.abs().max()) + 1e-6
+        for u, nw, per_sm in ((None, None, None), (4, 16, 0), (1, 16, 4), (2, 4, 8), (1, 1, 1), (2, 8, 4)):
+            y = delta_cuda.spmv(x, *sp.buffers(), n, k, unroll=u, warps=nw, per_sm=per_sm)
+            assert y is not None and y.dtype == torch.bfloat16
+            assert float((y.float() - ref).abs().max()) <= tol, (u, nw, per_sm)
+        # the op's default for one token is this kernel
+        assert torch.equal(delta_kernels.sparse_mm(x, *sp.buffers(), n, k), delta_cuda.spmv(x, *sp.buffers(), n, k))
+
+
+def test_cuda_delta_kernel_source_compiles():
+    """The CUDA source compiles for sm_90 where nvcc is installed (the GPU test above runs it)."""
+    import shutil
+    import subprocess
+
+    from layerprune.sparse import delta_cuda
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc here")
+    src = Path(os.environ.get("TMPDIR", "/tmp")) / f"layerprune_delta_cuda_{os.getpid()}.cu"
+    for u in (1, 2, 4):
+        src.write_text(f"#define U {u}\n" + delta_cuda.SOURCE)
+        out = subprocess.run([nvcc, "-arch=sm_90", "--use_fast_math", "-cubin", "-o", os.devnull, str(src)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+    src.unlink()
 
 
 @pytest.mark.parametrize("kind", ["0.7", "uneven", "2:4", "0.97"])

@@ -27,6 +27,11 @@ the 70B shapes (N > 4096, K ≥ 8192) the broadcast kernel stays 0–7% faster. 
 loaded in the lanes' layout as well (as the broadcast kernel does) measured within 1% of this one and was not
 kept (bench/results/sparse_delta_pfb_h200.json, commit 714b38e).
 
+On a CUDA device with bf16 weights, ``sparse_mm``'s one-token default is the CUDA kernel of
+:mod:`layerprune.sparse.delta_cuda` (x in shared memory; 1.35–2.0× of dense over the 7B/8B/70B shapes,
+geometric mean of 50/70/80%, against these kernels' 1.1–1.5×, BENCHMARKS.md); these kernels remain its
+fallback (no NVRTC, misaligned buffers), the path for fp16/fp32, and for 2–16 tokens.
+
 ``decompress``: the dense weight (zeros, then one scatter of the entries), for batches and prefills
 beyond ``SMALL_BATCH``. Scattered 2-byte stores are slow (≈ 3× the bitmask layout's tile decompression,
 BENCHMARKS.md "Sparse inference"): the bitmask layout is the one for prefill-heavy serving.
@@ -297,15 +302,25 @@ def pf_settings(n: int) -> tuple[int, int, int]:
 def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
               n: int, k: int, r: int | None = None, gp: int | None = None, num_warps: int | None = None,
               num_stages: int | None = None, transpose_x: bool | None = None,
-              unmasked: bool | None = None, bcast: bool | None = None, prefetch: bool | None = None) -> torch.Tensor:
+              unmasked: bool | None = None, bcast: bool | None = None, prefetch: bool | None = None,
+              cuda: bool | None = None) -> torch.Tensor:
     """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype, B ≤ ``SMALL_BATCH``.
-    One token: ``prefetch`` the prefetching kernel (by default when k < ``WIDE_K`` or n ≤ 4096 and no other
-    kernel option is given), ``bcast`` the broadcast kernel (by default for the other shapes: k ≥ ``WIDE_K``
-    and n > 4096), else the lane kernel."""
+    One token: ``cuda`` the CUDA kernel (:mod:`delta_cuda`; by default when it can run and no Triton option is
+    given), ``prefetch`` the prefetching kernel (by default when k < ``WIDE_K`` or n ≤ 4096
+    and no other kernel option is given), ``bcast`` the broadcast kernel (by default for the other shapes:
+    k ≥ ``WIDE_K`` and n > 4096), else the lane kernel."""
     B = x.shape[0]
     G = starts.numel()
     if B == 0 or G == 0:  # no tokens, or a weight without nonzeros
         return torch.zeros(B, n, dtype=x.dtype, device=x.device)
+    triton_asked = any(v is not None for v in (r, gp, num_warps, num_stages, transpose_x, unmasked, bcast, prefetch))
+    if B == 1 and (cuda if cuda is not None else not triton_asked):
+        from layerprune.sparse import delta_cuda
+
+        if delta_cuda.usable(x, values, deltas):
+            y = delta_cuda.spmv(x, values, deltas, starts, gptr, n, k)
+            if y is not None:
+                return y
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
     if prefetch is None:  # the default one-token kernel (below WIDE_K, or ≤ 4096 rows), unless another is asked for
         prefetch = (k < WIDE_K or n <= 4096) and bcast is None and unmasked is None and transpose_x is None

@@ -39,6 +39,17 @@ SPARSE_CONFIG = "sparse_config.json"
 # dense. bitmask: break-even 0.68–0.71 over the 7B/8B/70B shapes; delta: 0.98–0.99× at 50%, 1.04–1.09× at
 # 55%. A layer pruned to s holds floor(s·n) zeros per row, just under s: hence 0.695 and 0.545
 MIN_SPARSITY = {"bitmask": 0.695, "delta": 0.545}
+# bf16 delta linears with more than 2048 rows run the one-token CUDA kernel (delta_cuda) where it is
+# available: break-even 0.30–0.35 on the 7B/70B shapes (1.05–1.21× at 35%, BENCHMARKS.md)
+MIN_SPARSITY_CUDA = 0.345
+AUTO = "auto"
+
+
+def default_min_sparsity(layout: str, w: torch.Tensor) -> float:
+    """The sparsity from which a packed ``w`` is faster than dense for one decode token on the H200."""
+    if layout == "delta" and w.dtype == torch.bfloat16 and w.shape[0] > 2048:
+        return MIN_SPARSITY_CUDA
+    return MIN_SPARSITY[layout]
 
 
 def is_sparse_dir(path: str | Path) -> bool:
@@ -63,15 +74,15 @@ def check_layout(layout: str) -> str:
 
 
 def sparsify(model: nn.Module, min_sparsity: float | None = None, layout: str = "delta") -> dict[str, dict]:
-    """Replace every block linear at or above ``min_sparsity`` (default: the layout's measured
-    break-even) by a :class:`SparseLinear` in ``layout`` (in place)."""
+    """Replace every block linear at or above ``min_sparsity`` (default: the measured break-even of its
+    layout, dtype and shape, :func:`default_min_sparsity`) by a :class:`SparseLinear` in ``layout`` (in place)."""
     check_layout(layout)
-    ms = MIN_SPARSITY[layout] if min_sparsity is None else min_sparsity
     ad = ModelAdapter.of(model)
     layers = {}
     for i, n, lin in ad.all_linears():
         name = ad.full_name(i, n)
         w = lin.weight.data
+        ms = default_min_sparsity(layout, w) if min_sparsity is None else min_sparsity
         s = float((w == 0).sum()) / w.numel()
         too_wide = layout == "delta" and w.shape[1] >= delta.MAX_K
         if too_wide and s >= ms:
@@ -80,10 +91,10 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, layout: str = 
         if s >= ms and not too_wide:
             sl = SparseLinear.from_linear(lin, layout)
             _set_module(model, name, sl)
-            layers[name] = {"format": "sparse", "sparsity": s, "shape": list(w.shape),
+            layers[name] = {"format": "sparse", "sparsity": s, "min_sparsity": ms, "shape": list(w.shape),
                             "bytes": sl.packed().nbytes(), "dense_bytes": w.numel() * w.element_size()}
         else:
-            layers[name] = {"format": "dense", "sparsity": s, "shape": list(w.shape),
+            layers[name] = {"format": "dense", "sparsity": s, "min_sparsity": ms, "shape": list(w.shape),
                             "bytes": w.numel() * w.element_size(), "dense_bytes": w.numel() * w.element_size()}
     return layers
 
@@ -118,9 +129,9 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
         raise UserError(f"{pruned_dir} is not a layerprune output directory (no {RECORD} and config.json): "
                         "run `layerprune prune ... --out DIR` first")
     check_layout(layout)
-    ms = MIN_SPARSITY[layout] if min_sparsity is None else min_sparsity
-    if not (0 <= ms <= 1):
-        raise UserError(f"--min-sparsity must be in [0, 1] (got {ms})")
+    if min_sparsity is not None and not (0 <= min_sparsity <= 1):
+        raise UserError(f"--min-sparsity must be in [0, 1] (got {min_sparsity})")
+    ms = AUTO if min_sparsity is None else min_sparsity  # as recorded; "auto": each linear's default
     check_out_dir(out)
     rec0 = json.loads((Path(pruned_dir) / RECORD).read_text())
     try:
@@ -128,14 +139,14 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
         tok = AutoTokenizer.from_pretrained(str(pruned_dir))
     except (OSError, ValueError) as e:
         raise UserError(f"{pruned_dir} does not hold a model transformers can load: {str(e).splitlines()[0][:120]}") from None
-    layers = sparsify(model, ms, layout)
+    layers = sparsify(model, min_sparsity, layout)
     for name, info_l in layers.items():
         if info_l["format"] == "sparse":
             sl = model.get_submodule(name)
             info_l["crc32"] = checksum(getattr(sl, b) for b in BUFFERS[sl.layout])
     n_sparse = sum(v["format"] == "sparse" for v in layers.values())
     if n_sparse == 0:
-        log.warning("no linear reaches --min-sparsity %.2f: every layer stays dense", ms)
+        log.warning("no linear reaches --min-sparsity (%s): every layer stays dense", ms)
     dense_b = sum(v["dense_bytes"] for v in layers.values())
     sparse_b = sum(v["bytes"] for v in layers.values())
     cfg = {"format": FORMAT, "layout": layout, "min_sparsity": ms, "dtype": str(model.dtype).replace("torch.", ""),

@@ -1,14 +1,16 @@
 """``SparseLinear``: a drop-in for ``nn.Linear`` holding a packed weight in one of two layouts.
 
 * ``delta`` (default, :mod:`layerprune.sparse.delta`): row-major values + 4-bit column deltas. The fast
-  one for decode (one token: 1.4–1.55× dense per LLaMA-2 7B–70B linear at 70% on the H200, two tokens ~1×); its
+  one for decode (one token, bf16, CUDA kernel: 1.64–2.2× dense per LLaMA-2 7B–70B linear at 70% on the H200;
+  two tokens ~1×, Triton); its
   prefill path scatters the weight back to dense first, which is slow.
 * ``bitmask`` (:mod:`layerprune.sparse.format`): tile-major bitmask + values. Dense speed at 70% for one
   token, but a tile decompression for prefill that costs 15–25% over dense.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
 ``layerprune::sparse_linear``), so ``torch.compile`` and CUDA-graph capture take it as it is. The op
-picks the path by where it runs: CUDA with Triton → the decode kernel for small batches, else
+picks the path by where it runs: CUDA with Triton → the decode kernels for small batches (one bf16 token:
+the CUDA kernel of ``delta_cuda`` when it compiled), else
 decompress + ``F.linear`` (cuBLAS); no CUDA or no Triton → unpack with plain PyTorch and ``F.linear``
 (correct, not fast; one warning).
 """

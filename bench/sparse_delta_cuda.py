@@ -1,0 +1,77 @@
+"""The one-token CUDA kernel for the delta layout (``layerprune/sparse/delta_cuda.py``: x in shared memory,
+compiled with NVRTC) side by side with the Triton choice (``delta_kernels.sparse_mm(cuda=False)``), the op's
+default (``shipped``) and ``F.linear``, over the CUDA kernel's launch settings. Hypothesis (Nsight Compute, session 12: the Triton kernels' main stall
+is the L1TEX scoreboard, x gathered from global memory): gathers from shared memory take the one-token product
+closer to the bytes it moves. Rows: median µs over ``--reps`` calls, L2 flushed; each variant's max relative
+error against dense.
+
+    python3 bench/sparse_delta_cuda.py --out $OUT/cuda.json
+
+Session 14's runs (raw JSON in bench/results/): ``sparse_delta_cuda_v1_h200.json`` (first design: 2 or 4
+entries per lane, every lane computing all four quarters' prefix sums; slower than Triton),
+``sparse_delta_cuda_epl_h200.json`` (8 entries per lane added: faster) and ``sparse_delta_cuda_h200.json`` (the
+8-entry design over unroll × warps × grid) and ``sparse_delta_cuda_pipelined_h200.json`` (that kernel,
+``cuda_e8_*``, side by side with its software-pipelined form, ``cudapf_*``: the sweep behind
+``delta_cuda.settings``), and ``sparse_delta_cuda_split_h200.json`` (2 or 4 warps sharing a row, ``_s2``/``_s4``:
+no faster, removed). Those ran earlier versions of this script (``--epls``, ``--kernels``, ``--splits``
+options); the library keeps the pipelined 8-entry kernel only, named ``cudapf_*`` here as in those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from layerprune.sparse import delta, delta_cuda, delta_kernels  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008,1024x4096,14336x4096,4096x14336,"
+                                        "8192x8192,28672x8192,8192x28672")
+    ap.add_argument("--sparsities", default="0.5,0.7,0.8")
+    ap.add_argument("--unrolls", default="1,2,4")
+    ap.add_argument("--warps", default="4,8,16")
+    ap.add_argument("--grids", default="rows,4,8,16", help="'rows' (a warp per row) or blocks per SM")
+    ap.add_argument("--reps", type=int, default=60)
+    a = ap.parse_args()
+    from sparse_decode import brief, masked, shape_list, variant_row, write_rows
+
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    t = time.perf_counter()
+    for u in ints(a.unrolls):
+        assert delta_cuda.kernel(0, u) is not None, "the CUDA kernel did not compile"
+    compile_s = time.perf_counter() - t
+    rows = []
+    for n, k in shape_list(a.shapes):
+        for s in (float(v) for v in a.sparsities.split(",")):
+            w = masked(n, k, s)
+            sp = delta.pack(w)
+            x = torch.randn(1, k, device=w.device, dtype=torch.bfloat16)
+            variants = {"shipped": lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k),
+                        "triton": lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, cuda=False)}
+            for u, nw, gr in itertools.product(ints(a.unrolls), ints(a.warps), a.grids.split(",")):
+                per_sm = 0 if gr == "rows" else int(gr)
+                variants[f"cudapf_u{u}_w{nw}_g{gr}"] = (lambda u=u, nw=nw, per_sm=per_sm: delta_cuda.spmv(
+                    x, *sp.buffers(), n, k, unroll=u, warps=nw, per_sm=per_sm))
+            row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=1)
+            row["shipped_speedup"] = row["dense_us"] / row["shipped"]
+            row["triton_speedup"] = row["dense_us"] / row["triton"]
+            cp = min((row[v], v) for v in variants if v.startswith("cudapf"))
+            row["best_cudapf"], row["best_cudapf_speedup"] = cp[1], row["dense_us"] / cp[0]
+            row["max_cuda_err"] = max(row[v + "_err"] for v in variants if v.startswith("cuda"))
+            rows.append(row)
+            brief(row, "shape", "sparsity", "dense_us", "shipped_speedup", "triton_speedup", "best_cudapf",
+                  "best_cudapf_speedup", "max_cuda_err")
+            write_rows(a.out, rows=rows, nvrtc_compile_s=compile_s)
+
+
+if __name__ == "__main__":
+    main()
