@@ -171,7 +171,7 @@ E2E_DIMS = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hid
 
 
 def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: bool = False,
-        dims: str = "llama2-7b", blocks: int = 0) -> list[dict]:
+        dims: str = "llama2-7b", blocks: int = 0, compile: bool = False) -> list[dict]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from layerprune.api import Session, prune
@@ -216,10 +216,10 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
     rows = []
     for b in batches:
         g = DEV.type == "cuda"
-        d, mode_d = decode_rate(model, b, 32, new_tokens, g, vocab_hi=32000)
-        s, mode_s = decode_rate(sparse, b, 32, new_tokens, g, vocab_hi=32000)
-        a, _ = decode_rate(packed_all, b, 32, new_tokens, g, vocab_hi=32000)
-        bm, _ = decode_rate(bitmask, b, 32, new_tokens, g, vocab_hi=32000)
+        d, mode_d = decode_rate(model, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
+        s, mode_s = decode_rate(sparse, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
+        a, _ = decode_rate(packed_all, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
+        bm, _ = decode_rate(bitmask, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
         name = f"{'smoke (tiny dims)' if smoke else dims + '-dims'}, {cfg.num_hidden_layers} blocks (random bf16, Wanda+DLP 70%)"
         rows.append({"model": name, "sparsity": 0.7, "batch": b,
                      "dense_tok_s": d, "sparse_tok_s": s, "speedup": s / d, "layout": "delta",
@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny dimensions on the CPU (checks the code path)")
     ap.add_argument("--e2e-dims", default="llama2-7b", choices=tuple(E2E_DIMS))
     ap.add_argument("--e2e-blocks", type=int, default=0, help="end to end with this many blocks (0: all)")
+    ap.add_argument("--e2e-compile", action="store_true", help="end to end with each decode step torch.compile'd")
     a = ap.parse_args()
     global DEV
     if a.smoke:
@@ -277,7 +278,7 @@ def main() -> None:
         save()
     if "e2e" in parts:
         res["end_to_end"], res["end_to_end_info"] = e2e([1, 4, 16], a.new_tokens, a.nsamples, a.seqlen, a.smoke,
-                                                        a.e2e_dims, a.e2e_blocks)
+                                                        a.e2e_dims, a.e2e_blocks, a.e2e_compile)
         save()
 
 

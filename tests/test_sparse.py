@@ -485,3 +485,21 @@ def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks(layout):
     compiled = torch.compile(sl, backend="aot_eager", fullgraph=True)
     assert torch.allclose(compiled(x), sl(x), atol=1e-6)
     assert torch.allclose(sl(x), lin(x), atol=1e-4)
+
+
+def test_decode_rate_compiles_the_step_whole():
+    """bench-decode --compile: the decode step of a sparse model (StaticCache + the sparse op) compiles with
+    fullgraph=True (no graph break) and decodes; the mode says so. aot_eager here (CPU, fast); Inductor on the GPU."""
+    from layerprune.sparse.bench import decode_rate
+    from layerprune.sparse.export import sparsify
+
+    m = tiny_model("llama", layers=2, seed=1).eval()
+    m.config.use_cache = True
+    with torch.no_grad():
+        for lin in (x for x in m.model.layers.modules() if isinstance(x, torch.nn.Linear)):
+            lin.weight.masked_fill_(torch.rand(lin.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.7, 0)
+    sparsify(m, min_sparsity=0.5)
+    assert any(type(x).__name__ == "SparseLinear" for x in m.modules())
+    torch._dynamo.reset()
+    rate, mode = decode_rate(m, 1, 8, 3, graphs=False, vocab_hi=100, compile="aot_eager")
+    assert rate > 0 and mode == "compiled+eager"

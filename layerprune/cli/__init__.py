@@ -269,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", default="1,4,16")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--prompt-len", type=int, default=32)
-    b.add_argument("--no-graphs", action="store_true", help="plain eager decode (no torch.compile / CUDA graphs)")
+    b.add_argument("--no-graphs", action="store_true", help="plain eager decode steps (no CUDA graphs)")
+    b.add_argument("--compile", action="store_true",
+                   help="compile each decode step with torch.compile first (fuses the model's elementwise ops; "
+                        "tens of seconds of compilation per model and batch size, untimed)")
     b.add_argument("--layout", default="delta", choices=["delta", "bitmask"],
                    help="layout used when MODEL is a prune --out directory (a sparse directory keeps its own)")
     _common(b)

@@ -181,7 +181,7 @@ def cmd_bench_decode(a: argparse.Namespace) -> tuple[dict, str]:
     except ValueError:
         raise UserError(f"--batch-sizes must be comma-separated integers, e.g. 1,4,16 (got {a.batch_sizes!r})") from None
     rec = bench_decode(a.model, bss, a.new_tokens, a.prompt_len, device=a.device, dtype=a.dtype,
-                       graphs=not a.no_graphs, layout=a.layout)
+                       graphs=not a.no_graphs, layout=a.layout, compile=a.compile)
     rows = [[r["batch"], r["dense_tok_s"], r["sparse_tok_s"], r["speedup"]] for r in rec["rows"]]
     txt = table(["batch", "dense tok/s", "sparse tok/s", "speed-up"], rows)
     txt += f"\n\n{rec['device']}, {rec['dtype']}, {rec['mode']}; weights on the GPU: dense " \

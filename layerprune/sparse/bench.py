@@ -2,7 +2,10 @@
 
 Both models decode with a static KV cache (``transformers.StaticCache``) and, by default, one decode
 step captured as a CUDA graph and replayed, so Python and launch overhead do not hide the kernels
-(``--no-graphs``: eager steps). The dense model is the dense-with-zeros twin of the sparse one.
+(``--no-graphs``: eager steps). With ``--compile`` the step is first compiled by ``torch.compile``
+(``fullgraph``, static shapes): Inductor fuses the model's norms, rotary embedding and residual adds, which take
+≈ 2 ms of a 7B step in eager kernels (BENCHMARKS.md, session 14), while the sparse op stays one opaque op. The
+dense model is the dense-with-zeros twin of the sparse one.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ def weight_bytes(model: nn.Module) -> int:
 
 @torch.no_grad()
 def decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, graphs: bool = True,
-                vocab_hi: int = 1000) -> tuple[float, str]:
+                vocab_hi: int = 1000, compile: bool | str = False) -> tuple[float, str]:
     """Greedy decode tokens/s (batch × new tokens / seconds) after a prefill of ``prompt_len``; returns the
-    rate and the mode actually used (``cuda-graph`` or ``eager``)."""
+    rate and the mode actually used (``cuda-graph`` or ``eager``, prefixed ``compiled+`` when the step was
+    compiled). ``compile``: compile the decode step with ``torch.compile`` (True: Inductor; a string: that
+    backend), whole-graph and with static shapes; the compilation runs during the warm-up, untimed."""
     from transformers import StaticCache
 
     dev = next(model.parameters()).device
@@ -52,6 +57,8 @@ def decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, 
     def step() -> torch.Tensor:
         return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
 
+    if compile:
+        step = torch.compile(step, backend="inductor" if compile is True else compile, fullgraph=True, dynamic=False)
     mode = "eager"
     run = step
     if graphs and dev.type == "cuda":
@@ -85,12 +92,14 @@ def decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, 
         pos.add_(1)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return batch * new_tokens / (time.perf_counter() - t), mode
+    return batch * new_tokens / (time.perf_counter() - t), ("compiled+" if compile else "") + mode
 
 
 def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt_len: int = 32,
-                 device: str = "auto", dtype: str = "bfloat16", graphs: bool = True, layout: str = "delta") -> dict:
-    """Dense vs sparse decode tokens/s for a sparse directory or a ``prune --out`` directory."""
+                 device: str = "auto", dtype: str = "bfloat16", graphs: bool = True, layout: str = "delta",
+                 compile: bool = False) -> dict:
+    """Dense vs sparse decode tokens/s for a sparse directory or a ``prune --out`` directory (``compile``: see
+    :func:`decode_rate`)."""
     from layerprune.export import is_layerprune_dir
     from layerprune.models.loading import parse_dtype
     from layerprune.sparse.export import check_layout, densify, is_sparse_dir, load_sparse, sparsify
@@ -118,8 +127,8 @@ def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt
         sparsify(sparse, layout=layout)
     rows = []
     for b in batch_sizes:
-        d_rate, mode = decode_rate(dense, b, prompt_len, new_tokens, graphs)
-        s_rate, smode = decode_rate(sparse, b, prompt_len, new_tokens, graphs)
+        d_rate, mode = decode_rate(dense, b, prompt_len, new_tokens, graphs, compile=compile)
+        s_rate, smode = decode_rate(sparse, b, prompt_len, new_tokens, graphs, compile=compile)
         rows.append({"batch": b, "dense_tok_s": d_rate, "sparse_tok_s": s_rate, "speedup": s_rate / d_rate,
                      "mode": f"{mode}/{smode}"})
     return {"model": spec, "device": torch.cuda.get_device_name(dev), "dtype": str(dt).replace("torch.", ""),
