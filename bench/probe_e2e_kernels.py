@@ -24,14 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def kernels_per_step(model, steps: int) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
-    from transformers import StaticCache
 
-    dev = next(model.parameters()).device
-    cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=64 + steps + 8)
-    ids = torch.randint(10, 1000, (1, 32), generator=torch.Generator().manual_seed(0)).to(dev)
-    out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(32, device=dev), use_cache=True)
-    tok = out.logits[:, -1:].argmax(-1)
-    pos = torch.tensor([32], device=dev)
+    from layerprune.sparse.bench import prefilled
+
+    cache, tok, pos = prefilled(model, 1, 32, 64 + steps + 8)
     for _ in range(3):
         model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True)
     torch.cuda.synchronize()
@@ -51,14 +47,10 @@ def compiled_rate(model, new_tokens: int = 64) -> tuple[float, float]:
     residual adds; the sparse op stays one opaque op) and replayed as a CUDA graph; and the compile seconds."""
     import time
 
-    from transformers import StaticCache
+    from layerprune.sparse.bench import prefilled
 
     dev = next(model.parameters()).device
-    cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=32 + new_tokens + 8)
-    ids = torch.randint(10, 1000, (1, 32), generator=torch.Generator().manual_seed(0)).to(dev)
-    out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(32, device=dev), use_cache=True)
-    tok = out.logits[:, -1:].argmax(-1)
-    pos = torch.tensor([32], device=dev)
+    cache, tok, pos = prefilled(model, 1, 32, 32 + new_tokens + 8)
 
     @torch.compile(fullgraph=True, dynamic=False)
     def step(tok, pos):

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from layerprune.pruners.masks import nm_mask  # noqa: E402
 from layerprune.sparse import delta_kernels, kernels  # noqa: E402
-from layerprune.sparse.delta import DeltaTensor  # noqa: E402
+from layerprune.sparse.delta import DeltaTensor, pack  # noqa: E402
 from layerprune.sparse.linear import pack_as  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -81,6 +81,15 @@ def variant_row(x: torch.Tensor, w: torch.Tensor, variants: dict, reps: int, **f
     best = min((row[name], name) for name in variants)
     row["best"], row["best_speedup"] = best[1], row["dense_us"] / best[0]
     return row
+
+
+def one_token_cases(shapes: str, sparsities: str):
+    """For each shape × sparsity of the side-by-side benches: (n, k, sparsity, the masked bf16 weight, its delta
+    packing, one bf16 token)."""
+    for n, k in shape_list(shapes):
+        for s in (float(v) for v in sparsities.split(",")):
+            w = masked(n, k, s)
+            yield n, k, s, w, pack(w), torch.randn(1, k, device=w.device, dtype=torch.bfloat16)
 
 
 def shape_list(text: str) -> list[tuple[int, int]]:

@@ -25,10 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from layerprune.sparse import delta, delta_cuda, delta_kernels  # noqa: E402
+from layerprune.sparse import delta_cuda, delta_kernels  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +40,7 @@ def main() -> None:
     ap.add_argument("--grids", default="rows,4,8,16", help="'rows' (a warp per row) or blocks per SM")
     ap.add_argument("--reps", type=int, default=60)
     a = ap.parse_args()
-    from sparse_decode import brief, masked, shape_list, variant_row, write_rows
+    from sparse_decode import brief, one_token_cases, variant_row, write_rows
 
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     t = time.perf_counter()
@@ -50,27 +48,23 @@ def main() -> None:
         assert delta_cuda.kernel(0, u) is not None, "the CUDA kernel did not compile"
     compile_s = time.perf_counter() - t
     rows = []
-    for n, k in shape_list(a.shapes):
-        for s in (float(v) for v in a.sparsities.split(",")):
-            w = masked(n, k, s)
-            sp = delta.pack(w)
-            x = torch.randn(1, k, device=w.device, dtype=torch.bfloat16)
-            variants = {"shipped": lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k),
-                        "triton": lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, cuda=False)}
-            for u, nw, gr in itertools.product(ints(a.unrolls), ints(a.warps), a.grids.split(",")):
-                per_sm = 0 if gr == "rows" else int(gr)
-                variants[f"cudapf_u{u}_w{nw}_g{gr}"] = (lambda u=u, nw=nw, per_sm=per_sm: delta_cuda.spmv(
-                    x, *sp.buffers(), n, k, unroll=u, warps=nw, per_sm=per_sm))
-            row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=1)
-            row["shipped_speedup"] = row["dense_us"] / row["shipped"]
-            row["triton_speedup"] = row["dense_us"] / row["triton"]
-            cp = min((row[v], v) for v in variants if v.startswith("cudapf"))
-            row["best_cudapf"], row["best_cudapf_speedup"] = cp[1], row["dense_us"] / cp[0]
-            row["max_cuda_err"] = max(row[v + "_err"] for v in variants if v.startswith("cuda"))
-            rows.append(row)
-            brief(row, "shape", "sparsity", "dense_us", "shipped_speedup", "triton_speedup", "best_cudapf",
-                  "best_cudapf_speedup", "max_cuda_err")
-            write_rows(a.out, rows=rows, nvrtc_compile_s=compile_s)
+    for n, k, s, w, sp, x in one_token_cases(a.shapes, a.sparsities):
+        variants = {"shipped": lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k),
+                    "triton": lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, cuda=False)}
+        for u, nw, gr in itertools.product(ints(a.unrolls), ints(a.warps), a.grids.split(",")):
+            per_sm = 0 if gr == "rows" else int(gr)
+            variants[f"cudapf_u{u}_w{nw}_g{gr}"] = (lambda u=u, nw=nw, per_sm=per_sm: delta_cuda.spmv(
+                x, *sp.buffers(), n, k, unroll=u, warps=nw, per_sm=per_sm))
+        row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=1)
+        row["shipped_speedup"] = row["dense_us"] / row["shipped"]
+        row["triton_speedup"] = row["dense_us"] / row["triton"]
+        cp = min((row[v], v) for v in variants if v.startswith("cudapf"))
+        row["best_cudapf"], row["best_cudapf_speedup"] = cp[1], row["dense_us"] / cp[0]
+        row["max_cuda_err"] = max(row[v + "_err"] for v in variants if v.startswith("cuda"))
+        rows.append(row)
+        brief(row, "shape", "sparsity", "dense_us", "shipped_speedup", "triton_speedup", "best_cudapf",
+              "best_cudapf_speedup", "max_cuda_err")
+        write_rows(a.out, rows=rows, nvrtc_compile_s=compile_s)
 
 
 if __name__ == "__main__":

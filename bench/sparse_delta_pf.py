@@ -14,10 +14,8 @@ import itertools
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from layerprune.sparse import delta, delta_kernels  # noqa: E402
+from layerprune.sparse import delta_kernels  # noqa: E402
 
 
 def main() -> None:
@@ -30,26 +28,22 @@ def main() -> None:
     ap.add_argument("--warps", default="1,2")
     ap.add_argument("--reps", type=int, default=100)
     a = ap.parse_args()
-    from sparse_decode import brief, masked, shape_list, variant_row, write_rows
+    from sparse_decode import brief, one_token_cases, variant_row, write_rows
 
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     rows = []
-    for n, k in shape_list(a.shapes):
-        for s in (float(v) for v in a.sparsities.split(",")):
-            w = masked(n, k, s)
-            sp = delta.pack(w)
-            x = torch.randn(1, k, device=w.device, dtype=torch.bfloat16)
-            variants = {"shipped": lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k)}
-            for r, gp, nw in itertools.product(ints(a.rs), ints(a.gps), ints(a.warps)):
-                if r * gp > 64 and nw == 1:
-                    continue
-                variants[f"pf_r{r}_gp{gp}_w{nw}"] = (lambda r=r, gp=gp, nw=nw: delta_kernels.sparse_mm(
-                    x, *sp.buffers(), n, k, prefetch=True, r=r, gp=gp, num_warps=nw))
-            row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=1)
-            row["shipped_speedup"] = row["dense_us"] / row["shipped"]
-            rows.append(row)
-            brief(row, "shape", "sparsity", "dense_us", "shipped", "shipped_speedup", "best", "best_speedup")
-            write_rows(a.out, rows=rows)
+    for n, k, s, w, sp, x in one_token_cases(a.shapes, a.sparsities):
+        variants = {"shipped": lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k)}
+        for r, gp, nw in itertools.product(ints(a.rs), ints(a.gps), ints(a.warps)):
+            if r * gp > 64 and nw == 1:
+                continue
+            variants[f"pf_r{r}_gp{gp}_w{nw}"] = (lambda r=r, gp=gp, nw=nw: delta_kernels.sparse_mm(
+                x, *sp.buffers(), n, k, prefetch=True, r=r, gp=gp, num_warps=nw))
+        row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=1)
+        row["shipped_speedup"] = row["dense_us"] / row["shipped"]
+        rows.append(row)
+        brief(row, "shape", "sparsity", "dense_us", "shipped", "shipped_speedup", "best", "best_speedup")
+        write_rows(a.out, rows=rows)
 
 
 if __name__ == "__main__":

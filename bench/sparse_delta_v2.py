@@ -13,10 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from layerprune.sparse import delta, delta_kernels  # noqa: E402
+from layerprune.sparse import delta_kernels  # noqa: E402
 
 
 def main() -> None:
@@ -26,24 +24,20 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.5,0.7,0.8")
     ap.add_argument("--reps", type=int, default=100)
     a = ap.parse_args()
-    from sparse_decode import masked, shape_list, timeit, variant_row, write_rows
+    from sparse_decode import one_token_cases, timeit, variant_row, write_rows
 
     rows = []
-    for n, k in shape_list(a.shapes):
-        for s in (float(v) for v in a.sparsities.split(",")):
-            w = masked(n, k, s)
-            sp = delta.pack(w)
-            x = torch.randn(1, k, device=w.device, dtype=torch.bfloat16)
-            variants = {f"v2_r{r}_gp{gp}_w{nw}": (lambda r=r, gp=gp, nw=nw: delta_kernels.sparse_mm(
-                x, *sp.buffers(), n, k, r=r, gp=gp, num_warps=nw, bcast=True))
-                for r, gp, nw in ((2, 16, 1), (2, 8, 1), (4, 8, 1), (4, 16, 2), (1, 32, 1))}
-            row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=1)
-            row["shipped_us"] = timeit(lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, bcast=False), a.reps)
-            row["shipped_speedup"] = row["dense_us"] / row["shipped_us"]
-            print(f"{n}x{k} s={s}: dense {row['dense_us']:.1f} shipped {row['shipped_us']:.1f} "
-                  f"({row['shipped_speedup']:.2f}x) best v2 {row[row['best']]:.1f} {row['best']} "
-                  f"({row['best_speedup']:.2f}x)", flush=True)
-            rows.append(row)
+    for n, k, s, w, sp, x in one_token_cases(a.shapes, a.sparsities):
+        variants = {f"v2_r{r}_gp{gp}_w{nw}": (lambda r=r, gp=gp, nw=nw: delta_kernels.sparse_mm(
+            x, *sp.buffers(), n, k, r=r, gp=gp, num_warps=nw, bcast=True))
+            for r, gp, nw in ((2, 16, 1), (2, 8, 1), (4, 8, 1), (4, 16, 2), (1, 32, 1))}
+        row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=1)
+        row["shipped_us"] = timeit(lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, bcast=False), a.reps)
+        row["shipped_speedup"] = row["dense_us"] / row["shipped_us"]
+        print(f"{n}x{k} s={s}: dense {row['dense_us']:.1f} shipped {row['shipped_us']:.1f} "
+              f"({row['shipped_speedup']:.2f}x) best v2 {row[row['best']]:.1f} {row['best']} "
+              f"({row['best_speedup']:.2f}x)", flush=True)
+        rows.append(row)
     if a.out:
         write_rows(a.out, rows=rows)
 

@@ -37,22 +37,29 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def prefilled(model: nn.Module, batch: int, prompt_len: int, cache_len: int,
+              vocab_hi: int = 1000) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """A static KV cache (``cache_len`` positions) after the prefill of a random prompt (seed 0), the greedy next
+    token of each sequence (batch × 1) and the position it goes to: the state a decode step starts from."""
+    from transformers import StaticCache
+
+    dev = next(model.parameters()).device
+    cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=cache_len)
+    ids = torch.randint(10, vocab_hi, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
+    out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt_len, device=dev),
+                use_cache=True)
+    return cache, out.logits[:, -1:].argmax(-1), torch.tensor([prompt_len], device=dev)
+
+
+@torch.no_grad()
 def decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, graphs: bool = True,
                 vocab_hi: int = 1000, compile: bool | str = False) -> tuple[float, str]:
     """Greedy decode tokens/s (batch × new tokens / seconds) after a prefill of ``prompt_len``; returns the
     rate and the mode actually used (``cuda-graph`` or ``eager``, prefixed ``compiled+`` when the step was
     compiled). ``compile``: compile the decode step with ``torch.compile`` (True: Inductor; a string: that
     backend), whole-graph and with static shapes; the compilation runs during the warm-up, untimed."""
-    from transformers import StaticCache
-
     dev = next(model.parameters()).device
-    cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=prompt_len + new_tokens + 8)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(10, vocab_hi, (batch, prompt_len), generator=gen).to(dev)
-    out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt_len, device=dev),
-                use_cache=True)
-    tok = out.logits[:, -1:].argmax(-1)
-    pos = torch.tensor([prompt_len], device=dev)
+    cache, tok, pos = prefilled(model, batch, prompt_len, prompt_len + new_tokens + 8, vocab_hi)
 
     def step() -> torch.Tensor:
         return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
