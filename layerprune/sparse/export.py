@@ -40,7 +40,8 @@ SPARSE_CONFIG = "sparse_config.json"
 # 55%. A layer pruned to s holds floor(s·n) zeros per row, just under s: hence 0.695 and 0.545
 MIN_SPARSITY = {"bitmask": 0.695, "delta": 0.545}
 # bf16 delta linears with more than 2048 rows run the one-token CUDA kernel (delta_cuda) where it is
-# available: break-even 0.30–0.35 on the 7B/70B shapes (1.05–1.21× at 35%, BENCHMARKS.md)
+# available: faster than dense from below 30% on the 7B/70B shapes (1.04–1.20× at 30%, 1.12–1.28× at 35%,
+# BENCHMARKS.md "Session 14"); 0.345 leaves a margin
 MIN_SPARSITY_CUDA = 0.345
 AUTO = "auto"
 
