@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -503,3 +504,49 @@ def test_decode_rate_compiles_the_step_whole():
     torch._dynamo.reset()
     rate, mode = decode_rate(m, 1, 8, 3, graphs=False, vocab_hi=100, compile="aot_eager")
     assert rate > 0 and mode == "compiled+eager"
+
+
+def test_cuda_kernel_falls_back_when_it_cannot_compile(monkeypatch, caplog):
+    """No NVRTC / no CUDA headers: the kernel is None with one warning, and the device is not tried again (the op
+    then runs Triton)."""
+    from layerprune.sparse import delta_cuda
+
+    def fail(*a, **k):
+        raise RuntimeError("nvrtc: error: no CUDA_HOME")
+
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", fail, raising=False)
+    monkeypatch.setattr(delta_cuda, "_failed", set())
+    delta_cuda._kernel.cache_clear()
+    monkeypatch.setattr(torch.cuda, "device", lambda i: contextlib.nullcontext())
+    with caplog.at_level("WARNING", logger="layerprune"):
+        assert delta_cuda.kernel(7, 2) is None
+    assert 7 in delta_cuda._failed and "did not compile" in caplog.text
+    delta_cuda._kernel.cache_clear()
+    assert delta_cuda.settings(4096, 4096) == (2, 4, 8) and delta_cuda.settings(8192, 28672)[1] == 16
+
+
+def test_export_threshold_follows_the_kernel_that_will_run():
+    """bf16 delta linears with more than 2048 rows are packed from 34.5% (the CUDA kernel's measured break-even);
+    fp32, ≤ 2048 rows and the bitmask layout keep their thresholds; the record holds each layer's."""
+    from layerprune.sparse.export import MIN_SPARSITY, MIN_SPARSITY_CUDA, default_min_sparsity, sparsify
+
+    wide = torch.zeros(2049, 64, dtype=torch.bfloat16)
+    assert default_min_sparsity("delta", wide) == MIN_SPARSITY_CUDA == 0.345
+    assert default_min_sparsity("delta", wide.float()) == MIN_SPARSITY["delta"]
+    assert default_min_sparsity("delta", wide[:2048]) == MIN_SPARSITY["delta"]
+    assert default_min_sparsity("bitmask", wide) == MIN_SPARSITY["bitmask"]
+    m = tiny_model("llama", layers=1, seed=2).to(torch.bfloat16)
+    gate = m.model.layers[0].mlp.gate_proj
+    big = torch.nn.Linear(gate.in_features, 2304, bias=False, dtype=torch.bfloat16)  # > 2048 rows
+    with torch.no_grad():
+        big.weight.normal_()
+        big.weight.masked_fill_(torch.rand(big.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.4, 0)
+        for lin in (x for x in m.model.layers.modules() if isinstance(x, torch.nn.Linear)):
+            lin.weight.masked_fill_(torch.rand(lin.weight.shape, generator=torch.Generator().manual_seed(1)) < 0.4, 0)
+    m.model.layers[0].mlp.gate_proj = big
+    m.model.layers[0].mlp.up_proj = torch.nn.Linear(gate.in_features, 2304, bias=False, dtype=torch.bfloat16)
+    m.model.layers[0].mlp.down_proj = torch.nn.Linear(2304, gate.in_features, bias=False, dtype=torch.bfloat16)
+    layers = sparsify(m)
+    rec = {n.split(".")[-1]: v for n, v in layers.items()}
+    assert rec["gate_proj"]["format"] == "sparse" and rec["gate_proj"]["min_sparsity"] == 0.345  # 40% ≥ 34.5%
+    assert rec["q_proj"]["format"] == "dense" and rec["q_proj"]["min_sparsity"] == 0.545  # small: 40% < 54.5%
