@@ -127,10 +127,9 @@ class SparseGPTPruner:
     def hessian(self) -> torch.Tensor:
         """The full H (a copy): the accumulated blocks on and above the diagonal, mirrored when only those
         were accumulated."""
-        H = self.H.clone()
-        if self.upper:
-            H = torch.triu(H) + torch.triu(H, 1).T
-        return H
+        if not self.upper:
+            return self.H.clone()
+        return torch.triu(self.H).add_(torch.triu(self.H, 1).T)
 
     def reduce(self) -> None:
         """Combine the ranks' running means into the Hessian of the whole calibration set (no-op in one process)."""

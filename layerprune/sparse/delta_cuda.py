@@ -40,7 +40,8 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-#define PAD 64  // zeros past K in shared memory: padding entries' columns run past the row by < 32
+// PAD (zero columns past K in shared memory: padding entries' columns run past the row by < 32) and U (steps
+// in flight) come from source()
 
 __device__ __forceinline__ float bf(u32 h) { return __uint_as_float(h << 16); }
 __device__ __forceinline__ u16 to_bf(float f) {
@@ -142,8 +143,13 @@ extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16*
 }
 """
 
-PAD = 64  # as in SOURCE
+PAD = 64
 _failed: set[int] = set()
+
+
+def source(unroll: int) -> str:
+    """The kernel's CUDA source for ``unroll`` steps in flight."""
+    return f"#define U {unroll}\n#define PAD {PAD}\n" + SOURCE
 
 
 def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
@@ -156,9 +162,8 @@ def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
 
 @functools.cache
 def _kernel(device: int, unroll: int):
-    src = f"#define U {unroll}\n" + SOURCE
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(src, "delta_spmv_bf16", nvcc_options=["--use_fast_math"])
+        return torch.cuda._compile_kernel(source(unroll), "delta_spmv_bf16", nvcc_options=["--use_fast_math"])
 
 
 def kernel(device: int, unroll: int):

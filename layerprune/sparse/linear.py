@@ -41,8 +41,8 @@ def _torch_path(x: torch.Tensor) -> None:
 
 # The ops are defined with torch.library.Library rather than the @custom_op decorator: its Python dispatch
 # (autograd wrapper, aliasing checks on every call) costs ≈ 25 µs per call on a 2-core CPU against 5–8 µs here
-# (bench/op_dispatch.py), and an eager decode step of a 7B model makes 224 such calls. Functional schemas, one Python kernel for every
-# backend (it picks its path by device), a fake kernel for torch.compile.
+# (bench/op_dispatch.py), and an eager decode step of a 7B model makes 224 such calls. Functional schemas, one
+# Python kernel for every backend (it picks its path by device), a fake kernel for torch.compile.
 _LIB = torch.library.Library("layerprune", "DEF")
 _LIB.define("sparse_linear(Tensor x, Tensor bitmask, Tensor values, Tensor offsets, int n, int k, int bn, int bk) -> Tensor")
 _LIB.define("sparse_linear_delta(Tensor x, Tensor values, Tensor deltas, Tensor starts, Tensor gptr, int n, int k) -> Tensor")
