@@ -260,6 +260,7 @@ def main() -> None:
     ap.add_argument("--e2e-dims", default="llama2-7b", choices=tuple(E2E_DIMS))
     ap.add_argument("--e2e-blocks", type=int, default=0, help="end to end with this many blocks (0: all)")
     ap.add_argument("--e2e-compile", action="store_true", help="end to end with each decode step torch.compile'd")
+    ap.add_argument("--e2e-batches", default="1,4,16", help="end to end: decode batch sizes")
     a = ap.parse_args()
     global DEV
     if a.smoke:
@@ -286,7 +287,7 @@ def main() -> None:
         res["breakeven"] = breakeven(a.reps, tuple(float(v) for v in a.breakeven_sparsities.split(",")))
         save()
     if "e2e" in parts:
-        res["end_to_end"], res["end_to_end_info"] = e2e([1, 4, 16], a.new_tokens, a.nsamples, a.seqlen, a.smoke,
+        res["end_to_end"], res["end_to_end_info"] = e2e([int(b) for b in a.e2e_batches.split(",")], a.new_tokens, a.nsamples, a.seqlen, a.smoke,
                                                         a.e2e_dims, a.e2e_blocks, a.e2e_compile)
         save()
 

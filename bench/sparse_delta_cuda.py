@@ -35,12 +35,17 @@ def main() -> None:
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008,1024x4096,14336x4096,4096x14336,"
                                         "8192x8192,28672x8192,8192x28672")
     ap.add_argument("--sparsities", default="0.5,0.7,0.8")
+    ap.add_argument("--batches", default="1", help="tokens per call; > 1: the kernel's several-token passes")
     ap.add_argument("--unrolls", default="1,2,4")
     ap.add_argument("--warps", default="4,8,16")
-    ap.add_argument("--grids", default="rows,4,8,16", help="'rows' (a warp per row) or blocks per SM")
+    ap.add_argument("--grids", default="rows,4,8,16",
+                    help="'rows' (a warp per row), blocks per SM, or cN: N blocks per SM capped at a warp per row")
     ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--unpack", action="store_true", help="also the unpack kernel + F.linear (and its time alone)")
     a = ap.parse_args()
-    from sparse_decode import brief, one_token_cases, variant_row, write_rows
+    import torch
+    import torch.nn.functional as F
+    from sparse_decode import brief, one_token_cases, op, timeit, variant_row, write_rows
 
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     t = time.perf_counter()
@@ -48,23 +53,41 @@ def main() -> None:
         assert delta_cuda.kernel(0, u) is not None, "the CUDA kernel did not compile"
     compile_s = time.perf_counter() - t
     rows = []
-    for n, k, s, w, sp, x in one_token_cases(a.shapes, a.sparsities):
-        variants = {"shipped": lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k),
-                    "triton": lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, cuda=False)}
-        for u, nw, gr in itertools.product(ints(a.unrolls), ints(a.warps), a.grids.split(",")):
-            per_sm = 0 if gr == "rows" else int(gr)
-            variants[f"cudapf_u{u}_w{nw}_g{gr}"] = (lambda u=u, nw=nw, per_sm=per_sm: delta_cuda.spmv(
-                x, *sp.buffers(), n, k, unroll=u, warps=nw, per_sm=per_sm))
-        row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=1)
-        row["shipped_speedup"] = row["dense_us"] / row["shipped"]
-        row["triton_speedup"] = row["dense_us"] / row["triton"]
-        cp = min((row[v], v) for v in variants if v.startswith("cudapf"))
-        row["best_cudapf"], row["best_cudapf_speedup"] = cp[1], row["dense_us"] / cp[0]
-        row["max_cuda_err"] = max(row[v + "_err"] for v in variants if v.startswith("cuda"))
-        rows.append(row)
-        brief(row, "shape", "sparsity", "dense_us", "shipped_speedup", "triton_speedup", "best_cudapf",
-              "best_cudapf_speedup", "max_cuda_err")
-        write_rows(a.out, rows=rows, nvrtc_compile_s=compile_s)
+    for n, k, s, w, sp, x1 in one_token_cases(a.shapes, a.sparsities):
+        for b in ints(a.batches):
+            x = x1 if b == 1 else torch.randn(b, k, device=x1.device, dtype=x1.dtype)
+            variants = {"shipped": lambda x=x: op(x, sp, n, k)}
+            if b <= delta_kernels.SMALL_BATCH:
+                variants["triton"] = lambda x=x: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, cuda=False)
+            if a.unpack:  # the dense weight written by the CUDA unpack kernel (Triton's scatter beside it), then cuBLAS
+                variants["unpack_linear"] = lambda x=x: F.linear(x, delta_cuda.unpack(*sp.buffers(), n, k))
+                variants["triton_decompress_linear"] = lambda x=x: F.linear(x, delta_kernels.decompress(
+                    *sp.buffers(), n, k, cuda=False))
+            for u, nw, gr in itertools.product(ints(a.unrolls), ints(a.warps) if b <= 64 else [], a.grids.split(",")):
+                per_sm = 0 if gr == "rows" else int(gr.lstrip("c"))
+                variants[f"cudapf_u{u}_w{nw}_g{gr}"] = (lambda x=x, u=u, nw=nw, per_sm=per_sm, cap=gr[0] == "c":
+                                                        delta_cuda.spmv(x, *sp.buffers(), n, k, unroll=u, warps=nw,
+                                                                        per_sm=per_sm, cap=cap))
+            row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=b,
+                              tokens_per_pass=delta_cuda.tokens_per_pass(b, k, delta_cuda._props(0)[1]))
+            if a.unpack and b == ints(a.batches)[0]:
+                assert torch.equal(delta_cuda.unpack(*sp.buffers(), n, k), w), "unpack differs from the weight"
+                row["unpack_us"] = timeit(lambda: delta_cuda.unpack(*sp.buffers(), n, k), a.reps)
+                row["triton_decompress_us"] = timeit(lambda: delta_kernels.decompress(*sp.buffers(), n, k, cuda=False),
+                                                     a.reps)
+                row["unpack_gb_s"] = (w.numel() * 2 + sp.nbytes()) / row["unpack_us"] / 1e3
+            row["shipped_speedup"] = row["dense_us"] / row["shipped"]
+            if "triton" in row:
+                row["triton_speedup"] = row["dense_us"] / row["triton"]
+            cp = min(((row[v], v) for v in variants if v.startswith("cudapf")), default=None)
+            if cp:
+                row["best_cudapf"], row["best_cudapf_speedup"] = cp[1], row["dense_us"] / cp[0]
+            row["max_cuda_err"] = max(row[v + "_err"] for v in variants if v.startswith(("cuda", "unpack")))
+            rows.append(row)
+            brief(row, "shape", "sparsity", "batch", "dense_us", "shipped_speedup", "triton_speedup", "best_cudapf",
+                  "best_cudapf_speedup", "max_cuda_err", "unpack_linear", "unpack_us",
+                  "triton_decompress_us", "unpack_gb_s")
+            write_rows(a.out, rows=rows, nvrtc_compile_s=compile_s)
 
 
 if __name__ == "__main__":

@@ -390,6 +390,52 @@ def test_cuda_delta_kernel_equals_f_linear(shape, kind):
         assert torch.equal(delta_kernels.sparse_mm(x, *sp.buffers(), n, k), delta_cuda.spmv(x, *sp.buffers(), n, k))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("shape", [(37, 200), (5000, 1000), (2304, 30000)])
+@pytest.mark.parametrize("kind", ["0.7", "uneven", "empty", "2:4"])
+def test_cuda_delta_kernel_several_tokens(shape, kind):
+    """The CUDA kernel for 2–64 tokens: every pass width (x transposed into shared memory, a column's tokens side
+    by side), a batch that is not a multiple of it (zero tokens fill the last pass, their outputs not written),
+    several passes, x rows with a stride wider than K, K = 30000 (only 1–4 tokens per pass fit in shared
+    memory), a persistent grid capped at a warp per row. Against F.linear in fp32 on the same bf16 weight."""
+    from layerprune.sparse import delta, delta_cuda
+
+    n, k = shape
+    w = _weight(n, k, kind).to("cuda", torch.bfloat16)
+    sp = delta.pack(w)
+    limit = delta_cuda._props(0)[1]
+    for b in (2, 3, 4, 7, 16, 37, 64):
+        xs = torch.randn(b, k + 3, device="cuda", dtype=torch.bfloat16)
+        x = xs[:, :k]  # token stride k + 3
+        ref = F.linear(x.float(), w.float())
+        tol = 1e-2 * float(ref.abs().max()) + 1e-6
+        widths = [t for t in delta_cuda.TOKENS if delta_cuda.smem_bytes(k, t) <= limit]
+        for t in [None] + widths:
+            for nw, per_sm, cap in ((None, None, False), (4, 2, True), (8, 1, False)):
+                y = delta_cuda.spmv(x, *sp.buffers(), n, k, tokens=t, warps=nw, per_sm=per_sm, cap=cap)
+                assert y is not None and y.shape == (b, n) and y.dtype == torch.bfloat16
+                assert float((y.float() - ref).abs().max()) <= tol, (b, t, nw, per_sm, cap)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("shape", [(37, 200), (5000, 999), (2304, 30000), (100, 4096)])
+@pytest.mark.parametrize("kind", ["0.7", "uneven", "empty", "dense", "2:4"])
+def test_cuda_delta_unpack_is_exact(shape, kind):
+    """The CUDA unpack kernel writes the weight bit for bit (K odd: scalar row stores; K = 30000: one 60 KB row
+    buffer per block), for any number of row buffers per block; the op past the decode batch (unpack +
+    F.linear) equals F.linear."""
+    from layerprune.sparse import delta, delta_cuda
+
+    n, k = shape
+    w = _weight(n, k, kind).to("cuda", torch.bfloat16)
+    sp = delta.pack(w)
+    for warps in (None, 1, 3):
+        assert torch.equal(delta_cuda.unpack(*sp.buffers(), n, k, warps=warps), w), warps
+    x = torch.randn(2, 20, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.ops.layerprune.sparse_linear_delta(x, *sp.buffers(), n, k)
+    assert torch.equal(y, F.linear(x, w))
+
+
 def test_cuda_delta_kernel_source_compiles():
     """The CUDA source compiles for sm_90 where nvcc is installed (the GPU test above runs it)."""
     import shutil
@@ -401,8 +447,8 @@ def test_cuda_delta_kernel_source_compiles():
     if nvcc is None:
         pytest.skip("no CUDA toolkit (nvcc) on this machine to compile the kernel source with")
     src = Path(os.environ.get("TMPDIR", "/tmp")) / f"layerprune_delta_cuda_{os.getpid()}.cu"
-    for u in (1, 2, 4):
-        src.write_text(delta_cuda.source(u))
+    for u, t in [(1, 1), (2, 1), (4, 1)] + [(2, t) for t in delta_cuda.TOKENS[1:]]:
+        src.write_text(delta_cuda.source(u, t))
         out = subprocess.run([nvcc, "-arch=sm_90", "--use_fast_math", "-cubin", "-o", os.devnull, str(src)],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]

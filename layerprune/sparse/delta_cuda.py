@@ -67,10 +67,10 @@ __device__ __forceinline__ void load_step(uint4* v, u64* w, u32* s, const u16* _
     }
 }
 
-__device__ __forceinline__ float step_dot(const uint4* v, const u64* w, const u32* s, const u16* xs,
-                                          int gb, int g1, int sub, int part) {
+// acc[t] += the step's products with token t's x (xs: a column's T values side by side)
+__device__ __forceinline__ void step_dot(float* acc, const uint4* v, const u64* w, const u32* s, const u16* xs,
+                                         int gb, int g1, int sub, int part) {
     const u64 LO = 0x0F0F0F0F0F0F0F0FULL, ONE = 0x0101010101010101ULL;
-    float acc = 0.f;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const u64 p = (((w[u] >> (4 * (part >> 1))) & LO) + ONE) * ONE;
@@ -82,19 +82,46 @@ __device__ __forceinline__ float step_dot(const uint4* v, const u64* w, const u3
         const int base = (int)(s[u] & 0xFFFFu) - 1 + c;
         const u32 vv[8] = {v[u].x & 0xFFFFu, v[u].x >> 16, v[u].y & 0xFFFFu, v[u].y >> 16,
                            v[u].z & 0xFFFFu, v[u].z >> 16, v[u].w & 0xFFFFu, v[u].w >> 16};
-        float a = 0.f;
+        float a[T];
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
-            a += bf(vv[j]) * bf(xs[base + (int)((p >> (8 * j)) & 0xFF)]);
-        acc += gb + u * 8 + sub < g1 ? a : 0.f;
+        for (int t = 0; t < T; ++t) a[t] = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int col = base + (int)((p >> (8 * j)) & 0xFF);
+            const float wv = bf(vv[j]);
+#if T == 1
+            a[0] += wv * bf(xs[col]);
+#else
+            u32 xw[T / 2];
+#if T == 2
+            xw[0] = *reinterpret_cast<const u32*>(xs + col * 2);
+#elif T == 4
+            { const uint2 q = *reinterpret_cast<const uint2*>(xs + col * 4); xw[0] = q.x; xw[1] = q.y; }
+#else
+#pragma unroll
+            for (int h = 0; h < T / 8; ++h) {
+                const uint4 q = reinterpret_cast<const uint4*>(xs + col * T)[h];
+                xw[4 * h] = q.x; xw[4 * h + 1] = q.y; xw[4 * h + 2] = q.z; xw[4 * h + 3] = q.w;
+            }
+#endif
+#pragma unroll
+            for (int i = 0; i < T / 2; ++i) {
+                a[2 * i] += wv * __uint_as_float(xw[i] << 16);
+                a[2 * i + 1] += wv * __uint_as_float(xw[i] & 0xFFFF0000u);
+            }
+#endif
+        }
+        const bool ok = gb + u * 8 + sub < g1;
+#pragma unroll
+        for (int t = 0; t < T; ++t) acc[t] += ok ? a[t] : 0.f;
     }
-    return acc;
 }
 
+// y[t·N + r] = Σ W[r, :] · x[t·sxb + :] for the nb ≤ T tokens of one pass
 extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16* __restrict__ vals,
                                            const u64* __restrict__ dl, const u16* __restrict__ starts,
                                            const int* __restrict__ gptr, u16* __restrict__ y,
-                                           int N, int K, int vec)
+                                           int N, int K, int vec, int sxb, int nb)
 {
     extern __shared__ __align__(16) u16 xs[];
     const int tid = threadIdx.x, nt = blockDim.x;
@@ -110,6 +137,7 @@ extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16*
     u32 s[U], s2[U];
     int gb = g0;
     if (gb < g1) load_step(v, w, s, vals, dl, starts, gb, g0, g1, sub, part);
+#if T == 1
     if (vec) {
         const uint4* x4 = reinterpret_cast<const uint4*>(x);
         uint4* s4 = reinterpret_cast<uint4*>(xs);
@@ -119,19 +147,47 @@ extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16*
         for (int i = tid; i < K; i += nt) xs[i] = x[i];
     }
     for (int i = K + tid; i < K + PAD; i += nt) xs[i] = 0;
+#else
+    // a column's T values side by side (tokens past nb and columns past K are zeros)
+    for (int i = tid; i < K + PAD; i += nt) {
+        u32 xw[T / 2];
+#pragma unroll
+        for (int h = 0; h < T / 2; ++h) {
+            const u32 lo = (i < K && 2 * h < nb) ? x[(size_t)(2 * h) * sxb + i] : 0u;
+            const u32 hi = (i < K && 2 * h + 1 < nb) ? x[(size_t)(2 * h + 1) * sxb + i] : 0u;
+            xw[h] = lo | (hi << 16);
+        }
+#if T == 2
+        reinterpret_cast<u32*>(xs)[i] = xw[0];
+#elif T == 4
+        reinterpret_cast<uint2*>(xs)[i] = make_uint2(xw[0], xw[1]);
+#else
+#pragma unroll
+        for (int h = 0; h < T / 8; ++h)
+            reinterpret_cast<uint4*>(xs + (size_t)i * T)[h] = make_uint4(xw[4 * h], xw[4 * h + 1], xw[4 * h + 2], xw[4 * h + 3]);
+#endif
+    }
+#endif
     __syncthreads();
-    float acc = 0.f;
+    float acc[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) acc[t] = 0.f;
     while (r < N) {
         int gn = gb + 8 * U;
         const bool same = gn < g1;
         if (same) load_step(v2, w2, s2, vals, dl, starts, gn, g0, g1, sub, part);
         else if (rn < N && n0 < n1) load_step(v2, w2, s2, vals, dl, starts, n0, n0, n1, sub, part);
-        if (gb < g1) acc += step_dot(v, w, s, xs, gb, g1, sub, part);
+        if (gb < g1) step_dot(acc, v, w, s, xs, gb, g1, sub, part);
         if (!same) {
+            float o = 0.f;
 #pragma unroll
-            for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-            if (lane == 0) y[r] = to_bf(acc);
-            acc = 0.f;
+            for (int t = 0; t < T; ++t) {
+#pragma unroll
+                for (int m = 16; m; m >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], m);
+                o = lane == t ? acc[t] : o;
+                acc[t] = 0.f;
+            }
+            if (lane < nb) y[(size_t)lane * N + r] = to_bf(o);
             r = rn; g0 = n0; g1 = n1; gn = n0;
             rn = r + nwarps;
             if (rn < N) { n0 = gptr[rn]; n1 = gptr[rn + 1]; }
@@ -141,15 +197,78 @@ extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16*
         for (int u = 0; u < U; ++u) { v[u] = v2[u]; w[u] = w2[u]; s[u] = s2[u]; }
     }
 }
+
+// The dense weight, a row at a time: a warp zeroes its row buffer in shared memory (RS ≥ K + PAD columns),
+// stores each entry's value at its column (fillers and padding store zeros: columns within a row are
+// distinct), then writes the row out with 16-byte stores. Loads pipelined one step ahead within a row.
+__device__ __forceinline__ void step_scatter(u16* ws, const uint4* v, const u64* w, const u32* s,
+                                             int gb, int g1, int sub, int part) {
+    const u64 LO = 0x0F0F0F0F0F0F0F0FULL, ONE = 0x0101010101010101ULL;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const u64 p = (((w[u] >> (4 * (part >> 1))) & LO) + ONE) * ONE;
+        const int tot = (int)(p >> 56);
+        int c = __shfl_up_sync(0xffffffffu, tot, 1, 4);
+        c = part >= 1 ? c : 0;
+        const int c2 = __shfl_up_sync(0xffffffffu, c + tot, 2, 4);
+        c += part >= 2 ? c2 : 0;
+        const int base = (int)(s[u] & 0xFFFFu) - 1 + c;
+        if (gb + u * 8 + sub < g1) {
+            const u32 vv[8] = {v[u].x & 0xFFFFu, v[u].x >> 16, v[u].y & 0xFFFFu, v[u].y >> 16,
+                               v[u].z & 0xFFFFu, v[u].z >> 16, v[u].w & 0xFFFFu, v[u].w >> 16};
+#pragma unroll
+            for (int j = 0; j < 8; ++j) ws[base + (int)((p >> (8 * j)) & 0xFF)] = (u16)vv[j];
+        }
+    }
+}
+
+extern "C" __global__ void delta_unpack_bf16(const u16* __restrict__ vals, const u64* __restrict__ dl,
+                                             const u16* __restrict__ starts, const int* __restrict__ gptr,
+                                             u16* __restrict__ out, int N, int K, int RS, int vec)
+{
+    extern __shared__ __align__(16) u16 xs[];
+    const int tid = threadIdx.x, lane = tid & 31, sub = lane >> 2, part = lane & 3;
+    u16* ws = xs + (size_t)(tid >> 5) * RS;
+    uint4* w4 = reinterpret_cast<uint4*>(ws);
+    const int nwarps = gridDim.x * (blockDim.x >> 5);
+    uint4 v[U], v2[U];
+    u64 w[U], w2[U];
+    u32 s[U], s2[U];
+    for (int r = blockIdx.x * (blockDim.x >> 5) + (tid >> 5); r < N; r += nwarps) {
+        const int g0 = gptr[r], g1 = gptr[r + 1];
+        if (g0 < g1) load_step(v, w, s, vals, dl, starts, g0, g0, g1, sub, part);
+        for (int i = lane; i < (RS >> 3); i += 32) w4[i] = make_uint4(0u, 0u, 0u, 0u);
+        __syncwarp();
+        for (int gb = g0; gb < g1; gb += 8 * U) {
+            const int gn = gb + 8 * U;
+            if (gn < g1) load_step(v2, w2, s2, vals, dl, starts, gn, g0, g1, sub, part);
+            step_scatter(ws, v, w, s, gb, g1, sub, part);
+#pragma unroll
+            for (int u = 0; u < U; ++u) { v[u] = v2[u]; w[u] = w2[u]; s[u] = s2[u]; }
+        }
+        __syncwarp();
+        u16* o = out + (size_t)r * K;
+        if (vec) {
+            for (int i = lane; i < (K >> 3); i += 32) reinterpret_cast<uint4*>(o)[i] = w4[i];
+            for (int i = (K & ~7) + lane; i < K; i += 32) o[i] = ws[i];
+        } else {
+            for (int i = lane; i < K; i += 32) o[i] = ws[i];
+        }
+        __syncwarp();
+    }
+}
 """
 
 PAD = 64
+TOKENS = (1, 2, 4, 8, 16)  # tokens per pass the kernel is built for
 _failed: set[int] = set()
 
 
-def source(unroll: int) -> str:
-    """The kernel's CUDA source for ``unroll`` steps in flight."""
-    return f"#define U {unroll}\n#define PAD {PAD}\n" + SOURCE
+def source(unroll: int, tokens: int = 1) -> str:
+    """The kernel's CUDA source for ``unroll`` steps in flight and ``tokens`` tokens per pass."""
+    if tokens not in TOKENS:
+        raise ValueError(f"tokens per pass must be one of {TOKENS}")
+    return f"#define U {unroll}\n#define T {tokens}\n#define PAD {PAD}\n" + SOURCE
 
 
 def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
@@ -161,27 +280,42 @@ def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _kernel(device: int, unroll: int):
+def _kernel(device: int, unroll: int, tokens: int, name: str):
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source(unroll), "delta_spmv_bf16", nvcc_options=["--use_fast_math"])
+        return torch.cuda._compile_kernel(source(unroll, tokens), name, nvcc_options=["--use_fast_math"])
 
 
-def kernel(device: int, unroll: int):
-    """The compiled kernel for ``unroll`` steps in flight on CUDA device ``device`` (cached per process), or
-    ``None`` when it cannot be compiled here (one warning; the caller uses Triton)."""
+def kernel(device: int, unroll: int, tokens: int = 1, name: str = "delta_spmv_bf16"):
+    """The compiled kernel ``name`` (the product, or ``delta_unpack_bf16``) for ``unroll`` steps in flight and
+    ``tokens`` per pass on CUDA device ``device`` (cached per process), or ``None`` when it cannot be compiled
+    here (one warning; the caller uses Triton)."""
     try:
-        return _kernel(device, unroll)
+        return _kernel(device, unroll, tokens, name)
     except (RuntimeError, OSError, AttributeError) as e:
         _failed.add(device)
-        log.warning("the one-token CUDA kernel did not compile (%s); using the Triton kernel",
+        log.warning("the CUDA kernel did not compile (%s); using the Triton kernel",
                     str(e).splitlines()[0][:160])
         return None
 
 
-def settings(n: int, k: int) -> tuple[int, int, int]:
+def smem_bytes(k: int, tokens: int) -> int:
+    """Shared memory of a block: x's K columns plus PAD zero columns, ``tokens`` bf16 values each."""
+    return 2 * tokens * (k + PAD)
+
+
+def tokens_per_pass(b: int, k: int, limit: int) -> int:
+    """The smallest pass width in ``TOKENS`` that holds ``b`` tokens and whose x fits in ``limit`` bytes of
+    shared memory, else the widest that fits (then several passes)."""
+    fit = [t for t in TOKENS if smem_bytes(k, t) <= limit]
+    return next((t for t in fit if t >= b), fit[-1])
+
+
+def settings(n: int, k: int, tokens: int = 1) -> tuple[int, int, int]:
     """(unroll, warps per block, blocks per SM or 0 for a warp per row) for an n × k weight: the best of
-    bench/sparse_delta_cuda.py's sweep on the H200 (geometric mean over 50/70/80%; within 2% of each shape's
-    best, 4096 × 4096 and 8192 × 8192 within 1%)."""
+    bench/sparse_delta_cuda.py's sweep on the H200 (one token: geometric mean over 50/70/80%; within 2% of each
+    shape's best, 4096 × 4096 and 8192 × 8192 within 1%)."""
+    if tokens > 1:  # 16 warps: 1 block per SM (2 for two tokens), capped at a warp per row
+        return 2, 16, 2 if tokens == 2 else 1
     if k > 8192:
         return 2, 16, 0
     if k == 8192:
@@ -203,34 +337,78 @@ def _launcher():
 
 
 @functools.cache
-def _sms(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _props(device: int) -> tuple[int, int]:
+    """(SMs, shared memory a block may opt in to) of a CUDA device."""
+    p = torch.cuda.get_device_properties(device)
+    return p.multi_processor_count, int(getattr(p, "shared_memory_per_block_optin", 48 * 1024))
 
 
 def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
          n: int, k: int, unroll: int | None = None, warps: int | None = None,
-         per_sm: int | None = None) -> torch.Tensor | None:
-    """y (1 × n) = x (1 × k) · Wᵀ in bf16 with W packed (delta layout), or ``None`` when the kernel is not
-    available (the caller falls back). Settings default to :func:`settings`; ``per_sm`` 0 = a warp per row."""
-    u0, w0, b0 = settings(n, k)
-    unroll, warps, per_sm = unroll or u0, warps or w0, b0 if per_sm is None else per_sm
+         per_sm: int | None = None, tokens: int | None = None, cap: bool = False) -> torch.Tensor | None:
+    """y (B × n) = x (B × k) · Wᵀ in bf16 with W packed (delta layout), or ``None`` when the kernel is not
+    available (the caller falls back). The B tokens go ``tokens`` at a time (default :func:`tokens_per_pass`),
+    each pass one launch that reads the weight once. Settings default to :func:`settings`; ``per_sm`` 0 = a
+    warp per row; ``cap`` limits a persistent grid to one warp per row."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    kern = kernel(dev, unroll)
+    sms, limit = _props(dev)
+    B = x.shape[0]
+    tokens = tokens or tokens_per_pass(B, k, limit)
+    u0, w0, b0 = settings(n, k, tokens)
+    unroll, warps, per_sm = unroll or u0, warps or w0, b0 if per_sm is None else per_sm
+    kern = kernel(dev, unroll, tokens)
     if kern is None:
         return None
-    x = x.contiguous()
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    if n == 0:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty(B, n, dtype=x.dtype, device=x.device)
+    if n == 0 or B == 0:
         return y
-    smem = 2 * (k + PAD)
+    smem = smem_bytes(k, tokens)
     if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
         kern.set_shared_memory_config(smem)
-    grid = _sms(dev) * per_sm if per_sm else -(-n // warps)
-    args = [ctypes.c_void_p(t.data_ptr()) for t in (x, values, deltas, starts, gptr, y)]
-    args += [ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(int(x.data_ptr() % 16 == 0))]
-    argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
+    rows_grid = -(-n // warps)
+    cap = cap or (tokens > 1 and per_sm == b0)
+    grid = min(sms * per_sm, rows_grid) if per_sm and cap else (sms * per_sm if per_sm else rows_grid)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    rc = _launcher()(kern.func, grid, 1, 1, 32 * warps, 1, 1, smem, stream, argv, None)
+    launch = _launcher()
+    for p in range(0, B, tokens):
+        xp, yp = x[p:], y[p:]
+        args = [ctypes.c_void_p(t.data_ptr()) for t in (xp, values, deltas, starts, gptr, yp)]
+        args += [ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(int(xp.data_ptr() % 16 == 0)),
+                 ctypes.c_int(x.stride(0) if B > 1 else k), ctypes.c_int(min(tokens, B - p))]
+        argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
+        rc = launch(kern.func, grid, 1, 1, 32 * warps, 1, 1, smem, stream, argv, None)
+        if rc != 0:
+            raise RuntimeError(f"delta_cuda: cuLaunchKernel failed with CUDA error {rc}")
+    return y
+
+
+def unpack(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, n: int, k: int,
+           unroll: int = 2, warps: int | None = None) -> torch.Tensor | None:
+    """The dense (n × k) bf16 weight, written row by row through shared memory (16-byte stores), or ``None`` when
+    the kernel is not available. ``warps`` per block default to as many row buffers (2·(k + PAD) bytes) as fit
+    in 64 KB, at least one."""
+    dev = values.device.index if values.device.index is not None else torch.cuda.current_device()
+    sms, limit = _props(dev)
+    rs = -(-(k + PAD) // 8) * 8
+    if 2 * rs > limit:
+        return None
+    kern = kernel(dev, unroll, 1, "delta_unpack_bf16")
+    if kern is None:
+        return None
+    out = torch.empty(n, k, dtype=values.dtype, device=values.device)
+    if n == 0 or k == 0:
+        return out
+    warps = warps or max(1, min(8, (64 * 1024) // (2 * rs)))
+    smem = 2 * rs * warps
+    if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
+        kern.set_shared_memory_config(smem)
+    args = [ctypes.c_void_p(t.data_ptr()) for t in (values, deltas, starts, gptr, out)]
+    args += [ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(rs), ctypes.c_int(int(k % 8 == 0))]
+    argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
+    stream = torch.cuda.current_stream(values.device).cuda_stream
+    rc = _launcher()(kern.func, -(-n // warps), 1, 1, 32 * warps, 1, 1, smem, stream, argv, None)
     if rc != 0:
         raise RuntimeError(f"delta_cuda: cuLaunchKernel failed with CUDA error {rc}")
-    return y
+    return out

@@ -48,6 +48,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
 SMALL_BATCH = 16
+CUDA_BATCH = 8  # the CUDA kernel's default up to this many tokens (bench/sparse_delta_cuda.py --batches)
 WIDE_K = 8192  # one token on K ≥ WIDE_K: the broadcast kernel (bench/sparse_delta_v2.py)
 
 if HAVE_TRITON:
@@ -314,7 +315,7 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
     if B == 0 or G == 0:  # no tokens, or a weight without nonzeros
         return torch.zeros(B, n, dtype=x.dtype, device=x.device)
     triton_asked = any(v is not None for v in (r, gp, num_warps, num_stages, transpose_x, unmasked, bcast, prefetch))
-    if B == 1 and (cuda if cuda is not None else not triton_asked):
+    if cuda if cuda is not None else (not triton_asked and B <= CUDA_BATCH):
         from layerprune.sparse import delta_cuda
 
         if delta_cuda.usable(x, values, deltas):
@@ -352,8 +353,16 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
 
 
 def decompress(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, n: int,
-               k: int) -> torch.Tensor:
-    """The dense (n × k) weight on the device."""
+               k: int, cuda: bool | None = None) -> torch.Tensor:
+    """The dense (n × k) weight on the device: by default the CUDA unpack kernel (:func:`delta_cuda.unpack`, rows
+    built in shared memory, bf16) where it can run, else this module's Triton scatter."""
+    if cuda if cuda is not None else True:
+        from layerprune.sparse import delta_cuda
+
+        if delta_cuda.usable(values, values, deltas):
+            w = delta_cuda.unpack(values, deltas, starts, gptr, n, k)
+            if w is not None:
+                return w
     w = torch.zeros(n, k, dtype=values.dtype, device=values.device)
     # one row, 16 groups a step, one warp: the best of bench/sparse_delta_decompress.py (62 µs for 4096 × 4096
     # at 70% against 94-105 µs for the other settings; zeroing first beats writing into uninitialised memory)
