@@ -87,7 +87,7 @@ def one_token_cases(shapes: str, sparsities: str):
     """For each shape × sparsity of the side-by-side benches: (n, k, sparsity, the masked bf16 weight, its delta
     packing, one bf16 token)."""
     for n, k in shape_list(shapes):
-        for s in (float(v) for v in sparsities.split(",")):
+        for s in (v if v == "2:4" else float(v) for v in sparsities.split(",")):
             w = masked(n, k, s)
             yield n, k, s, w, pack(w), torch.randn(1, k, device=w.device, dtype=torch.bfloat16)
 
@@ -117,7 +117,14 @@ def op(x, sp, n, k):
     return torch.ops.layerprune.sparse_linear(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk)
 
 
-def linears(reps: int, batches: list[int], sparsities: list) -> list[dict]:
+def delta_path(b: int) -> str:
+    """The op's path for ``b`` tokens of a bf16 delta weight on a CUDA device."""
+    if b <= delta_kernels.CUDA_BATCH:
+        return "cuda-kernel"
+    return "triton-kernel" if b <= delta_kernels.SMALL_BATCH else "unpack+cuBLAS"
+
+
+def linears(reps: int, batches: list[int], sparsities: list, on_row=None) -> list[dict]:
     rows = []
     for model, shapes in SHAPES.items():
         for (n, k) in shapes:
@@ -144,7 +151,7 @@ def linears(reps: int, batches: list[int], sparsities: list) -> list[dict]:
                            "speedup": d / sps, "layout": "delta", "rel_err": err, "sparse_bytes": sp.nbytes(),
                            "dense_bytes": w.numel() * 2, "bitmask_us": bms, "bitmask_speedup": d / bms,
                            "bitmask_rel_err": err_b, "bitmask_bytes": bsp.nbytes(),
-                           "path": "decode-kernel" if b <= delta_kernels.SMALL_BATCH else "decompress+cuBLAS",
+                           "path": delta_path(b),
                            "bitmask_path": "decode-kernel" if b <= kernels.SMALL_BATCH else "decompress+cuBLAS"}
                     if cusp is not None:
                         try:
@@ -153,6 +160,8 @@ def linears(reps: int, batches: list[int], sparsities: list) -> list[dict]:
                             row["cusparselt_error"] = str(e)[:100]
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    if on_row is not None:
+                        on_row(rows)
                 del w, sp, bsp, cusp
     return rows
 
@@ -180,7 +189,7 @@ E2E_DIMS = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hid
 
 
 def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: bool = False,
-        dims: str = "llama2-7b", blocks: int = 0, compile: bool = False) -> list[dict]:
+        dims: str = "llama2-7b", blocks: int = 0, compile: bool = False, on_row=None) -> list[dict]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from layerprune.api import Session, prune
@@ -235,6 +244,8 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
                      "all_packed_tok_s": a, "all_packed_speedup": a / d, "bitmask_tok_s": bm,
                      "bitmask_speedup": bm / d, "mode": f"{mode_d}/{mode_s}"})
         print(json.dumps(rows[-1]), flush=True)
+        if on_row is not None:  # written as it goes: a run cut short keeps its rows
+            on_row(rows)
     info = {"build_s": build_s, "prune_s": prune_s, "pack_s": pack_s, "per_block": profile,
             "achieved": rec["sparsity"]["achieved"], "timing": rec["timing"], "logit_max_abs_diff": diff,
             "logit_max_abs": scale, "dense_weight_bytes": weight_bytes(model),
@@ -281,14 +292,20 @@ def main() -> None:
 
     sps = [s if s == "2:4" else float(s) for s in a.sparsities.split(",")]
     if "linears" in parts:
-        res["linears"] = linears(a.reps, [int(b) for b in a.batches.split(",")], sps)
+        res["linears"] = linears(a.reps, [int(b) for b in a.batches.split(",")], sps,
+                                 lambda rows: (res.update(linears=rows), save()))
         save()
     if "breakeven" in parts:
         res["breakeven"] = breakeven(a.reps, tuple(float(v) for v in a.breakeven_sparsities.split(",")))
         save()
     if "e2e" in parts:
-        res["end_to_end"], res["end_to_end_info"] = e2e([int(b) for b in a.e2e_batches.split(",")], a.new_tokens, a.nsamples, a.seqlen, a.smoke,
-                                                        a.e2e_dims, a.e2e_blocks, a.e2e_compile)
+        def partial(rows: list[dict]) -> None:
+            res["end_to_end"] = rows
+            save()
+
+        res["end_to_end"], res["end_to_end_info"] = e2e([int(b) for b in a.e2e_batches.split(",")], a.new_tokens,
+                                                        a.nsamples, a.seqlen, a.smoke, a.e2e_dims, a.e2e_blocks,
+                                                        a.e2e_compile, partial)
         save()
 
 

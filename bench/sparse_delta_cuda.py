@@ -37,17 +37,18 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.5,0.7,0.8")
     ap.add_argument("--batches", default="1", help="tokens per call; > 1: the kernel's several-token passes")
     ap.add_argument("--unrolls", default="1,2,4")
-    ap.add_argument("--warps", default="4,8,16")
+    ap.add_argument("--warps", default="4,8,16", help="'' for none of the settings sweep")
     ap.add_argument("--grids", default="rows,4,8,16",
                     help="'rows' (a warp per row), blocks per SM, or cN: N blocks per SM capped at a warp per row")
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--unpack", action="store_true", help="also the unpack kernel + F.linear (and its time alone)")
+    ap.add_argument("--skew", action="store_true", help="the default settings with and without x's skew")
     a = ap.parse_args()
     import torch
     import torch.nn.functional as F
     from sparse_decode import brief, one_token_cases, op, timeit, variant_row, write_rows
 
-    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     t = time.perf_counter()
     for u in ints(a.unrolls):
         assert delta_cuda.kernel(0, u) is not None, "the CUDA kernel did not compile"
@@ -63,6 +64,9 @@ def main() -> None:
                 variants["unpack_linear"] = lambda x=x: F.linear(x, delta_cuda.unpack(*sp.buffers(), n, k))
                 variants["triton_decompress_linear"] = lambda x=x: F.linear(x, delta_kernels.decompress(
                     *sp.buffers(), n, k, cuda=False))
+            if a.skew:  # the default settings with x's shared-memory skew and without
+                variants["cuda_skew"] = lambda x=x: delta_cuda.spmv(x, *sp.buffers(), n, k)
+                variants["cuda_noskew"] = lambda x=x: delta_cuda.spmv(x, *sp.buffers(), n, k, skw=0)
             for u, nw, gr in itertools.product(ints(a.unrolls), ints(a.warps) if b <= 64 else [], a.grids.split(",")):
                 per_sm = 0 if gr == "rows" else int(gr.lstrip("c"))
                 variants[f"cudapf_u{u}_w{nw}_g{gr}"] = (lambda x=x, u=u, nw=nw, per_sm=per_sm, cap=gr[0] == "c":
@@ -86,7 +90,7 @@ def main() -> None:
             rows.append(row)
             brief(row, "shape", "sparsity", "batch", "dense_us", "shipped_speedup", "triton_speedup", "best_cudapf",
                   "best_cudapf_speedup", "max_cuda_err", "unpack_linear", "unpack_us",
-                  "triton_decompress_us", "unpack_gb_s")
+                  "triton_decompress_us", "unpack_gb_s", "cuda_skew", "cuda_noskew")
             write_rows(a.out, rows=rows, nvrtc_compile_s=compile_s)
 
 

@@ -68,8 +68,13 @@ __device__ __forceinline__ void load_step(uint4* v, u64* w, u32* s, const u16* _
 }
 
 // acc[t] += the step's products with token t's x (xs: a column's T values side by side)
+// Column c of x sits at shared-memory slot c + (c >> 4)·skw: without the skew, the columns that the 32 lanes
+// of a step gather on a regular mask (2:4: each group spans 64 columns, a lane's quarter 16) fall into a few
+// banks; with it, one slot per 16 columns (two for one token, whose columns share 4-byte words) spreads them.
+__device__ __forceinline__ int slot(int c, int skw) { return c + (c >> 4) * skw; }
+
 __device__ __forceinline__ void step_dot(float* acc, const uint4* v, const u64* w, const u32* s, const u16* xs,
-                                         int gb, int g1, int sub, int part) {
+                                         int gb, int g1, int sub, int part, int skw) {
     const u64 LO = 0x0F0F0F0F0F0F0F0FULL, ONE = 0x0101010101010101ULL;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -87,7 +92,7 @@ __device__ __forceinline__ void step_dot(float* acc, const uint4* v, const u64* 
         for (int t = 0; t < T; ++t) a[t] = 0.f;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            const int col = base + (int)((p >> (8 * j)) & 0xFF);
+            const int col = slot(base + (int)((p >> (8 * j)) & 0xFF), skw);
             const float wv = bf(vv[j]);
 #if T == 1
             a[0] += wv * bf(xs[col]);
@@ -121,7 +126,7 @@ __device__ __forceinline__ void step_dot(float* acc, const uint4* v, const u64* 
 extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16* __restrict__ vals,
                                            const u64* __restrict__ dl, const u16* __restrict__ starts,
                                            const int* __restrict__ gptr, u16* __restrict__ y,
-                                           int N, int K, int vec, int sxb, int nb)
+                                           int N, int K, int vec, int sxb, int nb, int skw)
 {
     extern __shared__ __align__(16) u16 xs[];
     const int tid = threadIdx.x, nt = blockDim.x;
@@ -138,15 +143,18 @@ extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16*
     int gb = g0;
     if (gb < g1) load_step(v, w, s, vals, dl, starts, gb, g0, g1, sub, part);
 #if T == 1
-    if (vec) {
+    if (vec) {  // 8 columns (one 16-byte load) stay together in shared memory: 8 | c, so no skew slot among them
         const uint4* x4 = reinterpret_cast<const uint4*>(x);
-        uint4* s4 = reinterpret_cast<uint4*>(xs);
-        for (int i = tid; i < (K >> 3); i += nt) s4[i] = x4[i];
-        for (int i = (K & ~7) + tid; i < K; i += nt) xs[i] = x[i];
+        for (int i = tid; i < (K >> 3); i += nt) {
+            const uint4 q = x4[i];
+            u32* d = reinterpret_cast<u32*>(xs + slot(8 * i, skw));
+            d[0] = q.x; d[1] = q.y; d[2] = q.z; d[3] = q.w;
+        }
+        for (int i = (K & ~7) + tid; i < K; i += nt) xs[slot(i, skw)] = x[i];
     } else {
-        for (int i = tid; i < K; i += nt) xs[i] = x[i];
+        for (int i = tid; i < K; i += nt) xs[slot(i, skw)] = x[i];
     }
-    for (int i = K + tid; i < K + PAD; i += nt) xs[i] = 0;
+    for (int i = K + tid; i < K + PAD; i += nt) xs[slot(i, skw)] = 0;
 #else
     // a column's T values side by side (tokens past nb and columns past K are zeros)
     for (int i = tid; i < K + PAD; i += nt) {
@@ -157,14 +165,15 @@ extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16*
             const u32 hi = (i < K && 2 * h + 1 < nb) ? x[(size_t)(2 * h + 1) * sxb + i] : 0u;
             xw[h] = lo | (hi << 16);
         }
+        const int c = slot(i, skw);
 #if T == 2
-        reinterpret_cast<u32*>(xs)[i] = xw[0];
+        reinterpret_cast<u32*>(xs)[c] = xw[0];
 #elif T == 4
-        reinterpret_cast<uint2*>(xs)[i] = make_uint2(xw[0], xw[1]);
+        reinterpret_cast<uint2*>(xs)[c] = make_uint2(xw[0], xw[1]);
 #else
 #pragma unroll
         for (int h = 0; h < T / 8; ++h)
-            reinterpret_cast<uint4*>(xs + (size_t)i * T)[h] = make_uint4(xw[4 * h], xw[4 * h + 1], xw[4 * h + 2], xw[4 * h + 3]);
+            reinterpret_cast<uint4*>(xs + (size_t)c * T)[h] = make_uint4(xw[4 * h], xw[4 * h + 1], xw[4 * h + 2], xw[4 * h + 3]);
 #endif
     }
 #endif
@@ -177,7 +186,7 @@ extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16*
         const bool same = gn < g1;
         if (same) load_step(v2, w2, s2, vals, dl, starts, gn, g0, g1, sub, part);
         else if (rn < N && n0 < n1) load_step(v2, w2, s2, vals, dl, starts, n0, n0, n1, sub, part);
-        if (gb < g1) step_dot(acc, v, w, s, xs, gb, g1, sub, part);
+        if (gb < g1) step_dot(acc, v, w, s, xs, gb, g1, sub, part, skw);
         if (!same) {
             float o = 0.f;
 #pragma unroll
@@ -298,15 +307,22 @@ def kernel(device: int, unroll: int, tokens: int = 1, name: str = "delta_spmv_bf
         return None
 
 
-def smem_bytes(k: int, tokens: int) -> int:
-    """Shared memory of a block: x's K columns plus PAD zero columns, ``tokens`` bf16 values each."""
-    return 2 * tokens * (k + PAD)
+def skew(tokens: int) -> int:
+    """Skew slots per 16 columns of x in shared memory (see the source's ``slot``): one 4-byte word."""
+    return 2 if tokens == 1 else 1
+
+
+def smem_bytes(k: int, tokens: int, skw: int | None = None) -> int:
+    """Shared memory of a block: x's K columns plus PAD zero columns and the skew slots, ``tokens`` bf16 values
+    each."""
+    skw = skew(tokens) if skw is None else skw
+    return 2 * tokens * (k + PAD + ((k + PAD) // 16 + 1) * skw)
 
 
 def tokens_per_pass(b: int, k: int, limit: int) -> int:
     """The smallest pass width in ``TOKENS`` that holds ``b`` tokens and whose x fits in ``limit`` bytes of
-    shared memory, else the widest that fits (then several passes)."""
-    fit = [t for t in TOKENS if smem_bytes(k, t) <= limit]
+    shared memory (skewed, or else unskewed), else the widest that fits (then several passes)."""
+    fit = [t for t in TOKENS if smem_bytes(k, t, 0) <= limit]
     return next((t for t in fit if t >= b), fit[-1])
 
 
@@ -345,11 +361,13 @@ def _props(device: int) -> tuple[int, int]:
 
 def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
          n: int, k: int, unroll: int | None = None, warps: int | None = None,
-         per_sm: int | None = None, tokens: int | None = None, cap: bool = False) -> torch.Tensor | None:
+         per_sm: int | None = None, tokens: int | None = None, cap: bool = False,
+         skw: int | None = None) -> torch.Tensor | None:
     """y (B × n) = x (B × k) · Wᵀ in bf16 with W packed (delta layout), or ``None`` when the kernel is not
     available (the caller falls back). The B tokens go ``tokens`` at a time (default :func:`tokens_per_pass`),
     each pass one launch that reads the weight once. Settings default to :func:`settings`; ``per_sm`` 0 = a
-    warp per row; ``cap`` limits a persistent grid to one warp per row."""
+    warp per row; ``cap`` limits a persistent grid to one warp per row; ``skw`` the skew slots per 16 columns of
+    x (default :func:`skew`, 0 where the skewed x would not fit in shared memory)."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     sms, limit = _props(dev)
     B = x.shape[0]
@@ -364,7 +382,9 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
     if n == 0 or B == 0:
         return y
-    smem = smem_bytes(k, tokens)
+    if skw is None:
+        skw = skew(tokens) if smem_bytes(k, tokens) <= limit else 0
+    smem = smem_bytes(k, tokens, skw)
     if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
         kern.set_shared_memory_config(smem)
     rows_grid = -(-n // warps)
@@ -376,7 +396,7 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
         xp, yp = x[p:], y[p:]
         args = [ctypes.c_void_p(t.data_ptr()) for t in (xp, values, deltas, starts, gptr, yp)]
         args += [ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(int(xp.data_ptr() % 16 == 0)),
-                 ctypes.c_int(x.stride(0) if B > 1 else k), ctypes.c_int(min(tokens, B - p))]
+                 ctypes.c_int(x.stride(0) if B > 1 else k), ctypes.c_int(min(tokens, B - p)), ctypes.c_int(skw)]
         argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
         rc = launch(kern.func, grid, 1, 1, 32 * warps, 1, 1, smem, stream, argv, None)
         if rc != 0:
