@@ -571,6 +571,25 @@ def test_cuda_kernel_falls_back_when_it_cannot_compile(monkeypatch, caplog):
     assert delta_cuda.settings(4096, 4096) == (2, 4, 8) and delta_cuda.settings(8192, 28672)[1] == 16
 
 
+def test_cuda_kernel_pass_width_follows_shared_memory():
+    """Tokens per pass: the smallest width that holds the batch and fits the block's shared memory (227 KB on
+    the H200), else the widest that fits, 0 (fall back) when one token's x does not fit; the skew slots add one word per 16 columns; the op sends up to
+    CUDA_BATCH tokens to the CUDA kernel."""
+    from layerprune.sparse import delta_cuda, delta_kernels
+
+    h200 = 232448
+    assert delta_cuda.tokens_per_pass(1, 4096, h200) == 1 and delta_cuda.tokens_per_pass(3, 4096, h200) == 4
+    assert delta_cuda.tokens_per_pass(16, 4096, h200) == 16 and delta_cuda.tokens_per_pass(64, 4096, h200) == 16
+    assert delta_cuda.tokens_per_pass(16, 11008, h200) == 8  # 16 × 11072 × 2 bytes do not fit
+    assert delta_cuda.tokens_per_pass(8, 28672, h200) == 4 and delta_cuda.tokens_per_pass(2, 28672, 48 * 1024) == 0
+    assert delta_cuda.smem_bytes(4096, 1, 0) == 2 * (4096 + delta_cuda.PAD)
+    assert delta_cuda.smem_bytes(4096, 1) == 2 * (4160 + (4160 // 16 + 1) * 2)
+    assert delta_cuda.smem_bytes(28672, 4) > h200 >= delta_cuda.smem_bytes(28672, 4, 0)  # runs unskewed there
+    assert delta_kernels.CUDA_BATCH <= delta_kernels.SMALL_BATCH
+    with pytest.raises(ValueError):
+        delta_cuda.source(2, 3)
+
+
 def test_export_threshold_follows_the_kernel_that_will_run():
     """bf16 delta linears with more than 2048 rows are packed from 34.5% (the CUDA kernel's measured break-even);
     fp32, ≤ 2048 rows and the bitmask layout keep their thresholds; the record holds each layer's."""

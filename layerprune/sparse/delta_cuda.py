@@ -1,4 +1,5 @@
-"""A CUDA kernel for the one-token product with a ``delta``-packed weight (:mod:`layerprune.sparse.delta`).
+"""CUDA kernels for a ``delta``-packed weight (:mod:`layerprune.sparse.delta`): the product with 1–16 tokens
+(``delta_spmv_bf16``) and the dense weight (``delta_unpack_bf16``, for batches and prefills past decode).
 
 Why CUDA next to the Triton kernels: those gather x from global memory (L1 hits), and Nsight Compute put
 their main stall on the L1TEX scoreboard (BENCHMARKS.md). Here a block first copies x into shared memory
@@ -18,6 +19,13 @@ Measured against the Triton kernels, the first CUDA design (2 or 4 entries per l
 prefix sums on every lane: slower than Triton), this one without the pipelining (3–13% slower) and with 2
 or 4 warps sharing a row (no faster: ``sparse_delta_cuda_split_h200.json``) in BENCHMARKS.md, "Sparse
 inference".
+
+Several tokens (``T`` = 2, 4, 8, 16 per pass): shared memory holds a column's T tokens side by side, so an entry
+does one 4–32-byte load and T FMAs; B tokens go T at a time (:func:`tokens_per_pass`). Bank conflicts: column c
+sits at slot c + (c >> 4)·skw, because on a regular mask (2:4) the eight groups of a step gather from columns 64
+apart, one bank without the skew (2:4 one token 0.88–1.08× → 1.21–1.55× of dense, BENCHMARKS.md session 15).
+The unpack kernel builds a row in shared memory and writes it with 16-byte stores (3–7× faster than the Triton
+scatter; bit-exact).
 
 Compiled at first use with NVRTC through ``torch.cuda._compile_kernel`` (PyTorch ≥ 2.8; NVRTC ships with
 PyTorch's CUDA wheels; PyTorch's helper also wants a CUDA toolkit's headers, ``CUDA_HOME``), so nothing is
@@ -321,9 +329,10 @@ def smem_bytes(k: int, tokens: int, skw: int | None = None) -> int:
 
 def tokens_per_pass(b: int, k: int, limit: int) -> int:
     """The smallest pass width in ``TOKENS`` that holds ``b`` tokens and whose x fits in ``limit`` bytes of
-    shared memory (skewed, or else unskewed), else the widest that fits (then several passes)."""
+    shared memory (skewed, or else unskewed), else the widest that fits (then several passes); 0 when not even
+    one token's x fits (the caller falls back)."""
     fit = [t for t in TOKENS if smem_bytes(k, t, 0) <= limit]
-    return next((t for t in fit if t >= b), fit[-1])
+    return next((t for t in fit if t >= b), fit[-1] if fit else 0)
 
 
 def settings(n: int, k: int, tokens: int = 1) -> tuple[int, int, int]:
@@ -372,6 +381,8 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
     sms, limit = _props(dev)
     B = x.shape[0]
     tokens = tokens or tokens_per_pass(B, k, limit)
+    if not tokens:
+        return None
     u0, w0, b0 = settings(n, k, tokens)
     unroll, warps, per_sm = unroll or u0, warps or w0, b0 if per_sm is None else per_sm
     kern = kernel(dev, unroll, tokens)

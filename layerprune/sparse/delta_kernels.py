@@ -27,14 +27,14 @@ the 70B shapes (N > 4096, K ≥ 8192) the broadcast kernel stays 0–7% faster. 
 loaded in the lanes' layout as well (as the broadcast kernel does) measured within 1% of this one and was not
 kept (bench/results/sparse_delta_pfb_h200.json, commit 714b38e).
 
-On a CUDA device with bf16 weights, ``sparse_mm``'s one-token default is the CUDA kernel of
-:mod:`layerprune.sparse.delta_cuda` (x in shared memory; 1.35–2.0× of dense over the 7B/8B/70B shapes,
-geometric mean of 50/70/80%, against these kernels' 1.1–1.5×, BENCHMARKS.md); these kernels remain its
-fallback (no NVRTC, misaligned buffers), the path for fp16/fp32, and for 2–16 tokens.
+On a CUDA device with bf16 weights, ``sparse_mm``'s default for up to ``CUDA_BATCH`` tokens is the CUDA kernel
+of :mod:`layerprune.sparse.delta_cuda` (x in shared memory; at 70% 1.37–2.08× of dense for one token, 0.97–1.46×
+for four, against these kernels' 1.1–1.5× and 0.6–0.7×, BENCHMARKS.md); these kernels remain its fallback (no
+NVRTC, misaligned buffers), the path for fp16/fp32, and for 9–16 tokens (a tie with the CUDA kernel there).
 
-``decompress``: the dense weight (zeros, then one scatter of the entries), for batches and prefills
-beyond ``SMALL_BATCH``. Scattered 2-byte stores are slow (≈ 3× the bitmask layout's tile decompression,
-BENCHMARKS.md "Sparse inference"): the bitmask layout is the one for prefill-heavy serving.
+``decompress``: the dense weight, for batches and prefills beyond ``SMALL_BATCH``: by default the CUDA unpack
+kernel (rows built in shared memory), else zeros then one Triton scatter of the entries (scattered 2-byte stores:
+3–7× slower than the CUDA kernel).
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """``SparseLinear``: a drop-in for ``nn.Linear`` holding a packed weight in one of two layouts.
 
 * ``delta`` (default, :mod:`layerprune.sparse.delta`): row-major values + 4-bit column deltas. The fast
-  one for decode (one token, bf16, CUDA kernel: 1.64–2.2× dense per LLaMA-2 7B–70B linear at 70% on the H200;
-  two tokens ~1×, Triton); its
-  prefill path scatters the weight back to dense first, which is slow.
+  one for decode (bf16, CUDA kernel, at 70% on the H200: one token 1.37–2.08× dense per LLaMA-2 7B–70B linear,
+  four tokens 0.97–1.46×); past 16 tokens the weight is unpacked (CUDA kernel) and cuBLAS runs it: prefill at
+  0.79–0.88× of dense.
 * ``bitmask`` (:mod:`layerprune.sparse.format`): tile-major bitmask + values. Dense speed at 70% for one
-  token, but a tile decompression for prefill that costs 15–25% over dense.
+  token, a tile decompression for prefill that costs 15–25% over dense.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
 ``layerprune::sparse_linear``), so ``torch.compile`` and CUDA-graph capture take it as it is. The op
-picks the path by where it runs: CUDA with Triton → the decode kernels for small batches (one bf16 token:
+picks the path by where it runs: CUDA with Triton → the decode kernels for small batches (1–8 bf16 tokens:
 the CUDA kernel of ``delta_cuda`` when it compiled), else
 decompress + ``F.linear`` (cuBLAS); no CUDA or no Triton → unpack with plain PyTorch and ``F.linear``
 (correct, not fast; one warning).
