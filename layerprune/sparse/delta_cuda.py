@@ -131,7 +131,7 @@ __device__ __forceinline__ void step_dot(float* acc, const uint4* v, const u64* 
 }
 
 // y[t·N + r] = Σ W[r, :] · x[t·sxb + :] for the nb ≤ T tokens of one pass
-extern "C" __global__ void LAUNCH_BOUNDS delta_spmv_bf16(const u16* __restrict__ x, const u16* __restrict__ vals,
+extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16* __restrict__ vals,
                                            const u64* __restrict__ dl, const u16* __restrict__ starts,
                                            const int* __restrict__ gptr, u16* __restrict__ y,
                                            int N, int K, int vec, int sxb, int nb, int skw)
@@ -277,7 +277,6 @@ extern "C" __global__ void delta_unpack_bf16(const u16* __restrict__ vals, const
 """
 
 PAD = 64
-SM_SMEM = 233472  # shared memory per SM on sm_90 (228 KB; 1 KB of it reserved per block)
 TOKENS = (1, 2, 4, 8, 16)  # tokens per pass the kernel is built for
 _failed: set[int] = set()
 
@@ -286,9 +285,7 @@ def source(unroll: int, tokens: int = 1) -> str:
     """The kernel's CUDA source for ``unroll`` steps in flight and ``tokens`` tokens per pass."""
     if tokens not in TOKENS:
         raise ValueError(f"tokens per pass must be one of {TOKENS}")
-    # 8 tokens: at most 64 registers (72 unbounded, no spills at 64), so that two 16-warp blocks fit on an SM
-    bounds = "__launch_bounds__(512, 2)" if tokens == 8 else ""
-    return f"#define U {unroll}\n#define T {tokens}\n#define PAD {PAD}\n#define LAUNCH_BOUNDS {bounds}\n" + SOURCE
+    return f"#define U {unroll}\n#define T {tokens}\n#define PAD {PAD}\n" + SOURCE
 
 
 def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
@@ -342,9 +339,8 @@ def settings(n: int, k: int, tokens: int = 1) -> tuple[int, int, int]:
     """(unroll, warps per block, blocks per SM or 0 for a warp per row) for an n × k weight: the best of
     bench/sparse_delta_cuda.py's sweep on the H200 (one token: geometric mean over 50/70/80%; within 2% of each
     shape's best, 4096 × 4096 and 8192 × 8192 within 1%)."""
-    if tokens > 1:  # 16 warps: 1 block per SM (2 for two tokens, and for eight where two blocks' x fit), capped
-        two = tokens == 2 or (tokens == 8 and 2 * (smem_bytes(k, 8) + 1024) <= SM_SMEM)
-        return 2, 16, 2 if two else 1
+    if tokens > 1:  # 16 warps: 1 block per SM (2 for two tokens), capped at a warp per row
+        return 2, 16, 2 if tokens == 2 else 1
     if k > 8192:
         return 2, 16, 0
     if k == 8192:
