@@ -76,6 +76,20 @@ __device__ __forceinline__ void load_step(uint4* v, u64* w, u32* s, const u16* _
 }
 
 // acc[t] += the step's products with token t's x (xs: a column's T values side by side)
+// A lane's quarter of a group (8 entries): p holds, byte j, entry j's column past ``base`` (SWAR prefix sum of the
+// nibbles + 1); base is the group's start − 1 plus the columns of the quarters before it (two-step shuffle scan
+// over the group's four lanes). Every lane of the warp must call it (the shuffles).
+__device__ __forceinline__ int quarter(u64 w, u32 s, int part, u64& p) {
+    const u64 LO = 0x0F0F0F0F0F0F0F0FULL, ONE = 0x0101010101010101ULL;
+    p = (((w >> (4 * (part >> 1))) & LO) + ONE) * ONE;
+    const int tot = (int)(p >> 56);
+    int c = __shfl_up_sync(0xffffffffu, tot, 1, 4);
+    c = part >= 1 ? c : 0;
+    const int c2 = __shfl_up_sync(0xffffffffu, c + tot, 2, 4);
+    c += part >= 2 ? c2 : 0;
+    return (int)(s & 0xFFFFu) - 1 + c;
+}
+
 // Column c of x sits at shared-memory slot c + (c >> 4)·skw: without the skew, the columns that the 32 lanes
 // of a step gather on a regular mask (2:4: each group spans 64 columns, a lane's quarter 16) fall into a few
 // banks; with it, one slot per 16 columns (two for one token, whose columns share 4-byte words) spreads them.
@@ -83,16 +97,10 @@ __device__ __forceinline__ int slot(int c, int skw) { return c + (c >> 4) * skw;
 
 __device__ __forceinline__ void step_dot(float* acc, const uint4* v, const u64* w, const u32* s, const u16* xs,
                                          int gb, int g1, int sub, int part, int skw) {
-    const u64 LO = 0x0F0F0F0F0F0F0F0FULL, ONE = 0x0101010101010101ULL;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-        const u64 p = (((w[u] >> (4 * (part >> 1))) & LO) + ONE) * ONE;
-        const int tot = (int)(p >> 56);
-        int c = __shfl_up_sync(0xffffffffu, tot, 1, 4);
-        c = part >= 1 ? c : 0;
-        const int c2 = __shfl_up_sync(0xffffffffu, c + tot, 2, 4);
-        c += part >= 2 ? c2 : 0;
-        const int base = (int)(s[u] & 0xFFFFu) - 1 + c;
+        u64 p;
+        const int base = quarter(w[u], s[u], part, p);
         const u32 vv[8] = {v[u].x & 0xFFFFu, v[u].x >> 16, v[u].y & 0xFFFFu, v[u].y >> 16,
                            v[u].z & 0xFFFFu, v[u].z >> 16, v[u].w & 0xFFFFu, v[u].w >> 16};
         float a[T];
@@ -220,16 +228,10 @@ extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16*
 // distinct), then writes the row out with 16-byte stores. Loads pipelined one step ahead within a row.
 __device__ __forceinline__ void step_scatter(u16* ws, const uint4* v, const u64* w, const u32* s,
                                              int gb, int g1, int sub, int part) {
-    const u64 LO = 0x0F0F0F0F0F0F0F0FULL, ONE = 0x0101010101010101ULL;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-        const u64 p = (((w[u] >> (4 * (part >> 1))) & LO) + ONE) * ONE;
-        const int tot = (int)(p >> 56);
-        int c = __shfl_up_sync(0xffffffffu, tot, 1, 4);
-        c = part >= 1 ? c : 0;
-        const int c2 = __shfl_up_sync(0xffffffffu, c + tot, 2, 4);
-        c += part >= 2 ? c2 : 0;
-        const int base = (int)(s[u] & 0xFFFFu) - 1 + c;
+        u64 p;
+        const int base = quarter(w[u], s[u], part, p);
         if (gb + u * 8 + sub < g1) {
             const u32 vv[8] = {v[u].x & 0xFFFFu, v[u].x >> 16, v[u].y & 0xFFFFu, v[u].y >> 16,
                                v[u].z & 0xFFFFu, v[u].z >> 16, v[u].w & 0xFFFFu, v[u].w >> 16};
