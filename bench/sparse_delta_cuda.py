@@ -15,6 +15,13 @@ entries per lane, every lane computing all four quarters' prefix sums; slower th
 ``delta_cuda.settings``), and ``sparse_delta_cuda_split_h200.json`` (2 or 4 warps sharing a row, ``_s2``/``_s4``:
 no faster, removed). Those ran earlier versions of this script (``--epls``, ``--kernels``, ``--splits``
 options); the library keeps the pipelined 8-entry kernel only, named ``cudapf_*`` here as in those files.
+
+Session 15: ``--batches`` times the kernel's several-token passes (``sparse_delta_cuda_tokens_h200.json``: warps
+× grids, ``cN`` = N blocks per SM capped at a warp per row; ``sparse_delta_cuda_w24_h200.json``,
+``sparse_delta_cuda_cap_h200.json``), ``--unpack`` the CUDA unpack kernel + ``F.linear`` against Triton's scatter
+(``sparse_delta_cuda_unpack_h200.json``), ``--skew`` the default settings with and without x's skewed slots
+(``sparse_delta_cuda_skew_h200.json``). ``sparse_delta_cuda_lb8_h200.json`` ran a 64-register build for eight
+tokens (reverted: slower).
 """
 
 from __future__ import annotations

@@ -75,7 +75,6 @@ __device__ __forceinline__ void load_step(uint4* v, u64* w, u32* s, const u16* _
     }
 }
 
-// acc[t] += the step's products with token t's x (xs: a column's T values side by side)
 // A lane's quarter of a group (8 entries): p holds, byte j, entry j's column past ``base`` (SWAR prefix sum of the
 // nibbles + 1); base is the group's start − 1 plus the columns of the quarters before it (two-step shuffle scan
 // over the group's four lanes). Every lane of the warp must call it (the shuffles).
@@ -95,6 +94,7 @@ __device__ __forceinline__ int quarter(u64 w, u32 s, int part, u64& p) {
 // banks; with it, one slot per 16 columns (two for one token, whose columns share 4-byte words) spreads them.
 __device__ __forceinline__ int slot(int c, int skw) { return c + (c >> 4) * skw; }
 
+// acc[t] += the step's products with token t's x (xs: a column's T values side by side)
 __device__ __forceinline__ void step_dot(float* acc, const uint4* v, const u64* w, const u32* s, const u16* xs,
                                          int gb, int g1, int sub, int part, int skw) {
 #pragma unroll

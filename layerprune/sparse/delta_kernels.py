@@ -356,7 +356,7 @@ def decompress(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor,
                k: int, cuda: bool | None = None) -> torch.Tensor:
     """The dense (n × k) weight on the device: by default the CUDA unpack kernel (:func:`delta_cuda.unpack`, rows
     built in shared memory, bf16) where it can run, else this module's Triton scatter."""
-    if cuda if cuda is not None else True:
+    if cuda is not False:
         from layerprune.sparse import delta_cuda
 
         if delta_cuda.usable(values, values, deltas):
