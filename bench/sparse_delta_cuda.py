@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--unpack", action="store_true", help="also the unpack kernel + F.linear (and its time alone)")
     ap.add_argument("--skew", action="store_true", help="the default settings with and without x's skew")
+    ap.add_argument("--mma", action="store_true", help="the tensor-core kernel, the gather kernel, unpack + F.linear")
     a = ap.parse_args()
     import torch
     import torch.nn.functional as F
@@ -71,6 +72,11 @@ def main() -> None:
                 variants["unpack_linear"] = lambda x=x: F.linear(x, delta_cuda.unpack(*sp.buffers(), n, k))
                 variants["triton_decompress_linear"] = lambda x=x: F.linear(x, delta_kernels.decompress(
                     *sp.buffers(), n, k, cuda=False))
+            if a.mma:  # the tensor-core kernel, its default splits and none
+                variants["mma"] = lambda x=x: delta_cuda.spmm_mma(x, *sp.buffers(), n, k)
+                variants["mma_s1"] = lambda x=x: delta_cuda.spmm_mma(x, *sp.buffers(), n, k, splits=1)
+                variants["gather"] = lambda x=x: delta_cuda.spmv(x, *sp.buffers(), n, k)
+                variants["unpack_linear"] = lambda x=x: F.linear(x, delta_cuda.unpack(*sp.buffers(), n, k))
             if a.skew:  # the default settings with x's shared-memory skew and without
                 variants["cuda_skew"] = lambda x=x: delta_cuda.spmv(x, *sp.buffers(), n, k)
                 variants["cuda_noskew"] = lambda x=x: delta_cuda.spmv(x, *sp.buffers(), n, k, skw=0)
@@ -93,11 +99,13 @@ def main() -> None:
             cp = min(((row[v], v) for v in variants if v.startswith("cudapf")), default=None)
             if cp:
                 row["best_cudapf"], row["best_cudapf_speedup"] = cp[1], row["dense_us"] / cp[0]
-            row["max_cuda_err"] = max(row[v + "_err"] for v in variants if v.startswith(("cuda", "unpack")))
+            row["max_cuda_err"] = max(row[v + "_err"] for v in variants
+                                      if v.startswith(("cuda", "unpack", "mma", "gather")))
             rows.append(row)
             brief(row, "shape", "sparsity", "batch", "dense_us", "shipped_speedup", "triton_speedup", "best_cudapf",
                   "best_cudapf_speedup", "max_cuda_err", "unpack_linear", "unpack_us",
-                  "triton_decompress_us", "unpack_gb_s", "cuda_skew", "cuda_noskew")
+                  "triton_decompress_us", "unpack_gb_s", "cuda_skew", "cuda_noskew", "mma", "mma_s1",
+                  "gather")
             write_rows(a.out, rows=rows, nvrtc_compile_s=compile_s)
 
 

@@ -431,9 +431,38 @@ def test_cuda_delta_unpack_is_exact(shape, kind):
     sp = delta.pack(w)
     for warps in (None, 1, 3):
         assert torch.equal(delta_cuda.unpack(*sp.buffers(), n, k, warps=warps), w), warps
-    x = torch.randn(2, 20, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 40, k, device="cuda", dtype=torch.bfloat16)  # past the kernels' batches: unpack + cuBLAS
     y = torch.ops.layerprune.sparse_linear_delta(x, *sp.buffers(), n, k)
     assert torch.equal(y, F.linear(x, w))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("shape", [(37, 200), (5000, 1000), (2304, 30000), (100, 4096), (130, 777)])
+@pytest.mark.parametrize("kind", ["0.7", "uneven", "empty", "dense", "2:4", "0.97"])
+def test_cuda_delta_mma_kernel_equals_f_linear(shape, kind):
+    """The tensor-core kernel (weight decoded into shared memory chunk by chunk, mma.sync) against F.linear in fp32
+    on the same bf16 weight: 9–64 tokens and more (several passes), odd K (scalar x loads), K = 30000, rows not
+    a multiple of 64, groups that run past a chunk or a split, every number of column splits; and the op for a
+    batch it sends there."""
+    from layerprune.sparse import delta, delta_cuda, delta_kernels
+
+    n, k = shape
+    w = _weight(n, k, kind).to("cuda", torch.bfloat16)
+    sp = delta.pack(w)
+    for b in (9, 16, 17, 33, 64, 70):
+        xs = torch.randn(b, k + 5, device="cuda", dtype=torch.bfloat16)
+        for x in (xs[:, :k], xs[:, 1:k + 1]):  # token stride k + 5; then unaligned
+            ref = F.linear(x.float(), w.float())
+            tol = 1e-2 * float(ref.abs().max()) + 1e-6
+            for splits in (None, 1, 3, 1000):
+                y = delta_cuda.spmm_mma(x, *sp.buffers(), n, k, splits=splits)
+                assert y is not None and y.shape == (b, n) and y.dtype == torch.bfloat16
+                assert float((y.float() - ref).abs().max()) <= tol, (b, splits)
+    x = torch.randn(3, 7, k, device="cuda", dtype=torch.bfloat16)  # 21 tokens through the op
+    ref = F.linear(x.float(), w.float())
+    y = torch.ops.layerprune.sparse_linear_delta(x, *sp.buffers(), n, k)
+    assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-6
+    assert delta_kernels.kernel_batch(x) >= 21
 
 
 def test_cuda_delta_kernel_source_compiles():
@@ -447,8 +476,8 @@ def test_cuda_delta_kernel_source_compiles():
     if nvcc is None:
         pytest.skip("no CUDA toolkit (nvcc) on this machine to compile the kernel source with")
     src = Path(os.environ.get("TMPDIR", "/tmp")) / f"layerprune_delta_cuda_{os.getpid()}.cu"
-    for u, t in [(1, 1), (2, 1), (4, 1)] + [(2, t) for t in delta_cuda.TOKENS[1:]]:
-        src.write_text(delta_cuda.source(u, t))
+    for u, t, mt in [(1, 1, 16), (2, 1, 32), (4, 1, 64)] + [(2, t, 16) for t in delta_cuda.TOKENS[1:]]:
+        src.write_text(delta_cuda.source(u, t, mt))
         out = subprocess.run([nvcc, "-arch=sm_90", "--use_fast_math", "-cubin", "-o", os.devnull, str(src)],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]

@@ -276,18 +276,167 @@ extern "C" __global__ void delta_unpack_bf16(const u16* __restrict__ vals, const
         __syncwarp();
     }
 }
+
+// ---- Tensor cores for 9–64 tokens: the weight decoded into shared memory, never written to global memory ----
+// A block (4 warps) owns 64 rows (warp w: 16 of them) and one split [ka, kb) of the columns, walked in chunks of
+// KC. Per chunk: the block stages x[MT tokens × KC] in shared memory; each warp zeroes its W tile [16 × KC],
+// stores its rows' entries that fall in the chunk (two lanes a row, 16 entries of each group per lane, a group
+// that runs past the chunk is visited again in the next), then multiplies with mma.sync m16n8k16 (bf16, fp32
+// accumulation). Splits write fp32 partial sums (P[split][token][row]); the caller adds them.
+#define KC 256
+#define XS (KC + 8)  // row stride of both tiles, in elements: 32-bit fragment loads hit 32 different banks
+
+struct Grp { uint4 d, v0, v1; u32 s; };
+
+__device__ __forceinline__ void load_grp(Grp& q, const u16* __restrict__ vals, const u64* __restrict__ dl,
+                                         const u16* __restrict__ starts, int g, int h) {
+    q.d = __ldcs(reinterpret_cast<const uint4*>(dl) + g);
+    const uint4* vp = reinterpret_cast<const uint4*>(vals) + (size_t)g * 4 + 2 * h;
+    q.v0 = __ldcs(vp);
+    q.v1 = __ldcs(vp + 1);
+    q.s = starts[g];
+}
+
+// Stores half h (entries 16h … 16h+15) of a group at their columns relative to c0 (those in [0, KC)); returns
+// the group's last column (its padding entries included).
+__device__ __forceinline__ int grp_scatter(u16* wrow, const Grp& q, int h, int c0) {
+    const u64 LO = 0x0F0F0F0F0F0F0F0FULL, ONE = 0x0101010101010101ULL;
+    const u64 w0 = ((u64)q.d.y << 32) | q.d.x, w1 = ((u64)q.d.w << 32) | q.d.z;
+    const u64 l0 = ((w0 & LO) + ONE) * ONE, l1 = ((w1 & LO) + ONE) * ONE;
+    const u64 h0 = (((w0 >> 4) & LO) + ONE) * ONE, h1 = (((w1 >> 4) & LO) + ONE) * ONE;
+    const int lowtot = (int)(l0 >> 56) + (int)(l1 >> 56);
+    const int start = (int)(q.s & 0xFFFFu) - 1;
+    const u64 a0 = h ? h0 : l0, a1 = h ? h1 : l1;
+    const int base0 = start + (h ? lowtot : 0) - c0, base1 = base0 + (int)(a0 >> 56);
+    const u32 vv[8] = {q.v0.x, q.v0.y, q.v0.z, q.v0.w, q.v1.x, q.v1.y, q.v1.z, q.v1.w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int c = base0 + (int)((a0 >> (8 * j)) & 0xFF);
+        if ((unsigned)c < (unsigned)KC) wrow[c] = (u16)(j & 1 ? vv[j >> 1] >> 16 : vv[j >> 1] & 0xFFFFu);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int c = base1 + (int)((a1 >> (8 * j)) & 0xFF);
+        if ((unsigned)c < (unsigned)KC) wrow[c] = (u16)(j & 1 ? vv[4 + (j >> 1)] >> 16 : vv[4 + (j >> 1)] & 0xFFFFu);
+    }
+    return start + lowtot + (int)(h0 >> 56) + (int)(h1 >> 56);
+}
+
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+extern "C" __global__ void __launch_bounds__(128) delta_mma_bf16(
+        const u16* __restrict__ x, const u16* __restrict__ vals, const u64* __restrict__ dl,
+        const u16* __restrict__ starts, const int* __restrict__ gptr, float* __restrict__ part,
+        int N, int K, int nb, int sxb, int KS, int vec)
+{
+    extern __shared__ __align__(16) u16 sm[];
+    u16* xt = sm;                                  // MT × XS
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    u16* wt = sm + MT * XS + warp * 16 * XS;       // this warp's 16 × XS
+    const int ka = blockIdx.y * KS, kb = min(K, ka + KS);
+    const int rw = blockIdx.x * 64 + warp * 16;    // the warp's first row
+    // decode lanes: row i = lane >> 1, half h = lane & 1
+    const int i = lane >> 1, h = lane & 1, r = rw + i;
+    int g = 0, g1 = 0;
+    if (r < N) {
+        int lo = gptr[r];
+        g1 = gptr[r + 1];
+        if (ka > 0 && lo < g1) {  // the last group starting at or before ka (the first one that reaches ka)
+            int hi = g1 - 1;
+            while (lo < hi) {
+                const int mid = (lo + hi + 1) >> 1;
+                if ((int)(starts[mid] & 0xFFFFu) <= ka) lo = mid; else hi = mid - 1;
+            }
+        }
+        g = lo;
+    }
+    Grp cur, nxt;
+    bool have = false;
+    if (g < g1) load_grp(cur, vals, dl, starts, g, h);
+    float acc[MT / 8][4];
+#pragma unroll
+    for (int t = 0; t < MT / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    const int fg = lane >> 2, ft = lane & 3;       // fragment row / column pair
+    for (int c0 = ka; c0 < kb; c0 += KC) {
+        // x chunk: MT tokens × KC columns (zeros past nb tokens and past K)
+        for (int idx = tid; idx < MT * (KC / 8); idx += 128) {
+            const int t = idx / (KC / 8), c8 = (idx % (KC / 8)) * 8, col = c0 + c8;
+            uint4 q = make_uint4(0u, 0u, 0u, 0u);
+            if (t < nb) {
+                const u16* src = x + (size_t)t * sxb + col;
+                if (vec && col + 8 <= K) {
+                    q = *reinterpret_cast<const uint4*>(src);
+                } else {
+                    u32 e[8];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) e[j] = col + j < K ? src[j] : 0u;
+                    q = make_uint4(e[0] | (e[1] << 16), e[2] | (e[3] << 16), e[4] | (e[5] << 16), e[6] | (e[7] << 16));
+                }
+            }
+            *reinterpret_cast<uint4*>(xt + t * XS + c8) = q;
+        }
+        for (int idx = lane; idx < 16 * (KC / 8); idx += 32)
+            *reinterpret_cast<uint4*>(wt + (idx / (KC / 8)) * XS + (idx % (KC / 8)) * 8) = make_uint4(0u, 0u, 0u, 0u);
+        __syncwarp();
+        // this lane's row, half h: the groups that reach into [c0, c0 + KC)
+        while (g < g1 && (int)(cur.s & 0xFFFFu) < c0 + KC) {
+            if (!have && g + 1 < g1) { load_grp(nxt, vals, dl, starts, g + 1, h); have = true; }
+            const int last = grp_scatter(wt + i * XS, cur, h, c0);
+            if (last >= c0 + KC) break;            // runs on into the next chunk: visit it again there
+            ++g;
+            cur = nxt;
+            have = false;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int kk = 0; kk < KC; kk += 16) {
+            const u16* wa = wt + fg * XS + kk + 2 * ft;
+            const u32 a0 = *reinterpret_cast<const u32*>(wa);
+            const u32 a1 = *reinterpret_cast<const u32*>(wa + 8 * XS);
+            const u32 a2 = *reinterpret_cast<const u32*>(wa + 8);
+            const u32 a3 = *reinterpret_cast<const u32*>(wa + 8 * XS + 8);
+#pragma unroll
+            for (int t = 0; t < MT / 8; ++t) {
+                const u16* xb = xt + (t * 8 + fg) * XS + kk + 2 * ft;
+                mma16816(acc[t], a0, a1, a2, a3, *reinterpret_cast<const u32*>(xb), *reinterpret_cast<const u32*>(xb + 8));
+            }
+        }
+        __syncthreads();
+    }
+    float* out = part + (size_t)blockIdx.y * nb * N;
+#pragma unroll
+    for (int t = 0; t < MT / 8; ++t) {
+        const int tok = t * 8 + 2 * ft, row = rw + fg;
+        if (tok < nb) {
+            if (row < N) out[(size_t)tok * N + row] = acc[t][0];
+            if (row + 8 < N) out[(size_t)tok * N + row + 8] = acc[t][2];
+        }
+        if (tok + 1 < nb) {
+            if (row < N) out[(size_t)(tok + 1) * N + row] = acc[t][1];
+            if (row + 8 < N) out[(size_t)(tok + 1) * N + row + 8] = acc[t][3];
+        }
+    }
+}
 """
 
 PAD = 64
-TOKENS = (1, 2, 4, 8, 16)  # tokens per pass the kernel is built for
+TOKENS = (1, 2, 4, 8, 16)  # tokens per pass the gather kernel is built for
+MMA_TOKENS = (16, 32, 64)  # and the tensor-core kernel
+MMA_KC = 256  # its chunk of columns (KC in the source)
 _failed: set[int] = set()
 
 
-def source(unroll: int, tokens: int = 1) -> str:
-    """The kernel's CUDA source for ``unroll`` steps in flight and ``tokens`` tokens per pass."""
-    if tokens not in TOKENS:
-        raise ValueError(f"tokens per pass must be one of {TOKENS}")
-    return f"#define U {unroll}\n#define T {tokens}\n#define PAD {PAD}\n" + SOURCE
+def source(unroll: int, tokens: int = 1, mma_tokens: int = 16) -> str:
+    """The kernels' CUDA source for ``unroll`` steps in flight and ``tokens`` tokens per pass (the gather kernel),
+    ``mma_tokens`` per pass (the tensor-core kernel)."""
+    if tokens not in TOKENS or mma_tokens not in MMA_TOKENS:
+        raise ValueError(f"tokens per pass must be one of {TOKENS} (gather) or {MMA_TOKENS} (tensor cores)")
+    return f"#define U {unroll}\n#define T {tokens}\n#define MT {mma_tokens}\n#define PAD {PAD}\n" + SOURCE
 
 
 def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
@@ -299,17 +448,17 @@ def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _kernel(device: int, unroll: int, tokens: int, name: str):
+def _kernel(device: int, unroll: int, tokens: int, name: str, mma_tokens: int = 16):
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source(unroll, tokens), name, nvcc_options=["--use_fast_math"])
+        return torch.cuda._compile_kernel(source(unroll, tokens, mma_tokens), name, nvcc_options=["--use_fast_math"])
 
 
-def kernel(device: int, unroll: int, tokens: int = 1, name: str = "delta_spmv_bf16"):
-    """The compiled kernel ``name`` (the product, or ``delta_unpack_bf16``) for ``unroll`` steps in flight and
-    ``tokens`` per pass on CUDA device ``device`` (cached per process), or ``None`` when it cannot be compiled
-    here (one warning; the caller uses Triton)."""
+def kernel(device: int, unroll: int, tokens: int = 1, name: str = "delta_spmv_bf16", mma_tokens: int = 16):
+    """The compiled kernel ``name`` (the product, ``delta_unpack_bf16`` or ``delta_mma_bf16``) for ``unroll``
+    steps in flight and ``tokens`` (``mma_tokens``) per pass on CUDA device ``device`` (cached per process), or
+    ``None`` when it cannot be compiled here (one warning; the caller uses Triton)."""
     try:
-        return _kernel(device, unroll, tokens, name)
+        return _kernel(device, unroll, tokens, name, mma_tokens)
     except (RuntimeError, OSError, AttributeError) as e:
         _failed.add(device)
         log.warning("the CUDA kernel did not compile (%s); using the Triton kernel",
@@ -445,3 +594,50 @@ def unpack(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gpt
     if rc != 0:
         raise RuntimeError(f"delta_cuda: cuLaunchKernel failed with CUDA error {rc}")
     return out
+
+
+def mma_splits(n: int, k: int, sms: int) -> int:
+    """Column splits of the tensor-core kernel: about two blocks per SM over the 64-row tiles, at most one
+    chunk per split."""
+    tiles = -(-n // 64)
+    return max(1, min(-(-k // MMA_KC), round(2 * sms / tiles)))
+
+
+def spmm_mma(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
+             n: int, k: int, splits: int | None = None) -> torch.Tensor | None:
+    """y (B × n) = x (B × k) · Wᵀ in bf16 on tensor cores (B ≤ 64 tokens a pass, more in several), W packed
+    (delta layout) and decoded tile by tile in shared memory; ``None`` when the kernel is not available."""
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    sms, limit = _props(dev)
+    B = x.shape[0]
+    mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
+    smem = 2 * (mt + 64) * (MMA_KC + 8)
+    if smem > limit:
+        return None
+    kern = kernel(dev, 2, 1, "delta_mma_bf16", mt)
+    if kern is None:
+        return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if n == 0 or B == 0:
+        return torch.zeros(B, n, dtype=x.dtype, device=x.device)
+    s = splits or mma_splits(n, k, sms)
+    ks = -(-(-(-k // s)) // MMA_KC) * MMA_KC
+    s = -(-k // ks)
+    if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
+        kern.set_shared_memory_config(smem)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    ys = []
+    for p in range(0, B, mt):
+        nb = min(mt, B - p)
+        part = torch.empty(s, nb, n, dtype=torch.float32, device=x.device)
+        xp = x[p:]
+        vec = int(xp.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0)
+        args = [ctypes.c_void_p(t.data_ptr()) for t in (xp, values, deltas, starts, gptr, part)]
+        args += [ctypes.c_int(v) for v in (n, k, nb, x.stride(0), ks, vec)]
+        argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
+        rc = _launcher()(kern.func, -(-n // 64), s, 1, 128, 1, 1, smem, stream, argv, None)
+        if rc != 0:
+            raise RuntimeError(f"delta_cuda: cuLaunchKernel failed with CUDA error {rc}")
+        ys.append((part.sum(0) if s > 1 else part[0]).to(x.dtype))
+    return ys[0] if len(ys) == 1 else torch.cat(ys)
