@@ -49,7 +49,8 @@ if HAVE_TRITON:
 
 SMALL_BATCH = 16
 CUDA_BATCH = 8  # the CUDA kernel's default up to this many tokens (bench/sparse_delta_cuda.py --batches)
-MMA_BATCH = 64  # then the tensor-core kernel up to this many (bench/sparse_delta_cuda.py --mma)
+MMA_BATCH = 16  # then the tensor-core kernel up to this many (bench/sparse_delta_cuda.py --mma: it beats Triton
+# at 16 tokens on every shape; past 16, unpack + cuBLAS beats it)
 WIDE_K = 8192  # one token on K ≥ WIDE_K: the broadcast kernel (bench/sparse_delta_v2.py)
 
 if HAVE_TRITON:
