@@ -1,5 +1,7 @@
 """CUDA kernels for a ``delta``-packed weight (:mod:`layerprune.sparse.delta`): the product with 1–16 tokens
-(``delta_spmv_bf16``) and the dense weight (``delta_unpack_bf16``, for batches and prefills past decode).
+gathering x (``delta_spmv_bf16``), the product on tensor cores with the weight decoded tile by tile in shared
+memory (``delta_mma_bf16``, :func:`spmm_mma`: the op's choice for 9–16 tokens, 0.44–0.56× of dense at 16 and
+70%, BENCHMARKS.md session 15) and the dense weight (``delta_unpack_bf16``, for batches and prefills past that).
 
 Why CUDA next to the Triton kernels: those gather x from global memory (L1 hits), and Nsight Compute put
 their main stall on the L1TEX scoreboard (BENCHMARKS.md). Here a block first copies x into shared memory

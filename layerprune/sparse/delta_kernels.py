@@ -30,7 +30,8 @@ kept (bench/results/sparse_delta_pfb_h200.json, commit 714b38e).
 On a CUDA device with bf16 weights, ``sparse_mm``'s default for up to ``CUDA_BATCH`` tokens is the CUDA kernel
 of :mod:`layerprune.sparse.delta_cuda` (x in shared memory; at 70% 1.37–2.08× of dense for one token, 0.97–1.46×
 for four, against these kernels' 1.1–1.5× and 0.6–0.7×, BENCHMARKS.md); these kernels remain its fallback (no
-NVRTC, misaligned buffers), the path for fp16/fp32, and for 9–16 tokens (a tie with the CUDA kernel there).
+NVRTC, misaligned buffers) and the path for fp16/fp32; 9–16 bf16 tokens go to the CUDA tensor-core kernel
+(``delta_cuda.spmm_mma``: 2–30% faster than these kernels at 16 tokens).
 
 ``decompress``: the dense weight, for batches and prefills beyond ``SMALL_BATCH``: by default the CUDA unpack
 kernel (rows built in shared memory), else zeros then one Triton scatter of the entries (scattered 2-byte stores:

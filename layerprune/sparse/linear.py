@@ -9,8 +9,8 @@
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
 ``layerprune::sparse_linear``), so ``torch.compile`` and CUDA-graph capture take it as it is. The op
-picks the path by where it runs: CUDA with Triton → the decode kernels for small batches (1–8 bf16 tokens:
-the CUDA kernel of ``delta_cuda`` when it compiled), else
+picks the path by where it runs: CUDA with Triton → the decode kernels for small batches (bf16: the CUDA
+kernels of ``delta_cuda`` when they compiled, gathering x for 1–8 tokens, tensor cores for 9–16), else
 decompress + ``F.linear`` (cuBLAS); no CUDA or no Triton → unpack with plain PyTorch and ``F.linear``
 (correct, not fast; one warning).
 """
