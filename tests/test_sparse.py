@@ -466,7 +466,8 @@ def test_cuda_delta_mma_kernel_equals_f_linear(shape, kind):
 
 
 def test_cuda_delta_kernel_source_compiles():
-    """The CUDA source compiles for sm_90 where nvcc is installed (the GPU test above runs it)."""
+    """The CUDA source compiles for sm_90 (and sm_75, without the tensor-core kernel's mma) where nvcc is installed
+    (the GPU tests above run it)."""
     import shutil
     import subprocess
 
@@ -476,9 +477,10 @@ def test_cuda_delta_kernel_source_compiles():
     if nvcc is None:
         pytest.skip("no CUDA toolkit (nvcc) on this machine to compile the kernel source with")
     src = Path(os.environ.get("TMPDIR", "/tmp")) / f"layerprune_delta_cuda_{os.getpid()}.cu"
-    for u, t, mt in [(1, 1, 16), (2, 1, 32), (4, 1, 64)] + [(2, t, 16) for t in delta_cuda.TOKENS[1:]]:
+    cases = [(1, 1, 16, 90), (2, 1, 32, 90), (4, 1, 64, 90)] + [(2, t, 16, 90) for t in delta_cuda.TOKENS[1:]]
+    for u, t, mt, sm in cases + [(2, 1, 16, 75)]:  # sm_75: no bf16 mma there, the rest must still build
         src.write_text(delta_cuda.source(u, t, mt))
-        out = subprocess.run([nvcc, "-arch=sm_90", "--use_fast_math", "-cubin", "-o", os.devnull, str(src)],
+        out = subprocess.run([nvcc, f"-arch=sm_{sm}", "--use_fast_math", "-cubin", "-o", os.devnull, str(src)],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
     src.unlink()

@@ -325,10 +325,12 @@ __device__ __forceinline__ int grp_scatter(u16* wrow, const Grp& q, int h, int c
 }
 
 __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800  // bf16 mma.sync: Ampere and later (spmm_mma checks the device; older ones still compile the rest)
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(128) delta_mma_bf16(
@@ -610,6 +612,8 @@ def spmm_mma(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts
     """y (B × n) = x (B × k) · Wᵀ in bf16 on tensor cores (B ≤ 64 tokens a pass, more in several), W packed
     (delta layout) and decoded tile by tile in shared memory; ``None`` when the kernel is not available."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(dev) < (8, 0):  # no bf16 tensor-core mma before Ampere
+        return None
     sms, limit = _props(dev)
     B = x.shape[0]
     mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
