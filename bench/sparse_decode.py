@@ -121,7 +121,7 @@ def delta_path(b: int) -> str:
     """The op's path for ``b`` tokens of a bf16 delta weight on a CUDA device."""
     if b <= delta_kernels.CUDA_BATCH:
         return "cuda-kernel"
-    return "triton-kernel" if b <= delta_kernels.SMALL_BATCH else "unpack+cuBLAS"
+    return "cuda-mma-kernel" if b <= delta_kernels.MMA_BATCH else "unpack+cuBLAS"
 
 
 def linears(reps: int, batches: list[int], sparsities: list, on_row=None) -> list[dict]:

@@ -17,7 +17,8 @@ no faster, removed). Those ran earlier versions of this script (``--epls``, ``--
 options); the library keeps the pipelined 8-entry kernel only, named ``cudapf_*`` here as in those files.
 
 Session 15: ``--batches`` times the kernel's several-token passes (``sparse_delta_cuda_tokens_h200.json``: warps
-× grids, ``cN`` = N blocks per SM capped at a warp per row; ``sparse_delta_cuda_w24_h200.json``,
+× grids, ``cN`` = N blocks per SM capped at a warp per row, since then the library's only form of a persistent
+grid; ``sparse_delta_cuda_w24_h200.json``,
 ``sparse_delta_cuda_cap_h200.json``), ``--unpack`` the CUDA unpack kernel + ``F.linear`` against Triton's scatter
 (``sparse_delta_cuda_unpack_h200.json``), ``--skew`` the default settings with and without x's skewed slots
 (``sparse_delta_cuda_skew_h200.json``). ``sparse_delta_cuda_lb8_h200.json`` ran a 64-register build for eight
@@ -46,7 +47,8 @@ def main() -> None:
     ap.add_argument("--unrolls", default="1,2,4")
     ap.add_argument("--warps", default="4,8,16", help="'' for none of the settings sweep")
     ap.add_argument("--grids", default="rows,4,8,16",
-                    help="'rows' (a warp per row), blocks per SM, or cN: N blocks per SM capped at a warp per row")
+                    help="'rows' (a warp per row) or blocks per SM (N or cN, the same now: the library caps every "
+                         "persistent grid at a warp per row)")
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--unpack", action="store_true", help="also the unpack kernel + F.linear (and its time alone)")
     ap.add_argument("--skew", action="store_true", help="the default settings with and without x's skew")
@@ -68,23 +70,23 @@ def main() -> None:
             variants = {"shipped": lambda x=x: op(x, sp, n, k)}
             if b <= delta_kernels.SMALL_BATCH:
                 variants["triton"] = lambda x=x: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, cuda=False)
-            if a.unpack:  # the dense weight written by the CUDA unpack kernel (Triton's scatter beside it), then cuBLAS
+            if a.unpack or a.mma:  # the dense weight written by the CUDA unpack kernel, then cuBLAS
                 variants["unpack_linear"] = lambda x=x: F.linear(x, delta_cuda.unpack(*sp.buffers(), n, k))
+            if a.unpack:  # Triton's scatter beside it
                 variants["triton_decompress_linear"] = lambda x=x: F.linear(x, delta_kernels.decompress(
                     *sp.buffers(), n, k, cuda=False))
             if a.mma:  # the tensor-core kernel, its default splits and none
                 variants["mma"] = lambda x=x: delta_cuda.spmm_mma(x, *sp.buffers(), n, k)
                 variants["mma_s1"] = lambda x=x: delta_cuda.spmm_mma(x, *sp.buffers(), n, k, splits=1)
                 variants["gather"] = lambda x=x: delta_cuda.spmv(x, *sp.buffers(), n, k)
-                variants["unpack_linear"] = lambda x=x: F.linear(x, delta_cuda.unpack(*sp.buffers(), n, k))
             if a.skew:  # the default settings with x's shared-memory skew and without
                 variants["cuda_skew"] = lambda x=x: delta_cuda.spmv(x, *sp.buffers(), n, k)
                 variants["cuda_noskew"] = lambda x=x: delta_cuda.spmv(x, *sp.buffers(), n, k, skw=0)
             for u, nw, gr in itertools.product(ints(a.unrolls), ints(a.warps) if b <= 64 else [], a.grids.split(",")):
                 per_sm = 0 if gr == "rows" else int(gr.lstrip("c"))
-                variants[f"cudapf_u{u}_w{nw}_g{gr}"] = (lambda x=x, u=u, nw=nw, per_sm=per_sm, cap=gr[0] == "c":
+                variants[f"cudapf_u{u}_w{nw}_g{gr}"] = (lambda x=x, u=u, nw=nw, per_sm=per_sm:
                                                         delta_cuda.spmv(x, *sp.buffers(), n, k, unroll=u, warps=nw,
-                                                                        per_sm=per_sm, cap=cap))
+                                                                        per_sm=per_sm))
             row = variant_row(x, w, variants, a.reps, shape=[n, k], sparsity=s, batch=b,
                               tokens_per_pass=delta_cuda.tokens_per_pass(b, k, delta_cuda._props(0)[1]))
             if a.unpack and b == ints(a.batches)[0]:

@@ -494,7 +494,7 @@ def settings(n: int, k: int, tokens: int = 1) -> tuple[int, int, int]:
     """(unroll, warps per block, blocks per SM or 0 for a warp per row) for an n × k weight: the best of
     bench/sparse_delta_cuda.py's sweep on the H200 (one token: geometric mean over 50/70/80%; within 2% of each
     shape's best, 4096 × 4096 and 8192 × 8192 within 1%)."""
-    if tokens > 1:  # 16 warps: 1 block per SM (2 for two tokens), capped at a warp per row
+    if tokens > 1:  # 16 warps: 1 block per SM (2 for two tokens)
         return 2, 16, 2 if tokens == 2 else 1
     if k > 8192:
         return 2, 16, 0
@@ -525,12 +525,12 @@ def _props(device: int) -> tuple[int, int]:
 
 def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
          n: int, k: int, unroll: int | None = None, warps: int | None = None,
-         per_sm: int | None = None, tokens: int | None = None, cap: bool = False,
-         skw: int | None = None) -> torch.Tensor | None:
+         per_sm: int | None = None, tokens: int | None = None, skw: int | None = None) -> torch.Tensor | None:
     """y (B × n) = x (B × k) · Wᵀ in bf16 with W packed (delta layout), or ``None`` when the kernel is not
     available (the caller falls back). The B tokens go ``tokens`` at a time (default :func:`tokens_per_pass`),
     each pass one launch that reads the weight once. Settings default to :func:`settings`; ``per_sm`` 0 = a
-    warp per row; ``cap`` limits a persistent grid to one warp per row; ``skw`` the skew slots per 16 columns of
+    warp per row (a persistent grid is capped at one warp per row: measured no different, and no block
+    without a row copies x); ``skw`` the skew slots per 16 columns of
     x (default :func:`skew`, 0 where the skewed x would not fit in shared memory)."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     sms, limit = _props(dev)
@@ -554,8 +554,7 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
     if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
         kern.set_shared_memory_config(smem)
     rows_grid = -(-n // warps)
-    cap = cap or (tokens > 1 and per_sm == b0)
-    grid = min(sms * per_sm, rows_grid) if per_sm and cap else (sms * per_sm if per_sm else rows_grid)
+    grid = min(sms * per_sm, rows_grid) if per_sm else rows_grid
     stream = torch.cuda.current_stream(x.device).cuda_stream
     launch = _launcher()
     for p in range(0, B, tokens):
@@ -627,8 +626,8 @@ def spmm_mma(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts
         x = x.contiguous()
     if n == 0 or B == 0:
         return torch.zeros(B, n, dtype=x.dtype, device=x.device)
-    s = splits or mma_splits(n, k, sms)
-    ks = -(-(-(-k // s)) // MMA_KC) * MMA_KC
+    per_split = -(-k // (splits or mma_splits(n, k, sms)))
+    ks = -(-per_split // MMA_KC) * MMA_KC  # a split's columns: whole chunks
     s = -(-k // ks)
     if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
         kern.set_shared_memory_config(smem)

@@ -50,8 +50,8 @@ if HAVE_TRITON:
 
 SMALL_BATCH = 16
 CUDA_BATCH = 8  # the CUDA kernel's default up to this many tokens (bench/sparse_delta_cuda.py --batches)
-MMA_BATCH = 16  # then the tensor-core kernel up to this many (bench/sparse_delta_cuda.py --mma: it beats Triton
-# at 16 tokens on every shape; past 16, unpack + cuBLAS beats it)
+MMA_BATCH = 16  # then the tensor-core kernel up to this many, ≤ SMALL_BATCH (bench/sparse_delta_cuda.py --mma: it
+# beats Triton at 16 tokens on every shape; past 16, the op's unpack + cuBLAS beats it)
 WIDE_K = 8192  # one token on K ≥ WIDE_K: the broadcast kernel (bench/sparse_delta_v2.py)
 
 if HAVE_TRITON:
@@ -303,25 +303,17 @@ def pf_settings(n: int) -> tuple[int, int, int]:
     return (1, 16, 1) if n <= 2048 else (2, 8, 1)
 
 
-def kernel_batch(x: torch.Tensor, values: torch.Tensor | None = None, deltas: torch.Tensor | None = None) -> int:
-    """The most tokens ``sparse_mm`` takes for x's device and dtype (beyond: decompress + cuBLAS)."""
-    from layerprune.sparse import delta_cuda
-
-    if x.is_cuda and delta_cuda.usable(x, x if values is None else values, x if deltas is None else deltas):
-        return max(SMALL_BATCH, MMA_BATCH)
-    return SMALL_BATCH
-
-
 def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
               n: int, k: int, r: int | None = None, gp: int | None = None, num_warps: int | None = None,
               num_stages: int | None = None, transpose_x: bool | None = None,
               unmasked: bool | None = None, bcast: bool | None = None, prefetch: bool | None = None,
               cuda: bool | None = None) -> torch.Tensor:
-    """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype, B ≤ :func:`kernel_batch`.
-    Up to ``CUDA_BATCH`` tokens ``cuda`` the CUDA gather kernel (:mod:`delta_cuda`; by default when it can run
-    and no Triton option is given), then up to ``MMA_BATCH`` its tensor-core kernel; otherwise Triton (one token: ``prefetch`` the prefetching kernel (by default when k < ``WIDE_K`` or n ≤ 4096
-    and no other kernel option is given), ``bcast`` the broadcast kernel (by default for the other shapes:
-    k ≥ ``WIDE_K`` and n > 4096), else the lane kernel)."""
+    """y (B × n) = x (B × k) · Wᵀ with W packed; x and values of one float dtype, B ≤ ``SMALL_BATCH``.
+    bf16 on CUDA, when no Triton option is given: the CUDA gather kernel (:mod:`delta_cuda`) up to ``CUDA_BATCH``
+    tokens (any B with ``cuda=True``), then its tensor-core kernel up to ``MMA_BATCH``. Otherwise Triton; one token:
+    ``prefetch`` the prefetching kernel (by default when k < ``WIDE_K`` or n ≤ 4096 and no other kernel option is
+    given), ``bcast`` the broadcast kernel (by default for the other shapes: k ≥ ``WIDE_K`` and n > 4096), else
+    the lane kernel."""
     B = x.shape[0]
     G = starts.numel()
     if B == 0 or G == 0:  # no tokens, or a weight without nonzeros
@@ -337,8 +329,6 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
                 y = delta_cuda.spmm_mma(x, values, deltas, starts, gptr, n, k) if B <= MMA_BATCH else None
             if y is not None:
                 return y
-    if B > SMALL_BATCH:  # the tensor-core kernel's batches where it cannot run
-        return torch.nn.functional.linear(x, decompress(values, deltas, starts, gptr, n, k))
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
     if prefetch is None:  # the default one-token kernel (below WIDE_K, or ≤ 4096 rows), unless another is asked for
         prefetch = (k < WIDE_K or n <= 4096) and bcast is None and unmasked is None and transpose_x is None

@@ -78,7 +78,7 @@ def sparse_linear_delta(x: torch.Tensor, values: torch.Tensor, deltas: torch.Ten
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if delta_kernels.usable(x.device):
-        if x2.shape[0] <= delta_kernels.kernel_batch(x2, values, deltas):
+        if x2.shape[0] <= delta_kernels.SMALL_BATCH:
             y = delta_kernels.sparse_mm(x2.contiguous(), values, deltas, starts, gptr, n, k)
         else:
             y = F.linear(x2, delta_kernels.decompress(values, deltas, starts, gptr, n, k))
