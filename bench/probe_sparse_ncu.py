@@ -30,9 +30,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layout", default="delta", choices=("delta", "bitmask", "dense"))
     ap.add_argument("--calls", type=int, default=10)
-    ap.add_argument("--delta-kernel", default="lane", choices=("lane", "bcast", "pf", "auto", "cuda"),
+    ap.add_argument("--delta-kernel", default="lane", choices=("lane", "bcast", "pf", "auto", "cuda", "tile"),
                     help="one token, delta: the lane kernel (session 12's profile), the broadcast one, the prefetching "
-                         "one, the op's choice, or the CUDA kernel (delta_cuda, settings from --cuda)")
+                         "one, the op's choice, the CUDA kernel (delta_cuda, settings from --cuda) or its tensor-core tile "
+                         "kernel (delta_cuda.spmm_tile)")
     ap.add_argument("--cuda", default="", help="the CUDA kernel's unroll, warps, blocks per SM (0: a warp per row); "
                                                 "default: delta_cuda.settings")
     a = ap.parse_args()
@@ -41,7 +42,12 @@ def main() -> None:
     x = torch.randn(a.batch, k, device=w.device, dtype=torch.bfloat16)
     if a.layout == "delta":
         sp = delta.pack(w)
-        if a.delta_kernel == "cuda":
+        if a.delta_kernel == "tile":
+            from layerprune.sparse import delta_cuda
+
+            cidx = delta_cuda.chunk_index(sp.deltas, sp.starts, sp.gptr, n, k)
+            fn = lambda: delta_cuda.spmm_tile(x, sp.values, sp.deltas, sp.starts, cidx, n, k)  # noqa: E731
+        elif a.delta_kernel == "cuda":
             from layerprune.sparse import delta_cuda
 
             u, nw, per_sm = (int(v) for v in a.cuda.split(",")) if a.cuda else delta_cuda.settings(n, k)

@@ -117,11 +117,12 @@ def op(x, sp, n, k):
     return torch.ops.layerprune.sparse_linear(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk)
 
 
-def delta_path(b: int) -> str:
-    """The op's path for ``b`` tokens of a bf16 delta weight on a CUDA device."""
+def delta_path(b: int, k: int) -> str:
+    """The op's path for ``b`` tokens of a bf16 delta weight with ``k`` inputs on a CUDA device."""
     if b <= delta_kernels.CUDA_BATCH:
         return "cuda-kernel"
-    return "cuda-mma-kernel" if b <= delta_kernels.MMA_BATCH else "unpack+cuBLAS"
+    wide = b <= delta_kernels.MMA_WIDE_BATCH and k > delta_kernels.WIDE_MMA_K
+    return "cuda-tile-kernel" if b <= delta_kernels.MMA_BATCH or wide else "unpack+cuBLAS"
 
 
 def linears(reps: int, batches: list[int], sparsities: list, on_row=None) -> list[dict]:
@@ -151,7 +152,7 @@ def linears(reps: int, batches: list[int], sparsities: list, on_row=None) -> lis
                            "speedup": d / sps, "layout": "delta", "rel_err": err, "sparse_bytes": sp.nbytes(),
                            "dense_bytes": w.numel() * 2, "bitmask_us": bms, "bitmask_speedup": d / bms,
                            "bitmask_rel_err": err_b, "bitmask_bytes": bsp.nbytes(),
-                           "path": delta_path(b),
+                           "path": delta_path(b, k),
                            "bitmask_path": "decode-kernel" if b <= kernels.SMALL_BATCH else "decompress+cuBLAS"}
                     if cusp is not None:
                         try:

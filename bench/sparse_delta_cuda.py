@@ -23,6 +23,12 @@ grid; ``sparse_delta_cuda_w24_h200.json``,
 (``sparse_delta_cuda_unpack_h200.json``), ``--skew`` the default settings with and without x's skewed slots
 (``sparse_delta_cuda_skew_h200.json``). ``sparse_delta_cuda_lb8_h200.json`` ran a 64-register build for eight
 tokens (reverted: slower).
+
+Session 16: ``--tile WB:MW:KC:U:S,...`` times the tensor-core tile kernel (``delta_cuda.spmm_tile``) at those tile
+shapes, unrolls and splits, with unpack + ``F.linear`` beside it (``--gather`` adds the gather kernel). The runs:
+``sparse_delta_tile_v1_h200.json`` (the first form beside session 15's tensor-core kernel ``delta_mma_bf16``,
+since removed, and an earlier form of this option), ``sparse_delta_tile_v2_h200.json`` (the next chunk's loads
+ahead and the in-kernel split reduction), ``sparse_delta_tile_shapes_h200.json`` (tile shapes at 16/32/64 tokens).
 """
 
 from __future__ import annotations
@@ -52,7 +58,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--unpack", action="store_true", help="also the unpack kernel + F.linear (and its time alone)")
     ap.add_argument("--skew", action="store_true", help="the default settings with and without x's skew")
-    ap.add_argument("--mma", action="store_true", help="the tensor-core kernel, the gather kernel, unpack + F.linear")
+    ap.add_argument("--gather", action="store_true", help="the gather kernel and unpack + F.linear beside --tile's")
+    ap.add_argument("--tile", default="", help="the tensor-core tile kernel (delta_tile_bf16, with unpack + F.linear "
+                    "beside it) at warps:mtiles:chunk:unroll:splits settings, e.g. '8:1:256:4:0,4:2:256:4:0' "
+                    "(splits 0 = its default)")
     a = ap.parse_args()
     import torch
     import torch.nn.functional as F
@@ -65,20 +74,27 @@ def main() -> None:
     compile_s = time.perf_counter() - t
     rows = []
     for n, k, s, w, sp, x1 in one_token_cases(a.shapes, a.sparsities):
+        cidx = {}
         for b in ints(a.batches):
             x = x1 if b == 1 else torch.randn(b, k, device=x1.device, dtype=x1.dtype)
             variants = {"shipped": lambda x=x: op(x, sp, n, k)}
             if b <= delta_kernels.SMALL_BATCH:
                 variants["triton"] = lambda x=x: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, cuda=False)
-            if a.unpack or a.mma:  # the dense weight written by the CUDA unpack kernel, then cuBLAS
+            if a.unpack or a.gather:  # the dense weight written by the CUDA unpack kernel, then cuBLAS
                 variants["unpack_linear"] = lambda x=x: F.linear(x, delta_cuda.unpack(*sp.buffers(), n, k))
             if a.unpack:  # Triton's scatter beside it
                 variants["triton_decompress_linear"] = lambda x=x: F.linear(x, delta_kernels.decompress(
                     *sp.buffers(), n, k, cuda=False))
-            if a.mma:  # the tensor-core kernel, its default splits and none
-                variants["mma"] = lambda x=x: delta_cuda.spmm_mma(x, *sp.buffers(), n, k)
-                variants["mma_s1"] = lambda x=x: delta_cuda.spmm_mma(x, *sp.buffers(), n, k, splits=1)
+            if a.gather:  # the gather kernel beside the tensor-core one
                 variants["gather"] = lambda x=x: delta_cuda.spmv(x, *sp.buffers(), n, k)
+            for st in [v for v in a.tile.split(",") if v]:  # the tensor-core tile kernel
+                wb, mw, kc, u, spl = (int(v) for v in st.split(":"))
+                if kc not in cidx:
+                    cidx[kc] = delta_cuda.chunk_index(sp.deltas, sp.starts, sp.gptr, n, k, kc)
+                variants.setdefault("unpack_linear", lambda x=x: F.linear(x, delta_cuda.unpack(*sp.buffers(), n, k)))
+                variants[f"tile_{wb}_{mw}_{kc}_u{u}_s{spl}"] = (
+                    lambda x=x, t=(wb, mw, kc), u=u, spl=spl, c=cidx[kc]: delta_cuda.spmm_tile(
+                        x, sp.values, sp.deltas, sp.starts, c, n, k, splits=spl or None, tile=t, unroll=u))
             if a.skew:  # the default settings with x's shared-memory skew and without
                 variants["cuda_skew"] = lambda x=x: delta_cuda.spmv(x, *sp.buffers(), n, k)
                 variants["cuda_noskew"] = lambda x=x: delta_cuda.spmv(x, *sp.buffers(), n, k, skw=0)
@@ -102,12 +118,12 @@ def main() -> None:
             if cp:
                 row["best_cudapf"], row["best_cudapf_speedup"] = cp[1], row["dense_us"] / cp[0]
             row["max_cuda_err"] = max(row[v + "_err"] for v in variants
-                                      if v.startswith(("cuda", "unpack", "mma", "gather")))
+                                      if v.startswith(("cuda", "unpack", "gather", "tile")))
             rows.append(row)
             brief(row, "shape", "sparsity", "batch", "dense_us", "shipped_speedup", "triton_speedup", "best_cudapf",
                   "best_cudapf_speedup", "max_cuda_err", "unpack_linear", "unpack_us",
-                  "triton_decompress_us", "unpack_gb_s", "cuda_skew", "cuda_noskew", "mma", "mma_s1",
-                  "gather")
+                  "triton_decompress_us", "unpack_gb_s", "cuda_skew", "cuda_noskew", "gather",
+                  *(v for v in variants if v.startswith("tile")))
             write_rows(a.out, rows=rows, nvrtc_compile_s=compile_s)
 
 

@@ -440,29 +440,37 @@ def test_cuda_delta_unpack_is_exact(shape, kind):
 @pytest.mark.parametrize("shape", [(37, 200), (5000, 1000), (2304, 30000), (100, 4096), (130, 777)])
 @pytest.mark.parametrize("kind", ["0.7", "uneven", "empty", "dense", "2:4", "0.97"])
 def test_cuda_delta_mma_kernel_equals_f_linear(shape, kind):
-    """The tensor-core kernel (weight decoded into shared memory chunk by chunk, mma.sync) against F.linear in fp32
-    on the same bf16 weight: 9–64 tokens and more (several passes), odd K (scalar x loads), K = 30000, rows not
-    a multiple of 64, groups that run past a chunk or a split, every number of column splits; and the op for a
-    batch it sends there."""
+    """The tensor-core tile kernel (weight decoded into shared memory chunk by chunk, mma.sync) against F.linear in
+    fp32 on the same bf16 weight: 9–64 tokens and more (several passes), odd K (scalar x loads), K = 30000, rows
+    not a multiple of the tile, groups that run past a chunk or a split, every number of column splits (the
+    in-kernel reduction leaves its counters at zero), each tile shape; and the op for a batch it sends there."""
     from layerprune.sparse import delta, delta_cuda, delta_kernels
 
     n, k = shape
     w = _weight(n, k, kind).to("cuda", torch.bfloat16)
     sp = delta.pack(w)
+    tiles = [(8, 1, 256), (4, 2, 256), (4, 1, 512), (2, 2, 128)]
+    cidx = {t: delta_cuda.chunk_index(sp.deltas, sp.starts, sp.gptr, n, k, t[2]) for t in tiles}
     for b in (9, 16, 17, 33, 64, 70):
         xs = torch.randn(b, k + 5, device="cuda", dtype=torch.bfloat16)
         for x in (xs[:, :k], xs[:, 1:k + 1]):  # token stride k + 5; then unaligned
             ref = F.linear(x.float(), w.float())
             tol = 1e-2 * float(ref.abs().max()) + 1e-6
             for splits in (None, 1, 3, 1000):
-                y = delta_cuda.spmm_mma(x, *sp.buffers(), n, k, splits=splits)
-                assert y is not None and y.shape == (b, n) and y.dtype == torch.bfloat16
-                assert float((y.float() - ref).abs().max()) <= tol, (b, splits)
-    x = torch.randn(2, 7, k, device="cuda", dtype=torch.bfloat16)  # 14 tokens through the op: this kernel
-    ref = F.linear(x.float(), w.float())
-    y = torch.ops.layerprune.sparse_linear_delta(x, *sp.buffers(), n, k)
-    assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-6
-    assert delta_kernels.CUDA_BATCH < 14 <= delta_kernels.MMA_BATCH <= delta_kernels.SMALL_BATCH
+                for tile in tiles:
+                    y = delta_cuda.spmm_tile(x, sp.values, sp.deltas, sp.starts, cidx[tile], n, k, splits=splits,
+                                             tile=tile, unroll=2 if tile[0] == 2 else 4)
+                    assert y is not None and y.shape == (b, n) and y.dtype == torch.bfloat16
+                    assert float((y.float() - ref).abs().max()) <= tol, (b, splits, tile)
+    assert not bool(delta_cuda._counters(0).any())
+    for b in (14, 24, 48):  # through the op: this kernel (48 tokens: on K > 12288 only, else unpack + cuBLAS)
+        x = torch.randn(2, b // 2, k, device="cuda", dtype=torch.bfloat16)
+        ref = F.linear(x.float(), w.float())
+        y = torch.ops.layerprune.sparse_linear_delta(x, *sp.buffers(), n, k)
+        assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-6, b
+    assert delta_kernels.CUDA_BATCH < 14 <= delta_kernels.SMALL_BATCH < 24 <= delta_kernels.MMA_BATCH
+    assert delta_cuda.chunks_of(sp.deltas, sp.starts, sp.gptr, n, k) is delta_cuda.chunks_of(sp.deltas, sp.starts,
+                                                                                             sp.gptr, n, k)
 
 
 def test_cuda_delta_kernel_source_compiles():
@@ -477,9 +485,10 @@ def test_cuda_delta_kernel_source_compiles():
     if nvcc is None:
         pytest.skip("no CUDA toolkit (nvcc) on this machine to compile the kernel source with")
     src = Path(os.environ.get("TMPDIR", "/tmp")) / f"layerprune_delta_cuda_{os.getpid()}.cu"
-    cases = [(1, 1, 16, 90), (2, 1, 32, 90), (4, 1, 64, 90)] + [(2, t, 16, 90) for t in delta_cuda.TOKENS[1:]]
-    for u, t, mt, sm in cases + [(2, 1, 16, 75)]:  # sm_75: no bf16 mma there, the rest must still build
-        src.write_text(delta_cuda.source(u, t, mt))
+    cases = [(1, 1, 16, 90, delta_cuda.TILE), (2, 1, 32, 90, (4, 2, 256)), (4, 1, 64, 90, (4, 1, 512))]
+    cases += [(2, t, 16, 90, delta_cuda.TILE) for t in delta_cuda.TOKENS[1:]]
+    for u, t, mt, sm, tile in cases + [(2, 1, 16, 75, delta_cuda.TILE)]:  # sm_75: no bf16 mma, no cp.async there
+        src.write_text(delta_cuda.source(u, t, mt, tile))
         out = subprocess.run([nvcc, f"-arch=sm_{sm}", "--use_fast_math", "-cubin", "-o", os.devnull, str(src)],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -619,6 +628,48 @@ def test_cuda_kernel_pass_width_follows_shared_memory():
     assert delta_kernels.CUDA_BATCH <= delta_kernels.SMALL_BATCH
     with pytest.raises(ValueError):
         delta_cuda.source(2, 3)
+
+
+@pytest.mark.parametrize("shape", [(37, 200), (50, 1300), (3, 33), (20, 4096)])
+@pytest.mark.parametrize("kind", ["0.7", "0.97", "2:4", "uneven", "empty", "dense"])
+def test_tile_kernel_group_lists_rebuild_the_weight(shape, kind):
+    """``delta_tile_bf16``'s work lists, emulated step for step on the CPU: per warp (16 rows) and chunk of KC
+    columns, row i's groups from ``chunk_index`` at list positions pre[i]…, each list position mapped back to its
+    row by the kernel's 4-step binary search, each group's entries stored where their column falls in the chunk.
+    The tiles rebuild the weight exactly: every nonzero is reached, none lands in another row or chunk."""
+    from layerprune.sparse import delta, delta_cuda
+
+    n, k = shape
+    w = _weight(n, k, kind)
+    sp = delta.pack(w)
+    kc = delta_cuda.TILE[2]
+    cidx = delta_cuda.chunk_index(sp.deltas, sp.starts, sp.gptr, n, k)
+    nch = -(-k // kc)
+    assert cidx.shape == (n, nch + 1) and cidx.dtype == torch.int32
+    cols = delta._columns(sp)
+    vals = sp.values.view(-1, delta.GROUP)
+    out = torch.zeros(n, nch * kc + kc)
+    for rw in range(0, n, 16):
+        for c in range(nch):
+            ns, firsts = [], []
+            for i in range(16):
+                r = rw + i
+                a, b, e = (int(v) for v in cidx[r, [c, c + 1, nch]]) if r < n else (0, 0, 0)
+                ns.append(min(b + 1, e) - a if r < n else 0)
+                firsts.append(a)
+            pre = [sum(ns[:i]) for i in range(16)]
+            for it in range(sum(ns)):
+                i = 0
+                for st in (8, 4, 2, 1):
+                    i += st if pre[i + st] <= it else 0
+                g = firsts[i] + it - pre[i]
+                assert rw + i < n and int(sp.gptr[rw + i]) <= g < int(sp.gptr[rw + i + 1])
+                rel = cols[g] - c * kc
+                keep = (rel >= 0) & (rel < kc)
+                tile = out[rw + i, c * kc:(c + 1) * kc]
+                assert not bool((tile[rel[keep]] != 0).any()), "a column stored twice"
+                tile[rel[keep]] = vals[g][keep].float()
+    assert torch.equal(out[:, :k], w.float()) and not bool(out[:, k:].any())
 
 
 def test_export_threshold_follows_the_kernel_that_will_run():

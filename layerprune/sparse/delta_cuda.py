@@ -1,7 +1,8 @@
 """CUDA kernels for a ``delta``-packed weight (:mod:`layerprune.sparse.delta`): the product with 1–16 tokens
 gathering x (``delta_spmv_bf16``), the product on tensor cores with the weight decoded tile by tile in shared
-memory (``delta_mma_bf16``, :func:`spmm_mma`: the op's choice for 9–16 tokens, 0.44–0.56× of dense at 16 and
-70%, BENCHMARKS.md session 15) and the dense weight (``delta_unpack_bf16``, for batches and prefills past that).
+memory (``delta_tile_bf16``, :func:`spmm_tile`: the op's choice for 9–32 tokens, and up to 64 on K > 12288; at 70%
+0.58–0.77× of dense at 16 tokens, BENCHMARKS.md session 16) and the dense weight (``delta_unpack_bf16``, for
+batches and prefills past that).
 
 Why CUDA next to the Triton kernels: those gather x from global memory (L1 hits), and Nsight Compute put
 their main stall on the L1TEX scoreboard (BENCHMARKS.md). Here a block first copies x into shared memory
@@ -279,53 +280,8 @@ extern "C" __global__ void delta_unpack_bf16(const u16* __restrict__ vals, const
     }
 }
 
-// ---- Tensor cores for 9–64 tokens: the weight decoded into shared memory, never written to global memory ----
-// A block (4 warps) owns 64 rows (warp w: 16 of them) and one split [ka, kb) of the columns, walked in chunks of
-// KC. Per chunk: the block stages x[MT tokens × KC] in shared memory; each warp zeroes its W tile [16 × KC],
-// stores its rows' entries that fall in the chunk (two lanes a row, 16 entries of each group per lane, a group
-// that runs past the chunk is visited again in the next), then multiplies with mma.sync m16n8k16 (bf16, fp32
-// accumulation). Splits write fp32 partial sums (P[split][token][row]); the caller adds them.
-#define KC 256
-#define XS (KC + 8)  // row stride of both tiles, in elements: 32-bit fragment loads hit 32 different banks
-
-struct Grp { uint4 d, v0, v1; u32 s; };
-
-__device__ __forceinline__ void load_grp(Grp& q, const u16* __restrict__ vals, const u64* __restrict__ dl,
-                                         const u16* __restrict__ starts, int g, int h) {
-    q.d = __ldcs(reinterpret_cast<const uint4*>(dl) + g);
-    const uint4* vp = reinterpret_cast<const uint4*>(vals) + (size_t)g * 4 + 2 * h;
-    q.v0 = __ldcs(vp);
-    q.v1 = __ldcs(vp + 1);
-    q.s = starts[g];
-}
-
-// Stores half h (entries 16h … 16h+15) of a group at their columns relative to c0 (those in [0, KC)); returns
-// the group's last column (its padding entries included).
-__device__ __forceinline__ int grp_scatter(u16* wrow, const Grp& q, int h, int c0) {
-    const u64 LO = 0x0F0F0F0F0F0F0F0FULL, ONE = 0x0101010101010101ULL;
-    const u64 w0 = ((u64)q.d.y << 32) | q.d.x, w1 = ((u64)q.d.w << 32) | q.d.z;
-    const u64 l0 = ((w0 & LO) + ONE) * ONE, l1 = ((w1 & LO) + ONE) * ONE;
-    const u64 h0 = (((w0 >> 4) & LO) + ONE) * ONE, h1 = (((w1 >> 4) & LO) + ONE) * ONE;
-    const int lowtot = (int)(l0 >> 56) + (int)(l1 >> 56);
-    const int start = (int)(q.s & 0xFFFFu) - 1;
-    const u64 a0 = h ? h0 : l0, a1 = h ? h1 : l1;
-    const int base0 = start + (h ? lowtot : 0) - c0, base1 = base0 + (int)(a0 >> 56);
-    const u32 vv[8] = {q.v0.x, q.v0.y, q.v0.z, q.v0.w, q.v1.x, q.v1.y, q.v1.z, q.v1.w};
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int c = base0 + (int)((a0 >> (8 * j)) & 0xFF);
-        if ((unsigned)c < (unsigned)KC) wrow[c] = (u16)(j & 1 ? vv[j >> 1] >> 16 : vv[j >> 1] & 0xFFFFu);
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int c = base1 + (int)((a1 >> (8 * j)) & 0xFF);
-        if ((unsigned)c < (unsigned)KC) wrow[c] = (u16)(j & 1 ? vv[4 + (j >> 1)] >> 16 : vv[4 + (j >> 1)] & 0xFFFFu);
-    }
-    return start + lowtot + (int)(h0 >> 56) + (int)(h1 >> 56);
-}
-
 __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-#if __CUDA_ARCH__ >= 800  // bf16 mma.sync: Ampere and later (spmm_mma checks the device; older ones still compile the rest)
+#if __CUDA_ARCH__ >= 800  // bf16 mma.sync: Ampere and later (spmm_tile checks the device; older ones still compile the rest)
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -333,114 +289,219 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(128) delta_mma_bf16(
+// ---- Tensor cores for 9–64 tokens (``delta_tile_bf16``): the weight decoded into shared memory tile by tile, never
+// written to global memory. A block of WB warps owns RW·WB rows (RW = 16·MW: MW m16 tiles a warp) and a split of CPS
+// chunks of KC columns. Row r's groups that reach into chunk c are cidx[r][c] … min(cidx[r][c+1] + 1,
+// cidx[r][NCH]) − 1 (:func:`chunk_index`), so there is no search and no walk. Per chunk: x[MT tokens × KC]
+// arrives by cp.async; each warp zeroes its W tile [RW × KC], lists its rows' groups for the chunk (a prefix sum
+// over its lanes), and stores their entries eight groups at a time (four lanes a group, ``quarter``; U steps'
+// loads in flight; the next chunk's first step requested before the products); then mma.sync m16n8k16 (bf16,
+// fp32 accumulation). One split writes y; with several, each block writes fp32 partial sums and the last block of
+// a row tile to finish (a counter per tile, reset by that block) adds them and writes y.
+#define XS (KC + 8)  // row stride of both tiles, in elements (≡ 4 words mod 32: fragment loads hit 32 banks)
+#define RW (16 * MW)
+
+__device__ __forceinline__ void cp16(u16* dst, const u16* src) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(d), "l"(src));
+#else
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void cp_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;\n" ::);
+#endif
+}
+
+// The warp's list for a chunk: the row of lane i (< RW) brings n groups from a; returns the list's length.
+__device__ __forceinline__ int make_list(int n, int a, int lane, int* pre, int* first) {
+    int inc = n;
+#pragma unroll
+    for (int o = 1; o < RW; o <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, inc, o);
+        inc += lane >= o ? t : 0;
+    }
+    const int total = __shfl_sync(0xffffffffu, inc, RW - 1);
+    __syncwarp();
+    if (lane < RW) { pre[lane] = inc - n; first[lane] = a; }
+    __syncwarp();
+    return total;
+}
+
+// Requests list positions b + 8u + sub (clamped to the list; total ≥ 1): the row (its binary search over pre)
+// goes to the top bits of s.
+__device__ __forceinline__ void load_items(uint4* v, u64* w, u32* s, const u16* __restrict__ vals,
+                                           const u64* __restrict__ dl, const u16* __restrict__ starts,
+                                           const int* pre, const int* first, int b, int total, int sub, int q) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int it = min(b + u * 8 + sub, total - 1);
+        int i = 0;
+#pragma unroll
+        for (int st = RW / 2; st; st >>= 1) i += pre[i + st] <= it ? st : 0;
+        const int g = first[i] + it - pre[i];
+        v[u] = __ldcs(reinterpret_cast<const uint4*>(vals) + (size_t)g * 4 + q);
+        w[u] = __ldcs(dl + (size_t)g * 2 + (q & 1));
+        s[u] = (u32)starts[g] | ((u32)i << 16);
+    }
+}
+
+__device__ __forceinline__ void store_items(u16* wt, const uint4* v, const u64* w, const u32* s, int b, int total,
+                                            int sub, int q, int c0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        u64 p;
+        const int base = quarter(w[u], s[u], q, p) - c0;
+        if (b + u * 8 + sub < total) {
+            const u32 vv[8] = {v[u].x & 0xFFFFu, v[u].x >> 16, v[u].y & 0xFFFFu, v[u].y >> 16,
+                               v[u].z & 0xFFFFu, v[u].z >> 16, v[u].w & 0xFFFFu, v[u].w >> 16};
+            u16* wr = wt + (s[u] >> 16) * XS;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int col = base + (int)((p >> (8 * j)) & 0xFF);
+                if ((unsigned)col < (unsigned)KC) wr[col] = (u16)vv[j];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * WB) delta_tile_bf16(
         const u16* __restrict__ x, const u16* __restrict__ vals, const u64* __restrict__ dl,
-        const u16* __restrict__ starts, const int* __restrict__ gptr, float* __restrict__ part,
-        int N, int K, int nb, int sxb, int KS, int vec)
+        const u16* __restrict__ starts, const int* __restrict__ cidx, float* __restrict__ part,
+        int* __restrict__ count, u16* __restrict__ y, int N, int K, int nb, int sxb, int CPS, int NCH, int vec)
 {
     extern __shared__ __align__(16) u16 sm[];
+    __shared__ int pre[WB][RW], first[WB][RW];
+    __shared__ int last_block;
     u16* xt = sm;                                  // MT × XS
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    u16* wt = sm + MT * XS + warp * 16 * XS;       // this warp's 16 × XS
-    const int ka = blockIdx.y * KS, kb = min(K, ka + KS);
-    const int rw = blockIdx.x * 64 + warp * 16;    // the warp's first row
-    // decode lanes: row i = lane >> 1, half h = lane & 1
-    const int i = lane >> 1, h = lane & 1, r = rw + i;
-    int g = 0, g1 = 0;
-    if (r < N) {
-        int lo = gptr[r];
-        g1 = gptr[r + 1];
-        if (ka > 0 && lo < g1) {  // the last group starting at or before ka (the first one that reaches ka)
-            int hi = g1 - 1;
-            while (lo < hi) {
-                const int mid = (lo + hi + 1) >> 1;
-                if ((int)(starts[mid] & 0xFFFFu) <= ka) lo = mid; else hi = mid - 1;
-            }
-        }
-        g = lo;
-    }
-    Grp cur, nxt;
-    bool have = false;
-    if (g < g1) load_grp(cur, vals, dl, starts, g, h);
-    float acc[MT / 8][4];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, sub = lane >> 2, q = lane & 3;
+    u16* wt = sm + MT * XS + warp * RW * XS;       // this warp's RW × XS
+    const int rw = (blockIdx.x * WB + warp) * RW;
+    const int ca = blockIdx.y * CPS, cb = min(NCH, ca + CPS);
+    // lane i < RW: row rw + i's groups for the current chunk are [a, min(b + 1, e)); bn = the next chunk's b
+    const bool live = lane < RW && rw + lane < N;
+    const int* ci = cidx + (size_t)(rw + lane) * (NCH + 1);
+    int a = 0, b = 0, e = 0;
+    if (live) { a = ci[ca]; b = ci[ca + 1]; e = ci[NCH]; }
+    uint4 v[U];
+    u64 w[U];
+    u32 s[U];
+    int total = make_list(live ? min(b + 1, e) - a : 0, a, lane, pre[warp], first[warp]);
+    if (total) load_items(v, w, s, vals, dl, starts, pre[warp], first[warp], 0, total, sub, q);
+    float acc[MW][MT / 8][4];
 #pragma unroll
-    for (int t = 0; t < MT / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-    const int fg = lane >> 2, ft = lane & 3;       // fragment row / column pair
-    for (int c0 = ka; c0 < kb; c0 += KC) {
-        // x chunk: MT tokens × KC columns (zeros past nb tokens and past K)
-        for (int idx = tid; idx < MT * (KC / 8); idx += 128) {
+    for (int m = 0; m < MW; ++m)
+#pragma unroll
+        for (int t = 0; t < MT / 8; ++t) acc[m][t][0] = acc[m][t][1] = acc[m][t][2] = acc[m][t][3] = 0.f;
+    const int fg = lane >> 2, ft = lane & 3;
+    for (int c = ca; c < cb; ++c) {
+        const int c0 = c * KC;
+        int bn = 0;
+        if (live && c + 2 <= NCH) bn = ci[c + 2];
+        for (int idx = tid; idx < MT * (KC / 8); idx += 32 * WB) {
             const int t = idx / (KC / 8), c8 = (idx % (KC / 8)) * 8, col = c0 + c8;
-            uint4 q = make_uint4(0u, 0u, 0u, 0u);
-            if (t < nb) {
-                const u16* src = x + (size_t)t * sxb + col;
-                if (vec && col + 8 <= K) {
-                    q = *reinterpret_cast<const uint4*>(src);
-                } else {
-                    u32 e[8];
+            u16* dst = xt + t * XS + c8;
+            const u16* src = x + (size_t)t * sxb + col;
+            if (t < nb && vec && col + 8 <= K) {
+                cp16(dst, src);
+            } else {
+                u32 ev[8];
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) e[j] = col + j < K ? src[j] : 0u;
-                    q = make_uint4(e[0] | (e[1] << 16), e[2] | (e[3] << 16), e[4] | (e[5] << 16), e[6] | (e[7] << 16));
-                }
+                for (int j = 0; j < 8; ++j) ev[j] = t < nb && col + j < K ? src[j] : 0u;
+                *reinterpret_cast<uint4*>(dst) =
+                    make_uint4(ev[0] | (ev[1] << 16), ev[2] | (ev[3] << 16), ev[4] | (ev[5] << 16), ev[6] | (ev[7] << 16));
             }
-            *reinterpret_cast<uint4*>(xt + t * XS + c8) = q;
         }
-        for (int idx = lane; idx < 16 * (KC / 8); idx += 32)
+        for (int idx = lane; idx < RW * (KC / 8); idx += 32)
             *reinterpret_cast<uint4*>(wt + (idx / (KC / 8)) * XS + (idx % (KC / 8)) * 8) = make_uint4(0u, 0u, 0u, 0u);
         __syncwarp();
-        // this lane's row, half h: the groups that reach into [c0, c0 + KC)
-        while (g < g1 && (int)(cur.s & 0xFFFFu) < c0 + KC) {
-            if (!have && g + 1 < g1) { load_grp(nxt, vals, dl, starts, g + 1, h); have = true; }
-            const int last = grp_scatter(wt + i * XS, cur, h, c0);
-            if (last >= c0 + KC) break;            // runs on into the next chunk: visit it again there
-            ++g;
-            cur = nxt;
-            have = false;
+        for (int bb = 0; bb < total; bb += 8 * U) {  // the first step's loads were requested before
+            if (bb) load_items(v, w, s, vals, dl, starts, pre[warp], first[warp], bb, total, sub, q);
+            store_items(wt, v, w, s, bb, total, sub, q, c0);
         }
+        if (c + 1 < cb) {  // the next chunk's list, and its first step's loads in flight during the products
+            a = b;
+            b = bn;
+            total = make_list(live ? min(b + 1, e) - a : 0, a, lane, pre[warp], first[warp]);
+            if (total) load_items(v, w, s, vals, dl, starts, pre[warp], first[warp], 0, total, sub, q);
+        }
+        cp_wait();
         __syncthreads();
-#pragma unroll 4
+#pragma unroll 2
         for (int kk = 0; kk < KC; kk += 16) {
-            const u16* wa = wt + fg * XS + kk + 2 * ft;
-            const u32 a0 = *reinterpret_cast<const u32*>(wa);
-            const u32 a1 = *reinterpret_cast<const u32*>(wa + 8 * XS);
-            const u32 a2 = *reinterpret_cast<const u32*>(wa + 8);
-            const u32 a3 = *reinterpret_cast<const u32*>(wa + 8 * XS + 8);
+            u32 bf[MT / 8][2];
 #pragma unroll
             for (int t = 0; t < MT / 8; ++t) {
                 const u16* xb = xt + (t * 8 + fg) * XS + kk + 2 * ft;
-                mma16816(acc[t], a0, a1, a2, a3, *reinterpret_cast<const u32*>(xb), *reinterpret_cast<const u32*>(xb + 8));
+                bf[t][0] = *reinterpret_cast<const u32*>(xb);
+                bf[t][1] = *reinterpret_cast<const u32*>(xb + 8);
+            }
+#pragma unroll
+            for (int m = 0; m < MW; ++m) {
+                const u16* wa = wt + (m * 16 + fg) * XS + kk + 2 * ft;
+                const u32 a0 = *reinterpret_cast<const u32*>(wa);
+                const u32 a1 = *reinterpret_cast<const u32*>(wa + 8 * XS);
+                const u32 a2 = *reinterpret_cast<const u32*>(wa + 8);
+                const u32 a3 = *reinterpret_cast<const u32*>(wa + 8 * XS + 8);
+#pragma unroll
+                for (int t = 0; t < MT / 8; ++t) mma16816(acc[m][t], a0, a1, a2, a3, bf[t][0], bf[t][1]);
             }
         }
         __syncthreads();
     }
     float* out = part + (size_t)blockIdx.y * nb * N;
+    const bool one = gridDim.y == 1;
 #pragma unroll
-    for (int t = 0; t < MT / 8; ++t) {
-        const int tok = t * 8 + 2 * ft, row = rw + fg;
-        if (tok < nb) {
-            if (row < N) out[(size_t)tok * N + row] = acc[t][0];
-            if (row + 8 < N) out[(size_t)tok * N + row + 8] = acc[t][2];
-        }
-        if (tok + 1 < nb) {
-            if (row < N) out[(size_t)(tok + 1) * N + row] = acc[t][1];
-            if (row + 8 < N) out[(size_t)(tok + 1) * N + row + 8] = acc[t][3];
-        }
+    for (int m = 0; m < MW; ++m)
+#pragma unroll
+        for (int t = 0; t < MT / 8; ++t)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                const int tk = t * 8 + 2 * ft + (h & 1), rr = rw + m * 16 + fg + 8 * (h >> 1);
+                if (tk < nb && rr < N) {
+                    if (one) y[(size_t)tk * N + rr] = to_bf(acc[m][t][h]);
+                    else out[(size_t)tk * N + rr] = acc[m][t][h];
+                }
+            }
+    if (one) return;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last_block = atomicAdd(count + blockIdx.x, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    const int r0 = blockIdx.x * WB * RW;
+    for (int idx = tid; idx < nb * WB * RW; idx += 32 * WB) {
+        const int tk = idx / (WB * RW), rr = r0 + idx % (WB * RW);
+        if (rr >= N) continue;
+        float sum = 0.f;
+        for (int sp = 0; sp < (int)gridDim.y; ++sp) sum += __ldcg(part + ((size_t)sp * nb + tk) * N + rr);
+        y[(size_t)tk * N + rr] = to_bf(sum);
     }
+    if (tid == 0) count[blockIdx.x] = 0;  // ready for the next launch
 }
 """
 
 PAD = 64
 TOKENS = (1, 2, 4, 8, 16)  # tokens per pass the gather kernel is built for
 MMA_TOKENS = (16, 32, 64)  # and the tensor-core kernel
-MMA_KC = 256  # its chunk of columns (KC in the source)
+TILE = (8, 1, 256)  # the tensor-core kernel's warps per block, m16 tiles per warp, chunk of columns (WB, MW, KC)
 _failed: set[int] = set()
 
 
-def source(unroll: int, tokens: int = 1, mma_tokens: int = 16) -> str:
+def source(unroll: int, tokens: int = 1, mma_tokens: int = 16, tile: tuple[int, int, int] = TILE) -> str:
     """The kernels' CUDA source for ``unroll`` steps in flight and ``tokens`` tokens per pass (the gather kernel),
-    ``mma_tokens`` per pass (the tensor-core kernel)."""
+    ``mma_tokens`` per pass and ``tile`` = (warps per block, m16 tiles per warp, chunk) for the tensor-core kernel."""
     if tokens not in TOKENS or mma_tokens not in MMA_TOKENS:
         raise ValueError(f"tokens per pass must be one of {TOKENS} (gather) or {MMA_TOKENS} (tensor cores)")
-    return f"#define U {unroll}\n#define T {tokens}\n#define MT {mma_tokens}\n#define PAD {PAD}\n" + SOURCE
+    wb, mw, kc = tile
+    if mw not in (1, 2) or kc % 16 or wb < 1:
+        raise ValueError(f"tile {tile}: 1 or 2 m16 tiles per warp, a chunk that is a multiple of 16")
+    return (f"#define U {unroll}\n#define T {tokens}\n#define MT {mma_tokens}\n#define PAD {PAD}\n"
+            f"#define WB {wb}\n#define MW {mw}\n#define KC {kc}\n" + SOURCE)
 
 
 def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
@@ -452,17 +513,19 @@ def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _kernel(device: int, unroll: int, tokens: int, name: str, mma_tokens: int = 16):
+def _kernel(device: int, unroll: int, tokens: int, name: str, mma_tokens: int = 16, tile: tuple = TILE):
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source(unroll, tokens, mma_tokens), name, nvcc_options=["--use_fast_math"])
+        return torch.cuda._compile_kernel(source(unroll, tokens, mma_tokens, tile), name,
+                                          nvcc_options=["--use_fast_math"])
 
 
-def kernel(device: int, unroll: int, tokens: int = 1, name: str = "delta_spmv_bf16", mma_tokens: int = 16):
-    """The compiled kernel ``name`` (the product, ``delta_unpack_bf16`` or ``delta_mma_bf16``) for ``unroll``
+def kernel(device: int, unroll: int, tokens: int = 1, name: str = "delta_spmv_bf16", mma_tokens: int = 16,
+           tile: tuple[int, int, int] = TILE):
+    """The compiled kernel ``name`` (the product, ``delta_unpack_bf16`` or ``delta_tile_bf16``) for ``unroll``
     steps in flight and ``tokens`` (``mma_tokens``) per pass on CUDA device ``device`` (cached per process), or
     ``None`` when it cannot be compiled here (one warning; the caller uses Triton)."""
     try:
-        return _kernel(device, unroll, tokens, name, mma_tokens)
+        return _kernel(device, unroll, tokens, name, mma_tokens, tuple(tile))
     except (RuntimeError, OSError, AttributeError) as e:
         _failed.add(device)
         log.warning("the CUDA kernel did not compile (%s); using the Triton kernel",
@@ -599,50 +662,96 @@ def unpack(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gpt
     return out
 
 
-def mma_splits(n: int, k: int, sms: int) -> int:
-    """Column splits of the tensor-core kernel: about two blocks per SM over the 64-row tiles, at most one
+def chunk_index(deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, n: int, k: int,
+                chunk: int = TILE[2]) -> torch.Tensor:
+    """(n × (⌈k/chunk⌉ + 1)) int32 on the weight's device: entry [r, c] is the first group of row r whose last
+    column (padding included) is ≥ c·chunk, the last entry gptr[r + 1]. The groups of row r that reach into chunk
+    c are then [r, c] … min([r, c+1] + 1, [r, -1]) − 1 (the group at [r, c+1] may start inside chunk c)."""
+    nch = -(-k // chunk)
+    dev = gptr.device
+    d = deltas.view(-1, 16).to(torch.int32)
+    last = (starts.to(torch.int32) & 0xFFFF) - 1 + (d & 15).sum(1) + (d >> 4).sum(1) + 32
+    rows = torch.repeat_interleave(torch.arange(n, device=dev), (gptr[1:] - gptr[:-1]).long(),
+                                   output_size=starts.numel())  # no host sync (CUDA-graph capture)
+    key = rows * (1 << 17) + last.long()
+    qry = torch.arange(n, device=dev)[:, None] * (1 << 17) + torch.arange(nch, device=dev)[None, :] * chunk
+    first = torch.searchsorted(key, qry.reshape(-1)).view(n, nch)
+    return torch.cat([first.to(torch.int32), gptr[1:, None].to(torch.int32)], 1).contiguous()
+
+
+def chunks_of(deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, n: int, k: int,
+              chunk: int = TILE[2]) -> torch.Tensor:
+    """:func:`chunk_index`, computed once per packed weight and kept on its ``gptr`` tensor (recomputed when a
+    buffer was written in place since, as ``load_state_dict`` does)."""
+    try:
+        key = (chunk, gptr._version, deltas._version, starts._version)
+    except RuntimeError:  # inference tensors keep no version counter (and cannot be written in place)
+        key = (chunk,)
+    held = getattr(gptr, "_layerprune_chunks", None)
+    if held is None or held[0] != key:
+        held = (key, chunk_index(deltas, starts, gptr, n, k, chunk))
+        gptr._layerprune_chunks = held
+    return held[1]
+
+
+def tile_splits(n: int, nch: int, sms: int, rows: int) -> int:
+    """Column splits of ``delta_tile_bf16``: about two blocks per SM over the tiles of ``rows`` rows, at most one
     chunk per split."""
-    tiles = -(-n // 64)
-    return max(1, min(-(-k // MMA_KC), round(2 * sms / tiles)))
+    return max(1, min(nch, round(2 * sms / -(-n // rows))))
 
 
-def spmm_mma(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
-             n: int, k: int, splits: int | None = None) -> torch.Tensor | None:
-    """y (B × n) = x (B × k) · Wᵀ in bf16 on tensor cores (B ≤ 64 tokens a pass, more in several), W packed
-    (delta layout) and decoded tile by tile in shared memory; ``None`` when the kernel is not available."""
+@functools.cache
+def _counters(device: int) -> torch.Tensor:
+    """Zeroed per-row-tile counters of ``delta_tile_bf16``'s split reduction (each launch leaves them zero; launches
+    on one stream at a time)."""
+    return torch.zeros(1 << 16, dtype=torch.int32, device=torch.device("cuda", device))
+
+
+def spmm_tile(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, cidx: torch.Tensor,
+              n: int, k: int, splits: int | None = None, tile: tuple[int, int, int] = TILE,
+              unroll: int = 4) -> torch.Tensor | None:
+    """y (B × n) = x (B × k) · Wᵀ in bf16 on tensor cores (``delta_tile_bf16``: up to 64 tokens a pass, more in
+    several), with ``cidx`` = :func:`chunk_index` for ``tile``'s chunk; ``None`` when the kernel is not
+    available (before Ampere, or compiling failed)."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if torch.cuda.get_device_capability(dev) < (8, 0):  # no bf16 tensor-core mma before Ampere
         return None
+    wb, mw, kc = tile
+    nch = -(-k // kc)
+    if cidx.shape != (n, nch + 1):
+        raise ValueError(f"spmm_tile: the chunk index has shape {tuple(cidx.shape)}, not {(n, nch + 1)} for chunk {kc}")
     sms, limit = _props(dev)
     B = x.shape[0]
     mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
-    smem = 2 * (mt + 64) * (MMA_KC + 8)
-    if smem > limit:
+    rows = 16 * mw * wb
+    smem = 2 * (mt + rows) * (kc + 8)
+    if smem + 8 * rows + 4 > limit:
         return None
-    kern = kernel(dev, 2, 1, "delta_mma_bf16", mt)
+    kern = kernel(dev, unroll, 1, "delta_tile_bf16", mt, tile)
     if kern is None:
         return None
     if x.stride(-1) != 1:
         x = x.contiguous()
+    y = torch.empty(B, n, dtype=x.dtype, device=x.device)
     if n == 0 or B == 0:
-        return torch.zeros(B, n, dtype=x.dtype, device=x.device)
-    per_split = -(-k // (splits or mma_splits(n, k, sms)))
-    ks = -(-per_split // MMA_KC) * MMA_KC  # a split's columns: whole chunks
-    s = -(-k // ks)
+        return y.zero_()
+    tiles = -(-n // rows)
+    cps = -(-nch // (splits or tile_splits(n, nch, sms, rows)))
+    s = -(-nch // cps)
+    count = _counters(dev)
+    if s > 1 and tiles > count.numel():
+        return None
     if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
         kern.set_shared_memory_config(smem)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    ys = []
+    part = torch.empty(s, mt, n, dtype=torch.float32, device=x.device) if s > 1 else count
     for p in range(0, B, mt):
-        nb = min(mt, B - p)
-        part = torch.empty(s, nb, n, dtype=torch.float32, device=x.device)
         xp = x[p:]
         vec = int(xp.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0)
-        args = [ctypes.c_void_p(t.data_ptr()) for t in (xp, values, deltas, starts, gptr, part)]
-        args += [ctypes.c_int(v) for v in (n, k, nb, x.stride(0), ks, vec)]
+        args = [ctypes.c_void_p(t.data_ptr()) for t in (xp, values, deltas, starts, cidx, part, count, y[p:])]
+        args += [ctypes.c_int(v) for v in (n, k, min(mt, B - p), x.stride(0), cps, nch, vec)]
         argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
-        rc = _launcher()(kern.func, -(-n // 64), s, 1, 128, 1, 1, smem, stream, argv, None)
+        rc = _launcher()(kern.func, tiles, s, 1, 32 * wb, 1, 1, smem, stream, argv, None)
         if rc != 0:
             raise RuntimeError(f"delta_cuda: cuLaunchKernel failed with CUDA error {rc}")
-        ys.append((part.sum(0) if s > 1 else part[0]).to(x.dtype))
-    return ys[0] if len(ys) == 1 else torch.cat(ys)
+    return y

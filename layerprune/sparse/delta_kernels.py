@@ -31,7 +31,7 @@ On a CUDA device with bf16 weights, ``sparse_mm``'s default for up to ``CUDA_BAT
 of :mod:`layerprune.sparse.delta_cuda` (x in shared memory; at 70% 1.37–2.08× of dense for one token, 0.97–1.46×
 for four, against these kernels' 1.1–1.5× and 0.6–0.7×, BENCHMARKS.md); these kernels remain its fallback (no
 NVRTC, misaligned buffers) and the path for fp16/fp32; 9–16 bf16 tokens go to the CUDA tensor-core kernel
-(``delta_cuda.spmm_mma``: 2–30% faster than these kernels at 16 tokens).
+(``delta_cuda.spmm_tile``), and so do 17–32 (up to 64 on K > 12288) through :func:`tensor_cores`.
 
 ``decompress``: the dense weight, for batches and prefills beyond ``SMALL_BATCH``: by default the CUDA unpack
 kernel (rows built in shared memory), else zeros then one Triton scatter of the entries (scattered 2-byte stores:
@@ -50,8 +50,9 @@ if HAVE_TRITON:
 
 SMALL_BATCH = 16
 CUDA_BATCH = 8  # the CUDA kernel's default up to this many tokens (bench/sparse_delta_cuda.py --batches)
-MMA_BATCH = 16  # then the tensor-core kernel up to this many, ≤ SMALL_BATCH (bench/sparse_delta_cuda.py --mma: it
-# beats Triton at 16 tokens on every shape; past 16, the op's unpack + cuBLAS beats it)
+MMA_BATCH = 32  # then the tensor-core tile kernel up to this many tokens, and up to MMA_WIDE_BATCH on K > WIDE_MMA_K;
+MMA_WIDE_BATCH = 64  # beyond, unpack + cuBLAS (bench/sparse_delta_cuda.py --tile, BENCHMARKS.md session 16: at 64
+WIDE_MMA_K = 12288  # tokens the tile kernel wins on K = 14336 and 28672, loses on K = 4096-11008)
 WIDE_K = 8192  # one token on K ≥ WIDE_K: the broadcast kernel (bench/sparse_delta_v2.py)
 
 if HAVE_TRITON:
@@ -326,7 +327,7 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
             if B <= CUDA_BATCH or cuda:
                 y = delta_cuda.spmv(x, values, deltas, starts, gptr, n, k)
             else:
-                y = delta_cuda.spmm_mma(x, values, deltas, starts, gptr, n, k) if B <= MMA_BATCH else None
+                y = tensor_cores(x, values, deltas, starts, gptr, n, k)
             if y is not None:
                 return y
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
@@ -357,6 +358,21 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
                                 R=r, GP=gp, BB=bb, UNMASKED=unmasked, FULL=B == bb,
                                 **_launch(nw, num_stages or 2))
     return y
+
+
+def tensor_cores(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor,
+                 gptr: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """y = x · Wᵀ by the CUDA tensor-core tile kernel (``delta_cuda.spmm_tile``) for the batches where it beats
+    unpack + cuBLAS (up to ``MMA_BATCH`` tokens; up to ``MMA_WIDE_BATCH`` when k > ``WIDE_MMA_K``), else ``None``."""
+    B = x.shape[0]
+    if not (B <= MMA_BATCH or (B <= MMA_WIDE_BATCH and k > WIDE_MMA_K)) or starts.numel() == 0:
+        return None
+    from layerprune.sparse import delta_cuda
+
+    if not delta_cuda.usable(x, values, deltas):
+        return None
+    return delta_cuda.spmm_tile(x.contiguous(), values, deltas, starts, delta_cuda.chunks_of(deltas, starts, gptr, n, k),
+                                n, k)
 
 
 def decompress(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, n: int,

@@ -2,16 +2,16 @@
 
 * ``delta`` (default, :mod:`layerprune.sparse.delta`): row-major values + 4-bit column deltas. The fast
   one for decode (bf16, CUDA kernel, at 70% on the H200: one token 1.37–2.08× dense per LLaMA-2 7B–70B linear,
-  four tokens 0.97–1.46×); past 16 tokens the weight is unpacked (CUDA kernel) and cuBLAS runs it: prefill at
-  0.79–0.88× of dense.
+  four tokens 0.97–1.46×, sixteen 0.58–0.77× on tensor cores); past 32 tokens (64 on K > 12288) the weight is
+  unpacked (CUDA kernel) and cuBLAS runs it: prefill at 0.79–0.88× of dense.
 * ``bitmask`` (:mod:`layerprune.sparse.format`): tile-major bitmask + values. Dense speed at 70% for one
   token, a tile decompression for prefill that costs 15–25% over dense.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
 ``layerprune::sparse_linear``), so ``torch.compile`` and CUDA-graph capture take it as it is. The op
 picks the path by where it runs: CUDA with Triton → the decode kernels for small batches (bf16: the CUDA
-kernels of ``delta_cuda`` when they compiled, gathering x for 1–8 tokens, tensor cores for 9–16), else
-decompress + ``F.linear`` (cuBLAS); no CUDA or no Triton → unpack with plain PyTorch and ``F.linear``
+kernels of ``delta_cuda`` when they compiled, gathering x for 1–8 tokens, tensor cores for 9–32, or up to 64
+on K > 12288), else decompress + ``F.linear`` (cuBLAS); no CUDA or no Triton → unpack with plain PyTorch and ``F.linear``
 (correct, not fast; one warning).
 """
 
@@ -81,7 +81,9 @@ def sparse_linear_delta(x: torch.Tensor, values: torch.Tensor, deltas: torch.Ten
         if x2.shape[0] <= delta_kernels.SMALL_BATCH:
             y = delta_kernels.sparse_mm(x2.contiguous(), values, deltas, starts, gptr, n, k)
         else:
-            y = F.linear(x2, delta_kernels.decompress(values, deltas, starts, gptr, n, k))
+            y = delta_kernels.tensor_cores(x2, values, deltas, starts, gptr, n, k)
+            if y is None:
+                y = F.linear(x2, delta_kernels.decompress(values, deltas, starts, gptr, n, k))
     else:
         _torch_path(x)
         y = F.linear(x2, delta.unpack(delta.DeltaTensor(values, deltas, starts, gptr, (n, k))).to(x2.dtype))
