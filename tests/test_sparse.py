@@ -462,7 +462,7 @@ def test_cuda_delta_mma_kernel_equals_f_linear(shape, kind):
                                              tile=tile, unroll=2 if tile[0] == 2 else 4)
                     assert y is not None and y.shape == (b, n) and y.dtype == torch.bfloat16
                     assert float((y.float() - ref).abs().max()) <= tol, (b, splits, tile)
-    assert not bool(delta_cuda._counters(0).any())
+    assert not bool(delta_cuda._counters(0, torch.cuda.current_stream().cuda_stream).any())
     for b in (14, 24, 48):  # through the op: this kernel (48 tokens: on K > 12288 only, else unpack + cuBLAS)
         x = torch.randn(2, b // 2, k, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x.float(), w.float())
@@ -634,8 +634,9 @@ def test_cuda_kernel_pass_width_follows_shared_memory():
 @pytest.mark.parametrize("kind", ["0.7", "0.97", "2:4", "uneven", "empty", "dense"])
 def test_tile_kernel_group_lists_rebuild_the_weight(shape, kind):
     """``delta_tile_bf16``'s work lists, emulated step for step on the CPU: per warp (16 rows) and chunk of KC
-    columns, row i's groups from ``chunk_index`` at list positions pre[i]…, each list position mapped back to its
-    row by the kernel's 4-step binary search, each group's entries stored where their column falls in the chunk.
+    columns, row i's groups from ``chunk_index`` at list positions pre[i]…, each list position's row from the
+    warp's table (which must fit its KC/32 + 2 entries per row), each group's entries stored where their column
+    falls in the chunk.
     The tiles rebuild the weight exactly: every nonzero is reached, none lands in another row or chunk."""
     from layerprune.sparse import delta, delta_cuda
 
@@ -658,10 +659,10 @@ def test_tile_kernel_group_lists_rebuild_the_weight(shape, kind):
                 ns.append(min(b + 1, e) - a if r < n else 0)
                 firsts.append(a)
             pre = [sum(ns[:i]) for i in range(16)]
+            table = [i for i in range(16) for _ in range(ns[i])]  # a list position's row
+            assert len(table) <= 16 * (kc // 32 + 2)  # the kernel's table size
             for it in range(sum(ns)):
-                i = 0
-                for st in (8, 4, 2, 1):
-                    i += st if pre[i + st] <= it else 0
+                i = table[it]
                 g = firsts[i] + it - pre[i]
                 assert rw + i < n and int(sp.gptr[rw + i]) <= g < int(sp.gptr[rw + i + 1])
                 rel = cols[g] - c * kc
