@@ -431,6 +431,10 @@ def test_cuda_delta_unpack_is_exact(shape, kind):
     sp = delta.pack(w)
     for warps in (None, 1, 3):
         assert torch.equal(delta_cuda.unpack(*sp.buffers(), n, k, warps=warps), w), warps
+    r0, r1 = n // 3, n - n // 4  # a block of rows into a given buffer
+    buf = torch.empty(r1 - r0, k, dtype=w.dtype, device="cuda")
+    assert delta_cuda.unpack(sp.values, sp.deltas, sp.starts, sp.gptr[r0:r1 + 1], r1 - r0, k, out=buf) is buf
+    assert torch.equal(buf, w[r0:r1])
     x = torch.randn(2, 40, k, device="cuda", dtype=torch.bfloat16)  # past the kernels' batches: unpack + cuBLAS
     y = torch.ops.layerprune.sparse_linear_delta(x, *sp.buffers(), n, k)
     assert torch.equal(y, F.linear(x, w))

@@ -638,10 +638,11 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
 
 
 def unpack(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, n: int, k: int,
-           unroll: int = 2, warps: int | None = None) -> torch.Tensor | None:
+           unroll: int = 2, warps: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """The dense (n × k) bf16 weight, written row by row through shared memory (16-byte stores), or ``None`` when
     the kernel is not available. ``warps`` per block default to as many row buffers (2·(k + PAD) bytes) as fit
-    in 64 KB, at least one."""
+    in 64 KB, at least one. Rows r0 … r1 − 1 only: ``gptr[r0:r1 + 1]`` and n = r1 − r0 (the row pointers index
+    the whole weight's groups); ``out``: a contiguous (n × k) bf16 buffer to write into."""
     dev = values.device.index if values.device.index is not None else torch.cuda.current_device()
     sms, limit = _props(dev)
     rs = -(-(k + PAD) // 8) * 8
@@ -650,7 +651,10 @@ def unpack(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gpt
     kern = kernel(dev, unroll, 1, "delta_unpack_bf16")
     if kern is None:
         return None
-    out = torch.empty(n, k, dtype=values.dtype, device=values.device)
+    if out is None:
+        out = torch.empty(n, k, dtype=values.dtype, device=values.device)
+    elif out.shape != (n, k) or not out.is_contiguous() or out.dtype != values.dtype:
+        raise ValueError(f"unpack: out must be a contiguous ({n}, {k}) {values.dtype} tensor")
     if n == 0 or k == 0:
         return out
     warps = warps or max(1, min(8, (64 * 1024) // (2 * rs)))
