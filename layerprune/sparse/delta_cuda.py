@@ -378,8 +378,8 @@ extern "C" __global__ void __launch_bounds__(32 * WB) delta_tile_bf16(
 {
     extern __shared__ __align__(16) u16 sm[];
     __shared__ int pre[WB][RW], first[WB][RW];
-    __shared__ unsigned char rows[WB][RW * (KC / 32 + 2)];  // a list position's row: a group spans ≥ 32 columns, so
-                                                            // at most KC/32 + 2 groups of a row are listed per chunk
+    __shared__ unsigned char rows[WB][RW * ((KC + 31) / 32 + 2)];  // a list position's row: a group spans ≥ 32
+                                                                   // columns, so ≤ ⌈KC/32⌉ + 2 are listed per row
     __shared__ int last_block;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, sub = lane >> 2, q = lane & 3;
     u16* xt = sm;                                  // MT × XS
@@ -734,7 +734,7 @@ def spmm_tile(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
     mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
     rows = 16 * mw * wb
     smem = 2 * (mt + rows) * (kc + 8)
-    if smem + rows * (8 + kc // 32 + 2) + 4 > limit:
+    if smem + rows * (8 + -(-kc // 32) + 2) + 4 > limit:
         return None
     kern = kernel(dev, unroll, 1, "delta_tile_bf16", mt, tile)
     if kern is None:
