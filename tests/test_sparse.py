@@ -477,6 +477,34 @@ def test_cuda_delta_mma_kernel_equals_f_linear(shape, kind):
                                                                                              sp.gptr, n, k)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device (the GPU machine)")
+def test_cuda_tile_kernel_replays_in_a_cuda_graph():
+    """The op at 24 and 48 tokens (the tile kernel, split reduction) captured in one CUDA graph and replayed with new
+    inputs equals F.linear each time: the split counters are left at zero between replays. The second weight's
+    chunk index is first built inside the capture (no host sync)."""
+    from layerprune.sparse import delta, delta_cuda
+
+    ws = [_weight(3000, 4096, "0.7").to("cuda", torch.bfloat16),
+          _weight(1000, 14336, "uneven", 1).to("cuda", torch.bfloat16)]
+    sps = [delta.pack(w) for w in ws]
+    xs = [torch.randn(24, 4096, device="cuda", dtype=torch.bfloat16),
+          torch.randn(48, 14336, device="cuda", dtype=torch.bfloat16)]
+    op = torch.ops.layerprune.sparse_linear_delta
+    op(xs[0], *sps[0].buffers(), 3000, 4096)  # compile the kernel and build the first chunk index outside the capture
+    assert delta_cuda.kernel(0, 4, 1, "delta_tile_bf16", 64) is not None  # the 48-token build, also before
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ys = [op(xs[0], *sps[0].buffers(), 3000, 4096), op(xs[1], *sps[1].buffers(), 1000, 14336)]
+    for _ in range(3):
+        for x in xs:
+            x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        for x, w, y in zip(xs, ws, ys):
+            ref = F.linear(x.float(), w.float())
+            assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-6
+
+
 def test_cuda_delta_kernel_source_compiles():
     """The CUDA source compiles for sm_90 (and sm_75, without the tensor-core kernel's mma) where nvcc is installed
     (the GPU tests above run it)."""
