@@ -301,6 +301,16 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 #define XS (KC + 8)  // row stride of both tiles, in elements (≡ 4 words mod 32: fragment loads hit 32 banks)
 #define RW (16 * MW)
 
+// Four 8 × 8 bf16 matrices from shared memory in mma fragment order (lane l gives the address of row l % 8 of
+// matrix l / 8).
+__device__ __forceinline__ void ldsm4(u32& r0, u32& r1, u32& r2, u32& r3, const u16* p) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+#endif
+}
+
 __device__ __forceinline__ void cp16(u16* dst, const u16* src) {
 #if __CUDA_ARCH__ >= 800
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
@@ -437,20 +447,15 @@ extern "C" __global__ void __launch_bounds__(32 * WB) delta_tile_bf16(
         __syncthreads();
 #pragma unroll 2
         for (int kk = 0; kk < KC; kk += 16) {
-            u32 bf[MT / 8][2];
+            u32 bf[MT / 8][2];  // x: two n8 tiles (16 tokens) × k16 per ldmatrix
 #pragma unroll
-            for (int t = 0; t < MT / 8; ++t) {
-                const u16* xb = xt + (t * 8 + fg) * XS + kk + 2 * ft;
-                bf[t][0] = *reinterpret_cast<const u32*>(xb);
-                bf[t][1] = *reinterpret_cast<const u32*>(xb + 8);
-            }
+            for (int t2 = 0; t2 < MT / 16; ++t2)
+                ldsm4(bf[2 * t2][0], bf[2 * t2][1], bf[2 * t2 + 1][0], bf[2 * t2 + 1][1],
+                      xt + (t2 * 16 + (lane & 7) + ((lane >> 4) << 3)) * XS + kk + ((lane >> 3) & 1) * 8);
 #pragma unroll
             for (int m = 0; m < MW; ++m) {
-                const u16* wa = wt + (m * 16 + fg) * XS + kk + 2 * ft;
-                const u32 a0 = *reinterpret_cast<const u32*>(wa);
-                const u32 a1 = *reinterpret_cast<const u32*>(wa + 8 * XS);
-                const u32 a2 = *reinterpret_cast<const u32*>(wa + 8);
-                const u32 a3 = *reinterpret_cast<const u32*>(wa + 8 * XS + 8);
+                u32 a0, a1, a2, a3;  // W: rows 0–7 / 8–15 × k 0–7 / 8–15
+                ldsm4(a0, a1, a2, a3, wt + (m * 16 + (lane & 15)) * XS + kk + (lane >> 4) * 8);
 #pragma unroll
                 for (int t = 0; t < MT / 8; ++t) mma16816(acc[m][t], a0, a1, a2, a3, bf[t][0], bf[t][1]);
             }
