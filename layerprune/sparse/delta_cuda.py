@@ -1,7 +1,7 @@
 """CUDA kernels for a ``delta``-packed weight (:mod:`layerprune.sparse.delta`): the product with 1–16 tokens
 gathering x (``delta_spmv_bf16``), the product on tensor cores with the weight decoded tile by tile in shared
 memory (``delta_tile_bf16``, :func:`spmm_tile`: the op's choice for 9–32 tokens, and up to 64 on K > 12288; at 70%
-0.58–0.77× of dense at 16 tokens, BENCHMARKS.md session 16) and the dense weight (``delta_unpack_bf16``, for
+0.64–0.79× of dense at 16 tokens, BENCHMARKS.md session 16) and the dense weight (``delta_unpack_bf16``, for
 batches and prefills past that).
 
 Why CUDA next to the Triton kernels: those gather x from global memory (L1 hits), and Nsight Compute put

@@ -2,7 +2,7 @@
 
 * ``delta`` (default, :mod:`layerprune.sparse.delta`): row-major values + 4-bit column deltas. The fast
   one for decode (bf16, CUDA kernel, at 70% on the H200: one token 1.37–2.08× dense per LLaMA-2 7B–70B linear,
-  four tokens 0.97–1.46×, sixteen 0.58–0.77× on tensor cores); past 32 tokens (64 on K > 12288) the weight is
+  four tokens 0.97–1.46×, sixteen 0.64–0.79× on tensor cores); past 32 tokens (64 on K > 12288) the weight is
   unpacked (CUDA kernel) and cuBLAS runs it: prefill at 0.79–0.88× of dense.
 * ``bitmask`` (:mod:`layerprune.sparse.format`): tile-major bitmask + values. Dense speed at 70% for one
   token, a tile decompression for prefill that costs 15–25% over dense.
