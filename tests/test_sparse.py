@@ -705,6 +705,24 @@ def test_tile_kernel_group_lists_rebuild_the_weight(shape, kind):
     assert torch.equal(out[:, :k], w.float()) and not bool(out[:, k:].any())
 
 
+def test_chunk_index_is_kept_per_weight_and_rebuilt_after_an_in_place_write():
+    """``chunks_of`` builds the tile kernel's chunk index once per packed weight (kept on its ``gptr``), builds it
+    again after a buffer is written in place (as ``load_state_dict`` does), and works for inference tensors."""
+    from layerprune.sparse import delta, delta_cuda
+
+    w = _weight(40, 700, "0.7")
+    sp = delta.pack(w)
+    first = delta_cuda.chunks_of(sp.deltas, sp.starts, sp.gptr, 40, 700)
+    assert delta_cuda.chunks_of(sp.deltas, sp.starts, sp.gptr, 40, 700) is first
+    assert torch.equal(first, delta_cuda.chunk_index(sp.deltas, sp.starts, sp.gptr, 40, 700))
+    sp.gptr.copy_(sp.gptr)  # an in-place write, as load_state_dict's copy_
+    again = delta_cuda.chunks_of(sp.deltas, sp.starts, sp.gptr, 40, 700)
+    assert again is not first and torch.equal(again, delta_cuda.chunk_index(sp.deltas, sp.starts, sp.gptr, 40, 700))
+    with torch.inference_mode():
+        sp2 = delta.pack(w)
+        assert torch.equal(delta_cuda.chunks_of(sp2.deltas, sp2.starts, sp2.gptr, 40, 700), first)
+
+
 def test_export_threshold_follows_the_kernel_that_will_run():
     """bf16 delta linears with more than 2048 rows are packed from 34.5% (the CUDA kernel's measured break-even);
     fp32, ≤ 2048 rows and the bitmask layout keep their thresholds; the record holds each layer's."""
