@@ -371,8 +371,8 @@ def tensor_cores(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, st
 
     if not delta_cuda.usable(x, values, deltas):
         return None
-    return delta_cuda.spmm_tile(x.contiguous(), values, deltas, starts, delta_cuda.chunks_of(deltas, starts, gptr, n, k),
-                                n, k)
+    chunks = delta_cuda.chunks_of(deltas, starts, gptr, n, k)
+    return delta_cuda.spmm_tile(x.contiguous(), values, deltas, starts, chunks, n, k)
 
 
 def decompress(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, n: int,

@@ -11,8 +11,8 @@ Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune:
 ``layerprune::sparse_linear``), so ``torch.compile`` and CUDA-graph capture take it as it is. The op
 picks the path by where it runs: CUDA with Triton → the decode kernels for small batches (bf16: the CUDA
 kernels of ``delta_cuda`` when they compiled, gathering x for 1–8 tokens, tensor cores for 9–32, or up to 64
-on K > 12288), else decompress + ``F.linear`` (cuBLAS); no CUDA or no Triton → unpack with plain PyTorch and ``F.linear``
-(correct, not fast; one warning).
+on K > 12288), else decompress + ``F.linear`` (cuBLAS); no CUDA or no Triton → unpack with plain PyTorch and
+``F.linear`` (correct, not fast; one warning).
 """
 
 from __future__ import annotations
