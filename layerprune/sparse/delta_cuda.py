@@ -589,6 +589,18 @@ def _launcher():
     return f
 
 
+def _launch(kern, grid: tuple[int, int], threads: int, smem: int, stream: int, ptrs, ints) -> None:
+    """Launch ``kern`` on ``stream`` with its pointer arguments (tensors) then its int arguments, in the kernel's
+    order; opts the kernel in to more than 48 KB of shared memory where ``smem`` needs it."""
+    if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
+        kern.set_shared_memory_config(smem)
+    args = [ctypes.c_void_p(t.data_ptr()) for t in ptrs] + [ctypes.c_int(v) for v in ints]
+    argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
+    rc = _launcher()(kern.func, grid[0], grid[1], 1, threads, 1, 1, smem, stream, argv, None)
+    if rc != 0:
+        raise RuntimeError(f"delta_cuda: cuLaunchKernel failed with CUDA error {rc}")
+
+
 @functools.cache
 def _props(device: int) -> tuple[int, int]:
     """(SMs, shared memory a block may opt in to) of a CUDA device."""
@@ -624,21 +636,13 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
     if skw is None:
         skw = skew(tokens) if smem_bytes(k, tokens) <= limit else 0
     smem = smem_bytes(k, tokens, skw)
-    if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
-        kern.set_shared_memory_config(smem)
     rows_grid = -(-n // warps)
     grid = min(sms * per_sm, rows_grid) if per_sm else rows_grid
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    launch = _launcher()
     for p in range(0, B, tokens):
-        xp, yp = x[p:], y[p:]
-        args = [ctypes.c_void_p(t.data_ptr()) for t in (xp, values, deltas, starts, gptr, yp)]
-        args += [ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(int(xp.data_ptr() % 16 == 0)),
-                 ctypes.c_int(x.stride(0) if B > 1 else k), ctypes.c_int(min(tokens, B - p)), ctypes.c_int(skw)]
-        argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
-        rc = launch(kern.func, grid, 1, 1, 32 * warps, 1, 1, smem, stream, argv, None)
-        if rc != 0:
-            raise RuntimeError(f"delta_cuda: cuLaunchKernel failed with CUDA error {rc}")
+        xp = x[p:]
+        _launch(kern, (grid, 1), 32 * warps, smem, stream, (xp, values, deltas, starts, gptr, y[p:]),
+                (n, k, int(xp.data_ptr() % 16 == 0), x.stride(0) if B > 1 else k, min(tokens, B - p), skw))
     return y
 
 
@@ -663,16 +667,8 @@ def unpack(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gpt
     if n == 0 or k == 0:
         return out
     warps = warps or max(1, min(8, (64 * 1024) // (2 * rs)))
-    smem = 2 * rs * warps
-    if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
-        kern.set_shared_memory_config(smem)
-    args = [ctypes.c_void_p(t.data_ptr()) for t in (values, deltas, starts, gptr, out)]
-    args += [ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(rs), ctypes.c_int(int(k % 8 == 0))]
-    argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
-    stream = torch.cuda.current_stream(values.device).cuda_stream
-    rc = _launcher()(kern.func, -(-n // warps), 1, 1, 32 * warps, 1, 1, smem, stream, argv, None)
-    if rc != 0:
-        raise RuntimeError(f"delta_cuda: cuLaunchKernel failed with CUDA error {rc}")
+    _launch(kern, (-(-n // warps), 1), 32 * warps, 2 * rs * warps, torch.cuda.current_stream(values.device).cuda_stream,
+            (values, deltas, starts, gptr, out), (n, k, rs, int(k % 8 == 0)))
     return out
 
 
@@ -756,16 +752,10 @@ def spmm_tile(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
     count = _counters(dev, stream)
     if s > 1 and tiles > count.numel():
         return None
-    if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
-        kern.set_shared_memory_config(smem)
     part = torch.empty(s, mt, n, dtype=torch.float32, device=x.device) if s > 1 else count
     for p in range(0, B, mt):
         xp = x[p:]
         vec = int(xp.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0)
-        args = [ctypes.c_void_p(t.data_ptr()) for t in (xp, values, deltas, starts, cidx, part, count, y[p:])]
-        args += [ctypes.c_int(v) for v in (n, k, min(mt, B - p), x.stride(0), cps, nch, vec)]
-        argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
-        rc = _launcher()(kern.func, tiles, s, 1, 32 * wb, 1, 1, smem, stream, argv, None)
-        if rc != 0:
-            raise RuntimeError(f"delta_cuda: cuLaunchKernel failed with CUDA error {rc}")
+        _launch(kern, (tiles, s), 32 * wb, smem, stream, (xp, values, deltas, starts, cidx, part, count, y[p:]),
+                (n, k, min(mt, B - p), x.stride(0), cps, nch, vec))
     return y
