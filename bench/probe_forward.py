@@ -43,7 +43,13 @@ def timed(fn, n=5) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--parts", default="block,hooks,copy,solve",
+                    help="comma list of block, hooks, copy, solve, sdpa (the block under each SDPA backend), "
+                         "kernels (the block's CUDA kernels by time, from the profiler), fused (the block with "
+                         "layerprune's fused RMSNorm and rotary kernels, its output against the plain one's, "
+                         "and its kernels)")
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
@@ -62,13 +68,43 @@ def main() -> None:
     flops = 2 * nparam * 8 * 2048 + 2 * 8 * 32 * 2048 * 2048 * 128  # linears + causal QKᵀ and AV (forward)
     out["block_forward_s"] = timed(lambda: r.run(0, store=False))
     out["block_tflops"] = flops / out["block_forward_s"] / 1e12
+    if "sdpa" in parts:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        for be in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            try:
+                with sdpa_kernel([getattr(SDPBackend, be)]):
+                    out[f"block_forward_{be.lower()}_s"] = timed(lambda: r.run(0, store=False))
+            except RuntimeError as e:  # backend not available for these inputs
+                out[f"block_forward_{be.lower()}_s"] = f"unavailable: {str(e).splitlines()[0][:200]}"
+    if "kernels" in parts:
+        out["kernels_ms"] = kernels(r)
+    if "fused" in parts:
+        from layerprune.engine.fused import fused_ops
+
+        x0 = r.acts[0].clone()
+        plain = blk(x0, *r.args[0][0], **r.kwargs[0][0])
+        plain = plain[0] if isinstance(plain, tuple) else plain
+        with fused_ops(m, dev) as done:
+            fused = blk(x0, *r.args[0][0], **r.kwargs[0][0])
+            fused = fused[0] if isinstance(fused, tuple) else fused
+            out["fused_replaced"] = done
+            out["block_forward_fused_s"] = timed(lambda: r.run(0, store=False))
+            out["fused_kernels_ms"] = kernels(r)
+        out["block_forward_plain_again_s"] = timed(lambda: r.run(0, store=False))
+        out["fused_output_equal"] = bool(torch.equal(plain, fused))
+        out["fused_output_max_abs_diff"] = float((plain.float() - fused.float()).abs().max())
+        out["block_fused_speedup"] = out["block_forward_plain_again_s"] / out["block_forward_fused_s"]
     lins = ad.linears(0)
     for name, mk in (("wanda", lambda l: WandaPruner(l)), ("sparsegpt", lambda l: SparseGPTPruner(l))):
+        if "hooks" not in parts:
+            break
         def fwd():
             sinks = {n: mk(l) for n, l in lins.items()}
             with feed_hooks(lins, sinks, {}):
                 r.run(0, store=False)
         out[f"block_forward_with_{name}_hooks_s"] = timed(fwd, 3)
+    if "copy" not in parts and "solve" not in parts:
+        return finish(a.out, out)
     blk.to("cpu")
     out["block_h2d_pageable_s"] = timed(lambda: blk.to("cuda"), 1)
     blk.to("cpu")
@@ -89,9 +125,25 @@ def main() -> None:
                 lin.weight.data = w0.clone()
                 p.prune(Pattern(0.5))
             out[f"solve_{name}_{'fused' if fused else 'loop'}_s"] = timed(solve, 2)
+    finish(a.out, out)
+
+
+def kernels(r) -> list[dict]:
+    """The CUDA kernels of one forward of block 0 over every batch, longest first (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    r.run(0, store=False)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        r.run(0, store=False)
+        torch.cuda.synchronize()
+    rows = sorted(((e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()), key=lambda t: -t[1])
+    return [{"kernel": k[:120], "ms": round(ms, 3), "calls": c} for k, ms, c in rows[:25] if ms > 0]
+
+
+def finish(path: str, out: dict) -> None:
     print(json.dumps(out, indent=1))
-    Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, **out},
-                                      indent=1))
+    Path(path).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, **out},
+                                     indent=1))
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ def run_case(model: str, dims: str, pruner: str, allocation: str, extra: list[st
     row.update(blocks=len(rec["per_block"]), split_s=split, ppl_wikitext2=rec["ppl"].get("wikitext2"),
                eval_windows=rec["ppl_details"].get("wikitext2", {}).get("windows"),
                achieved=rec["sparsity"]["achieved"], prune_peak_gpu_mb=rec.get("peak_mem_mb"),
+               dense_stats_split=diag.get("dense_stats_split"),
                game={k: diag[k] for k in ("evaluations", "sv_seconds", "setup_seconds", "evals_per_second", "sv_samples")
                      if k in diag} or None,
                versions={k: rec["versions"].get(k) for k in ("torch", "transformers", "layerprune") if k in rec["versions"]})

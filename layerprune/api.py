@@ -29,6 +29,7 @@ from layerprune.data.calibration import CalibSet, sample_c4_windows, token_windo
 from layerprune.data.sources import SOURCES, calib_split, check_datasets, load_documents
 from layerprune.data.sources import data_dir as resolve_data_dir
 from layerprune.distributed import active, init_from_env, is_main, world_size
+from layerprune.engine.fused import fused_ops
 from layerprune.engine.sequential import prune_sequential
 from layerprune.errors import UserError, require
 from layerprune.evaluation.perplexity import check_seqlen, eval_windows, evaluate_ppl
@@ -134,6 +135,7 @@ class Session:
         self.scratch: Path | None = None  # where a streamed model's SV game keeps its pruned copies
         self._calib: CalibSet | None = None
         self._stats: DenseStats | None = None
+        self._stats_cached = False  # read from the statistics cache rather than computed here
         self._sv: dict[int, torch.Tensor] = {}  # SV windows by length
         self._whash: str | None = None
         self.timing: dict[str, float] = {}  # calibration sampling and weight hashing, for the run record
@@ -188,6 +190,7 @@ class Session:
             path = cache_dir() / "stats" / f"{key}.json"
             if self.use_cache and path.is_file():
                 self._stats = DenseStats.from_json(json.loads(path.read_text()))
+                self._stats_cached = True
                 log.info("dense statistics: loaded from cache %s", path.name)
             else:
                 self._stats = dense_stats_pass(self.model, self.adapter, self.calib().input_ids, self.device,
@@ -237,8 +240,11 @@ class Session:
             log.info("allocation %s: loaded from cache %s", method, path.name)
             return alloc
         t = time.perf_counter()
+        had_stats = self._stats is not None
         alloc = spec.fn(self.context(pspec, popts, allow_long), target, opts)
         alloc.diagnostics["seconds"] = time.perf_counter() - t
+        if self._stats is not None and not had_stats and not self._stats_cached:  # the pass ran in this call
+            alloc.diagnostics["dense_stats_split"] = {**self._stats.split, "seconds": self._stats.seconds}
         if nm is not None:
             self._round_nm(alloc, method, nm)
         if self.use_cache and spec.cached and is_main():
@@ -437,7 +443,8 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
         check_seqlen(mdl, ev.seqlen or cal.seqlen, "--eval-seqlen" if ev.seqlen else "--seqlen")
     timing: dict[str, Any] = {"load_seconds": load_s, "started": started,
                               "loaded_on": str(next(mdl.parameters()).device)}
-    with open_run_dir(out, lambda: args_hash({**config, "w": session.weights_hash()}), mdl) as run_dir:
+    with open_run_dir(out, lambda: args_hash({**config, "w": session.weights_hash()}), mdl) as run_dir, \
+            fused_ops(mdl, dev) as fused:
         if run_dir is not None and run_dir.done and active():
             raise UserError(f"resuming {out} works in a single process only: rerun it without torchrun "
                             f"(or delete .{Path(out).name}.partial to start again)")
@@ -484,6 +491,7 @@ def prune(model: str | nn.Module, *, sparsity: float | None = 0.5, pruner: str =
             timing["startup_seconds"], STARTED_AT = t_start - STARTED_AT, None
         record = run_record(config, mdl, str(dev), alloc, res, ppl, dense, zs, quant, before_q, timing,
                             req.pruner.needs_data)
+        record["fused_kernels"] = dict(fused)
         if run_dir is not None:
             if session.weights is None:
                 mdl.to("cpu")
@@ -569,7 +577,8 @@ def allocate(model: str | nn.Module, *, sparsity: float = 0.7, allocation: str =
     dev = resolve_device(init_from_env(device))
     mdl, tok, src = load(model, tokenizer, dtype, trust_remote_code)
     s = Session(mdl, tok, dev, cal, progress=progress, use_cache=use_cache, data_dir=root)
-    alloc = s.allocate(allocation, req.target, req.alloc_options, pruner, req.nm, req.pruner_options, allow_long)
+    with fused_ops(mdl, dev):
+        alloc = s.allocate(allocation, req.target, req.alloc_options, pruner, req.nm, req.pruner_options, allow_long)
     return {"model": src, "method": allocation, "target": req.target, "per_block": alloc.per_block,
             "block_sizes": s.adapter.block_sizes(), "nm": alloc.nm, "m": alloc.m, **alloc.diagnostics}
 
@@ -598,17 +607,19 @@ def evaluate(model: str | nn.Module, *, ppl: Iterable[str] | None = None, seqlen
     if ev.datasets:
         check_seqlen(mdl, seqlen)
     t = time.perf_counter()
-    res = evaluate_ppl(mdl, tok, list(ev.datasets), seqlen, ev.max_windows, dev, ev.batch_size, root,
-                       flag="--seqlen")
-    out: dict[str, Any] = {"model": src, "ppl": {k: v["ppl"] for k, v in res.items()}, "ppl_details": res,
-                           "tasks": {}, "device": str(dev), "dtype": dtype, "versions": versions()}
-    if ev.tasks:
-        from layerprune.evaluation.zeroshot import zero_shot
+    with fused_ops(mdl, dev) as fused:
+        res = evaluate_ppl(mdl, tok, list(ev.datasets), seqlen, ev.max_windows, dev, ev.batch_size, root,
+                           flag="--seqlen")
+        out: dict[str, Any] = {"model": src, "ppl": {k: v["ppl"] for k, v in res.items()}, "ppl_details": res,
+                               "tasks": {}, "device": str(dev), "dtype": dtype, "versions": versions(),
+                               "fused_kernels": dict(fused)}
+        if ev.tasks:
+            from layerprune.evaluation.zeroshot import zero_shot
 
-        zs = zero_shot(mdl, tok, list(ev.tasks), limit=ev.limit, batch_size=ev.task_batch_size, device=dev,
-                       data_dir=root)
-        out["tasks"] = zs["tasks"]
-        out["zero_shot"] = {k: v for k, v in zs.items() if k != "tasks"}
+            zs = zero_shot(mdl, tok, list(ev.tasks), limit=ev.limit, batch_size=ev.task_batch_size, device=dev,
+                           data_dir=root)
+            out["tasks"] = zs["tasks"]
+            out["zero_shot"] = {k: v for k, v in zs.items() if k != "tasks"}
     out["seconds"] = time.perf_counter() - t
     return out
 

@@ -41,6 +41,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     _meta(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--no-fused-kernels", action="store_true",
+                   help="run RMSNorm and the rotary embedding as the model's own PyTorch code on the GPU "
+                        "(default: layerprune's fused Triton kernels, checked against it on first use)")
 
 
 def _meta(p: argparse.ArgumentParser) -> None:
@@ -90,7 +93,7 @@ def method_flags(specs: dict) -> dict[str, tuple[str, type, Any, list[str]]]:
 def _method_args(p: argparse.ArgumentParser, title: str, specs: dict) -> None:
     g = p.add_argument_group(title)
     for flag, (help_, t, choices, who) in method_flags(specs).items():
-        h = f"[{', '.join(who)}] {help_}"
+        h = f"[{', '.join(who)}] {help_}".replace("%", "%%")  # argparse formats help strings with %
         if t is bool:
             g.add_argument(flag, dest=_dest(flag), action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
@@ -370,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return 2 if e.code not in (0, None) else 0
     setup_logging("WARNING" if a.quiet else "INFO")
+    if getattr(a, "no_fused_kernels", False):
+        from layerprune.engine import fused
+
+        fused.ENABLED = False
     from layerprune.cli.commands import COMMANDS
 
     try:

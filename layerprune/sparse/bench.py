@@ -57,7 +57,17 @@ def decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, 
     """Greedy decode tokens/s (batch × new tokens / seconds) after a prefill of ``prompt_len``; returns the
     rate and the mode actually used (``cuda-graph`` or ``eager``, prefixed ``compiled+`` when the step was
     compiled). ``compile``: compile the decode step with ``torch.compile`` (True: Inductor; a string: that
-    backend), whole-graph and with static shapes; the compilation runs during the warm-up, untimed."""
+    backend), whole-graph and with static shapes; the compilation runs during the warm-up, untimed. Without
+    ``compile`` the step runs layerprune's fused RMSNorm / rotary kernels (:mod:`layerprune.engine.fused`),
+    for the dense and the sparse model alike; compiled, Inductor fuses those itself."""
+    from layerprune.engine.fused import fused_ops
+
+    with fused_ops(model, next(model.parameters()).device, enabled=False if compile else None):
+        return _decode_rate(model, batch, prompt_len, new_tokens, graphs, vocab_hi, compile)
+
+
+def _decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, graphs: bool, vocab_hi: int,
+                 compile: bool | str) -> tuple[float, str]:
     dev = next(model.parameters()).device
     cache, tok, pos = prefilled(model, batch, prompt_len, prompt_len + new_tokens + 8, vocab_hi)
 

@@ -12,6 +12,7 @@ from layerprune.errors import UserError
 def generate(model: str, prompt: str, max_new_tokens: int = 32, device: str = "auto", dtype: str = "float32",
              trust_remote_code: bool = False) -> dict:
     """Greedy continuation of ``prompt``; a sparse directory runs its ``SparseLinear`` layers."""
+    from layerprune.engine.fused import fused_ops
     from layerprune.models.loading import check_model_spec, load_model, parse_dtype
     from layerprune.sparse.linear import SparseLinear
     from layerprune.utils import resolve_device
@@ -23,7 +24,7 @@ def generate(model: str, prompt: str, max_new_tokens: int = 32, device: str = "a
     m, tok = load_model(model, dtype=parse_dtype(dtype), device=dev, trust_remote_code=trust_remote_code)
     ids = tok(prompt, return_tensors="pt").input_ids.to(dev)
     t = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), fused_ops(m, dev):
         out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tok.pad_token_id, use_cache=True)
     sec = time.perf_counter() - t
