@@ -19,8 +19,8 @@ Each replacement is checked against the code it replaces on its first call, on t
 the rotary result must be bit-identical, the norm's within one unit in the last place of the model's dtype
 (only the order of the fp32 sum of squares differs). A replacement that fails the check (a future
 transformers changing the formula) is dropped for the rest of the process with a warning, and the original
-code runs. Inputs the kernels do not cover (CPU tensors without the interpreter, gradients, other dtypes or
-shapes) go to the original code on every call. On leaving the context everything is restored.
+code runs. Inputs the kernels do not cover (CPU tensors without the interpreter, gradients, fp32 rotary
+inputs, other shapes) go to the original code on every call. On leaving the context everything is restored.
 
 transformers' own route to such kernels (``use_kernels=True``, the ``kernels`` package) downloads them from
 the Hub; layerprune must run offline, so it carries these two small kernels instead.
@@ -46,9 +46,8 @@ log = logging.getLogger(__name__)
 
 ENABLED = os.environ.get("LAYERPRUNE_FUSED_KERNELS", "1") != "0"  # the CLI's --no-fused-kernels sets it False
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
-# bf16 only: fp32 could be contracted into FMAs by the compiler, and in fp16 the kernel's results differed
-# from PyTorch's in the last bit on the H200 (Triton 3.6), so both keep the model's code
-_ROPE_FLOATS = (torch.bfloat16,)
+# not fp32: the compiler may contract its q·cos + r·sin into an FMA, which PyTorch's three kernels do not
+_ROPE_FLOATS = (torch.bfloat16, torch.float16)
 _TRUST: dict[Any, bool | None] = {}  # replacement key → passed its first-call check (None: not yet checked)
 _TREES: dict[Any, str | None] = {}
 

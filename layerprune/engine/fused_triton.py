@@ -20,14 +20,20 @@ import triton.language as tl
 
 @triton.jit
 def _round(x, dt: tl.constexpr):
-    """fp32 ``x`` rounded to ``dt`` (nearest, ties to even), returned in fp32. bf16 is rounded on the bits,
-    so that Triton's interpreter (whose conversion truncates) gives what the GPU and PyTorch give."""
+    """fp32 ``x`` rounded to ``dt`` (nearest, ties to even), returned in fp32. Rounded on the bits (and, for
+    fp16's subnormal range, by adding and removing 0.75, whose last place is 2^-24), not by a conversion:
+    Triton's interpreter truncates when it converts, and on the H200 a compiled fp16 round trip did not
+    round as PyTorch does. Overflow is left to the final conversion."""
     if dt == tl.bfloat16:
         u = x.to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
         return u.to(tl.float32, bitcast=True)
+    elif dt == tl.float16:  # 10 fraction bits; below 2^-14 (subnormal) a fixed step of 2^-24
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0xFFF + ((u >> 13) & 1)) & 0xFFFFE000
+        return tl.where(tl.abs(x) < 6.103515625e-05, (x + 0.75) - 0.75, u.to(tl.float32, bitcast=True))
     else:
-        return x.to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+        return x
 
 
 @triton.jit
