@@ -83,7 +83,12 @@ def test_run_record_times_the_fixed_costs(tiny_dir):
                         "wanda", "--allocation", "dlp", "--nsamples", "2", "--seqlen", "32", "--eval", "", "--json",
                         "--quiet", "--device", "cpu", "--no-cache"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-800:]
-    tm = json.loads(p.stdout)["timing"]
+    rec = json.loads(p.stdout)
+    tm = rec["timing"]
+    split = rec["allocation"]["diagnostics"]["dense_stats_split"]  # the DLP statistics pass, by part
+    assert {"capture_s", "forwards_s", "on_block_s"} <= set(split)
+    assert split["capture_s"] + split["forwards_s"] + split["on_block_s"] <= split["seconds"] <= tm["allocation_seconds"]
+    assert rec["fused_kernels"] == {}  # the fused norm / rotary kernels serve the GPU only
     assert tm["loaded_on"] == "cpu"
     assert 0 < tm["startup_seconds"] < 120
     assert 0 < tm["calibration_seconds"] <= tm["total_seconds"]
