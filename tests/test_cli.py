@@ -113,3 +113,11 @@ def test_prune_eval_batch_size_gives_the_same_perplexity(tiny_dir, capsys):
     assert main(base + ["--eval-batch-size", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--eval-batch-size must be at least 1" in err[0]
+
+
+@pytest.mark.parametrize("cmd", ["prune", "allocate", "eval", "compare", "report", "finetune", "quantize", "export",
+                                 "generate", "bench-decode", "ls"])
+def test_every_command_prints_its_help(cmd, capsys):
+    """A '%' in an option's help once made argparse fail on `layerprune prune --help`."""
+    assert main([cmd, "--help"]) == 0
+    assert "usage:" in capsys.readouterr().out

@@ -15,19 +15,17 @@ pytest.importorskip("triton", reason="the fused kernels need the triton package"
 
 
 @pytest.fixture
-def kdev():
-    """Where the kernels run: the GPU if there is one, else the CPU under Triton's interpreter."""
-    from layerprune import triton_support
+def kdev(request):
+    """Where the kernels run: the GPU if there is one, else the CPU under Triton's interpreter (conftest's
+    ``interpret`` fixture, which skips where the interpreter was not switched on)."""
     from layerprune.engine import fused
 
     fused._TRUST.clear()
     if torch.cuda.is_available():
         yield torch.device("cuda")
     else:
-        if not triton_support.interpreted():
-            pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported")
-        with triton_support.on_cpu():
-            yield torch.device("cpu")
+        request.getfixturevalue("interpret")
+        yield torch.device("cpu")
     fused._TRUST.clear()
 
 
@@ -166,13 +164,3 @@ def test_disabled_by_flag_or_off_device():
         assert done == {}
     for cmd in ("prune", "allocate", "eval"):
         assert parse([cmd, "x", "--no-fused-kernels"]).no_fused_kernels is True
-
-
-@pytest.mark.parametrize("cmd", ["prune", "allocate", "eval", "compare", "report", "finetune", "quantize", "export",
-                                 "generate", "bench-decode", "ls"])
-def test_every_command_prints_its_help(cmd, capsys):
-    """A '%' in an option's help once made argparse fail on `layerprune prune --help`."""
-    from layerprune.cli import main
-
-    assert main([cmd, "--help"]) == 0
-    assert "usage:" in capsys.readouterr().out
