@@ -3,13 +3,17 @@
 pruned by layerprune (Wanda + DLP, 70%), dense vs sparse.
 
     python bench/sparse_decode.py --out $OUT/sparse_decode_h200.json [--parts linears,breakeven,e2e]
+    python bench/sparse_decode.py --out $OUT/m.json --parts merged --batches 1,4,16   # q/k/v, gate/up stacked
 
 Per linear: CUDA events around the call only, L2 flushed (a 512 MiB buffer zeroed) before each call,
 median of --reps calls, dense and sparse interleaved in one run. cuSPARSELt 2:4
 (``to_sparse_semi_structured``) is timed as a second reference where PyTorch offers it. bf16 throughout.
 End to end: random bf16 weights with LLaMA-2-7B dimensions built on the GPU, calibrated on random token
 ids (speed does not depend on the values), pruned by ``layerprune.prune`` (Wanda, DLP at 70%), decoded
-with a static KV cache and one CUDA-graph-captured step (``layerprune.sparse.bench.decode_rate``).
+with a static KV cache and one CUDA-graph-captured step (``layerprune.sparse.bench.decode_rate``). The end-to-end
+``sparse_tok_s`` is the sparse model as ``generate`` and ``bench-decode`` run it, with q/k/v and gate/up stacked
+(``layerprune.sparse.merge``); ``unmerged_tok_s`` keeps them apart and ``dense_merged_tok_s`` stacks the dense
+model the same way.
 """
 
 from __future__ import annotations
@@ -39,12 +43,12 @@ SHAPES = {"llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
 FLUSH = None
 
 
-def timeit(fn, reps: int) -> float:
+def timeit(fn, reps: int, spin: int = 300_000) -> float:
     """Median µs of ``fn()`` over ``reps`` calls, L2 flushed before each. After the flush the GPU spins
     ~150 µs (``torch.cuda._sleep``) before the start event, so that the CPU has enqueued ``fn``'s kernels by
     then: the custom op's Python dispatch alone takes ~100 µs on the H200 machine's CPU, and without the
     spin a launch that fell behind the flush was timed as GPU time (session 14: some rows at 0.4× that
-    measured 1.3× when the launch kept up)."""
+    measured 1.3× when the launch kept up). ``spin``: GPU cycles to spin (more for a ``fn`` of several ops)."""
     global FLUSH
     if FLUSH is None:
         FLUSH = torch.empty(512 * 2**20, dtype=torch.uint8, device=DEV)
@@ -53,7 +57,7 @@ def timeit(fn, reps: int) -> float:
     ts = []
     for _ in range(reps):
         FLUSH.zero_()
-        torch.cuda._sleep(300_000)
+        torch.cuda._sleep(spin)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -167,6 +171,45 @@ def linears(reps: int, batches: list[int], sparsities: list, on_row=None) -> lis
     return rows
 
 
+GROUPS = {"llama2-7b": {"qkv": [4096, 4096, 4096], "gate_up": [11008, 11008], "k": [4096, 4096]},
+          "llama3-8b": {"qkv": [4096, 1024, 1024], "gate_up": [14336, 14336], "k": [4096, 4096]},
+          "llama2-70b": {"qkv": [8192, 1024, 1024], "gate_up": [28672, 28672], "k": [8192, 8192]}}
+
+
+def merged_linears(reps: int, batches: list[int], sparsity: float = 0.7, on_row=None) -> list[dict]:
+    """The linears that read one input (q/k/v, gate/up), one after another against stacked into one
+    (``layerprune.sparse.merge``), dense and sparse, each variant timed as a whole after one L2 flush."""
+    from layerprune.sparse.merge import cat_delta
+
+    rows = []
+    for model, g in GROUPS.items():
+        for (name, sizes), k in zip([("qkv", g["qkv"]), ("gate_up", g["gate_up"])], g["k"]):
+            ws = [masked(n, k, sparsity) for n in sizes]
+            sps = [pack(w) for w in ws]
+            wm, spm = torch.cat(ws), cat_delta(sps)
+            nm = sum(sizes)
+            for b in batches:
+                x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
+                y_ref = F.linear(x, wm)
+                err = float((op(x, spm, nm, k).float() - y_ref.float()).abs().max() / y_ref.float().abs().max())
+                spin = 1_200_000  # ≈ 0.6 ms: three ops' dispatch is enqueued before the start event
+                t = {"dense_apart_us": timeit(lambda: [F.linear(x, w) for w in ws], reps, spin),
+                     "dense_merged_us": timeit(lambda: F.linear(x, wm), reps, spin),
+                     "sparse_apart_us": timeit(lambda: [op(x, s, w.shape[0], k) for s, w in zip(sps, ws)], reps, spin),
+                     "sparse_merged_us": timeit(lambda: op(x, spm, nm, k), reps, spin)}
+                row = {"model": model, "group": name, "shapes": [[n, k] for n in sizes], "sparsity": sparsity,
+                       "batch": b, **t, "rel_err": err,
+                       "speedup_apart": t["dense_apart_us"] / t["sparse_apart_us"],
+                       "speedup_merged_vs_dense_apart": t["dense_apart_us"] / t["sparse_merged_us"],
+                       "speedup_merged_vs_dense_merged": t["dense_merged_us"] / t["sparse_merged_us"]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if on_row is not None:
+                    on_row(rows)
+            del ws, sps, wm, spm
+    return rows
+
+
 def breakeven(reps: int, sparsities: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75)) -> list[dict]:
     rows = []
     for (n, k) in [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]:
@@ -197,6 +240,7 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
     from layerprune.data.calibration import CalibSet
     from layerprune.sparse.bench import decode_rate, weight_bytes
     from layerprune.sparse.export import sparsify
+    from layerprune.sparse.merge import merge_siblings
 
     dcfg = dict(E2E_DIMS[dims])
     if blocks:  # a part of the model's blocks (70B: 16 of 80 fit twice on one GPU with the sparse copies)
@@ -228,20 +272,29 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
     sparsify(packed_all, 0.0)  # every linear packed: the smallest weights
     bitmask = copy.deepcopy(model)
     sparsify(bitmask, layout="bitmask")  # the bitmask layout, layers under its break-even dense
+    merged = copy.deepcopy(sparse)
+    n_merged = len(merge_siblings(merged))  # q/k/v and gate/up stacked (what generate / bench-decode run)
+    dense_merged = copy.deepcopy(model)
+    merge_siblings(dense_merged)  # the dense reference stacked the same way
     x = torch.randint(0, 32000, (1, 16), device=DEV)
     with torch.no_grad():
         diff = float((sparse(x).logits.float() - model(x).logits.float()).abs().max())
+        merged_diff = float((merged(x).logits.float() - sparse(x).logits.float()).abs().max())
         scale = float(model(x).logits.float().abs().max())
     rows = []
     for b in batches:
         g = DEV.type == "cuda"
         d, mode_d = decode_rate(model, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
         s, mode_s = decode_rate(sparse, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
+        sm, _ = decode_rate(merged, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
+        dm, _ = decode_rate(dense_merged, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
         a, _ = decode_rate(packed_all, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
         bm, _ = decode_rate(bitmask, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
         name = f"{'smoke (tiny dims)' if smoke else dims + '-dims'}, {cfg.num_hidden_layers} blocks (random bf16, Wanda+DLP 70%)"
         rows.append({"model": name, "sparsity": 0.7, "batch": b,
-                     "dense_tok_s": d, "sparse_tok_s": s, "speedup": s / d, "layout": "delta",
+                     "dense_tok_s": d, "sparse_tok_s": sm, "speedup": sm / d, "layout": "delta", "merged": True,
+                     "unmerged_tok_s": s, "unmerged_speedup": s / d, "dense_merged_tok_s": dm,
+                     "speedup_vs_dense_merged": sm / dm,
                      "all_packed_tok_s": a, "all_packed_speedup": a / d, "bitmask_tok_s": bm,
                      "bitmask_speedup": bm / d, "mode": f"{mode_d}/{mode_s}"})
         print(json.dumps(rows[-1]), flush=True)
@@ -249,7 +302,8 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
             on_row(rows)
     info = {"build_s": build_s, "prune_s": prune_s, "pack_s": pack_s, "per_block": profile,
             "achieved": rec["sparsity"]["achieved"], "timing": rec["timing"], "logit_max_abs_diff": diff,
-            "logit_max_abs": scale, "dense_weight_bytes": weight_bytes(model),
+            "logit_max_abs": scale, "merged_vs_unmerged_logit_max_abs_diff": merged_diff,
+            "merged_groups": n_merged, "dense_weight_bytes": weight_bytes(model),
             "sparse_weight_bytes": weight_bytes(sparse), "all_packed_weight_bytes": weight_bytes(packed_all),
             "bitmask_weight_bytes": weight_bytes(bitmask),
             "sparse_layers": sum(v["format"] == "sparse" for v in layers.values()),
@@ -295,6 +349,10 @@ def main() -> None:
     if "linears" in parts:
         res["linears"] = linears(a.reps, [int(b) for b in a.batches.split(",")], sps,
                                  lambda rows: (res.update(linears=rows), save()))
+        save()
+    if "merged" in parts:
+        res["merged_linears"] = merged_linears(a.reps, [int(b) for b in a.batches.split(",")], 0.7,
+                                               lambda rows: (res.update(merged_linears=rows), save()))
         save()
     if "breakeven" in parts:
         res["breakeven"] = breakeven(a.reps, tuple(float(v) for v in a.breakeven_sparsities.split(",")))

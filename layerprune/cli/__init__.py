@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model")
     g.add_argument("--prompt", default="The capital of France is")
     g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--no-merge", action="store_true",
+                   help="keep q/k/v and gate/up as separate linears (by default the sparse model runs the linears that "
+                        "read one input as one stacked linear: fewer, taller launches; layerprune/sparse/merge.py)")
     _common(g)
 
     b = sub.add_parser("bench-decode", help="decode tokens/s, dense vs sparse, with a static KV cache and CUDA graphs")
@@ -278,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tens of seconds of compilation per model and batch size, untimed)")
     b.add_argument("--layout", default="delta", choices=["delta", "bitmask"],
                    help="layout used when MODEL is a prune --out directory (a sparse directory keeps its own)")
+    b.add_argument("--no-merge", action="store_true",
+                   help="keep q/k/v and gate/up as separate linears (by default the sparse model runs the linears that "
+                        "read one input as one stacked linear: fewer, taller launches; layerprune/sparse/merge.py)")
     _common(b)
 
     ls = sub.add_parser("ls", help="list model aliases, data sources, pruners, allocations, tasks")

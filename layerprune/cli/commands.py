@@ -169,7 +169,7 @@ def cmd_generate(a: argparse.Namespace) -> tuple[dict, str]:
     from layerprune.sparse.runtime import generate
 
     rec = generate(a.model, a.prompt, a.max_new_tokens, device=a.device, dtype=a.dtype,
-                   trust_remote_code=a.trust_remote_code)
+                   trust_remote_code=a.trust_remote_code, merge=not a.no_merge)
     return rec, rec["text"]
 
 
@@ -181,11 +181,18 @@ def cmd_bench_decode(a: argparse.Namespace) -> tuple[dict, str]:
     except ValueError:
         raise UserError(f"--batch-sizes must be comma-separated integers, e.g. 1,4,16 (got {a.batch_sizes!r})") from None
     rec = bench_decode(a.model, bss, a.new_tokens, a.prompt_len, device=a.device, dtype=a.dtype,
-                       graphs=not a.no_graphs, layout=a.layout, compile=a.compile)
-    rows = [[r["batch"], r["dense_tok_s"], r["sparse_tok_s"], r["speedup"]] for r in rec["rows"]]
-    txt = table(["batch", "dense tok/s", "sparse tok/s", "speed-up"], rows)
+                       graphs=not a.no_graphs, layout=a.layout, compile=a.compile, merge=not a.no_merge)
+    merged = rec["merged_groups"] > 0
+    rows = [[r["batch"], r["dense_tok_s"], *([r["dense_merged_tok_s"]] if merged else []), r["sparse_tok_s"],
+             r["speedup"], *([r["speedup_vs_dense_merged"]] if merged else [])] for r in rec["rows"]]
+    head = (["batch", "dense tok/s", "dense merged tok/s", "sparse tok/s", "speed-up", "vs dense merged"] if merged
+            else ["batch", "dense tok/s", "sparse tok/s", "speed-up"])
+    txt = table(head, rows)
     txt += f"\n\n{rec['device']}, {rec['dtype']}, {rec['mode']}; weights on the GPU: dense " \
            f"{rec['dense_weight_bytes'] / 2**20:.1f} MiB, sparse {rec['sparse_weight_bytes'] / 2**20:.1f} MiB"
+    if merged:
+        txt += (f"\nsparse model: {rec['merged_groups']} groups of linears that read one input run stacked (q/k/v, "
+                "gate/up; --no-merge to keep them apart); 'dense merged' is the dense model stacked the same way")
     return rec, txt
 
 

@@ -114,12 +114,18 @@ def _decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
 
 def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt_len: int = 32,
                  device: str = "auto", dtype: str = "bfloat16", graphs: bool = True, layout: str = "delta",
-                 compile: bool = False) -> dict:
+                 compile: bool = False, merge: bool = True) -> dict:
     """Dense vs sparse decode tokens/s for a sparse directory or a ``prune --out`` directory (``compile``: see
-    :func:`decode_rate`)."""
+    :func:`decode_rate`).
+
+    With ``merge`` (the default) the sparse model runs the linears that read one input stacked
+    (:mod:`layerprune.sparse.merge`), as ``generate`` does. The dense model is measured as Hugging Face builds
+    it (``speedup``) and then stacked the same way (``dense_merged_tok_s``, ``speedup_vs_dense_merged``), so
+    that the table shows what the stacking alone gives."""
     from layerprune.export import is_layerprune_dir
     from layerprune.models.loading import parse_dtype
     from layerprune.sparse.export import check_layout, densify, is_sparse_dir, load_sparse, sparsify
+    from layerprune.sparse.merge import merge_siblings
     from layerprune.utils import resolve_device
 
     check_layout(layout)
@@ -142,14 +148,23 @@ def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt
         dense = AutoModelForCausalLM.from_pretrained(spec, dtype=dt).to(dev).eval()
         sparse = copy.deepcopy(dense)
         sparsify(sparse, layout=layout)
-    rows = []
-    for b in batch_sizes:
-        d_rate, mode = decode_rate(dense, b, prompt_len, new_tokens, graphs, compile=compile)
-        s_rate, smode = decode_rate(sparse, b, prompt_len, new_tokens, graphs, compile=compile)
-        rows.append({"batch": b, "dense_tok_s": d_rate, "sparse_tok_s": s_rate, "speedup": s_rate / d_rate,
-                     "mode": f"{mode}/{smode}"})
+    rows = [{"batch": b} for b in batch_sizes]
+    for r in rows:
+        r["dense_tok_s"], mode = decode_rate(dense, r["batch"], prompt_len, new_tokens, graphs, compile=compile)
+    merged = merge_siblings(sparse) if merge else []
+    if merged:
+        merge_siblings(dense)  # in place: no third copy of the model
+        for r in rows:
+            r["dense_merged_tok_s"], _ = decode_rate(dense, r["batch"], prompt_len, new_tokens, graphs, compile=compile)
+    for r in rows:
+        r["sparse_tok_s"], smode = decode_rate(sparse, r["batch"], prompt_len, new_tokens, graphs, compile=compile)
+        r["speedup"] = r["sparse_tok_s"] / r["dense_tok_s"]
+        if merged:
+            r["speedup_vs_dense_merged"] = r["sparse_tok_s"] / r["dense_merged_tok_s"]
+        r["mode"] = f"{mode}/{smode}"
     return {"model": spec, "device": torch.cuda.get_device_name(dev), "dtype": str(dt).replace("torch.", ""),
             "mode": rows[0]["mode"], "new_tokens": new_tokens, "prompt_len": prompt_len, "rows": rows,
             "dense_weight_bytes": weight_bytes(dense), "sparse_weight_bytes": weight_bytes(sparse),
             "layout": sorted({m.layout for m in sparse.modules() if hasattr(m, "layout")}),
+            "merged_groups": len(merged),
             "torch": torch.__version__}

@@ -10,11 +10,13 @@ from layerprune.errors import UserError
 
 
 def generate(model: str, prompt: str, max_new_tokens: int = 32, device: str = "auto", dtype: str = "float32",
-             trust_remote_code: bool = False) -> dict:
-    """Greedy continuation of ``prompt``; a sparse directory runs its ``SparseLinear`` layers."""
+             trust_remote_code: bool = False, merge: bool = True) -> dict:
+    """Greedy continuation of ``prompt``; a sparse directory runs its ``SparseLinear`` layers, with the linears
+    that read one input stacked (``merge``, :mod:`layerprune.sparse.merge`)."""
     from layerprune.engine.fused import fused_ops
     from layerprune.models.loading import check_model_spec, load_model, parse_dtype
     from layerprune.sparse.linear import SparseLinear
+    from layerprune.sparse.merge import merge_siblings
     from layerprune.utils import resolve_device
 
     if max_new_tokens < 1:
@@ -22,6 +24,8 @@ def generate(model: str, prompt: str, max_new_tokens: int = 32, device: str = "a
     check_model_spec(model)
     dev = resolve_device(device)
     m, tok = load_model(model, dtype=parse_dtype(dtype), device=dev, trust_remote_code=trust_remote_code)
+    n_sparse = sum(isinstance(x, SparseLinear) for x in m.modules())
+    merged = merge_siblings(m) if merge and n_sparse else []
     ids = tok(prompt, return_tensors="pt").input_ids.to(dev)
     t = time.perf_counter()
     with torch.no_grad(), fused_ops(m, dev):
@@ -31,4 +35,4 @@ def generate(model: str, prompt: str, max_new_tokens: int = 32, device: str = "a
     new = out[0, ids.shape[1]:]
     return {"model": model, "prompt": prompt, "text": prompt + tok.decode(new, skip_special_tokens=True),
             "tokens": new.tolist(), "seconds": sec, "device": str(dev),
-            "sparse_layers": sum(isinstance(x, SparseLinear) for x in m.modules())}
+            "sparse_layers": n_sparse, "merged_groups": len(merged)}
