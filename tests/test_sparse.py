@@ -177,6 +177,8 @@ def test_export_load_same_logits_and_greedy_tokens(tiny_with_tok, tmp_path, caps
                  str(tmp_path / "sp"), "--json", "--quiet"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["sparse_layers"] == len(info["layers"]) and info["size"]["ratio"] < 0.75 and info["layout"] == layout
+    assert info["pack_device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert set(info["timing"]) == {"load_s", "pack_s", "checksum_s", "write_s"}
     sm = load_sparse(tmp_path / "sp")
     sls = [m for m in sm.modules() if isinstance(m, SparseLinear)]
     assert len(sls) == info["sparse_layers"] and {m.layout for m in sls} == {layout}
@@ -195,9 +197,14 @@ def test_export_load_same_logits_and_greedy_tokens(tiny_with_tok, tmp_path, caps
     assert main(["eval", str(tmp_path / "sp"), "--seqlen", "32", "--max-windows", "1", "--device", "cpu", "--json",
                  "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["ppl"]["wikitext2"] > 1
-    assert main(["generate", str(tmp_path / "sp"), "--max-new-tokens", "3", "--device", "cpu", "--json",
-                 "--quiet"]) == 0
-    assert json.loads(capsys.readouterr().out)["sparse_layers"] == info["sparse_layers"]
+    gens = []
+    for extra in ([], ["--no-merge"]):  # q/k/v and gate/up stacked by default (sparse/merge.py): the same tokens
+        assert main(["generate", str(tmp_path / "sp"), "--max-new-tokens", "3", "--device", "cpu", "--json",
+                     "--quiet", *extra]) == 0
+        gens.append(json.loads(capsys.readouterr().out))
+    assert gens[0]["sparse_layers"] == gens[1]["sparse_layers"] == info["sparse_layers"]
+    assert gens[0]["merged_groups"] == 2 * model.config.num_hidden_layers and gens[1]["merged_groups"] == 0
+    assert gens[0]["tokens"] == gens[1]["tokens"]
 
 
 def test_barely_sparse_layers_stay_dense_and_bad_dirs_refused(tiny_with_tok, tmp_path, capsys):
@@ -748,3 +755,17 @@ def test_export_threshold_follows_the_kernel_that_will_run():
     rec = {n.split(".")[-1]: v for n, v in layers.items()}
     assert rec["gate_proj"]["format"] == "sparse" and rec["gate_proj"]["min_sparsity"] == 0.345  # 40% ≥ 34.5%
     assert rec["q_proj"]["format"] == "dense" and rec["q_proj"]["min_sparsity"] == 0.545  # small: 40% < 54.5%
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("layout", ["delta", "bitmask"])
+def test_cuda_packing_on_the_gpu_gives_the_cpu_buffers(layout):
+    """export packs a CPU model's linears on the GPU (pack_device): the buffers come back to the CPU and equal, bit
+    for bit, what packing on the CPU makes."""
+    from layerprune.sparse.linear import SparseLinear
+
+    lin = torch.nn.Linear(300, 77, bias=False).to(torch.bfloat16)
+    lin.weight.data = _weight(77, 300, "uneven").to(torch.bfloat16)
+    a, b = SparseLinear.from_linear(lin, layout), SparseLinear.from_linear(lin, layout, pack_device="cuda")
+    for name in ("values", "deltas", "starts", "gptr") if layout == "delta" else ("bitmask", "values", "offsets"):
+        assert getattr(b, name).device.type == "cpu" and torch.equal(getattr(a, name), getattr(b, name))

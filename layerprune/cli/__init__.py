@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--min-sparsity", type=float, default=None,
                    help="layers below this sparsity stay dense (default: the measured break-even, see BENCHMARKS.md)")
     x.add_argument("--out", required=True)
+    x.add_argument("--device", default="auto",
+                   help="where each linear is packed: auto (a GPU when there is one) | cpu | cuda[:N]; the output is "
+                        "the same bit for bit")
     _meta(x)
 
     g = sub.add_parser("generate", help="greedy generation from a model or a sparse directory")

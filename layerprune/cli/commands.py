@@ -48,7 +48,8 @@ def cmd_prune(a: argparse.Namespace) -> tuple[dict, str]:
     if a.sparse_out:
         from layerprune.sparse.export import export_sparse
 
-        rec["sparse_out"] = export_sparse(a.out, a.sparse_out, layout=a.sparse_layout)["out"]
+        rec["sparse_out"] = export_sparse(a.out, a.sparse_out, layout=a.sparse_layout, progress=not a.quiet,
+                                          device=a.device)["out"]
     return rec, prune_summary(rec)
 
 
@@ -152,7 +153,8 @@ def cmd_quantize(a: argparse.Namespace) -> tuple[dict, str]:
 def cmd_export(a: argparse.Namespace) -> tuple[dict, str]:
     from layerprune.sparse.export import export_sparse
 
-    rec = export_sparse(a.pruned_dir, a.out, min_sparsity=a.min_sparsity, progress=not a.quiet, layout=a.layout)
+    rec = export_sparse(a.pruned_dir, a.out, min_sparsity=a.min_sparsity, progress=not a.quiet, layout=a.layout,
+                        device=a.device)
     rows = [[n, lr["sparsity"], lr["format"], lr["bytes"]] for n, lr in list(rec["layers"].items())[:12]]
     txt = table(["linear", "sparsity", "format", "bytes"], rows)
     if len(rec["layers"]) > 12:

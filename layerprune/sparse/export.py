@@ -74,13 +74,17 @@ def check_layout(layout: str) -> str:
     return layout
 
 
-def sparsify(model: nn.Module, min_sparsity: float | None = None, layout: str = "delta") -> dict[str, dict]:
+def sparsify(model: nn.Module, min_sparsity: float | None = None, layout: str = "delta",
+             pack_device: torch.device | str | None = None, progress: bool = False) -> dict[str, dict]:
     """Replace every block linear at or above ``min_sparsity`` (default: the measured break-even of its
-    layout, dtype and shape, :func:`default_min_sparsity`) by a :class:`SparseLinear` in ``layout`` (in place)."""
+    layout, dtype and shape, :func:`default_min_sparsity`) by a :class:`SparseLinear` in ``layout`` (in place;
+    packed on ``pack_device`` when given, the buffers left where the weight was)."""
+    from tqdm.auto import tqdm
+
     check_layout(layout)
     ad = ModelAdapter.of(model)
     layers = {}
-    for i, n, lin in ad.all_linears():
+    for i, n, lin in tqdm(ad.all_linears(), desc="pack", unit="linear", disable=not progress):
         name = ad.full_name(i, n)
         w = lin.weight.data
         ms = default_min_sparsity(layout, w) if min_sparsity is None else min_sparsity
@@ -90,7 +94,7 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, layout: str = 
             log.warning("%s: %d input features do not fit the delta layout's 16-bit group starts: kept dense "
                         "(--layout bitmask packs it)", name, w.shape[1])
         if s >= ms and not too_wide:
-            sl = SparseLinear.from_linear(lin, layout)
+            sl = SparseLinear.from_linear(lin, layout, pack_device)
             _set_module(model, name, sl)
             layers[name] = {"format": "sparse", "sparsity": s, "min_sparsity": ms, "shape": list(w.shape),
                             "bytes": sl.packed().nbytes(), "dense_bytes": w.numel() * w.element_size()}
@@ -122,9 +126,15 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float | None = None,
-                  progress: bool = True, layout: str = "delta") -> dict:
-    """Write ``pruned_dir`` (a ``prune --out`` directory) in the compressed format to ``out`` (atomic)."""
+                  progress: bool = True, layout: str = "delta", device: str | torch.device = "auto") -> dict:
+    """Write ``pruned_dir`` (a ``prune --out`` directory) in the compressed format to ``out`` (atomic). The model
+    is read to the CPU; each linear is packed on ``device`` (``auto``: a GPU when there is one: seconds for a
+    7B model, where the CPU takes minutes) and its packed buffers come back to the CPU to be written."""
+    import time
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerprune.utils import resolve_device
 
     if not Path(pruned_dir).is_dir() or not is_layerprune_dir(pruned_dir):
         raise UserError(f"{pruned_dir} is not a layerprune output directory (no {RECORD} and config.json): "
@@ -134,13 +144,17 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
         raise UserError(f"--min-sparsity must be in [0, 1] (got {min_sparsity})")
     ms = AUTO if min_sparsity is None else min_sparsity  # as recorded; "auto": each linear's default
     check_out_dir(out)
+    dev = resolve_device(device)
     rec0 = json.loads((Path(pruned_dir) / RECORD).read_text())
+    t0 = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(pruned_dir), dtype="auto").eval()
         tok = AutoTokenizer.from_pretrained(str(pruned_dir))
     except (OSError, ValueError) as e:
         raise UserError(f"{pruned_dir} does not hold a model transformers can load: {str(e).splitlines()[0][:120]}") from None
-    layers = sparsify(model, min_sparsity, layout)
+    t1 = time.perf_counter()
+    layers = sparsify(model, min_sparsity, layout, pack_device=dev, progress=progress)
+    t2 = time.perf_counter()
     for name, info_l in layers.items():
         if info_l["format"] == "sparse":
             sl = model.get_submodule(name)
@@ -156,7 +170,8 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
             "min_sparsity": ms, "layout": layout, "size": {"dense_bytes": dense_b, "sparse_bytes": sparse_b,
                                                            "ratio": sparse_b / max(dense_b, 1)},
             "bytes_per_weight_at_0.7": (bytes_per_weight(0.7, model.dtype.itemsize) if layout == "bitmask"
-                                        else delta.bytes_per_weight(0.7, model.dtype.itemsize))}
+                                        else delta.bytes_per_weight(0.7, model.dtype.itemsize)),
+            "pack_device": str(dev), "timing": {"load_s": t1 - t0, "pack_s": t2 - t1}}
 
     def write(m: nn.Module, tokenizer: Any, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -170,11 +185,14 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
             tokenizer.save_pretrained(path)
 
     rd = RunDir(out, args_hash({"src": str(Path(pruned_dir).resolve()), "ms": ms, "layout": layout}))
+    t3 = time.perf_counter()
+    info["timing"]["checksum_s"] = t3 - t2
     try:
         rd.finalize(model, tok, {**rec0, "sparse_export": {k: v for k, v in info.items() if k != "layers"}}, writer=write)
     except BaseException:
         rd.abandon()
         raise
+    info["timing"]["write_s"] = time.perf_counter() - t3
     return info
 
 

@@ -17,6 +17,7 @@ on K > 12288), else decompress + ``F.linear`` (cuBLAS); no CUDA or no Triton →
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -120,8 +121,15 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, layout: str = "delta") -> "SparseLinear":
-        sp = pack_as(lin.weight.data, layout)
+    def from_linear(cls, lin: nn.Linear, layout: str = "delta", pack_device: torch.device | str | None = None) -> "SparseLinear":
+        """Pack ``lin``'s weight (on ``pack_device`` when given, e.g. a GPU for a model held on the CPU: the
+        format is exact, so where it is packed changes no bit); the buffers stay on the weight's device."""
+        w = lin.weight.data
+        if pack_device is None or torch.device(pack_device) == w.device:
+            sp = pack_as(w, layout)
+        else:
+            sp = pack_as(w.to(pack_device), layout)
+            sp = dataclasses.replace(sp, **{b: getattr(sp, b).to(w.device) for b in BUFFERS[layout]})
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, sp, lin.weight.dtype, lin.weight.device)
         if lin.bias is not None:
             m.bias.data.copy_(lin.bias.data)
