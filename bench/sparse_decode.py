@@ -228,6 +228,8 @@ def breakeven(reps: int, sparsities: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 
 
 E2E_DIMS = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                               num_key_value_heads=32),
+            "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
             "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                                num_key_value_heads=8)}
 
@@ -245,7 +247,8 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
     dcfg = dict(E2E_DIMS[dims])
     if blocks:  # a part of the model's blocks (70B: 16 of 80 fit twice on one GPU with the sparse copies)
         dcfg["num_hidden_layers"] = blocks
-    cfg = LlamaConfig(**dcfg, vocab_size=32000, max_position_embeddings=4096)
+    dcfg.setdefault("vocab_size", 32000)  # LLaMA-2's; Llama-3's 128256 (its dense lm_head is 1 GB read per step)
+    cfg = LlamaConfig(**dcfg, max_position_embeddings=4096)
     if smoke:  # a CPU check of this code path with tiny dimensions
         cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                           num_key_value_heads=4, vocab_size=32000, max_position_embeddings=512)
