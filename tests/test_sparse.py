@@ -182,6 +182,13 @@ def test_export_load_same_logits_and_greedy_tokens(tiny_with_tok, tmp_path, caps
     sm = load_sparse(tmp_path / "sp")
     sls = [m for m in sm.modules() if isinstance(m, SparseLinear)]
     assert len(sls) == info["sparse_layers"] and {m.layout for m in sls} == {layout}
+    import layerprune  # the README's entry point, merged (q/k/v and gate/up stacked): the same logits on the CPU path
+
+    smm = layerprune.load_sparse(tmp_path / "sp", merge=True)
+    assert sum(type(m).__name__ == "MergedPart" for m in smm.modules()) == 5 * model.config.num_hidden_layers
+    with torch.no_grad():
+        x = torch.randint(0, 100, (2, 12))
+        assert torch.equal(smm(x).logits, sm(x).logits)
     dense, _ = load_model(str(pdir))
     ids = torch.randint(0, 100, (2, 12))
     with torch.no_grad():

@@ -4,7 +4,7 @@ Two layouts, each a pure-torch format (pack / unpack / validate) and its Triton 
 ``delta_kernels.py`` (values + 4-bit column deltas; the default, fastest at decode) and ``format.py`` +
 ``kernels.py`` (tile-major bitmask + values; faster prefill) → ``linear.py`` (``SparseLinear`` and the
 ``torch.library`` ops) → ``export.py`` (``export_sparse`` / ``load_sparse``) → ``runtime.py``
-(generation) and ``bench.py`` (``layerprune bench-decode``).
+(generation) and ``bench.py`` (``layerprune bench-decode``); ``merge.py`` stacks the linears that read one input.
 """
 
 from layerprune.sparse.delta import DeltaTensor
@@ -14,8 +14,9 @@ from layerprune.sparse.linear import SparseLinear, pack_as
 __all__ = ["DeltaTensor", "SparseLinear", "SparseTensor", "load_sparse", "pack", "pack_as", "unpack"]
 
 
-def load_sparse(path, device="cpu", dtype=None):
-    """A Hugging Face model whose pruned linears are :class:`SparseLinear` (see ``sparse/export.py``)."""
+def load_sparse(path, device="cpu", dtype=None, merge=False):
+    """A Hugging Face model whose pruned linears are :class:`SparseLinear` (see ``sparse/export.py``; ``merge``:
+    q/k/v and gate/up run stacked, ``sparse/merge.py``)."""
     from layerprune.sparse.export import load_sparse as _load
 
-    return _load(path, device=device, dtype=dtype)
+    return _load(path, device=device, dtype=dtype, merge=merge)

@@ -196,9 +196,12 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
     return info
 
 
-def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                merge: bool = False) -> nn.Module:
     """A Hugging Face causal LM whose packed linears are :class:`SparseLinear`; every packed linear is
-    checked (``validate`` of its layout) before the model is returned."""
+    checked (``validate`` of its layout) before the model is returned. ``merge``: run the linears that read one
+    input (q/k/v, gate/up) as one stacked linear (:func:`layerprune.sparse.merge.merge_siblings`: faster decode;
+    the module tree then holds ``MergedPart`` modules where those linears were)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -244,6 +247,10 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     model.to(device).eval()
     model.config.use_cache = True
     model.layerprune_source = str(path)  # type: ignore[attr-defined]
+    if merge:
+        from layerprune.sparse.merge import merge_siblings
+
+        merge_siblings(model)
     return model
 
 
