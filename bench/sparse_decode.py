@@ -67,6 +67,15 @@ def timeit(fn, reps: int, spin: int = 300_000) -> float:
     return statistics.median(ts)
 
 
+def emit(rows: list[dict], row: dict, on_row=None) -> None:
+    """Append ``row``, print it, and hand the rows so far to ``on_row`` (written as it goes: a run cut short keeps
+    its rows)."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if on_row is not None:
+        on_row(rows)
+
+
 def masked(n: int, k: int, sparsity: float | str) -> torch.Tensor:
     w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
     if sparsity == "2:4":
@@ -163,10 +172,7 @@ def linears(reps: int, batches: list[int], sparsities: list, on_row=None) -> lis
                             row["cusparselt_us"] = timeit(lambda: F.linear(x, cusp), reps) if b >= 16 else None
                         except Exception as e:  # noqa: BLE001
                             row["cusparselt_error"] = str(e)[:100]
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    if on_row is not None:
-                        on_row(rows)
+                    emit(rows, row, on_row)
                 del w, sp, bsp, cusp
     return rows
 
@@ -202,10 +208,7 @@ def merged_linears(reps: int, batches: list[int], sparsity: float = 0.7, on_row=
                        "speedup_apart": t["dense_apart_us"] / t["sparse_apart_us"],
                        "speedup_merged_vs_dense_apart": t["dense_apart_us"] / t["sparse_merged_us"],
                        "speedup_merged_vs_dense_merged": t["dense_merged_us"] / t["sparse_merged_us"]}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if on_row is not None:
-                    on_row(rows)
+                emit(rows, row, on_row)
             del ws, sps, wm, spm
     return rows
 
@@ -294,15 +297,12 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
         a, _ = decode_rate(packed_all, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
         bm, _ = decode_rate(bitmask, b, 32, new_tokens, g, vocab_hi=32000, compile=compile)
         name = f"{'smoke (tiny dims)' if smoke else dims + '-dims'}, {cfg.num_hidden_layers} blocks (random bf16, Wanda+DLP 70%)"
-        rows.append({"model": name, "sparsity": 0.7, "batch": b,
+        emit(rows, {"model": name, "sparsity": 0.7, "batch": b,
                      "dense_tok_s": d, "sparse_tok_s": sm, "speedup": sm / d, "layout": "delta", "merged": True,
                      "unmerged_tok_s": s, "unmerged_speedup": s / d, "dense_merged_tok_s": dm,
                      "speedup_vs_dense_merged": sm / dm,
                      "all_packed_tok_s": a, "all_packed_speedup": a / d, "bitmask_tok_s": bm,
-                     "bitmask_speedup": bm / d, "mode": f"{mode_d}/{mode_s}"})
-        print(json.dumps(rows[-1]), flush=True)
-        if on_row is not None:  # written as it goes: a run cut short keeps its rows
-            on_row(rows)
+                     "bitmask_speedup": bm / d, "mode": f"{mode_d}/{mode_s}"}, on_row)
     info = {"build_s": build_s, "prune_s": prune_s, "pack_s": pack_s, "per_block": profile,
             "achieved": rec["sparsity"]["achieved"], "timing": rec["timing"], "logit_max_abs_diff": diff,
             "logit_max_abs": scale, "merged_vs_unmerged_logit_max_abs_diff": merged_diff,
