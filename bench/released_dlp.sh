@@ -39,5 +39,9 @@ for m in sorted({r["method"] for r in rows}):
     w = {r["side"]: r["wall_s"] for r in rows if r["method"] == m and r["exit"] == 0}
     if len(w) == 2:
         print(f"{m}: released {w['released']:.1f} s, layerprune {w['layerprune']:.1f} s, {w['released'] / w['layerprune']:.2f}x")
+        lp = next(r for r in rows if r["method"] == m and r["side"] == "layerprune")
+        own = (lp.get("detail") or {}).get("process_wall_s")
+        if own:  # the layerprune CLI's own process (the wrapper above it imports torch for nothing on that side)
+            print(f"{m}: layerprune CLI process alone {own:.1f} s, {w['released'] / own:.2f}x")
 (d / "released_dlp.json").write_text(json.dumps(rows, indent=1))
 PY
