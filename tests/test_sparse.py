@@ -288,7 +288,12 @@ def test_smollm2_sparse_generates_the_same_greedy_tokens(tmp_path, smol):
     assert len(sls) == 7 * 30 and {x.layout for x in sls} == {"delta"}  # every linear of the 30 blocks
     with torch.no_grad():
         assert torch.equal(sp.generate(ids, **kw), a)
-    assert torch.equal(densify(sp).model.layers[3].mlp.up_proj.weight, m.model.layers[3].mlp.up_proj.weight)
+    assert torch.equal(densify(copy.deepcopy(sp)).model.layers[3].mlp.up_proj.weight, m.model.layers[3].mlp.up_proj.weight)
+    from layerprune.sparse.merge import merge_siblings  # q/k/v and gate/up stacked, as generate runs it
+
+    assert len(merge_siblings(sp)) == 2 * 30
+    with torch.no_grad():
+        assert torch.equal(sp.generate(ids, **kw), a)
 
 
 # ---- the delta layout (layerprune/sparse/delta.py, delta_kernels.py) ----
