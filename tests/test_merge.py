@@ -46,6 +46,7 @@ def test_merge_finds_the_siblings_and_keeps_the_logits(arch, kind):
     assert len(parts) == sum(len(g) for g in groups)
     kinds = {type(p.group.linear) for p in parts}
     assert kinds == ({torch.nn.Linear} if kind == "dense" else {SparseLinear})
+    assert merge_siblings(m) == []  # a merged model has nothing left to merge
 
 
 @pytest.mark.parametrize("kind", ["0.7", "uneven", "empty", "2:4", "0.97"])
