@@ -98,6 +98,32 @@ def test_linears_reading_one_input_share_statistics_and_solve():
         assert torch.equal(sinks[member].sq, ref[member].sq)
 
 
+def test_shared_inputs_found_when_the_call_order_is_not_the_module_order():
+    """OPT's attention defines k_proj, v_proj, q_proj and calls q_proj first: the groups are still found (batches
+    are told apart by a linear's second input, not by the first linear in module order), and every sink that is
+    fed gets every batch."""
+    from layerprune.engine.runner import BlockRunner
+    from layerprune.engine.sequential import feed_hooks
+    from layerprune.pruners.wanda import WandaPruner
+
+    m = tiny_model("opt", layers=2, seed=5)
+    ad = ModelAdapter.of(m)
+    runner = BlockRunner(m, ad, torch.randint(0, 128, (5, 16)), torch.device("cpu"), batch_size=2)
+    lins = ad.linears(0)
+    assert list(lins)[0] == "self_attn.k_proj"
+    sinks = {n: WandaPruner(lin) for n, lin in lins.items()}
+    groups: dict[str, str] = {}
+    with feed_hooks(lins, sinks, groups):
+        runner.run(0, store=False)
+    assert groups == {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj"}
+    ref = {n: WandaPruner(lin) for n, lin in lins.items()}
+    with feed_hooks(lins, ref):
+        runner.run(0, store=False)
+    for n in lins:
+        if n not in groups:
+            assert torch.equal(sinks[n].sq, ref[n].sq), n
+
+
 def test_statistics_forward_stops_after_the_last_linear_input():
     """feed_hooks(stop=True) ends each batch's forward once every observed linear has its input: the sinks
     get exactly what a whole forward gives them, and the last linear (down_proj) never runs its matmul."""

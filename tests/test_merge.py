@@ -126,7 +126,8 @@ def test_merged_decode_step_compiles_whole():
     assert torch.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the CUDA kernels and CUDA-graph capture need a CUDA GPU (none here; run on the H200)")
 def test_cuda_merged_model_in_a_cuda_graph_equals_the_unmerged_model():
     """On the GPU (bf16, the CUDA kernels): a decode step captured in a CUDA graph and replayed gives the same
     logits for the merged sparse model as for the unmerged one (within bf16 rounding: the stacked shape may take

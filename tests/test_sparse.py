@@ -769,7 +769,7 @@ def test_export_threshold_follows_the_kernel_that_will_run():
     assert rec["q_proj"]["format"] == "dense" and rec["q_proj"]["min_sparsity"] == 0.545  # small: 40% < 54.5%
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="packing on the GPU needs a CUDA GPU (none here; run on the H200)")
 @pytest.mark.parametrize("layout", ["delta", "bitmask"])
 def test_cuda_packing_on_the_gpu_gives_the_cpu_buffers(layout):
     """export packs a CPU model's linears on the GPU (pack_device): the buffers come back to the CPU and equal, bit

@@ -47,15 +47,13 @@ def feed_hooks(linears: dict[str, nn.Linear], sinks: dict[str, object],
     handles = []
     seen: list[tuple[torch.Tensor, str]] = []  # this forward's inputs (strong refs: identity is reliable)
     fired: set[str] = set()
-    first = next((n for n in linears if n in sinks), None)
     state = {"batch": 0}
 
     def make(name: str, sink: object):
         def hook(mod, args):
             x = args[0]
-            if name == first:
-                if seen or fired:
-                    state["batch"] += 1
+            if name in fired:  # a linear's second input: the next batch's forward (not the first in module order:
+                state["batch"] += 1  # OPT's attention defines k_proj first and calls q_proj first)
                 seen.clear()
                 fired.clear()
             fired.add(name)

@@ -4,13 +4,15 @@ A decode step is a string of small, memory-bound matrix-vector products, and a s
 more than by bytes: on the H200 at 70% one 4096×4096 sparse linear runs at 1.6× dense while an 11008×4096
 one runs at 1.9× (BENCHMARKS.md, session 14). Stacking the rows of the linears that share an input makes one
 launch of a taller weight in place of two or three short ones. Nothing is recomputed and no arithmetic
-changes: each output row is the same dot product as before (summed in the same order by the one-token
-kernels; the tensor-core and cuBLAS paths may pick another split of the columns for the taller shape).
+changes: each output row is the same dot product as before (the one-token kernels' launch settings depend on
+the input width and the token count, not on the rows, so their row sums keep their order; the tensor-core and
+cuBLAS paths may pick another split of the columns for the taller shape).
 
 Which linears share an input is found by a trace, not by names: one two-token forward with pre-hooks notes the
-very tensor each block linear receives (as :func:`layerprune.engine.sequential.feed_hooks` does for
-SparseGPT's shared Hessians). A group is merged when its members are of one kind (all :class:`SparseLinear` in
-one layout, or all ``nn.Linear``), of one dtype, with the same input width, and all with or without a bias.
+very tensor each block linear receives (the engine's :func:`layerprune.engine.sequential.feed_hooks`, which also
+finds the linears whose SparseGPT Hessians are shared). A group is merged when its members are of one kind (all
+:class:`SparseLinear` in one layout, or all ``nn.Linear``), of one dtype, with the same input width, and all with
+or without a bias.
 
 At run time the first member of a group computes the stacked product and keeps it; the others return their
 slice of it when they receive the same tensor (identity), and the last one drops it. A member called with
@@ -113,33 +115,24 @@ def _stack(mods: list[nn.Module]) -> nn.Module | None:
 @torch.no_grad()
 def sibling_groups(model: nn.Module) -> list[list[str]]:
     """Names of the block linears that receive the very same input tensor, in call order (groups of ≥ 2),
-    from one two-token forward."""
+    from one two-token forward through the engine's :func:`~layerprune.engine.sequential.feed_hooks` (which finds
+    the inputs SparseGPT's Hessians share the same way)."""
+    from types import SimpleNamespace
+
+    from layerprune.engine.sequential import feed_hooks
     from layerprune.models.adapter import find_blocks
 
     bname, blocks = find_blocks(model)
     linears = {f"{bname}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in b.named_modules()
                if isinstance(m, (nn.Linear, SparseLinear))}
-    seen: list[tuple[torch.Tensor, list[str]]] = []  # strong references: identity is reliable
-
-    def make(name: str):
-        def hook(mod, args):
-            x = args[0]
-            group = next((g for t, g in seen if t is x), None)
-            if group is None:
-                seen.append((x, [name]))
-            elif name not in group:
-                group.append(name)
-
-        return hook
-
-    handles = [lin.register_forward_pre_hook(make(name)) for name, lin in linears.items()]
-    try:
-        dev = next(model.parameters()).device
-        model(input_ids=torch.tensor([[1, 2]], device=dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return [g for _, g in seen if len(g) > 1]
+    nothing = SimpleNamespace(add_batch=lambda x: None)
+    members: dict[str, str] = {}  # member → leader, in call order
+    with feed_hooks(linears, dict.fromkeys(linears, nothing), members):
+        model(input_ids=torch.tensor([[1, 2]], device=next(model.parameters()).device), use_cache=False)
+    groups: dict[str, list[str]] = {}
+    for member, leader in members.items():
+        groups.setdefault(leader, [leader]).append(member)
+    return list(groups.values())
 
 
 def merge_siblings(model: nn.Module) -> list[list[str]]:
