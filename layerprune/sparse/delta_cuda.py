@@ -691,16 +691,18 @@ def chunk_index(deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, 
 
 def chunks_of(deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, n: int, k: int,
               chunk: int = TILE[2]) -> torch.Tensor:
-    """:func:`chunk_index`, computed once per packed weight and kept on its ``gptr`` tensor (recomputed when a
-    buffer was written in place since, as ``load_state_dict`` does)."""
+    """:func:`chunk_index`, computed once per packed weight and chunk width and kept on its ``gptr`` tensor
+    (recomputed when a buffer was written in place since, as ``load_state_dict`` does)."""
     try:
         key = (chunk, gptr._version, deltas._version, starts._version)
     except RuntimeError:  # inference tensors keep no version counter (and cannot be written in place)
         key = (chunk,)
-    held = getattr(gptr, "_layerprune_chunks", None)
+    kept = getattr(gptr, "_layerprune_chunks", None)
+    if kept is None:
+        kept = gptr._layerprune_chunks = {}
+    held = kept.get(chunk)  # one index per chunk width (the mma and wgmma tile kernels use different ones)
     if held is None or held[0] != key:
-        held = (key, chunk_index(deltas, starts, gptr, n, k, chunk))
-        gptr._layerprune_chunks = held
+        held = kept[chunk] = (key, chunk_index(deltas, starts, gptr, n, k, chunk))
     return held[1]
 
 
