@@ -700,7 +700,7 @@ def chunks_of(deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, n:
     kept = getattr(gptr, "_layerprune_chunks", None)
     if kept is None:
         kept = gptr._layerprune_chunks = {}
-    held = kept.get(chunk)  # one index per chunk width (the mma and wgmma tile kernels use different ones)
+    held = kept.get(chunk)  # one index per chunk width (tile forms of other widths: bench/sparse_delta_cuda.py --tile)
     if held is None or held[0] != key:
         held = kept[chunk] = (key, chunk_index(deltas, starts, gptr, n, k, chunk))
     return held[1]
