@@ -238,12 +238,13 @@ E2E_DIMS = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hid
 
 
 def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: bool = False,
-        dims: str = "llama2-7b", blocks: int = 0, compile: bool = False, on_row=None) -> list[dict]:
+        dims: str = "llama2-7b", blocks: int = 0, compile: bool = False, on_row=None,
+        prefill: list[int] = ()) -> list[dict]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from layerprune.api import Session, prune
     from layerprune.data.calibration import CalibSet
-    from layerprune.sparse.bench import decode_rate, weight_bytes
+    from layerprune.sparse.bench import decode_rate, prefill_ms, weight_bytes
     from layerprune.sparse.export import sparsify
     from layerprune.sparse.merge import merge_siblings
 
@@ -251,7 +252,7 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
     if blocks:  # a part of the model's blocks (70B: 16 of 80 fit twice on one GPU with the sparse copies)
         dcfg["num_hidden_layers"] = blocks
     dcfg.setdefault("vocab_size", 32000)  # LLaMA-2's; Llama-3's 128256 (its dense lm_head is 1 GB read per step)
-    cfg = LlamaConfig(**dcfg, max_position_embeddings=4096)
+    cfg = LlamaConfig(**dcfg, max_position_embeddings=max(4096, *prefill) if prefill else 4096)
     if smoke:  # a CPU check of this code path with tiny dimensions
         cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                           num_key_value_heads=4, vocab_size=32000, max_position_embeddings=512)
@@ -303,7 +304,13 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
                      "speedup_vs_dense_merged": sm / dm,
                      "all_packed_tok_s": a, "all_packed_speedup": a / d, "bitmask_tok_s": bm,
                      "bitmask_speedup": bm / d, "mode": f"{mode_d}/{mode_s}"}, on_row)
-    info = {"build_s": build_s, "prune_s": prune_s, "pack_s": pack_s, "per_block": profile,
+    pre = []
+    for t in prefill:  # one sequence's prefill (time to the first token), eager, as bench-decode --prefill-tokens
+        d, sm, dm = (prefill_ms(m, t, vocab_hi=32000) for m in (model, merged, dense_merged))
+        pre.append({"tokens": t, "dense_ms": d, "sparse_ms": sm, "dense_merged_ms": dm, "speedup": d / sm,
+                    "speedup_vs_dense_merged": dm / sm})
+        print(json.dumps(pre[-1]), flush=True)
+    info = {"prefill": pre, "build_s": build_s, "prune_s": prune_s, "pack_s": pack_s, "per_block": profile,
             "achieved": rec["sparsity"]["achieved"], "timing": rec["timing"], "logit_max_abs_diff": diff,
             "logit_max_abs": scale, "merged_vs_unmerged_logit_max_abs_diff": merged_diff,
             "merged_groups": n_merged, "dense_weight_bytes": weight_bytes(model),
@@ -330,6 +337,7 @@ def main() -> None:
     ap.add_argument("--e2e-blocks", type=int, default=0, help="end to end with this many blocks (0: all)")
     ap.add_argument("--e2e-compile", action="store_true", help="end to end with each decode step torch.compile'd")
     ap.add_argument("--e2e-batches", default="1,4,16", help="end to end: decode batch sizes")
+    ap.add_argument("--e2e-prefill", default="", help="end to end: also time one sequence's prefill of these lengths")
     a = ap.parse_args()
     global DEV
     if a.smoke:
@@ -367,7 +375,8 @@ def main() -> None:
 
         res["end_to_end"], res["end_to_end_info"] = e2e([int(b) for b in a.e2e_batches.split(",")], a.new_tokens,
                                                         a.nsamples, a.seqlen, a.smoke, a.e2e_dims, a.e2e_blocks,
-                                                        a.e2e_compile, partial)
+                                                        a.e2e_compile, partial,
+                                                        [int(t) for t in a.e2e_prefill.split(",") if t.strip()])
         save()
 
 

@@ -25,6 +25,8 @@ def run(args, capsys):
     (["prune", "smollm2-135m", "--pattern", "2:4", "--allocation", "svnup"], "N:M patterns work with"),
     (["allocate", "smollm2-135m", "--allocation", "dlp", "--alpha", "0.9", "--nsamples", "1"], "alpha"),
     (["eval", "smollm2-135m", "--tasks", "nope"], "unknown task"),
+    (["bench-decode", "some-dir", "--prefill-tokens", "2k"], "--prefill-tokens must be comma-separated integers"),
+    (["bench-decode", "some-dir", "--prefill-tokens", "512,0"], "--prefill-tokens must be positive"),
 ])
 def test_bad_input_one_line_exit_2(args, needle, capsys):
     code, out, err = run(args, capsys)

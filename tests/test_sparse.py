@@ -643,6 +643,28 @@ def test_decode_rate_compiles_the_step_whole():
     assert rate > 0 and mode == "compiled+eager"
 
 
+def test_prefill_ms_times_the_forward_that_generate_runs_first(monkeypatch):
+    """bench-decode's prefill row: one sequence of the given length, the logits of its last position only (what
+    ``generate`` asks for before its first token), a warm-up and then the median of the timed calls."""
+    from layerprune.sparse import bench
+    from layerprune.sparse.export import sparsify
+
+    m = tiny_model("llama", layers=2, seed=1).eval()
+    sparsify(m, min_sparsity=0.0)
+    seen = []
+    forward = m.forward
+
+    def spy(*a, **k):
+        out = forward(*a, **k)
+        seen.append((k["input_ids"].shape, k.get("logits_to_keep"), out.logits.shape[1]))
+        return out
+
+    monkeypatch.setattr(m, "forward", spy)
+    ms = bench.prefill_ms(m, 24, reps=3, vocab_hi=100)
+    assert ms > 0 and len(seen) == 4  # one warm-up, three timed
+    assert all(s == (torch.Size([1, 24]), 1, 1) for s in seen)
+
+
 def test_cuda_kernel_falls_back_when_it_cannot_compile(monkeypatch, caplog):
     """No NVRTC / no CUDA headers: the kernel is None with one warning, and the device is not tried again (the op
     then runs Triton)."""

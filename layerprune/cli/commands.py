@@ -182,8 +182,13 @@ def cmd_bench_decode(a: argparse.Namespace) -> tuple[dict, str]:
         bss = [int(x) for x in csv_list(a.batch_sizes)]
     except ValueError:
         raise UserError(f"--batch-sizes must be comma-separated integers, e.g. 1,4,16 (got {a.batch_sizes!r})") from None
+    try:
+        pts = [int(x) for x in csv_list(a.prefill_tokens)]
+    except ValueError:
+        raise UserError(f"--prefill-tokens must be comma-separated integers, e.g. 512,2048 (got {a.prefill_tokens!r})") from None
     rec = bench_decode(a.model, bss, a.new_tokens, a.prompt_len, device=a.device, dtype=a.dtype,
-                       graphs=not a.no_graphs, layout=a.layout, compile=a.compile, merge=not a.no_merge)
+                       graphs=not a.no_graphs, layout=a.layout, compile=a.compile, merge=not a.no_merge,
+                       prefill_tokens=pts)
     merged = rec["merged_groups"] > 0
     rows = [[r["batch"], r["dense_tok_s"], *([r["dense_merged_tok_s"]] if merged else []), r["sparse_tok_s"],
              r["speedup"], *([r["speedup_vs_dense_merged"]] if merged else [])] for r in rec["rows"]]
@@ -192,6 +197,12 @@ def cmd_bench_decode(a: argparse.Namespace) -> tuple[dict, str]:
     txt = table(head, rows)
     txt += f"\n\n{rec['device']}, {rec['dtype']}, {rec['mode']}; weights on the GPU: dense " \
            f"{rec['dense_weight_bytes'] / 2**20:.1f} MiB, sparse {rec['sparse_weight_bytes'] / 2**20:.1f} MiB"
+    if rec["prefill"]:
+        pre = [[r["tokens"], r["dense_ms"], *([r["dense_merged_ms"]] if merged else []), r["sparse_ms"], r["speedup"],
+                *([r["speedup_vs_dense_merged"]] if merged else [])] for r in rec["prefill"]]
+        txt += "\n\nprefill of one sequence (time to the first token, eager; the sparse linears unpack for cuBLAS):\n"
+        txt += table(["tokens", "dense ms", "dense merged ms", "sparse ms", "speed-up", "vs dense merged"] if merged
+                     else ["tokens", "dense ms", "sparse ms", "speed-up"], pre)
     if merged:
         txt += (f"\nsparse model: {rec['merged_groups']} groups of linears that read one input run stacked (q/k/v, "
                 "gate/up; --no-merge to keep them apart); 'dense merged' is the dense model stacked the same way")

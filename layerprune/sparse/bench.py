@@ -112,11 +112,35 @@ def _decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
     return batch * new_tokens / (time.perf_counter() - t), ("compiled+" if compile else "") + mode
 
 
+@torch.no_grad()
+def prefill_ms(model: nn.Module, tokens: int, reps: int = 3, vocab_hi: int = 1000) -> float:
+    """Median milliseconds of one sequence's prefill of ``tokens`` random tokens (seed 0), the forward that
+    ``generate`` runs before its first new token: logits of the last position only, eager, with layerprune's
+    fused RMSNorm / rotary kernels as in :func:`decode_rate`. One untimed warm-up first. In the sparse model each
+    linear unpacks its weight for cuBLAS at this many tokens (``SparseLinear``), once per call."""
+    from layerprune.engine.fused import fused_ops
+
+    dev = next(model.parameters()).device
+    ids = torch.randint(10, vocab_hi, (1, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+    times = []
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda d: None)
+    with fused_ops(model, dev):
+        for i in range(reps + 1):
+            sync(dev)
+            t = time.perf_counter()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            sync(dev)
+            if i:
+                times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt_len: int = 32,
                  device: str = "auto", dtype: str = "bfloat16", graphs: bool = True, layout: str = "delta",
-                 compile: bool = False, merge: bool = True) -> dict:
+                 compile: bool = False, merge: bool = True, prefill_tokens: list[int] | None = None) -> dict:
     """Dense vs sparse decode tokens/s for a sparse directory or a ``prune --out`` directory (``compile``: see
-    :func:`decode_rate`).
+    :func:`decode_rate`), and the prefill of each of ``prefill_tokens`` prompt lengths (:func:`prefill_ms`: the
+    time to the first token of one sequence, dense vs sparse; the record's ``prefill`` rows).
 
     With ``merge`` (the default) the sparse model runs the linears that read one input stacked
     (:mod:`layerprune.sparse.merge`), as ``generate`` does. The dense model is measured as Hugging Face builds
@@ -133,6 +157,9 @@ def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt
         raise UserError("--batch-sizes must be positive integers, e.g. 1,4,16")
     if new_tokens < 1 or prompt_len < 1:
         raise UserError("--new-tokens and --prompt-len must be at least 1")
+    prefill_tokens = list(prefill_tokens or [])
+    if any(t < 1 for t in prefill_tokens):
+        raise UserError("--prefill-tokens must be positive integers, e.g. 512,2048 (or empty for none)")
     if not (Path(spec).is_dir() and (is_sparse_dir(spec) or is_layerprune_dir(spec))):
         raise UserError(f"{spec} is neither a sparse directory (layerprune export) nor a layerprune output directory")
     dev = resolve_device(device)
@@ -148,22 +175,36 @@ def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt
         dense = AutoModelForCausalLM.from_pretrained(spec, dtype=dt).to(dev).eval()
         sparse = copy.deepcopy(dense)
         sparsify(sparse, layout=layout)
+    longest = getattr(dense.config, "max_position_embeddings", None)
+    if prefill_tokens and longest and max(prefill_tokens) > longest:
+        raise UserError(f"--prefill-tokens {max(prefill_tokens)} is longer than the model's "
+                        f"{longest} positions (max_position_embeddings)")
     rows = [{"batch": b} for b in batch_sizes]
+    pre = [{"tokens": t} for t in prefill_tokens]
     for r in rows:
         r["dense_tok_s"], mode = decode_rate(dense, r["batch"], prompt_len, new_tokens, graphs, compile=compile)
+    for r in pre:
+        r["dense_ms"] = prefill_ms(dense, r["tokens"])
     merged = merge_siblings(sparse) if merge else []
     if merged:
         merge_siblings(dense)  # in place: no third copy of the model
         for r in rows:
             r["dense_merged_tok_s"], _ = decode_rate(dense, r["batch"], prompt_len, new_tokens, graphs, compile=compile)
+        for r in pre:
+            r["dense_merged_ms"] = prefill_ms(dense, r["tokens"])
     for r in rows:
         r["sparse_tok_s"], smode = decode_rate(sparse, r["batch"], prompt_len, new_tokens, graphs, compile=compile)
         r["speedup"] = r["sparse_tok_s"] / r["dense_tok_s"]
         if merged:
             r["speedup_vs_dense_merged"] = r["sparse_tok_s"] / r["dense_merged_tok_s"]
         r["mode"] = f"{mode}/{smode}"
+    for r in pre:
+        r["sparse_ms"] = prefill_ms(sparse, r["tokens"])
+        r["speedup"] = r["dense_ms"] / r["sparse_ms"]
+        if merged:
+            r["speedup_vs_dense_merged"] = r["dense_merged_ms"] / r["sparse_ms"]
     return {"model": spec, "device": torch.cuda.get_device_name(dev), "dtype": str(dt).replace("torch.", ""),
-            "mode": rows[0]["mode"], "new_tokens": new_tokens, "prompt_len": prompt_len, "rows": rows,
+            "mode": rows[0]["mode"], "new_tokens": new_tokens, "prompt_len": prompt_len, "rows": rows, "prefill": pre,
             "dense_weight_bytes": weight_bytes(dense), "sparse_weight_bytes": weight_bytes(sparse),
             "layout": sorted({m.layout for m in sparse.modules() if hasattr(m, "layout")}),
             "merged_groups": len(merged),
