@@ -14,7 +14,6 @@ from layerprune.api import allocate, evaluate, prune  # noqa: E402
 from layerprune.models import load_model  # noqa: E402
 
 
-
 def load_sparse(path, device="cpu", dtype=None, merge=False):
     """A Hugging Face causal LM from a sparse directory (``layerprune export --format sparse``) whose packed
     linears are ``SparseLinear`` (:func:`layerprune.sparse.export.load_sparse`); ``merge``: q/k/v and gate/up run
