@@ -665,6 +665,29 @@ def test_prefill_ms_times_the_forward_that_generate_runs_first(monkeypatch):
     assert all(s == (torch.Size([1, 24]), 1, 1) for s in seen)
 
 
+def test_bench_decode_refuses_a_prefill_past_the_context_before_loading(tmp_path):
+    """--prefill-tokens longer than the model's max_position_embeddings: one UserError naming the limit, raised
+    from config.json before any model is loaded (the CPU-only machine never reaches the CUDA check); by default
+    the prefill length is 2048, or the context when that is shorter."""
+    import json
+
+    from layerprune.errors import UserError
+    from layerprune.sparse import bench
+
+    d = tmp_path / "sp"
+    d.mkdir()
+    (d / "sparse_config.json").write_text("{}")
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 512}))
+    with pytest.raises(UserError, match="longer than the model's 512 positions.*at most 512"):
+        bench.bench_decode(str(d), [1], prefill_tokens=[256, 1024], device="cpu")
+    with pytest.raises(UserError, match="needs a CUDA device"):  # the default (512 here) and [] pass the check
+        bench.bench_decode(str(d), [1], device="cpu")
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        bench.bench_decode(str(d), [1], prefill_tokens=[], device="cpu")
+    (d / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {"max_position_embeddings": 64}}))
+    assert bench._longest_context(str(d)) == 64
+
+
 def test_cuda_kernel_falls_back_when_it_cannot_compile(monkeypatch, caplog):
     """No NVRTC / no CUDA headers: the kernel is None with one warning, and the device is not tried again (the op
     then runs Triton)."""

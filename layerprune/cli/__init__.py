@@ -278,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", default="1,4,16")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--prompt-len", type=int, default=32)
-    b.add_argument("--prefill-tokens", default="2048",
+    b.add_argument("--prefill-tokens", default=None,
                    help="also time the prefill (time to the first token) of one sequence of each of these lengths, "
-                        "dense vs sparse; empty for none")
+                        "dense vs sparse (default 2048, or the model's longest context when shorter; '' for none)")
     b.add_argument("--no-graphs", action="store_true", help="plain eager decode steps (no CUDA graphs)")
     b.add_argument("--compile", action="store_true",
                    help="compile each decode step with torch.compile first (fuses the model's elementwise ops; "

@@ -183,7 +183,7 @@ def cmd_bench_decode(a: argparse.Namespace) -> tuple[dict, str]:
     except ValueError:
         raise UserError(f"--batch-sizes must be comma-separated integers, e.g. 1,4,16 (got {a.batch_sizes!r})") from None
     try:
-        pts = [int(x) for x in csv_list(a.prefill_tokens)]
+        pts = None if a.prefill_tokens is None else [int(x) for x in csv_list(a.prefill_tokens)]
     except ValueError:
         raise UserError(f"--prefill-tokens must be comma-separated integers, e.g. 512,2048 (got {a.prefill_tokens!r})") from None
     rec = bench_decode(a.model, bss, a.new_tokens, a.prompt_len, device=a.device, dtype=a.dtype,

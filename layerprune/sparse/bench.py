@@ -112,6 +112,21 @@ def _decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
     return batch * new_tokens / (time.perf_counter() - t), ("compiled+" if compile else "") + mode
 
 
+DEFAULT_PREFILL = 2048  # bench-decode's prompt length for the time to the first token, unless asked otherwise
+
+
+def _longest_context(spec: str) -> int | None:
+    """The model's ``max_position_embeddings`` from its ``config.json`` (a multimodal config's text part), or None."""
+    import json
+
+    try:
+        cfg = json.loads((Path(spec) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    v = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    return int(v) if isinstance(v, (int, float)) and v > 0 else None
+
+
 @torch.no_grad()
 def prefill_ms(model: nn.Module, tokens: int, reps: int = 3, vocab_hi: int = 1000) -> float:
     """Median milliseconds of one sequence's prefill of ``tokens`` random tokens (seed 0), the forward that
@@ -139,7 +154,8 @@ def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt
                  device: str = "auto", dtype: str = "bfloat16", graphs: bool = True, layout: str = "delta",
                  compile: bool = False, merge: bool = True, prefill_tokens: list[int] | None = None) -> dict:
     """Dense vs sparse decode tokens/s for a sparse directory or a ``prune --out`` directory (``compile``: see
-    :func:`decode_rate`), and the prefill of each of ``prefill_tokens`` prompt lengths (:func:`prefill_ms`: the
+    :func:`decode_rate`), and the prefill of each of ``prefill_tokens`` prompt lengths (``None``: 2048, or the
+    model's ``max_position_embeddings`` when that is shorter; an empty list: none) (:func:`prefill_ms`: the
     time to the first token of one sequence, dense vs sparse; the record's ``prefill`` rows).
 
     With ``merge`` (the default) the sparse model runs the linears that read one input stacked
@@ -157,11 +173,18 @@ def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt
         raise UserError("--batch-sizes must be positive integers, e.g. 1,4,16")
     if new_tokens < 1 or prompt_len < 1:
         raise UserError("--new-tokens and --prompt-len must be at least 1")
+    asked = prefill_tokens is not None
     prefill_tokens = list(prefill_tokens or [])
     if any(t < 1 for t in prefill_tokens):
         raise UserError("--prefill-tokens must be positive integers, e.g. 512,2048 (or empty for none)")
     if not (Path(spec).is_dir() and (is_sparse_dir(spec) or is_layerprune_dir(spec))):
         raise UserError(f"{spec} is neither a sparse directory (layerprune export) nor a layerprune output directory")
+    longest = _longest_context(spec)
+    if not asked:
+        prefill_tokens = [min(DEFAULT_PREFILL, longest or DEFAULT_PREFILL)]
+    if prefill_tokens and longest and max(prefill_tokens) > longest:
+        raise UserError(f"--prefill-tokens {max(prefill_tokens)} is longer than the model's {longest} positions "
+                        f"(max_position_embeddings in {Path(spec) / 'config.json'}): ask for at most {longest}")
     dev = resolve_device(device)
     if dev.type != "cuda":
         raise UserError("bench-decode measures GPU decode: it needs a CUDA device (--device cuda)")
@@ -175,10 +198,6 @@ def bench_decode(spec: str, batch_sizes: list[int], new_tokens: int = 64, prompt
         dense = AutoModelForCausalLM.from_pretrained(spec, dtype=dt).to(dev).eval()
         sparse = copy.deepcopy(dense)
         sparsify(sparse, layout=layout)
-    longest = getattr(dense.config, "max_position_embeddings", None)
-    if prefill_tokens and longest and max(prefill_tokens) > longest:
-        raise UserError(f"--prefill-tokens {max(prefill_tokens)} is longer than the model's "
-                        f"{longest} positions (max_position_embeddings)")
     rows = [{"batch": b} for b in batch_sizes]
     pre = [{"tokens": t} for t in prefill_tokens]
     for r in rows:
