@@ -13,6 +13,7 @@ import logging
 import math
 import time
 import weakref
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,8 +48,9 @@ def eval_windows(tokenizer, dataset: str, seqlen: int, max_windows: int | None, 
     return cache[key]
 
 
-def context_length(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
+def context_length(model: nn.Module | Any) -> int | None:
+    """``max_position_embeddings`` of a model or of its config (a multimodal config's text part), or None."""
+    cfg = getattr(model, "config", model)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return getattr(cfg, "max_position_embeddings", None)
 

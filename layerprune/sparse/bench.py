@@ -116,15 +116,16 @@ DEFAULT_PREFILL = 2048  # bench-decode's prompt length for the time to the first
 
 
 def _longest_context(spec: str) -> int | None:
-    """The model's ``max_position_embeddings`` from its ``config.json`` (a multimodal config's text part), or None."""
-    import json
+    """The model's context (:func:`layerprune.evaluation.perplexity.context_length`) from its config alone, before
+    any weight is loaded; None when the config cannot be read."""
+    from transformers import AutoConfig
+
+    from layerprune.evaluation.perplexity import context_length
 
     try:
-        cfg = json.loads((Path(spec) / "config.json").read_text())
+        return context_length(AutoConfig.from_pretrained(spec))
     except (OSError, ValueError):
         return None
-    v = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
-    return int(v) if isinstance(v, (int, float)) and v > 0 else None
 
 
 @torch.no_grad()
