@@ -546,6 +546,100 @@ def test_cuda_delta_kernel_source_compiles():
     src.unlink()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("shape", [(37, 200), (5000, 1000), (100, 4096), (130, 777), (1000, 14336)])
+@pytest.mark.parametrize("kind", ["0.7", "uneven", "empty", "dense", "2:4", "0.97"])
+def test_cuda_bitmask_mma_kernel_equals_f_linear(shape, kind):
+    """The bitmask tensor-core kernel (weight decoded into mma fragments) against F.linear in fp32 on the same bf16
+    weight: 2–64 tokens and more (several passes), K not a multiple of the 128-column tile (odd K: scalar x loads),
+    rows not a multiple of 16, empty and full tiles (a full tile fills the largest value slot), an x with a token
+    stride wider than K and one not 16-byte aligned, 2–4 stages, 4 or 8 warps, every number of column splits (the
+    in-kernel reduction leaves its counters at zero); and the op for the batches it sends there."""
+    from layerprune.sparse import bitmask_cuda
+
+    n, k = shape
+    w = _weight(n, k, kind).to("cuda", torch.bfloat16)
+    sp = pack(w)
+    for b in (2, 7, 8, 9, 16, 33, 64, 70):
+        xs = torch.randn(b, k + 5, device="cuda", dtype=torch.bfloat16)
+        for x in (xs[:, :k], xs[:, 1:k + 1]):
+            ref = F.linear(x.float(), w.float())
+            tol = 1e-2 * float(ref.abs().max()) + 1e-6
+            for kw in ({}, {"splits": 1}, {"splits": 3, "stages": 4}, {"splits": 1000, "warps": 4, "stages": 3},
+                       {"warps": 8, "stages": 2, "blocks_per_sm": 1.0}):
+                y = bitmask_cuda.spmm(x, sp.bitmask, sp.values, sp.offsets, n, k, **kw)
+                assert y is not None and y.shape == (b, n) and y.dtype == torch.bfloat16
+                assert float((y.float() - ref).abs().max()) <= tol, (b, kw)
+    assert not bool(delta_cuda_counters().any())
+    for b in (2, 5, 24, 64):
+        x = torch.randn(1, b, k, device="cuda", dtype=torch.bfloat16)
+        ref = F.linear(x.float(), w.float())
+        y = torch.ops.layerprune.sparse_linear(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk)
+        assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-6, b
+    assert bitmask_cuda.max_tile(sp.offsets) == int((sp.offsets[1:] - sp.offsets[:-1]).max())
+
+
+def delta_cuda_counters() -> torch.Tensor:
+    from layerprune.sparse import delta_cuda
+
+    return delta_cuda._counters(0, torch.cuda.current_stream().cuda_stream)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device (the GPU machine)")
+def test_cuda_bitmask_mma_kernel_replays_in_a_cuda_graph():
+    """The bitmask op at 4 and 40 tokens captured in one CUDA graph and replayed with new inputs equals F.linear each
+    time. The second weight is first seen inside the capture: its largest tile is not known there, so the kernel
+    takes a full tile's value slot (no host sync); the split counters are left at zero between replays."""
+    ws = [_weight(3000, 4096, "0.7").to("cuda", torch.bfloat16),
+          _weight(1000, 14336, "uneven", 1).to("cuda", torch.bfloat16)]
+    sps = [pack(w) for w in ws]
+    xs = [torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16),
+          torch.randn(40, 14336, device="cuda", dtype=torch.bfloat16)]
+    op = torch.ops.layerprune.sparse_linear
+    op(xs[0], sps[0].bitmask, sps[0].values, sps[0].offsets, 3000, 4096, 16, 128)  # compiled before the capture
+    from layerprune.sparse import bitmask_cuda
+
+    assert bitmask_cuda.kernel(0, 64, 8, 2, 2056) is not None  # the capture's build, also before
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ys = [op(x, sp.bitmask, sp.values, sp.offsets, w.shape[0], w.shape[1], 16, 128) for x, sp, w in zip(xs, sps, ws)]
+    assert getattr(sps[1].offsets, "_layerprune_max_tile", None) is None
+    for _ in range(3):
+        for x in xs:
+            x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        for x, w, y in zip(xs, ws, ys):
+            ref = F.linear(x.float(), w.float())
+            assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-6
+    assert not bool(delta_cuda_counters().any())
+
+
+def test_bitmask_cuda_source_compiles_and_slots_hold_any_tile():
+    """The bitmask kernel's source compiles for sm_90 where nvcc is installed, for every token width; and a value
+    slot always holds the largest tile plus the 16-byte alignment slack the copy adds (full tiles included)."""
+    import shutil
+    import subprocess
+
+    from layerprune.sparse import bitmask_cuda
+
+    for most in (0, 1, 600, 1024, 2041, 2048):
+        cap = bitmask_cuda.cap_for(most + 7)
+        assert cap + 8 >= ((most + 7 + 7) // 8) * 8 and cap % 8 == 0
+    off = torch.tensor([0, 5, 5, 17, 20], dtype=torch.int32)
+    assert bitmask_cuda.max_tile(off) == 12 and off._layerprune_max_tile[1] == 12
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no CUDA toolkit (nvcc) on this machine to compile the kernel source with")
+    src = Path(os.environ.get("TMPDIR", "/tmp")) / f"layerprune_bitmask_cuda_{os.getpid()}.cu"
+    for mt in bitmask_cuda.MMA_TOKENS:
+        src.write_text(bitmask_cuda.source(mt, 4 if mt < 32 else 8, 2 + mt % 3, 768))
+        out = subprocess.run([nvcc, "-arch=sm_90", "--use_fast_math", "-cubin", "-o", os.devnull, str(src)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+    src.unlink()
+
+
 @pytest.mark.parametrize("kind", ["0.7", "uneven", "2:4", "0.97"])
 def test_triton_delta_decompress_is_exact(interpret, kind):
     from layerprune.sparse import delta, delta_kernels

@@ -5,7 +5,9 @@
   four tokens 0.97–1.46×, sixteen 0.64–0.79× on tensor cores); past 32 tokens (64 on K > 12288) the weight is
   unpacked (CUDA kernel) and cuBLAS runs it: prefill at 0.79–0.88× of dense.
 * ``bitmask`` (:mod:`layerprune.sparse.format`): tile-major bitmask + values. Dense speed at 70% for one
-  token, a tile decompression for prefill that costs 15–25% over dense.
+  token; 1–64 tokens (bf16, CUDA) on tensor cores with the weight decoded into mma fragments
+  (:mod:`layerprune.sparse.bitmask_cuda`: at 70% 0.86–1.09× of dense at two tokens, 0.75–0.88× at sixteen on
+  7B/8B/70B shapes, BENCHMARKS.md session 20); a tile decompression for prefill that costs 15–25% over dense.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
 ``layerprune::sparse_linear``), so ``torch.compile`` and CUDA-graph capture take it as it is. The op
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerprune.sparse import delta, delta_kernels, kernels
+from layerprune.sparse import bitmask_cuda, delta, delta_kernels, kernels
 from layerprune.sparse.format import SparseTensor, pack, unpack
 
 log = logging.getLogger("layerprune")
@@ -55,9 +57,13 @@ def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if kernels.usable(x.device):
-        if x2.shape[0] <= kernels.SMALL_BATCH:
+        b = x2.shape[0]
+        y = None  # up to 64 tokens: the CUDA tensor-core kernel when it runs here, else Triton's
+        if bitmask_cuda.wanted(b, n, k, values.numel()) and bitmask_cuda.usable(x2, bitmask, values, bn, bk):
+            y = bitmask_cuda.spmm(x2, bitmask, values, offsets, n, k)
+        if y is None and b <= kernels.SMALL_BATCH:
             y = kernels.sparse_mm(x2.contiguous(), bitmask, values, offsets, n, k, bn, bk)
-        else:
+        elif y is None:
             y = F.linear(x2, kernels.decompress(bitmask, values, offsets, n, k, bn, bk))
     else:
         _torch_path(x)
