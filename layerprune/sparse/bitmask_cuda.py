@@ -17,7 +17,11 @@ tiles together. Per tile, x [MT tokens × 128] (shared by the warps) and every w
 one of NST stages, NST − 1 tiles ahead of the products. With several splits each block writes fp32 partial sums
 and the last block of a row group (a counter per group, reset by that block) adds them, as ``delta_tile_bf16``.
 
-Compiled at first use with NVRTC (:func:`layerprune.sparse.delta_cuda` has the launcher); bf16 only; Ampere or
+Measured on the H200 at 70% (BENCHMARKS.md, session 20): 0.86–1.12× of dense for 1–4 tokens, 0.82–1.05× at 8,
+0.65–0.96× at 16, 0.39–0.64× at 64 on 7B/8B/70B shapes. It is flat from 1 to 8 tokens: the decode (64 predicated
+two-byte shared loads per tile and lane, about 13 other instructions per pair of positions) is the limit.
+
+Compiled at first use with NVRTC (:mod:`layerprune.sparse.delta_cuda` has the launcher); bf16 only; Ampere or
 later.
 """
 
