@@ -36,43 +36,16 @@ from layerprune.sparse import delta_cuda
 
 log = logging.getLogger("layerprune")
 
-SOURCE = r"""
-typedef unsigned short u16;
-typedef unsigned int u32;
-
+SOURCE = delta_cuda.PRELUDE + r"""
 #define XS 136  // x row stride in shared memory, elements (≡ 4 words mod 32: fragment loads hit 32 banks)
 #define VS (CAP + 8)  // a warp's values slot per stage, elements
 
-__device__ __forceinline__ u16 to_bf(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (u16)(u >> 16);
-}
-
-__device__ __forceinline__ void cp16(void* dst, const void* src) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(d), "l"(src));
-}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_wait_stages() { asm volatile("cp.async.wait_group %0;\n" :: "n"(NST - 2)); }
 
-__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldsm4(u32& r0, u32& r1, u32& r2, u32& r3, const u16* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
-}
-
-// Two positions (bits sh, sh + 1 of word w) as one bf16x2 register: the first one's value sits at rank pre + the
-// popcount of the bits below it (``below`` = the mask of bits under position sh, kept per lane), the second's one
-// further when the first is set.
+// Two positions (bits sh, sh + 1 of word w) as one bf16x2 register: vs points at the word's first value, the first
+// position's value sits the popcount of the bits below it further (``below``: the mask of the bits under position sh,
+// kept per lane), the second's one more when the first is set.
 __device__ __forceinline__ u32 pair(const u16* vs, u32 w, u32 below, int sh) {
     const u16* p = vs + __popc(w & below);
     const u32 t = w >> sh;
@@ -220,22 +193,7 @@ extern "C" __global__ void __launch_bounds__(32 * WB) bm_mma_bf16(
                 else out[(size_t)tk * N + rr] = acc[t][h];
             }
         }
-    if (one) return;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last_block = atomicAdd(count + blockIdx.x, 1) == (int)gridDim.y - 1;
-    __syncthreads();
-    if (!last_block) return;
-    __threadfence();
-    const int r0 = blockIdx.x * WB * 16;
-    for (int idx = tid; idx < nb * WB * 16; idx += 32 * WB) {
-        const int tk = idx / (WB * 16), rr = r0 + idx % (WB * 16);
-        if (rr >= N) continue;
-        float sum = 0.f;
-        for (int sp = 0; sp < (int)gridDim.y; ++sp) sum += __ldcg(part + ((size_t)sp * nb + tk) * N + rr);
-        y[(size_t)tk * N + rr] = to_bf(sum);
-    }
-    if (tid == 0) count[blockIdx.x] = 0;
+    if (!one) finish_splits(part, count, y, N, nb, blockIdx.x * WB * 16, WB * 16, &last_block);
 }
 """
 

@@ -46,13 +46,10 @@ import torch
 
 log = logging.getLogger("layerprune")
 
-SOURCE = r"""
+PRELUDE = r"""
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
-
-// PAD (zero columns past K in shared memory: padding entries' columns run past the row by < 32) and U (steps
-// in flight) come from source()
 
 __device__ __forceinline__ float bf(u32 h) { return __uint_as_float(h << 16); }
 __device__ __forceinline__ u16 to_bf(float f) {
@@ -61,6 +58,67 @@ __device__ __forceinline__ u16 to_bf(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (u16)(u >> 16);
 }
+
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800  // bf16 mma.sync: Ampere and later (spmm_tile checks the device; older ones still compile the rest)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// Four 8 × 8 bf16 matrices from shared memory in mma fragment order (lane l gives the address of row l % 8 of
+// matrix l / 8).
+__device__ __forceinline__ void ldsm4(u32& r0, u32& r1, u32& r2, u32& r3, const u16* p) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+#endif
+}
+
+__device__ __forceinline__ void cp16(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(d), "l"(src));
+#else
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void cp_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;\n" ::);
+#endif
+}
+
+// The second half of a split reduction over gridDim.y column splits: after each block wrote its fp32 partial sums
+// (part[split][token][row]), the last block of row group blockIdx.x to finish (a counter per group, reset by that
+// block for the next launch) adds them for rows r0 … r0 + rows − 1 and writes y as bf16. Every thread calls it.
+__device__ __forceinline__ void finish_splits(const float* part, int* count, u16* y, int N, int nb, int r0, int rows,
+                                              int* last_block) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) *last_block = atomicAdd(count + blockIdx.x, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!*last_block) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < nb * rows; idx += blockDim.x) {
+        const int tk = idx / rows, rr = r0 + idx % rows;
+        if (rr >= N) continue;
+        float sum = 0.f;
+        for (int sp = 0; sp < (int)gridDim.y; ++sp) sum += __ldcg(part + ((size_t)sp * nb + tk) * N + rr);
+        y[(size_t)tk * N + rr] = to_bf(sum);
+    }
+    if (threadIdx.x == 0) count[blockIdx.x] = 0;  // ready for the next launch
+}
+
+"""
+
+SOURCE = PRELUDE + r"""
+// PAD (zero columns past K in shared memory: padding entries' columns run past the row by < 32) and U (steps
+// in flight) come from source()
 
 // Software-pipelined: a warp's first row pointers and first step's loads are issued before the block waits
 // for x, the next step's (or the next row's first step's) loads before the current step is computed, and
@@ -280,15 +338,6 @@ extern "C" __global__ void delta_unpack_bf16(const u16* __restrict__ vals, const
     }
 }
 
-__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-#if __CUDA_ARCH__ >= 800  // bf16 mma.sync: Ampere and later (spmm_tile checks the device; older ones still compile the rest)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-
 // ---- Tensor cores for 9–64 tokens (``delta_tile_bf16``): the weight decoded into shared memory tile by tile, never
 // written to global memory. A block of WB warps owns RW·WB rows (RW = 16·MW: MW m16 tiles a warp) and a split of CPS
 // chunks of KC columns. Row r's groups that reach into chunk c are cidx[r][c] … min(cidx[r][c+1] + 1,
@@ -300,31 +349,6 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 // a row tile to finish (a counter per tile, reset by that block) adds them and writes y.
 #define XS (KC + 8)  // row stride of both tiles, in elements (≡ 4 words mod 32: fragment loads hit 32 banks)
 #define RW (16 * MW)
-
-// Four 8 × 8 bf16 matrices from shared memory in mma fragment order (lane l gives the address of row l % 8 of
-// matrix l / 8).
-__device__ __forceinline__ void ldsm4(u32& r0, u32& r1, u32& r2, u32& r3, const u16* p) {
-#if __CUDA_ARCH__ >= 800
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
-#endif
-}
-
-__device__ __forceinline__ void cp16(u16* dst, const u16* src) {
-#if __CUDA_ARCH__ >= 800
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(d), "l"(src));
-#else
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#endif
-}
-
-__device__ __forceinline__ void cp_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_all;\n" ::);
-#endif
-}
 
 // The warp's list for a chunk: the row of lane i (< RW) brings n groups from a; returns the list's length.
 __device__ __forceinline__ int make_list(int n, int a, int lane, int* pre, int* first, unsigned char* rows) {
@@ -476,22 +500,7 @@ extern "C" __global__ void __launch_bounds__(32 * WB) delta_tile_bf16(
                     else out[(size_t)tk * N + rr] = acc[m][t][h];
                 }
             }
-    if (one) return;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last_block = atomicAdd(count + blockIdx.x, 1) == (int)gridDim.y - 1;
-    __syncthreads();
-    if (!last_block) return;
-    __threadfence();
-    const int r0 = blockIdx.x * WB * RW;
-    for (int idx = tid; idx < nb * WB * RW; idx += 32 * WB) {
-        const int tk = idx / (WB * RW), rr = r0 + idx % (WB * RW);
-        if (rr >= N) continue;
-        float sum = 0.f;
-        for (int sp = 0; sp < (int)gridDim.y; ++sp) sum += __ldcg(part + ((size_t)sp * nb + tk) * N + rr);
-        y[(size_t)tk * N + rr] = to_bf(sum);
-    }
-    if (tid == 0) count[blockIdx.x] = 0;  // ready for the next launch
+    if (!one) finish_splits(part, count, y, N, nb, blockIdx.x * WB * RW, WB * RW, &last_block);
 }
 """
 
