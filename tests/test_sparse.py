@@ -524,26 +524,34 @@ def test_cuda_tile_kernel_replays_in_a_cuda_graph():
             assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-6
 
 
-def test_cuda_delta_kernel_source_compiles():
-    """The CUDA source compiles for sm_90 (and sm_75, without the tensor-core kernel's mma) where nvcc is installed
-    (the GPU tests above run it)."""
+def _nvcc_compiles(sources: list[tuple[str, int]]) -> None:
+    """Each (CUDA source, sm) compiles to a cubin with the machine's nvcc; skips the test where there is none."""
     import shutil
     import subprocess
-
-    from layerprune.sparse import delta_cuda
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("no CUDA toolkit (nvcc) on this machine to compile the kernel source with")
-    src = Path(os.environ.get("TMPDIR", "/tmp")) / f"layerprune_delta_cuda_{os.getpid()}.cu"
+    src = Path(os.environ.get("TMPDIR", "/tmp")) / f"layerprune_kernel_{os.getpid()}.cu"
+    try:
+        for text, sm in sources:
+            src.write_text(text)
+            out = subprocess.run([nvcc, f"-arch=sm_{sm}", "--use_fast_math", "-cubin", "-o", os.devnull, str(src)],
+                                 capture_output=True, text=True, check=False)
+            assert out.returncode == 0, out.stderr[-2000:]
+    finally:
+        src.unlink(missing_ok=True)
+
+
+def test_cuda_delta_kernel_source_compiles():
+    """The CUDA source compiles for sm_90 (and sm_75, without the tensor-core kernel's mma) where nvcc is installed
+    (the GPU tests above run it)."""
+    from layerprune.sparse import delta_cuda
+
     cases = [(1, 1, 16, 90, delta_cuda.TILE), (2, 1, 32, 90, (4, 2, 256)), (4, 1, 64, 90, (4, 1, 512))]
     cases += [(2, t, 16, 90, delta_cuda.TILE) for t in delta_cuda.TOKENS[1:]]
-    for u, t, mt, sm, tile in cases + [(2, 1, 16, 75, delta_cuda.TILE)]:  # sm_75: no bf16 mma, no cp.async there
-        src.write_text(delta_cuda.source(u, t, mt, tile))
-        out = subprocess.run([nvcc, f"-arch=sm_{sm}", "--use_fast_math", "-cubin", "-o", os.devnull, str(src)],
-                             capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-2000:]
-    src.unlink()
+    cases += [(2, 1, 16, 75, delta_cuda.TILE)]  # sm_75: no bf16 mma, no cp.async there
+    _nvcc_compiles([(delta_cuda.source(u, t, mt, tile), sm) for u, t, mt, sm, tile in cases])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel needs a CUDA device (run on the GPU machine)")
@@ -618,9 +626,6 @@ def test_cuda_bitmask_mma_kernel_replays_in_a_cuda_graph():
 def test_bitmask_cuda_source_compiles_and_slots_hold_any_tile():
     """The bitmask kernel's source compiles for sm_90 where nvcc is installed, for every token width; and a value
     slot always holds the largest tile plus the 16-byte alignment slack the copy adds (full tiles included)."""
-    import shutil
-    import subprocess
-
     from layerprune.sparse import bitmask_cuda
 
     for most in (0, 1, 600, 1024, 2041, 2048):
@@ -628,16 +633,8 @@ def test_bitmask_cuda_source_compiles_and_slots_hold_any_tile():
         assert cap + 8 >= ((most + 7 + 7) // 8) * 8 and cap % 8 == 0
     off = torch.tensor([0, 5, 5, 17, 20], dtype=torch.int32)
     assert bitmask_cuda.max_tile(off) == 12 and off._layerprune_max_tile[1] == 12
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("no CUDA toolkit (nvcc) on this machine to compile the kernel source with")
-    src = Path(os.environ.get("TMPDIR", "/tmp")) / f"layerprune_bitmask_cuda_{os.getpid()}.cu"
-    for mt in bitmask_cuda.MMA_TOKENS:
-        src.write_text(bitmask_cuda.source(mt, 4 if mt < 32 else 8, 2 + mt % 3, 768))
-        out = subprocess.run([nvcc, "-arch=sm_90", "--use_fast_math", "-cubin", "-o", os.devnull, str(src)],
-                             capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-2000:]
-    src.unlink()
+    _nvcc_compiles([(bitmask_cuda.source(mt, 4 if mt < 32 else 8, 2 + mt % 3, 768), 90)
+                    for mt in bitmask_cuda.MMA_TOKENS])
 
 
 @pytest.mark.parametrize("kind", ["0.7", "uneven", "2:4", "0.97"])
