@@ -496,6 +496,19 @@ def test_cuda_delta_mma_kernel_equals_f_linear(shape, kind):
                                                                                              sp.gptr, n, k)
 
 
+def _replays_match_f_linear(g, xs: list, ws: list, ys: list) -> None:
+    """Three replays of graph ``g`` with new inputs written into ``xs``: each output in ``ys`` equals F.linear of its
+    input and weight (bf16 output rounding)."""
+    for _ in range(3):
+        for x in xs:
+            x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        for x, w, y in zip(xs, ws, ys):
+            ref = F.linear(x.float(), w.float())
+            assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-6
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device (the GPU machine)")
 def test_cuda_tile_kernel_replays_in_a_cuda_graph():
     """The op at 24 and 48 tokens (the tile kernel, split reduction) captured in one CUDA graph and replayed with new
@@ -514,14 +527,7 @@ def test_cuda_tile_kernel_replays_in_a_cuda_graph():
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         ys = [op(xs[0], *sps[0].buffers(), 3000, 4096), op(xs[1], *sps[1].buffers(), 1000, 14336)]
-    for _ in range(3):
-        for x in xs:
-            x.copy_(torch.randn_like(x))
-        g.replay()
-        torch.cuda.synchronize()
-        for x, w, y in zip(xs, ws, ys):
-            ref = F.linear(x.float(), w.float())
-            assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-6
+    _replays_match_f_linear(g, xs, ws, ys)
 
 
 def _nvcc_compiles(sources: list[tuple[str, int]]) -> None:
@@ -612,14 +618,7 @@ def test_cuda_bitmask_mma_kernel_replays_in_a_cuda_graph():
     with torch.cuda.graph(g):
         ys = [op(x, sp.bitmask, sp.values, sp.offsets, w.shape[0], w.shape[1], 16, 128) for x, sp, w in zip(xs, sps, ws)]
     assert getattr(sps[1].offsets, "_layerprune_max_tile", None) is None
-    for _ in range(3):
-        for x in xs:
-            x.copy_(torch.randn_like(x))
-        g.replay()
-        torch.cuda.synchronize()
-        for x, w, y in zip(xs, ws, ys):
-            ref = F.linear(x.float(), w.float())
-            assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-6
+    _replays_match_f_linear(g, xs, ws, ys)
     assert not bool(delta_cuda_counters().any())
 
 
