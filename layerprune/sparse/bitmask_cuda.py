@@ -17,8 +17,8 @@ tiles together. Per tile, x [MT tokens × 128] (shared by the warps) and every w
 one of NST stages, NST − 1 tiles ahead of the products. With several splits each block writes fp32 partial sums
 and the last block of a row group (a counter per group, reset by that block) adds them, as ``delta_tile_bf16``.
 
-Measured on the H200 at 70% (BENCHMARKS.md, session 20): 0.86–1.12× of dense for 1–4 tokens, 0.82–1.05× at 8,
-0.65–0.96× at 16, 0.39–0.64× at 64 on 7B/8B/70B shapes. It is flat from 1 to 8 tokens: the decode (64 predicated
+Measured on the H200 at 70% (BENCHMARKS.md, session 20): 0.85–1.12× of dense for 1–4 tokens, 0.87–1.05× at 8,
+0.76–0.95× at 16, 0.39–0.66× at 64 on 7B/8B/70B shapes. It is flat from 1 to 8 tokens: the decode (64 predicated
 two-byte shared loads per tile and lane, about 13 other instructions per pair of positions) is the limit.
 
 Compiled at first use with NVRTC (:mod:`layerprune.sparse.delta_cuda` has the launcher); bf16 only; Ampere or
@@ -264,11 +264,14 @@ def wanted(b: int, n: int, k: int, nnz: int) -> bool:
 
 
 def settings(n: int, k: int, b: int) -> tuple[int, int, float]:
-    """(warps per block, stages, blocks per SM the column splits aim at) for ``b`` tokens of an n × k weight: the
-    best single choice per size class of bench/sparse_bitmask_mma.py's sweep on the H200 (within 1–5% of each
-    row's best on average, session 20)."""
-    warps = 4 if n * k <= 50_000_000 else 8
-    return warps, 2, 4.0 if b <= 32 else 2.0
+    """(warps per block, stages, blocks per SM the column splits aim at) for ``b`` tokens of an n × k weight, from
+    bench/sparse_bitmask_mma.py's sweeps on the H200 (session 20): 2 stages; up to 16 tokens 4 warps up to 50 M
+    weights (else 8) and 4 blocks per SM (2 below 8 M weights); past 16 tokens 8 warps (4 below 8 M) and 2 blocks per
+    SM. Within 2% of each row's best of warps × blocks per SM on 8 shapes at 8–64 tokens (geometric mean 0.999)."""
+    small = n * k < 8_000_000
+    if b <= 16:
+        return (4 if n * k <= 50_000_000 else 8), 2, (2.0 if small else 4.0)
+    return (4 if small else 8), 2, 2.0
 
 
 def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int, k: int,

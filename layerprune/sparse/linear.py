@@ -6,7 +6,7 @@
   unpacked (CUDA kernel) and cuBLAS runs it: prefill at 0.79–0.88× of dense.
 * ``bitmask`` (:mod:`layerprune.sparse.format`): tile-major bitmask + values. Dense speed at 70% for one
   token; 1–64 tokens (bf16, CUDA) on tensor cores with the weight decoded into mma fragments
-  (:mod:`layerprune.sparse.bitmask_cuda`: at 70% 0.86–1.12× of dense at two tokens, 0.65–0.96× at sixteen on
+  (:mod:`layerprune.sparse.bitmask_cuda`: at 70% 0.87–1.11× of dense at two tokens, 0.76–0.95× at sixteen on
   7B/8B/70B shapes, BENCHMARKS.md session 20); a tile decompression for prefill that costs 15–25% over dense.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
