@@ -9,7 +9,9 @@ awkward shapes (K not a multiple of 128, N not of 16, empty and full tiles, uneq
 Session 20's runs (bench/results/): ``sparse_bitmask_mma_sweep_h200.json`` (the kernel's first form, with --sweep),
 ``sparse_bitmask_mma_op_h200.json`` (the ops after it was wired in), ``sparse_bitmask_mma_lean_h200.json`` (the kept
 form, with the first form beside it as ``first_form_us``: an ``--ab`` option of this script then, removed with that
-form).
+form), ``sparse_bitmask_mma_mw_h200.json`` (8–64 tokens, warps × blocks per SM, each also with two row blocks a warp:
+``_m2`` keys, a ``--sweep-mw`` option then, removed with that form) and ``sparse_bitmask_mma_final_h200.json`` (the
+final code and settings).
 """
 
 from __future__ import annotations
