@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import layerprune.sparse.linear  # noqa: E402,F401  (registers the ops)
 from layerprune.sparse import delta, delta_kernels, kernels  # noqa: E402
 from layerprune.sparse.format import pack  # noqa: E402
 from sparse_decode import masked  # noqa: E402
@@ -34,6 +35,8 @@ def main() -> None:
                     help="one token, delta: the lane kernel (session 12's profile), the broadcast one, the prefetching "
                          "one, the op's choice, the CUDA kernel (delta_cuda, settings from --cuda) or its tensor-core tile "
                          "kernel (delta_cuda.spmm_tile)")
+    ap.add_argument("--bitmask-kernel", default="op", choices=("op", "triton"),
+                    help="bitmask layout: the op's kernel (bitmask_cuda's tensor-core kernel on CUDA + bf16) or Triton's")
     ap.add_argument("--cuda", default="", help="the CUDA kernel's unroll, warps, blocks per SM (0: a warp per row); "
                                                 "default: delta_cuda.settings")
     a = ap.parse_args()
@@ -59,7 +62,11 @@ def main() -> None:
             fn = lambda: delta_kernels.sparse_mm(x, *sp.buffers(), n, k, bcast=bc)  # noqa: E731
     elif a.layout == "bitmask":
         sp = pack(w)
-        fn = lambda: kernels.sparse_mm(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk)  # noqa: E731
+        if a.bitmask_kernel == "triton":
+            fn = lambda: kernels.sparse_mm(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk)  # noqa: E731
+        else:
+            fn = lambda: torch.ops.layerprune.sparse_linear(x, sp.bitmask, sp.values, sp.offsets, n, k,  # noqa: E731
+                                                            sp.bn, sp.bk)
     else:
         fn = lambda: F.linear(x, w)  # noqa: E731
     ref = F.linear(x, w).float()
