@@ -300,7 +300,7 @@ def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: 
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
-    if n == 0 or B == 0:
+    if n == 0 or B == 0 or k == 0:
         return y.zero_()
     kt = -(-k // 128)
     groups = -(-(-(-n // 16)) // warps)
