@@ -1,6 +1,7 @@
 """The bitmask tensor-core kernel (``layerprune/sparse/bitmask_cuda.py``: the weight decoded into mma fragments in
 registers) against dense ``F.linear`` and the ops as they ship (delta layout: the gather kernel for 1–8 tokens, the
-tile kernel for 9–32; bitmask layout: its Triton kernels), side by side in one run. First a correctness pass on
+tile kernel for 9–32; bitmask layout: the op, now this kernel, and its Triton kernels, ``bitmask_triton_us``), side
+by side in one run. First a correctness pass on
 awkward shapes (K not a multiple of 128, N not of 16, empty and full tiles, unequal rows), then per-linear times
 (median µs, L2 flushed, ``bench/sparse_decode.py``'s ``timeit``) and, with ``--sweep``, the launch settings.
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from layerprune.sparse import bitmask_cuda, format as bformat  # noqa: E402
+from layerprune.sparse import bitmask_cuda, format as bformat, kernels  # noqa: E402
 from layerprune.sparse.delta import pack as dpack  # noqa: E402
 from sparse_decode import DEV, brief, masked, op, shape_list, timeit, write_rows  # noqa: E402
 
@@ -82,6 +83,8 @@ def main() -> None:
                        "dense_us": timeit(lambda: F.linear(x, w), a.reps),
                        "delta_op_us": timeit(lambda: op(x, sd, n, k), a.reps),
                        "bitmask_op_us": timeit(lambda: op(x, sb, n, k), a.reps),
+                       "bitmask_triton_us": timeit(lambda: kernels.sparse_mm(x, sb.bitmask, sb.values, sb.offsets, n, k,
+                                                                             sb.bn, sb.bk), a.reps),
                        "mma_us": timeit(lambda: bitmask_cuda.spmm(x, sb.bitmask, sb.values, sb.offsets, n, k), a.reps)}
                 for wb, nst, bps in sweep:
                     fn = (lambda wb=wb, nst=nst, bps=bps: bitmask_cuda.spmm(

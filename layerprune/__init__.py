@@ -14,13 +14,14 @@ from layerprune.api import allocate, evaluate, prune  # noqa: E402
 from layerprune.models import load_model  # noqa: E402
 
 
-def load_sparse(path, device="cpu", dtype=None, merge=False):
-    """A Hugging Face causal LM from a sparse directory (``layerprune export --format sparse``) whose packed
-    linears are ``SparseLinear`` (:func:`layerprune.sparse.export.load_sparse`); ``merge``: q/k/v and gate/up run
-    as one stacked linear each (:mod:`layerprune.sparse.merge`)."""
-    from layerprune.sparse.export import load_sparse as _load
+def __getattr__(name: str):
+    """``load_sparse`` (:func:`layerprune.sparse.export.load_sparse`), imported on first use: the sparse kernels
+    and transformers' model classes stay out of ``import layerprune``."""
+    if name == "load_sparse":
+        from layerprune.sparse.export import load_sparse
 
-    return _load(path, device=device, dtype=dtype, merge=merge)
+        return load_sparse
+    raise AttributeError(f"module 'layerprune' has no attribute {name!r}")
 
 
 __all__ = ["__version__", "allocate", "evaluate", "load_model", "load_sparse", "prune"]

@@ -14,9 +14,10 @@ from layerprune.sparse.linear import SparseLinear, pack_as
 __all__ = ["DeltaTensor", "SparseLinear", "SparseTensor", "load_sparse", "pack", "pack_as", "unpack"]
 
 
-def load_sparse(path, device="cpu", dtype=None, merge=False):
-    """A Hugging Face model whose pruned linears are :class:`SparseLinear` (see ``sparse/export.py``; ``merge``:
-    q/k/v and gate/up run stacked, ``sparse/merge.py``)."""
-    from layerprune.sparse.export import load_sparse as _load
+def __getattr__(name: str):
+    """``load_sparse`` (:func:`layerprune.sparse.export.load_sparse`), imported on first use."""
+    if name == "load_sparse":
+        from layerprune.sparse.export import load_sparse
 
-    return _load(path, device=device, dtype=dtype, merge=merge)
+        return load_sparse
+    raise AttributeError(f"module 'layerprune.sparse' has no attribute {name!r}")

@@ -11,7 +11,7 @@ and 1.3× at 80% for one token; the tile kernel 0.43–0.61× of dense at 4–16
 (bench/sparse_tile_v2.py; was 0.41–0.56× and 0.29–0.39×): its work is per weight position, not per nonzero.
 
 On a CUDA device with bf16 weights the op runs :mod:`layerprune.sparse.bitmask_cuda` for 1–64 tokens instead (mma
-fragments decoded in registers: 1.4–2.3× faster than the tile kernel here at 4–16 tokens, session 20); these kernels
+fragments decoded in registers: 1.5–2.3× faster than these kernels at 4–16 tokens, side by side, session 20); these kernels
 are its fallback (fp16/fp32, no NVRTC) and keep one token on the largest weights.
 
 ``decompress``: writes the dense weight tile by tile (same decode), for batches and prefills where a
