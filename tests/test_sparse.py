@@ -530,7 +530,7 @@ def test_cuda_tile_kernel_replays_in_a_cuda_graph():
     _replays_match_f_linear(g, xs, ws, ys)
 
 
-def _nvcc_compiles(sources: list[tuple[str, int]]) -> None:
+def _nvcc_compiles(sources: list[tuple[str, int | str]]) -> None:
     """Each (CUDA source, sm) compiles to a cubin with the machine's nvcc; skips the test where there is none."""
     import shutil
     import subprocess
@@ -591,6 +591,81 @@ def test_cuda_bitmask_mma_kernel_equals_f_linear(shape, kind):
         y = torch.ops.layerprune.sparse_linear(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk)
         assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()) + 1e-6, b
     assert bitmask_cuda.max_tile(sp.offsets) == int((sp.offsets[1:] - sp.offsets[:-1]).max())
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(0) == (9, 0)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the wgmma kernel needs a Hopper GPU (compute capability 9.0)")
+@pytest.mark.parametrize("shape", [(37, 200), (5000, 1000), (100, 4096), (130, 777), (1000, 14336)])
+@pytest.mark.parametrize("kind", ["0.7", "uneven", "empty", "dense", "2:4", "0.97"])
+def test_cuda_bitmask_wgmma_kernel_equals_f_linear(shape, kind):
+    """The bitmask wgmma kernel (weight decoded into the A registers of ``wgmma``, x read by the tensor cores from
+    shared memory) against F.linear in fp32 on the same bf16 weight: 2–70 tokens a block and 300 in token blocks,
+    odd K (scalar x loads), rows not a multiple of 64 (warps of a warpgroup with no rows), empty and full tiles, an x
+    with a wide or unaligned token stride, one or two register sets, 1–2 warpgroups, 2–4 stages, every number of
+    column splits (the counters are left at zero)."""
+    from layerprune.sparse import bitmask_wgmma
+
+    n, k = shape
+    w = _weight(n, k, kind).to("cuda", torch.bfloat16)
+    sp = pack(w)
+    for b in (2, 8, 9, 33, 64, 70, 300):
+        xs = torch.randn(b, k + 5, device="cuda", dtype=torch.bfloat16)
+        for x in (xs[:, :k], xs[:, 1:k + 1]):
+            ref = F.linear(x.float(), w.float())
+            tol = 1e-2 * float(ref.abs().max()) + 1e-6
+            for kw in ({}, {"splits": 1}, {"splits": 3, "stages": 4, "mt": 64}, {"splits": 1000, "two": False, "stages": 2},
+                       {"nwg": 2, "stages": 3, "mt": 128, "swz": True},
+                       {"nwg": 2, "stages": 2, "two": False, "mt": 256}, {"swz": True, "splits": 2}):
+                y = bitmask_wgmma.spmm(x, sp.bitmask, sp.values, sp.offsets, n, k, **kw)
+                assert y is not None and y.shape == (b, n) and y.dtype == torch.bfloat16, (b, kw)
+                assert float((y.float() - ref).abs().max()) <= tol, (b, kw)
+    assert not bool(delta_cuda_counters().any())
+
+
+@pytest.mark.skipif(not _hopper(), reason="the wgmma kernel needs a Hopper GPU (compute capability 9.0)")
+def test_cuda_bitmask_op_sends_large_weights_to_wgmma_and_replays_in_a_graph(monkeypatch):
+    """The bitmask op sends 40 tokens of a 50 M-weight linear to the wgmma kernel (and not with LAYERPRUNE_WGMMA=0),
+    equals F.linear, and does so again when captured in a CUDA graph and replayed with new inputs."""
+    from layerprune.sparse import bitmask_wgmma
+
+    calls = []
+    real = bitmask_wgmma.spmm
+    monkeypatch.setattr(bitmask_wgmma, "spmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    n, k = 4096, 12288
+    w = _weight(n, k, "uneven", 2).to("cuda", torch.bfloat16)
+    sp = pack(w)
+    op = torch.ops.layerprune.sparse_linear
+    x = torch.randn(40, k, device="cuda", dtype=torch.bfloat16)
+    y = op(x, sp.bitmask, sp.values, sp.offsets, n, k, 16, 128)
+    ref = F.linear(x.float(), w.float())
+    assert calls and float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+    monkeypatch.setenv("LAYERPRUNE_WGMMA", "0")
+    calls.clear()
+    op(x, sp.bitmask, sp.values, sp.offsets, n, k, 16, 128)
+    assert not calls
+    monkeypatch.delenv("LAYERPRUNE_WGMMA")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = op(x, sp.bitmask, sp.values, sp.offsets, n, k, 16, 128)
+    assert calls
+    _replays_match_f_linear(g, [x], [w], [y])
+    assert not bool(delta_cuda_counters().any())
+
+
+def test_bitmask_wgmma_source_compiles():
+    """The wgmma kernel's source compiles for sm_90a where nvcc is installed: a few tokens, 64 tokens swizzled with
+    four warpgroups, 128 tokens with two register sets, 256 with one; and bad settings are refused."""
+    from layerprune.sparse import bitmask_wgmma
+
+    _nvcc_compiles([(bitmask_wgmma.source(8, 1, 3, 256), "90a"), (bitmask_wgmma.source(64, 4, 4, 776, False, swz=True), "90a"),
+                    (bitmask_wgmma.source(128, 2, 3, 2056, True, swz=True), "90a"),
+                    (bitmask_wgmma.source(256, 2, 2, 776, False), "90a")])
+    for bad in ({"mt": 12}, {"mt": 264}, {"mt": 64, "nwg": 5}, {"mt": 64, "nst": 2, "two": True}):
+        with pytest.raises(ValueError):
+            bitmask_wgmma.source(**bad)
 
 
 def delta_cuda_counters() -> torch.Tensor:

@@ -598,14 +598,16 @@ def _launcher():
     return f
 
 
-def _launch(kern, grid: tuple[int, int], threads: int, smem: int, stream: int, ptrs, ints) -> None:
-    """Launch ``kern`` on ``stream`` with its pointer arguments (tensors) then its int arguments, in the kernel's
-    order; opts the kernel in to more than 48 KB of shared memory where ``smem`` needs it."""
+def _launch(kern, grid: tuple[int, ...], threads: int, smem: int, stream: int, ptrs, ints) -> None:
+    """Launch ``kern`` on ``stream`` over ``grid`` (2 or 3 dimensions) with its pointer arguments (tensors) then its
+    int arguments, in the kernel's order; opts the kernel in to more than 48 KB of shared memory where ``smem`` needs
+    it."""
     if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
         kern.set_shared_memory_config(smem)
     args = [ctypes.c_void_p(t.data_ptr()) for t in ptrs] + [ctypes.c_int(v) for v in ints]
     argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
-    rc = _launcher()(kern.func, grid[0], grid[1], 1, threads, 1, 1, smem, stream, argv, None)
+    rc = _launcher()(kern.func, grid[0], grid[1], grid[2] if len(grid) > 2 else 1, threads, 1, 1, smem, stream,
+                      argv, None)
     if rc != 0:
         raise RuntimeError(f"delta_cuda: cuLaunchKernel failed with CUDA error {rc}")
 

@@ -7,7 +7,9 @@
 * ``bitmask`` (:mod:`layerprune.sparse.format`): tile-major bitmask + values. Dense speed at 70% for one
   token; 1–64 tokens (bf16, CUDA) on tensor cores with the weight decoded into mma fragments
   (:mod:`layerprune.sparse.bitmask_cuda`: at 70% 0.87–1.11× of dense at two tokens, 0.76–0.95× at sixteen on
-  7B/8B/70B shapes, BENCHMARKS.md session 20); a tile decompression for prefill that costs 15–25% over dense.
+  7B/8B/70B shapes, BENCHMARKS.md session 20; on Hopper, 17–64 tokens of large weights go to
+  :mod:`layerprune.sparse.bitmask_wgmma`, 2–10% faster: session 21); a tile decompression for prefill that costs
+  15–25% over dense.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
 ``layerprune::sparse_linear``), so ``torch.compile`` and CUDA-graph capture take it as it is. The op
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerprune.sparse import bitmask_cuda, delta, delta_kernels, kernels
+from layerprune.sparse import bitmask_cuda, bitmask_wgmma, delta, delta_kernels, kernels
 from layerprune.sparse.format import SparseTensor, pack, unpack
 
 log = logging.getLogger("layerprune")
@@ -58,8 +60,11 @@ def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, 
     x2 = x.reshape(-1, k)
     if kernels.usable(x.device):
         b = x2.shape[0]
-        y = None  # up to 64 tokens: the CUDA tensor-core kernel when it runs here, else Triton's
-        if bitmask_cuda.wanted(b, n, k, values.numel()) and bitmask_cuda.usable(x2, bitmask, values, bn, bk):
+        y = None  # up to 64 tokens: a CUDA tensor-core kernel when one runs here (wgmma on Hopper for 17–64 tokens of
+        # large weights, else mma.sync), else Triton's
+        if bitmask_wgmma.wanted(b, n, k) and bitmask_wgmma.usable(x2, bitmask, values, bn, bk):
+            y = bitmask_wgmma.spmm(x2, bitmask, values, offsets, n, k)
+        if y is None and bitmask_cuda.wanted(b, n, k, values.numel()) and bitmask_cuda.usable(x2, bitmask, values, bn, bk):
             y = bitmask_cuda.spmm(x2, bitmask, values, offsets, n, k)
         if y is None and b <= kernels.SMALL_BATCH:
             y = kernels.sparse_mm(x2.contiguous(), bitmask, values, offsets, n, k, bn, bk)
