@@ -284,6 +284,146 @@ extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16*
     }
 }
 
+// One token with the weight's bytes staged by cp.async: each warp keeps NS stages of U steps in flight in its own
+// ring in shared memory (a step: 8 groups' values, 512 bytes; their delta words, 128; their starts as aligned 4-byte
+// pairs, 32), so that more bytes are in flight than registers allow (the gather kernel holds one step ahead in
+// registers). A producer cursor walks the warp's rows NS − 1 stages ahead of the consumer cursor; rows with no
+// groups get no stage (the consumer writes their zero). Lanes read delta words and starts copied by other lanes of
+// the warp: a cp.async wait and a warp barrier come before the reads.
+#ifndef NS
+#define NS 4
+#endif
+#define CSTEP 672  // bytes of one step's stage
+
+__device__ __forceinline__ void cp8(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src));
+#endif
+}
+__device__ __forceinline__ void cp4(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src));
+#endif
+}
+__device__ __forceinline__ void cp_commit1() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+__device__ __forceinline__ void cp_wait_ring() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(NS - 2));
+#endif
+}
+
+extern "C" __global__ void delta_spmv_cp_bf16(const u16* __restrict__ x, const u16* __restrict__ vals,
+                                              const u64* __restrict__ dl, const u16* __restrict__ starts,
+                                              const int* __restrict__ gptr, u16* __restrict__ y,
+                                              int N, int K, int vec, int skw)
+{
+    extern __shared__ __align__(16) unsigned char smc[];
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, sub = lane >> 2, part = lane & 3;
+    const int nwarps = gridDim.x * (nt >> 5);
+    unsigned char* ring = smc + (tid >> 5) * (NS * U * CSTEP);
+    u16* xs = reinterpret_cast<u16*>(smc + (nt >> 5) * (NS * U * CSTEP));
+    const int r0 = blockIdx.x * (nt >> 5) + (tid >> 5);
+
+    // producer: row pr, its groups [pa, pe), the next stage's first group pgb; the next row's pointers held
+    int pr = r0, pa = 0, pe = 0;
+    if (pr < N) { pa = gptr[pr]; pe = gptr[pr + 1]; }
+    while (pr < N && pa >= pe) { pr += nwarps; if (pr < N) { pa = gptr[pr]; pe = gptr[pr + 1]; } }
+    int pgb = pa, qn = pr + nwarps, q0 = 0, q1 = 0;
+    if (qn < N) { q0 = gptr[qn]; q1 = gptr[qn + 1]; }
+    auto produce = [&](int slot) {
+        if (pr < N) {
+            unsigned char* st = ring + slot * (U * CSTEP);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int g = pgb + u * 8 + sub, gc = g < pe ? g : pa;
+                unsigned char* su = st + u * CSTEP;
+                cp16(su + lane * 16, vals + (size_t)gc * 32 + part * 8);
+                if (part < 2) cp8(su + 512 + sub * 16 + part * 8, dl + (size_t)gc * 2 + part);
+                if (part == 0) cp4(su + 640 + sub * 4, starts + (gc & ~1));
+            }
+            pgb += 8 * U;
+            if (pgb >= pe) {
+                pr = qn; pa = q0; pe = q1;
+                while (pr < N && pa >= pe) { pr += nwarps; if (pr < N) { pa = gptr[pr]; pe = gptr[pr + 1]; } }
+                pgb = pa;
+                qn = pr + nwarps;
+                if (qn < N) { q0 = gptr[qn]; q1 = gptr[qn + 1]; }
+            }
+        }
+        cp_commit1();
+    };
+#pragma unroll
+    for (int i = 0; i < NS - 1; ++i) produce(i);
+    // consumer: row cr, its groups [ca, ce), step base cgb; the next row's pointers held
+    int cr = r0, ca = 0, ce = 0;
+    if (cr < N) { ca = gptr[cr]; ce = gptr[cr + 1]; }
+    int cn = cr + nwarps, c0 = 0, c1 = 0;
+    if (cn < N) { c0 = gptr[cn]; c1 = gptr[cn + 1]; }
+    // x into shared memory (as delta_spmv_bf16 with one token)
+    if (vec) {
+        const uint4* x4 = reinterpret_cast<const uint4*>(x);
+        for (int i = tid; i < (K >> 3); i += nt) {
+            const uint4 q = x4[i];
+            u32* d = reinterpret_cast<u32*>(xs + slot(8 * i, skw));
+            d[0] = q.x; d[1] = q.y; d[2] = q.z; d[3] = q.w;
+        }
+        for (int i = (K & ~7) + tid; i < K; i += nt) xs[slot(i, skw)] = x[i];
+    } else {
+        for (int i = tid; i < K; i += nt) xs[slot(i, skw)] = x[i];
+    }
+    for (int i = K + tid; i < K + PAD; i += nt) xs[slot(i, skw)] = 0;
+    __syncthreads();
+    // leading rows with no groups
+    while (cr < N && ca >= ce) {
+        if (lane == 0) y[cr] = 0;
+        cr = cn; ca = c0; ce = c1;
+        cn = cr + nwarps;
+        if (cn < N) { c0 = gptr[cn]; c1 = gptr[cn + 1]; }
+    }
+    int cgb = ca, sl = 0;
+    float acc = 0.f;
+    while (cr < N) {
+        cp_wait_ring();
+        __syncwarp();
+        const unsigned char* st = ring + sl * (U * CSTEP);
+        uint4 v[U];
+        u64 w[U];
+        u32 s[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const unsigned char* su = st + u * CSTEP;
+            const int g = cgb + u * 8 + sub, gc = g < ce ? g : ca;
+            v[u] = *reinterpret_cast<const uint4*>(su + lane * 16);
+            w[u] = *reinterpret_cast<const u64*>(su + 512 + sub * 16 + (part & 1) * 8);
+            const u32 sp = *reinterpret_cast<const u32*>(su + 640 + sub * 4);
+            s[u] = (gc & 1) ? (sp >> 16) : (sp & 0xFFFFu);
+        }
+        __syncwarp();
+        produce(sl == 0 ? NS - 1 : sl - 1);
+        sl = sl == NS - 1 ? 0 : sl + 1;
+        step_dot(&acc, v, w, s, xs, cgb, ce, sub, part, skw);
+        cgb += 8 * U;
+        if (cgb >= ce) {
+#pragma unroll
+            for (int m = 16; m; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+            if (lane == 0) y[cr] = to_bf(acc);
+            acc = 0.f;
+            do {
+                cr = cn; ca = c0; ce = c1;
+                cn = cr + nwarps;
+                if (cn < N) { c0 = gptr[cn]; c1 = gptr[cn + 1]; }
+                if (cr < N && ca >= ce && lane == 0) y[cr] = 0;
+            } while (cr < N && ca >= ce);
+            cgb = ca;
+        }
+    }
+    asm volatile("cp.async.wait_all;\n" ::);
+}
+
 // The dense weight, a row at a time: a warp zeroes its row buffer in shared memory (RS ≥ K + PAD columns),
 // stores each entry's value at its column (fillers and padding store zeros: columns within a row are
 // distinct), then writes the row out with 16-byte stores. Loads pipelined one step ahead within a row.
@@ -654,6 +794,56 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
         xp = x[p:]
         _launch(kern, (grid, 1), 32 * warps, smem, stream, (xp, values, deltas, starts, gptr, y[p:]),
                 (n, k, int(xp.data_ptr() % 16 == 0), x.stride(0) if B > 1 else k, min(tokens, B - p), skw))
+    return y
+
+
+CP_STEP = 672  # bytes of one step's stage in delta_spmv_cp_bf16 (values 512, delta words 128, start pairs 32)
+
+
+@functools.cache
+def _cp_kernel(device: int, unroll: int, stages: int):
+    with torch.cuda.device(device):
+        return torch.cuda._compile_kernel(f"#define NS {stages}\n" + source(unroll, 1), "delta_spmv_cp_bf16",
+                                          nvcc_options=["--use_fast_math"])
+
+
+def cp_settings(n: int, k: int) -> tuple[int, int, int, int]:
+    """(steps a stage, stages, warps per block, blocks per SM or 0 for a warp per row) of ``delta_spmv_cp_bf16``."""
+    if k > 8192:
+        return 1, 4, 16, 0
+    return 1, 4, 8, 4
+
+
+def spmv_cp(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
+            n: int, k: int, unroll: int | None = None, stages: int | None = None, warps: int | None = None,
+            per_sm: int | None = None) -> torch.Tensor | None:
+    """One token (x: 1 × k) by ``delta_spmv_cp_bf16`` (the weight's bytes staged by ``cp.async``, ``stages`` × ``unroll``
+    steps in flight per warp), or ``None`` when it cannot run here."""
+    if x.shape[0] != 1 or starts.data_ptr() % 4:
+        return None
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    sms, limit = _props(dev)
+    u0, s0, w0, b0 = cp_settings(n, k)
+    unroll, stages, warps = unroll or u0, stages or s0, warps or w0
+    per_sm = b0 if per_sm is None else per_sm
+    skw = skew(1) if smem_bytes(k, 1) + warps * stages * unroll * CP_STEP <= limit else 0
+    smem = smem_bytes(k, 1, skw) + warps * stages * unroll * CP_STEP
+    if smem > limit or stages < 2:
+        return None
+    try:
+        kern = _cp_kernel(dev, unroll, stages)
+    except (RuntimeError, OSError, AttributeError) as e:
+        log.warning("the staged one-token kernel did not compile (%s)", str(e).splitlines()[0][:160])
+        return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    rows_grid = -(-n // warps)
+    grid = min(sms * per_sm, rows_grid) if per_sm else rows_grid
+    _launch(kern, (grid, 1), 32 * warps, smem, torch.cuda.current_stream(x.device).cuda_stream,
+            (x, values, deltas, starts, gptr, y), (n, k, int(x.data_ptr() % 16 == 0), skw))
     return y
 
 
