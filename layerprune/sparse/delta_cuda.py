@@ -284,86 +284,96 @@ extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16*
     }
 }
 
-// One token with the weight's bytes staged by cp.async: each warp keeps NS stages of U steps in flight in its own
-// ring in shared memory (a step: 8 groups' values, 512 bytes; their delta words, 128; their starts as aligned 4-byte
-// pairs, 32), so that more bytes are in flight than registers allow (the gather kernel holds one step ahead in
-// registers). A producer cursor walks the warp's rows NS − 1 stages ahead of the consumer cursor; rows with no
-// groups get no stage (the consumer writes their zero). Lanes read delta words and starts copied by other lanes of
-// the warp: a cp.async wait and a warp barrier come before the reads.
+// One token with the weight's bytes brought by Hopper's bulk copies (``cp.async.bulk``, the TMA's 1-D form): each
+// warp walks its rows (round robin, as delta_spmv_bf16) in chunks of up to GC groups of one row; lane 0 asks for a
+// chunk's values, delta words and starts (the 16-byte aligned span holding them) with three bulk copies that complete
+// on the slot's mbarrier, NS chunks ahead of the one the warp computes. So the bytes in flight do not cost registers
+// or one instruction per 16 bytes (bench/probe_stream.py put the shipped kernel 10% behind its own access pattern
+// and that pattern 10% behind a flat stream of the same bytes).
 #ifndef NS
-#define NS 4
+#define NS 3
 #endif
-#define CSTEP 672  // bytes of one step's stage
+#ifndef GC
+#define GC 32
+#endif
+#define TSLOT (GC * 82 + 32)  // bytes of a slot: values GC·64, delta words GC·16, starts' span ≤ GC·2 + 30
 
-__device__ __forceinline__ void cp8(void* dst, const void* src) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src));
+__device__ __forceinline__ u32 sa_of(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(sa_of(bar)));
 #endif
 }
-__device__ __forceinline__ void cp4(void* dst, const void* src) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src));
+__device__ __forceinline__ void mbar_expect(u64* bar, u32 bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(sa_of(bar)), "r"(bytes) : "memory");
 #endif
 }
-__device__ __forceinline__ void cp_commit1() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::);
+__device__ __forceinline__ void bulk(void* dst, const void* src, u32 bytes, u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(sa_of(dst)), "l"(src), "r"(bytes), "r"(sa_of(bar)) : "memory");
 #endif
 }
-__device__ __forceinline__ void cp_wait_ring() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(NS - 2));
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 phase) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("{\n.reg .pred p;\nLAB_WAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra LAB_WAIT;\n}\n"
+                 :: "r"(sa_of(bar)), "r"(phase) : "memory");
 #endif
 }
 
-extern "C" __global__ void delta_spmv_cp_bf16(const u16* __restrict__ x, const u16* __restrict__ vals,
-                                              const u64* __restrict__ dl, const u16* __restrict__ starts,
-                                              const int* __restrict__ gptr, u16* __restrict__ y,
-                                              int N, int K, int vec, int skw)
+extern "C" __global__ void delta_spmv_tma_bf16(const u16* __restrict__ x, const u16* __restrict__ vals,
+                                               const u64* __restrict__ dl, const u16* __restrict__ starts,
+                                               const int* __restrict__ gptr, u16* __restrict__ y,
+                                               int N, int K, int vec, int skw, int XB)
 {
-    extern __shared__ __align__(16) unsigned char smc[];
+    extern __shared__ __align__(128) unsigned char smt[];
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, sub = lane >> 2, part = lane & 3;
-    const int nwarps = gridDim.x * (nt >> 5);
-    unsigned char* ring = smc + (tid >> 5) * (NS * U * CSTEP);
-    u16* xs = reinterpret_cast<u16*>(smc + (nt >> 5) * (NS * U * CSTEP));
-    const int r0 = blockIdx.x * (nt >> 5) + (tid >> 5);
-
-    // producer: row pr, its groups [pa, pe), the next stage's first group pgb; the next row's pointers held
+    const int warp = tid >> 5, nwb = nt >> 5, nwarps = gridDim.x * nwb;
+    u16* xs = reinterpret_cast<u16*>(smt);
+    unsigned char* ring = smt + XB + warp * (NS * TSLOT);
+    u64* bar = reinterpret_cast<u64*>(smt + XB + nwb * (NS * TSLOT)) + warp * NS;
+    if (lane == 0) {
+        for (int i = 0; i < NS; ++i) mbar_init(bar + i);
+#if __CUDA_ARCH__ >= 900
+        asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+    }
+    __syncwarp();
+    const int r0 = blockIdx.x * nwb + warp;
+    // producer: row pr, its groups [pa, pe), the next chunk's first group pgb; the next row's pointers held
     int pr = r0, pa = 0, pe = 0;
     if (pr < N) { pa = gptr[pr]; pe = gptr[pr + 1]; }
     while (pr < N && pa >= pe) { pr += nwarps; if (pr < N) { pa = gptr[pr]; pe = gptr[pr + 1]; } }
     int pgb = pa, qn = pr + nwarps, q0 = 0, q1 = 0;
     if (qn < N) { q0 = gptr[qn]; q1 = gptr[qn + 1]; }
-    auto produce = [&](int slot) {
-        if (pr < N) {
-            unsigned char* st = ring + slot * (U * CSTEP);
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int g = pgb + u * 8 + sub, gc = g < pe ? g : pa;
-                unsigned char* su = st + u * CSTEP;
-                cp16(su + lane * 16, vals + (size_t)gc * 32 + part * 8);
-                if (part < 2) cp8(su + 512 + sub * 16 + part * 8, dl + (size_t)gc * 2 + part);
-                if (part == 0) cp4(su + 640 + sub * 4, starts + (gc & ~1));
-            }
-            pgb += 8 * U;
-            if (pgb >= pe) {
-                pr = qn; pa = q0; pe = q1;
-                while (pr < N && pa >= pe) { pr += nwarps; if (pr < N) { pa = gptr[pr]; pe = gptr[pr + 1]; } }
-                pgb = pa;
-                qn = pr + nwarps;
-                if (qn < N) { q0 = gptr[qn]; q1 = gptr[qn + 1]; }
-            }
+    auto produce = [&](int sl) {
+        if (pr >= N) return;
+        const int ge = min(pgb + GC, pe), ng = ge - pgb;
+        const int sa = (pgb * 2) & ~15, sb = (ge * 2 + 15) & ~15;
+        if (lane == 0) {
+            unsigned char* st = ring + sl * TSLOT;
+            mbar_expect(bar + sl, (u32)(ng * 80 + sb - sa));
+            bulk(st, vals + (size_t)pgb * 32, ng * 64, bar + sl);
+            bulk(st + GC * 64, dl + (size_t)pgb * 2, ng * 16, bar + sl);
+            bulk(st + GC * 80, reinterpret_cast<const unsigned char*>(starts) + sa, sb - sa, bar + sl);
         }
-        cp_commit1();
+        pgb = ge;
+        if (pgb >= pe) {
+            pr = qn; pa = q0; pe = q1;
+            while (pr < N && pa >= pe) { pr += nwarps; if (pr < N) { pa = gptr[pr]; pe = gptr[pr + 1]; } }
+            pgb = pa;
+            qn = pr + nwarps;
+            if (qn < N) { q0 = gptr[qn]; q1 = gptr[qn + 1]; }
+        }
     };
 #pragma unroll
-    for (int i = 0; i < NS - 1; ++i) produce(i);
-    // consumer: row cr, its groups [ca, ce), step base cgb; the next row's pointers held
+    for (int i = 0; i < NS; ++i) produce(i);
+    // consumer: row cr, its groups [ca, ce), the chunk's first group cgb; the next row's pointers held
     int cr = r0, ca = 0, ce = 0;
     if (cr < N) { ca = gptr[cr]; ce = gptr[cr + 1]; }
     int cn = cr + nwarps, c0 = 0, c1 = 0;
     if (cn < N) { c0 = gptr[cn]; c1 = gptr[cn + 1]; }
-    // x into shared memory (as delta_spmv_bf16 with one token)
     if (vec) {
         const uint4* x4 = reinterpret_cast<const uint4*>(x);
         for (int i = tid; i < (K >> 3); i += nt) {
@@ -377,7 +387,6 @@ extern "C" __global__ void delta_spmv_cp_bf16(const u16* __restrict__ x, const u
     }
     for (int i = K + tid; i < K + PAD; i += nt) xs[slot(i, skw)] = 0;
     __syncthreads();
-    // leading rows with no groups
     while (cr < N && ca >= ce) {
         if (lane == 0) y[cr] = 0;
         cr = cn; ca = c0; ce = c1;
@@ -385,28 +394,34 @@ extern "C" __global__ void delta_spmv_cp_bf16(const u16* __restrict__ x, const u
         if (cn < N) { c0 = gptr[cn]; c1 = gptr[cn + 1]; }
     }
     int cgb = ca, sl = 0;
+    u32 ph = 0;
     float acc = 0.f;
     while (cr < N) {
-        cp_wait_ring();
-        __syncwarp();
-        const unsigned char* st = ring + sl * (U * CSTEP);
-        uint4 v[U];
-        u64 w[U];
-        u32 s[U];
+        const int ge = min(cgb + GC, ce);
+        mbar_wait(bar + sl, (ph >> sl) & 1u);
+        ph ^= 1u << sl;
+        const unsigned char* st = ring + sl * TSLOT;
+        const int sa = (cgb * 2) & ~15;
+        for (int gb = cgb; gb < ge; gb += 8 * U) {
+            uint4 v[U];
+            u64 w[U];
+            u32 s[U];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const unsigned char* su = st + u * CSTEP;
-            const int g = cgb + u * 8 + sub, gc = g < ce ? g : ca;
-            v[u] = *reinterpret_cast<const uint4*>(su + lane * 16);
-            w[u] = *reinterpret_cast<const u64*>(su + 512 + sub * 16 + (part & 1) * 8);
-            const u32 sp = *reinterpret_cast<const u32*>(su + 640 + sub * 4);
-            s[u] = (gc & 1) ? (sp >> 16) : (sp & 0xFFFFu);
+            for (int u = 0; u < U; ++u) {
+                const int g = gb + u * 8 + sub, gl = (g < ge ? g : cgb) - cgb;
+                v[u] = *reinterpret_cast<const uint4*>(st + gl * 64 + part * 16);
+                w[u] = *reinterpret_cast<const u64*>(st + GC * 64 + gl * 16 + (part & 1) * 8);
+                s[u] = *reinterpret_cast<const u16*>(st + GC * 80 + (cgb + gl) * 2 - sa);
+            }
+            step_dot(&acc, v, w, s, xs, gb, ge, sub, part, skw);
         }
         __syncwarp();
-        produce(sl == 0 ? NS - 1 : sl - 1);
+#if __CUDA_ARCH__ >= 900
+        if (lane == 0) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+        produce(sl);
         sl = sl == NS - 1 ? 0 : sl + 1;
-        step_dot(&acc, v, w, s, xs, cgb, ce, sub, part, skw);
-        cgb += 8 * U;
+        cgb = ge;
         if (cgb >= ce) {
 #pragma unroll
             for (int m = 16; m; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
@@ -421,7 +436,6 @@ extern "C" __global__ void delta_spmv_cp_bf16(const u16* __restrict__ x, const u
             cgb = ca;
         }
     }
-    asm volatile("cp.async.wait_all;\n" ::);
 }
 
 // The dense weight, a row at a time: a warp zeroes its row buffer in shared memory (RS ≥ K + PAD columns),
@@ -797,43 +811,47 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
     return y
 
 
-CP_STEP = 672  # bytes of one step's stage in delta_spmv_cp_bf16 (values 512, delta words 128, start pairs 32)
-
-
 @functools.cache
-def _cp_kernel(device: int, unroll: int, stages: int):
+def _tma_kernel(device: int, unroll: int, stages: int, chunk: int):
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(f"#define NS {stages}\n" + source(unroll, 1), "delta_spmv_cp_bf16",
-                                          nvcc_options=["--use_fast_math"])
+        return torch.cuda._compile_kernel(f"#define NS {stages}\n#define GC {chunk}\n" + source(unroll, 1),
+                                          "delta_spmv_tma_bf16", nvcc_options=["--use_fast_math"])
 
 
-def cp_settings(n: int, k: int) -> tuple[int, int, int, int]:
-    """(steps a stage, stages, warps per block, blocks per SM or 0 for a warp per row) of ``delta_spmv_cp_bf16``."""
+def tma_settings(n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(steps a pass over a chunk, stages, groups a chunk, warps per block, blocks per SM or 0 for a warp per row)."""
     if k > 8192:
-        return 1, 4, 16, 0
-    return 1, 4, 8, 4
+        return 2, 3, 32, 16, 0
+    return 2, 3, 32, 8, 4
 
 
-def spmv_cp(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
-            n: int, k: int, unroll: int | None = None, stages: int | None = None, warps: int | None = None,
-            per_sm: int | None = None) -> torch.Tensor | None:
-    """One token (x: 1 × k) by ``delta_spmv_cp_bf16`` (the weight's bytes staged by ``cp.async``, ``stages`` × ``unroll``
-    steps in flight per warp), or ``None`` when it cannot run here."""
-    if x.shape[0] != 1 or starts.data_ptr() % 4:
-        return None
+def spmv_tma(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
+             n: int, k: int, unroll: int | None = None, stages: int | None = None, chunk: int | None = None,
+             warps: int | None = None, per_sm: int | None = None) -> torch.Tensor | None:
+    """One token (x: 1 × k) by ``delta_spmv_tma_bf16`` (Hopper: each warp's chunks brought by bulk copies, ``stages``
+    of up to ``chunk`` groups in flight), or ``None`` when it cannot run here (not compute capability 9.0, buffers
+    not 16-byte aligned, or the starts' storage too short for the 16-byte spans the copies read)."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if x.shape[0] != 1 or torch.cuda.get_device_capability(dev) < (9, 0):
+        return None
+    if any(t.data_ptr() % 16 for t in (values, deltas, starts)):
+        return None
+    if starts.untyped_storage().nbytes() - starts.storage_offset() * 2 < -(-starts.numel() * 2 // 16) * 16:
+        return None
     sms, limit = _props(dev)
-    u0, s0, w0, b0 = cp_settings(n, k)
-    unroll, stages, warps = unroll or u0, stages or s0, warps or w0
+    u0, s0, c0, w0, b0 = tma_settings(n, k)
+    unroll, stages, chunk, warps = unroll or u0, stages or s0, chunk or c0, warps or w0
     per_sm = b0 if per_sm is None else per_sm
-    skw = skew(1) if smem_bytes(k, 1) + warps * stages * unroll * CP_STEP <= limit else 0
-    smem = smem_bytes(k, 1, skw) + warps * stages * unroll * CP_STEP
-    if smem > limit or stages < 2:
+    ring = warps * stages * (chunk * 82 + 32) + warps * stages * 8
+    skw = skew(1) if -(-smem_bytes(k, 1) // 128) * 128 + ring <= limit else 0
+    xb = -(-smem_bytes(k, 1, skw) // 128) * 128
+    smem = xb + ring
+    if smem > limit or chunk % 8 or chunk < 8:
         return None
     try:
-        kern = _cp_kernel(dev, unroll, stages)
+        kern = _tma_kernel(dev, unroll, stages, chunk)
     except (RuntimeError, OSError, AttributeError) as e:
-        log.warning("the staged one-token kernel did not compile (%s)", str(e).splitlines()[0][:160])
+        log.warning("the bulk-copy one-token kernel did not compile (%s)", str(e).splitlines()[0][:160])
         return None
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -843,7 +861,7 @@ def spmv_cp(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts:
     rows_grid = -(-n // warps)
     grid = min(sms * per_sm, rows_grid) if per_sm else rows_grid
     _launch(kern, (grid, 1), 32 * warps, smem, torch.cuda.current_stream(x.device).cuda_stream,
-            (x, values, deltas, starts, gptr, y), (n, k, int(x.data_ptr() % 16 == 0), skw))
+            (x, values, deltas, starts, gptr, y), (n, k, int(x.data_ptr() % 16 == 0), skw, xb))
     return y
 
 

@@ -1,10 +1,11 @@
-"""The one-token delta kernel with the weight's bytes staged by ``cp.async`` (``delta_cuda.spmv_cp``: each warp keeps
-several steps in flight in shared memory) against the shipped one-token op and dense ``F.linear``, side by side in
-one run: a correctness pass on awkward weights, then median µs (L2 flushed) over a sweep of its settings.
+"""The one-token delta kernel fed by Hopper bulk copies (``delta_cuda.spmv_tma``: each warp's row chunks brought by
+``cp.async.bulk`` on mbarriers, several chunks in flight) against the shipped one-token op and dense ``F.linear``, side
+by side in one run: a correctness pass on awkward weights, then median µs (L2 flushed) over a sweep of its settings.
 ``bench/probe_stream.py`` had put the shipped kernel 10% behind its own access pattern read alone and that pattern
-10% behind a flat stream of the same bytes.
+10% behind a flat stream of the same bytes; a first form staging by per-lane ``cp.async`` was slower (commit
+db153a2, ``sparse_delta_cp_h200.json``).
 
-    python3 bench/sparse_delta_cp.py --out $OUT/cp.json
+    python3 bench/sparse_delta_tma.py --out $OUT/tma.json
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from layerprune.sparse.delta import pack  # noqa: E402
 from sparse_decode import DEV, brief, masked, op, shape_list, timeit, write_rows  # noqa: E402
 
 
+def padded(sp):
+    """The packing with its group starts in a storage 16 bytes longer (the bulk copies read 16-byte spans)."""
+    st = torch.zeros(sp.starts.numel() + 8, dtype=sp.starts.dtype, device=sp.starts.device)
+    st[: sp.starts.numel()].copy_(sp.starts)
+    sp.starts = st[: sp.starts.numel()]
+    return sp
+
+
 def check(rows: list) -> bool:
     ok = True
     torch.manual_seed(0)
@@ -35,13 +44,14 @@ def check(rows: list) -> bool:
             w[6] = 0
             w[7] = torch.randn(k, device=DEV, dtype=w.dtype)
             w[n - 1] = 0
-        sp = pack(w)
+        sp = padded(pack(w))
         for xo in (0, 1):
             xs = torch.randn(1, k + 1, device=DEV, dtype=torch.bfloat16)
             x = xs[:, xo:xo + k]
             ref = F.linear(x.float(), w.float())
-            for kw in ({}, {"unroll": 2, "stages": 3}, {"stages": 8, "warps": 4, "per_sm": 0}, {"stages": 2, "per_sm": 1}):
-                y = delta_cuda.spmv_cp(x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k, **kw)
+            for kw in ({}, {"unroll": 1, "chunk": 16}, {"stages": 4, "warps": 4, "per_sm": 0, "chunk": 64},
+                       {"stages": 2, "per_sm": 1, "chunk": 8}):
+                y = delta_cuda.spmv_tma(x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k, **kw)
                 err = float((y.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-6)) if y is not None else -1.0
                 good = y is not None and err < 1e-2
                 ok &= good
@@ -58,35 +68,38 @@ def main() -> None:
     ap.add_argument("--shapes", default="8192x8192,28672x8192,8192x28672,4096x4096,1024x4096,11008x4096,4096x11008,14336x4096")
     ap.add_argument("--sparsities", default="0.7")
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--sweep", default="1,2:3,4,6:4,8,16:0,2,4,8", help="unrolls:stages:warps:blocks per SM")
+    ap.add_argument("--sweep", default="2:2,3,4:16,32,64:8x4,8x2,16x0,4x8,16x2",
+                    help="unrolls:stages:chunks:warps x blocks per SM")
     ap.add_argument("--no-check", action="store_true")
     a = ap.parse_args()
     checks: list = []
+    delta_cuda._tma_kernel(0, 2, 3, 32)  # a compile error shows here, not as a None from spmv_tma
     if not a.no_check:
         check(checks)
         write_rows(a.out, checks=checks)
-    grid = [[int(v) for v in part.split(",")] for part in a.sweep.split(":")]
+    parts = a.sweep.split(":")
+    grid = [[int(v) for v in p.split(",")] for p in parts[:3]] + [[tuple(int(q) for q in v.split("x")) for v in parts[3].split(",")]]
     rows = []
     for n, k in shape_list(a.shapes):
         for s in (float(v) for v in a.sparsities.split(",")):
             w = masked(n, k, s)
-            sp = pack(w)
+            sp = padded(pack(w))
             x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
             row = {"shape": [n, k], "sparsity": s, "batch": 1, "dense_us": timeit(lambda: F.linear(x, w), a.reps),
                    "delta_op_us": timeit(lambda: op(x, sp, n, k), a.reps),
-                   "cp_us": timeit(lambda: delta_cuda.spmv_cp(x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k), a.reps)}
-            for u, st, wp, b in itertools.product(*grid):
-                fn = (lambda u=u, st=st, wp=wp, b=b: delta_cuda.spmv_cp(x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k,
-                                                                      unroll=u, stages=st, warps=wp, per_sm=b))
+                   "tma_us": timeit(lambda: delta_cuda.spmv_tma(x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k), a.reps)}
+            for u, st, ch, (wp, b) in itertools.product(*grid):
+                fn = (lambda u=u, st=st, ch=ch, wp=wp, b=b: delta_cuda.spmv_tma(
+                    x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k, unroll=u, stages=st, chunk=ch, warps=wp, per_sm=b))
                 if fn() is not None:
-                    row[f"cp_u{u}_s{st}_w{wp}_b{b}_us"] = timeit(fn, a.reps)
-            tried = {key: v for key, v in row.items() if key.startswith("cp") and key.endswith("_us")}
+                    row[f"tma_u{u}_s{st}_c{ch}_w{wp}_b{b}_us"] = timeit(fn, a.reps)
+            tried = {key: v for key, v in row.items() if key.startswith("tma") and key.endswith("_us")}
             best = min(tried, key=tried.get)
             row.update(best=best, best_us=tried[best], speedup_op=row["dense_us"] / row["delta_op_us"],
-                       speedup_cp=row["dense_us"] / row["cp_us"], speedup_best=row["dense_us"] / tried[best])
+                       speedup_tma=row["dense_us"] / row["tma_us"], speedup_best=row["dense_us"] / tried[best])
             rows.append(row)
-            brief(row, "shape", "sparsity", "dense_us", "delta_op_us", "cp_us", "best", "best_us", "speedup_op",
-                  "speedup_cp", "speedup_best")
+            brief(row, "shape", "sparsity", "dense_us", "delta_op_us", "tma_us", "best", "best_us", "speedup_op",
+                  "speedup_tma", "speedup_best")
             write_rows(a.out, checks=checks, linears=rows)
 
 
