@@ -24,11 +24,8 @@ from sparse_decode import brief, masked, op, shape_list, timeit, write_rows  # n
 from layerprune.sparse import delta_cuda  # noqa: E402
 from layerprune.sparse.delta import pack  # noqa: E402
 
+# appended to delta_cuda's source (its typedefs and its load_step, the op's own loads)
 SRC = r"""
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
 extern "C" __global__ void read_flat(const uint4* __restrict__ p, long long n16, u32* __restrict__ out) {
     u32 acc = 0;
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -42,19 +39,6 @@ extern "C" __global__ void read_flat(const uint4* __restrict__ p, long long n16,
     }
     for (; i < n16; i += stride) { const uint4 q = __ldcs(p + i); acc ^= q.x ^ q.y ^ q.z ^ q.w; }
     if (acc == 0x12345678u) out[0] = acc;  // never, in practice: keeps the loads
-}
-
-__device__ __forceinline__ void load_step(uint4* v, u64* w, u32* s, const u16* __restrict__ vals,
-                                          const u64* __restrict__ dl, const u16* __restrict__ starts,
-                                          int gb, int g0, int g1, int sub, int part) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const int g = gb + u * 8 + sub;
-        const int gc = g < g1 ? g : g0;
-        v[u] = __ldcs(reinterpret_cast<const uint4*>(vals) + (size_t)gc * 4 + part);
-        w[u] = __ldcs(dl + (size_t)gc * 2 + (part & 1));
-        s[u] = starts[gc];
-    }
 }
 
 extern "C" __global__ void read_rows(const u16* __restrict__ vals, const u64* __restrict__ dl,
@@ -100,7 +84,7 @@ extern "C" __global__ void read_rows(const u16* __restrict__ vals, const u64* __
 
 
 def kernel(name: str, u: int, uf: int = 4):
-    return torch.cuda._compile_kernel(f"#define U {u}\n#define UF {uf}\n" + SRC, name)
+    return torch.cuda._compile_kernel(delta_cuda.source(u, 1) + f"#define UF {uf}\n" + SRC, name)
 
 
 def main() -> None:

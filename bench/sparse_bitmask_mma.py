@@ -31,7 +31,10 @@ from layerprune.sparse.delta import pack as dpack  # noqa: E402
 from sparse_decode import DEV, brief, masked, op, shape_list, timeit, write_rows  # noqa: E402
 
 
-def check(rows: list) -> bool:
+def check(rows: list, spmm=bitmask_cuda.spmm, batches=(1, 3, 8, 9, 16, 33, 64, 65),
+          settings=({}, {"splits": 1}, {"warps": 4, "stages": 2}, {"stages": 4, "splits": 3})) -> bool:
+    """``spmm`` (a bitmask kernel's entry point) against F.linear in fp32 on awkward weights (K not a multiple of 128,
+    N not of 16, empty and full tiles, an empty and a full row) for each batch and settings; appends a row per case."""
     ok = True
     torch.manual_seed(0)
     for n, k, s in [(100, 300, 0.7), (16, 128, 0.0), (33, 129, 0.99), (4096, 4096, 0.7), (1024, 4096, 0.5),
@@ -42,11 +45,11 @@ def check(rows: list) -> bool:
             w[5] = 0  # an empty row
             w[7] = torch.randn(k, device=DEV, dtype=w.dtype)  # a full row
         sp = bformat.pack(w)
-        for b in (1, 3, 8, 9, 16, 33, 64, 65):
+        for b in batches:
             x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
             ref = F.linear(x.float(), w.float())
-            for kw in ({}, {"splits": 1}, {"warps": 4, "stages": 2}, {"stages": 4, "splits": 3}):
-                y = bitmask_cuda.spmm(x, sp.bitmask, sp.values, sp.offsets, n, k, **kw)
+            for kw in settings:
+                y = spmm(x, sp.bitmask, sp.values, sp.offsets, n, k, **kw)
                 err = float((y.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-6)) if y is not None else -1.0
                 good = y is not None and err < 1e-2
                 ok &= good

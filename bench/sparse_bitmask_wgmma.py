@@ -20,33 +20,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layerprune.sparse import bitmask_cuda, bitmask_wgmma, format as bformat  # noqa: E402
 from layerprune.sparse.delta import pack as dpack  # noqa: E402
+from sparse_bitmask_mma import check as mma_check  # noqa: E402
 from sparse_decode import DEV, brief, masked, op, shape_list, timeit, write_rows  # noqa: E402
 
 
 def check(rows: list) -> bool:
-    ok = True
-    torch.manual_seed(0)
-    for n, k, s in [(100, 300, 0.7), (16, 128, 0.0), (33, 129, 0.99), (4096, 4096, 0.7), (1024, 4096, 0.5),
-                    (257, 1000, 0.6)]:
-        w = masked(n, k, s)
-        w[: n // 4, : k // 3] = 0
-        if n > 40:
-            w[5] = 0
-            w[7] = torch.randn(k, device=DEV, dtype=w.dtype)
-        sp = bformat.pack(w)
-        for b in (1, 3, 8, 16, 33, 64, 65, 200, 2048):
-            x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
-            ref = F.linear(x.float(), w.float())
-            for kw in ({}, {"splits": 1}, {"two": False, "stages": 3}, {"mt": 128, "nwg": 2, "stages": 3}):
-                y = bitmask_wgmma.spmm(x, sp.bitmask, sp.values, sp.offsets, n, k, **kw)
-                err = float((y.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-6)) if y is not None else -1.0
-                good = y is not None and err < 1e-2
-                ok &= good
-                if not good:
-                    print("FAIL", n, k, s, b, kw, err, flush=True)
-                rows.append({"shape": [n, k], "sparsity": s, "batch": b, "settings": kw, "rel_err": err, "ok": good})
-    print("correct:", ok, flush=True)
-    return ok
+    return mma_check(rows, bitmask_wgmma.spmm, batches=(1, 3, 8, 16, 33, 64, 65, 200, 2048),
+                     settings=({}, {"splits": 1}, {"two": False, "stages": 3}, {"mt": 128, "nwg": 2, "stages": 3}))
 
 
 def variants(b: int) -> list[dict]:

@@ -36,13 +36,7 @@ from layerprune.sparse import delta_cuda
 
 log = logging.getLogger("layerprune")
 
-SOURCE = delta_cuda.PRELUDE + r"""
-#define XS 136  // x row stride in shared memory, elements (≡ 4 words mod 32: fragment loads hit 32 banks)
-#define VS (CAP + 8)  // a warp's values slot per stage, elements
-
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_wait_stages() { asm volatile("cp.async.wait_group %0;\n" :: "n"(NST - 2)); }
-
+DECODE = r"""
 // Two positions (bits sh, sh + 1 of word w) as one bf16x2 register: vs points at the word's first value, the first
 // position's value sits the popcount of the bits below it further (``below``: the mask of the bits under position sh,
 // kept per lane), the second's one more when the first is set.
@@ -54,6 +48,95 @@ __device__ __forceinline__ u32 pair(const u16* vs, u32 w, u32 below, int sh) {
     if (t & 2u) hi = p[t & 1u];
     return __byte_perm(lo, hi, 0x5410);
 }
+
+// A lane's two rows (g and g + 8) of a 16 × 128 tile staged in shared memory at wb (16 rows' bitmask words, 256
+// bytes, then the tile's values from its first entry aligned down to 16 bytes, o0 % 8 entries in): each row's four
+// words, and where each word's first value sits. The row starts are prefix sums of the rows' popcounts over the
+// eight groups of four lanes (rows g, then g + 8).
+struct Rows { const u16* va[4]; const u16* vc[4]; u32 wa[4]; u32 wc[4]; };
+
+__device__ __forceinline__ Rows tile_rows(const unsigned char* wb, int o0, int g) {
+    const u16* vs = reinterpret_cast<const u16*>(wb + 256) + (o0 & 7);
+    const uint4 ra = reinterpret_cast<const uint4*>(wb)[g];
+    const uint4 rc = reinterpret_cast<const uint4*>(wb)[g + 8];
+    const int pa0 = __popc(ra.x), pa1 = __popc(ra.y), pa2 = __popc(ra.z), pa3 = __popc(ra.w);
+    const int pc0 = __popc(rc.x), pc1 = __popc(rc.y), pc2 = __popc(rc.z), pc3 = __popc(rc.w);
+    const int na = pa0 + pa1 + pa2 + pa3, nc = pc0 + pc1 + pc2 + pc3;
+    int ia = na, ic = nc;
+#pragma unroll
+    for (int d = 1; d < 8; d <<= 1) {
+        const int ta = __shfl_up_sync(0xffffffffu, ia, 4 * d), tc = __shfl_up_sync(0xffffffffu, ic, 4 * d);
+        if (g >= d) { ia += ta; ic += tc; }
+    }
+    const int top = __shfl_sync(0xffffffffu, ia, 28);
+    const int sa = ia - na, sc = top + ic - nc;
+    return Rows{{vs + sa, vs + sa + pa0, vs + sa + pa0 + pa1, vs + sa + pa0 + pa1 + pa2},
+                {vs + sc, vs + sc + pc0, vs + sc + pc0 + pc1, vs + sc + pc0 + pc1 + pc2},
+                {ra.x, ra.y, ra.z, ra.w}, {rc.x, rc.y, rc.z, rc.w}};
+}
+
+// Columns 16s … 16s + 15 of the lane's A fragment (m16n8k16): a0 row g, columns 2·tig and + 1; a1 the same of row
+// g + 8; a2, a3 the same 8 columns on
+__device__ __forceinline__ void slice(const Rows& r, const u32* below, int tig, int s, u32& a0, u32& a1, u32& a2,
+                                      u32& a3) {
+    const int wi = s >> 1, q = (s & 1) * 2, sh = q * 8 + 2 * tig;
+    a0 = pair(r.va[wi], r.wa[wi], below[q], sh);
+    a2 = pair(r.va[wi], r.wa[wi], below[q + 1], sh + 8);
+    a1 = pair(r.vc[wi], r.wc[wi], below[q], sh);
+    a3 = pair(r.vc[wi], r.wc[wi], below[q + 1], sh + 8);
+}
+
+// 8 columns (16 bytes) of one token's x from src (column col) to dst: by cp.async when aligned and inside K, else
+// element by element with zeros past K
+__device__ __forceinline__ void x_chunk(u16* dst, const u16* src, int col, int K, int vec) {
+    if (vec && col + 8 <= K) {
+        cp16(dst, src);
+    } else {
+        u32 ev[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) ev[q] = col + q < K ? src[q] : 0u;
+        *reinterpret_cast<uint4*>(dst) =
+            make_uint4(ev[0] | (ev[1] << 16), ev[2] | (ev[3] << 16), ev[4] | (ev[5] << 16), ev[6] | (ev[7] << 16));
+    }
+}
+
+// Tile j's first and end offsets (o0, o1) from the warp's window of its tiles' offsets (lane i holds tile win + i's),
+// moved on when tile j's end leaves it. Every lane of the warp calls it.
+__device__ __forceinline__ void tile_offsets(const int* __restrict__ offs, size_t t0, int j, int cnt, bool live, int lane,
+                                             int& win, int& off, int& o0, int& o1) {
+    if (j + 1 - win >= 32) {
+        win = j;
+        off = live && win + lane <= cnt ? offs[t0 + win + lane] : 0;
+    }
+    o0 = __shfl_sync(0xffffffffu, off, j - win);
+    o1 = __shfl_sync(0xffffffffu, off, j + 1 - win);
+}
+
+// A warp's copy of one tile into its slot wb: the 16 rows' bitmask words (256 bytes, lanes 0-15) and the values
+// [o0, o1) from o0 aligned down to 16 bytes (zeros past the weight's last value)
+__device__ __forceinline__ void stage_tile(unsigned char* wb, const u32* __restrict__ bits, const u16* __restrict__ vals,
+                                           size_t tile, int o0, int o1, int nnz, int lane) {
+    if (lane < 16) cp16(wb + lane * 16, bits + tile * 64 + lane * 4);
+    u16* vs = reinterpret_cast<u16*>(wb + 256);
+    const int a0 = o0 & ~7, n8 = (o1 - a0 + 7) >> 3;
+    for (int i = lane; i < n8; i += 32) {
+        const int e = a0 + i * 8;
+        if (e + 8 <= nnz) {
+            cp16(vs + i * 8, vals + e);
+        } else {
+            for (int q = 0; q < 8; ++q) vs[i * 8 + q] = e + q < nnz ? vals[e + q] : (u16)0;
+        }
+    }
+}
+"""
+
+SOURCE = delta_cuda.PRELUDE + DECODE + r"""
+#define XS 136  // x row stride in shared memory, elements (≡ 4 words mod 32: fragment loads hit 32 banks)
+#define VS (CAP + 8)  // a warp's values slot per stage, elements
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_wait_stages() { asm volatile("cp.async.wait_group %0;\n" :: "n"(NST - 2)); }
+
 
 extern "C" __global__ void __launch_bounds__(32 * WB) bm_mma_bf16(
         const u16* __restrict__ x, const u32* __restrict__ bits, const u16* __restrict__ vals,
@@ -85,38 +168,12 @@ extern "C" __global__ void __launch_bounds__(32 * WB) bm_mma_bf16(
         const int c0 = (ca + j) * 128;
         for (int idx = tid; idx < nb * 16; idx += 32 * WB) {
             const int t = idx >> 4, c8 = (idx & 15) * 8, col = c0 + c8;
-            u16* dst = xt + t * XS + c8;
-            const u16* src = x + (size_t)t * sxb + col;
-            if (vec && col + 8 <= K) {
-                cp16(dst, src);
-            } else {
-                u32 ev[8];
-#pragma unroll
-                for (int q = 0; q < 8; ++q) ev[q] = col + q < K ? src[q] : 0u;
-                *reinterpret_cast<uint4*>(dst) =
-                    make_uint4(ev[0] | (ev[1] << 16), ev[2] | (ev[3] << 16), ev[4] | (ev[5] << 16), ev[6] | (ev[7] << 16));
-            }
+            x_chunk(xt + t * XS + c8, x + (size_t)t * sxb + col, col, K, vec);
         }
-        if (j + 1 - win >= 32) {  // move the offsets window (all lanes of the warp together)
-            win = j;
-            off = live && win + lane <= cnt ? offs[t0 + win + lane] : 0;
-        }
-        const int o0 = __shfl_sync(0xffffffffu, off, j - win), o1 = __shfl_sync(0xffffffffu, off, j + 1 - win);
-        const int a0 = o0 & ~7;
+        int o0, o1;
+        tile_offsets(offs, t0, j, cnt, live, lane, win, off, o0, o1);
         if (lane == 0) o0s[st][warp] = o0;
-        if (!live) return;
-        unsigned char* wb = base + MT * XS * 2 + warp * (256 + VS * 2);
-        if (lane < 16) cp16(wb + lane * 16, bits + (t0 + j) * 64 + lane * 4);
-        u16* vs = reinterpret_cast<u16*>(wb + 256);
-        const int n8 = (o1 - a0 + 7) >> 3;
-        for (int i = lane; i < n8; i += 32) {
-            const int e = a0 + i * 8;
-            if (e + 8 <= nnz) {
-                cp16(vs + i * 8, vals + e);
-            } else {
-                for (int q = 0; q < 8; ++q) vs[i * 8 + q] = e + q < nnz ? vals[e + q] : (u16)0;
-            }
-        }
+        if (live) stage_tile(base + MT * XS * 2 + warp * (256 + VS * 2), bits, vals, t0 + j, o0, o1, nnz, lane);
     };
 
     float acc[MT / 8][4];
@@ -139,31 +196,11 @@ extern "C" __global__ void __launch_bounds__(32 * WB) bm_mma_bf16(
         const unsigned char* base = smem + st * STAGE;
         const u16* xt = reinterpret_cast<const u16*>(base);
         if (!live) continue;
-        const unsigned char* wb = base + MT * XS * 2 + warp * (256 + VS * 2);
-        const u16* vs = reinterpret_cast<const u16*>(wb + 256) + (o0s[st][warp] & 7);
-        const uint4 ra = reinterpret_cast<const uint4*>(wb)[g];
-        const uint4 rc = reinterpret_cast<const uint4*>(wb)[g + 8];
-        // row starts: prefix sums of the rows' popcounts over the eight groups (rows g, then g + 8)
-        const int pa0 = __popc(ra.x), pa1 = __popc(ra.y), pa2 = __popc(ra.z), pa3 = __popc(ra.w);
-        const int pc0 = __popc(rc.x), pc1 = __popc(rc.y), pc2 = __popc(rc.z), pc3 = __popc(rc.w);
-        const int na = pa0 + pa1 + pa2 + pa3, nc = pc0 + pc1 + pc2 + pc3;
-        int ia = na, ic = nc;
-#pragma unroll
-        for (int d = 1; d < 8; d <<= 1) {
-            const int ta = __shfl_up_sync(0xffffffffu, ia, 4 * d), tc = __shfl_up_sync(0xffffffffu, ic, 4 * d);
-            if (g >= d) { ia += ta; ic += tc; }
-        }
-        const int top = __shfl_sync(0xffffffffu, ia, 28);
-        const int sa = ia - na, sc = top + ic - nc;
-        // where each word's first value sits in the slot
-        const u16* va[4] = {vs + sa, vs + sa + pa0, vs + sa + pa0 + pa1, vs + sa + pa0 + pa1 + pa2};
-        const u16* vc[4] = {vs + sc, vs + sc + pc0, vs + sc + pc0 + pc1, vs + sc + pc0 + pc1 + pc2};
-        const u32 wa[4] = {ra.x, ra.y, ra.z, ra.w}, wc[4] = {rc.x, rc.y, rc.z, rc.w};
+        const Rows rows = tile_rows(base + MT * XS * 2 + warp * (256 + VS * 2), o0s[st][warp], g);
 #pragma unroll
         for (int s = 0; s < 8; ++s) {
-            const int wi = s >> 1, q = (s & 1) * 2, sh = q * 8 + 2 * tig;
-            const u32 a0 = pair(va[wi], wa[wi], below[q], sh), a2 = pair(va[wi], wa[wi], below[q + 1], sh + 8);
-            const u32 a1 = pair(vc[wi], wc[wi], below[q], sh), a3 = pair(vc[wi], wc[wi], below[q + 1], sh + 8);
+            u32 a0, a1, a2, a3;
+            slice(rows, below, tig, s, a0, a1, a2, a3);
 #if MT == 8
             const u32 b0 = *reinterpret_cast<const u32*>(xt + g * XS + s * 16 + 2 * tig);
             const u32 b1 = *reinterpret_cast<const u32*>(xt + g * XS + s * 16 + 2 * tig + 8);

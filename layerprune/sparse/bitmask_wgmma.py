@@ -49,7 +49,7 @@ log = logging.getLogger("layerprune")
 TOKENS = (8, 16, 24, 32, 40, 48, 56, 64, 128, 256)  # tokens a pass (the wgmma's n)
 _failed: set[int] = set()
 
-SOURCE = delta_cuda.PRELUDE + r"""
+SOURCE = delta_cuda.PRELUDE + bitmask_cuda.DECODE + r"""
 #ifndef PROBE
 #define PROBE 0  // timing probes only: 1 = no decode, 2 = no products, 3 = neither
 #endif
@@ -103,43 +103,12 @@ __device__ __forceinline__ u64 desc_at(const unsigned char* xt, int s) {
 
 WG_MMA_FN
 
-__device__ __forceinline__ u32 pair(const u16* vs, u32 w, u32 below, int sh) {
-    const u16* p = vs + __popc(w & below);
-    const u32 t = w >> sh;
-    u32 lo = 0u, hi = 0u;
-    if (t & 1u) lo = p[0];
-    if (t & 2u) hi = p[t & 1u];
-    return __byte_perm(lo, hi, 0x5410);
-}
-
-// a warp's 16 × 128 tile into A registers (a[s]: columns 16s … 16s + 15; a lane's positions as in mma.m16n8k16)
+// a warp's 16 × 128 tile into A registers (a[s]: columns 16s … 16s + 15; a lane's positions as in mma.m16n8k16,
+// which are, per warp, those of wgmma's register A operand)
 __device__ __forceinline__ void decode(u32 (&a)[8][4], const unsigned char* wb, int o0, int g, const u32* below) {
-    const u16* vs = reinterpret_cast<const u16*>(wb + 256) + (o0 & 7);
-    const uint4 ra = reinterpret_cast<const uint4*>(wb)[g];
-    const uint4 rc = reinterpret_cast<const uint4*>(wb)[g + 8];
-    const int pa0 = __popc(ra.x), pa1 = __popc(ra.y), pa2 = __popc(ra.z), pa3 = __popc(ra.w);
-    const int pc0 = __popc(rc.x), pc1 = __popc(rc.y), pc2 = __popc(rc.z), pc3 = __popc(rc.w);
-    const int na = pa0 + pa1 + pa2 + pa3, nc = pc0 + pc1 + pc2 + pc3;
-    int ia = na, ic = nc;
+    const Rows rows = tile_rows(wb, o0, g);
 #pragma unroll
-    for (int d = 1; d < 8; d <<= 1) {
-        const int ta = __shfl_up_sync(0xffffffffu, ia, 4 * d), tc = __shfl_up_sync(0xffffffffu, ic, 4 * d);
-        if (g >= d) { ia += ta; ic += tc; }
-    }
-    const int top = __shfl_sync(0xffffffffu, ia, 28);
-    const int sa = ia - na, sc = top + ic - nc;
-    const u16* va[4] = {vs + sa, vs + sa + pa0, vs + sa + pa0 + pa1, vs + sa + pa0 + pa1 + pa2};
-    const u16* vc[4] = {vs + sc, vs + sc + pc0, vs + sc + pc0 + pc1, vs + sc + pc0 + pc1 + pc2};
-    const u32 wa[4] = {ra.x, ra.y, ra.z, ra.w}, wc[4] = {rc.x, rc.y, rc.z, rc.w};
-    const int tig = (threadIdx.x & 3);
-#pragma unroll
-    for (int s = 0; s < 8; ++s) {
-        const int wi = s >> 1, q = (s & 1) * 2, sh = q * 8 + 2 * tig;
-        a[s][0] = pair(va[wi], wa[wi], below[q], sh);
-        a[s][1] = pair(vc[wi], wc[wi], below[q], sh);
-        a[s][2] = pair(va[wi], wa[wi], below[q + 1], sh + 8);
-        a[s][3] = pair(vc[wi], wc[wi], below[q + 1], sh + 8);
-    }
+    for (int s = 0; s < 8; ++s) slice(rows, below, threadIdx.x & 3, s, a[s][0], a[s][1], a[s][2], a[s][3]);
 }
 
 extern "C" __global__ void __launch_bounds__(128 * NWG) bm_wg_bf16(
@@ -177,39 +146,12 @@ extern "C" __global__ void __launch_bounds__(128 * NWG) bm_wg_bf16(
         const int c0 = (ca + j) * 128;
         for (int i = tid; i < MT * 16; i += 128 * NWG) {
             const int t = ((i >> 7) << 3) + (i & 7), c8 = ((i >> 4) & 7) * 2 + ((i >> 3) & 1), col = c0 + c8 * 8;
-            if (t >= nb) continue;
-            u16* dst = reinterpret_cast<u16*>(base + xoff(i));
-            const u16* src = x + (size_t)t * sxb + col;
-            if (vec && col + 8 <= K) {
-                cp16(dst, src);
-            } else {
-                u32 ev[8];
-#pragma unroll
-                for (int q = 0; q < 8; ++q) ev[q] = col + q < K ? src[q] : 0u;
-                *reinterpret_cast<uint4*>(dst) =
-                    make_uint4(ev[0] | (ev[1] << 16), ev[2] | (ev[3] << 16), ev[4] | (ev[5] << 16), ev[6] | (ev[7] << 16));
-            }
+            if (t < nb) x_chunk(reinterpret_cast<u16*>(base + xoff(i)), x + (size_t)t * sxb + col, col, K, vec);
         }
-        if (j + 1 - win >= 32) {
-            win = j;
-            off = live && win + lane <= cnt ? offs[t0 + win + lane] : 0;
-        }
-        const int o0 = __shfl_sync(0xffffffffu, off, j - win), o1 = __shfl_sync(0xffffffffu, off, j + 1 - win);
-        const int a0 = o0 & ~7;
+        int o0, o1;
+        tile_offsets(offs, t0, j, cnt, live, lane, win, off, o0, o1);
         if (lane == 0) o0s[st][warp] = o0;
-        if (!live) return;
-        unsigned char* wb = base + XB + warp * WSLOT;
-        if (lane < 16) cp16(wb + lane * 16, bits + (t0 + j) * 64 + lane * 4);
-        u16* vs = reinterpret_cast<u16*>(wb + 256);
-        const int n8 = (o1 - a0 + 7) >> 3;
-        for (int i = lane; i < n8; i += 32) {
-            const int e = a0 + i * 8;
-            if (e + 8 <= nnz) {
-                cp16(vs + i * 8, vals + e);
-            } else {
-                for (int q = 0; q < 8; ++q) vs[i * 8 + q] = e + q < nnz ? vals[e + q] : (u16)0;
-            }
-        }
+        if (live) stage_tile(base + XB + warp * WSLOT, bits, vals, t0 + j, o0, o1, nnz, lane);
     };
 
     float acc[MT / 2];
