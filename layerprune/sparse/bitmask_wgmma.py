@@ -312,7 +312,9 @@ def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: 
          probe: int = 0, swz: bool | None = None) -> torch.Tensor | None:
     """y (B × n) = x (B × k) · Wᵀ in bf16 with W bitmask-packed (16 × 128 tiles) by ``bm_wg_bf16``; ``None`` when
     it cannot run here (the caller falls back). Tokens go ``mt`` a block (``blockIdx.z`` past one block, then
-    without column splits). Settings default to :func:`settings`."""
+    without column splits). Settings default to :func:`settings`; ``swz``: the 128-byte swizzle for x's stages.
+    ``probe`` (timing probes only, ``bench/probe_wgmma_bitmask_parts.py``; wrong products): 1 leaves the decode out,
+    2 the products, 3 both."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if dev in _failed or torch.cuda.get_device_capability(dev) != (9, 0):
         return None
