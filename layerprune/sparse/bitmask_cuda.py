@@ -128,6 +128,26 @@ __device__ __forceinline__ void stage_tile(unsigned char* wb, const u32* __restr
         }
     }
 }
+
+// A warp's accumulators (acc[4t + h]: row rw + g + 8·(h >> 1), token 8t + 2·tig + (h & 1), MT / 2 of them) into y as
+// bf16; with column splits (gridDim.y > 1) into the block's fp32 partial sums, the last block of the row group adding
+// them (finish_splits, rows r0 … r0 + rows − 1). Every thread of the block calls it.
+__device__ __forceinline__ void store_out(const float* acc, float* part, int* count, u16* y, int N, int nb, int rw,
+                                          bool live, int g, int tig, int r0, int rows, int* last_block) {
+    float* out = part + (size_t)blockIdx.y * nb * N;
+    const bool one = gridDim.y == 1;
+#pragma unroll
+    for (int t = 0; t < MT / 8; ++t)
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            const int tk = t * 8 + 2 * tig + (h & 1), rr = rw + g + 8 * (h >> 1);
+            if (live && tk < nb && rr < N) {
+                if (one) y[(size_t)tk * N + rr] = to_bf(acc[4 * t + h]);
+                else out[(size_t)tk * N + rr] = acc[4 * t + h];
+            }
+        }
+    if (!one) finish_splits(part, count, y, N, nb, r0, rows, last_block);
+}
 """
 
 SOURCE = delta_cuda.PRELUDE + DECODE + r"""
@@ -217,20 +237,7 @@ extern "C" __global__ void __launch_bounds__(32 * WB) bm_mma_bf16(
         }
     }
     asm volatile("cp.async.wait_all;\n" ::);
-    const int rw = rb * 16;
-    float* out = part + (size_t)blockIdx.y * nb * N;
-    const bool one = gridDim.y == 1;
-#pragma unroll
-    for (int t = 0; t < MT / 8; ++t)
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-            const int tk = t * 8 + 2 * tig + (h & 1), rr = rw + g + 8 * (h >> 1);
-            if (live && tk < nb && rr < N) {
-                if (one) y[(size_t)tk * N + rr] = to_bf(acc[t][h]);
-                else out[(size_t)tk * N + rr] = acc[t][h];
-            }
-        }
-    if (!one) finish_splits(part, count, y, N, nb, blockIdx.x * WB * 16, WB * 16, &last_block);
+    store_out(&acc[0][0], part, count, y, N, nb, rb * 16, live, g, tig, blockIdx.x * WB * 16, WB * 16, &last_block);
 }
 """
 
@@ -311,6 +318,27 @@ def settings(n: int, k: int, b: int) -> tuple[int, int, float]:
     return (4 if small else 8), 2, 2.0
 
 
+def slot_for(offsets: torch.Tensor, most: int | None) -> int:
+    """The values slot (:func:`cap_for`) for a tile of ``most`` nonzeros; ``None``: the weight's :func:`max_tile`, or
+    a full tile inside a CUDA-graph capture that has not seen the weight (no host sync there)."""
+    if most is None:
+        known = getattr(offsets, "_layerprune_max_tile", None) is not None
+        most = max_tile(offsets) if known or not torch.cuda.is_current_stream_capturing() else 16 * 128
+    return cap_for(most + 7)
+
+
+def split_plan(x: torch.Tensor, kt: int, groups: int, splits: int, mt: int, n: int):
+    """(tiles a split, splits, the counters, the fp32 partial sums or the counters when there is one split) for
+    ``groups`` row groups over ``kt`` column tiles in ``splits`` splits; ``None`` when the counters are too few."""
+    cps = -(-kt // splits)
+    s = -(-kt // cps)
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    count = delta_cuda._counters(dev, torch.cuda.current_stream(x.device).cuda_stream)
+    if s > 1 and groups > count.numel():
+        return None
+    return cps, s, count, (torch.empty(s, mt, n, dtype=torch.float32, device=x.device) if s > 1 else count)
+
+
 def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, n: int, k: int,
          most: int | None = None, warps: int | None = None, stages: int | None = None, splits: int | None = None,
          blocks_per_sm: float | None = None) -> torch.Tensor | None:
@@ -324,10 +352,7 @@ def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: 
     mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
     w0, s0, b0 = settings(n, k, B)
     warps, stages, blocks_per_sm = warps or w0, stages or s0, blocks_per_sm or b0
-    if most is None:
-        known = getattr(offsets, "_layerprune_max_tile", None) is not None
-        most = max_tile(offsets) if known or not torch.cuda.is_current_stream_capturing() else 16 * 128
-    cap = cap_for(most + 7)
+    cap = slot_for(offsets, most)
     smem = stages * stage_bytes(mt, warps, cap)
     if smem + 64 > limit:
         return None
@@ -343,13 +368,11 @@ def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: 
     groups = -(-(-(-n // 16)) // warps)
     if splits is None:
         splits = max(1, min(kt, round(blocks_per_sm * sms / groups)))
-    cps = -(-kt // splits)
-    s = -(-kt // cps)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    count = delta_cuda._counters(dev, stream)
-    if s > 1 and groups > count.numel():
+    plan = split_plan(x, kt, groups, splits, mt, n)
+    if plan is None:
         return None
-    part = torch.empty(s, mt, n, dtype=torch.float32, device=x.device) if s > 1 else count
+    cps, s, count, part = plan
+    stream = torch.cuda.current_stream(x.device).cuda_stream
     nnz = values.numel()
     for p in range(0, B, mt):
         xp = x[p:]

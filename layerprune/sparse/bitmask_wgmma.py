@@ -19,7 +19,8 @@ of ``wgmma.mma_async``) instead of ``mma.sync``:
   group writes y); token blocks of ``MT`` (``blockIdx.z``) for prefill, without splits.
 
 * x's stage layout: the 128-byte swizzle (each token's 64 columns a 128-byte row, 16-byte chunk c of row t at
-  c ^ (t % 8)), or with ``swz`` off the no-swizzle core-matrix layout (2–8% slower in the sweep).
+  c ^ (t % 8)), or with ``swz`` off the no-swizzle core-matrix layout (up to 9% slower in the
+  sweep, level on a few shapes).
 
 Measured on the H200 at 70%, side by side with the mma.sync kernel (BENCHMARKS.md, session 21): 2–7% faster at 32
 tokens and 3–10% at 64 on 7B/8B/70B weights of 50 M or more (28672 × 8192 at 64 tokens: 193 against 213 µs, 0.66×
@@ -208,21 +209,8 @@ extern "C" __global__ void __launch_bounds__(128 * NWG) bm_wg_bf16(
 #pragma unroll
     for (int i = 0; i < MT / 2; ++i) pin(acc[i]);
     asm volatile("cp.async.wait_all;\n" ::);
-    // accumulator 4j + h: row rb·16 + g + 8·(h >> 1), token 8j + 2·tig + (h & 1)
-    const int rw = rb * 16;
-    float* out = part + (size_t)blockIdx.y * nb * N;
-    const bool one = gridDim.y == 1;
-#pragma unroll
-    for (int j = 0; j < MT / 8; ++j)
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-            const int tk = j * 8 + 2 * tig + (h & 1), rr = rw + g + 8 * (h >> 1);
-            if (live && tk < nb && rr < N) {
-                if (one) y[(size_t)tk * N + rr] = to_bf(acc[4 * j + h]);
-                else out[(size_t)tk * N + rr] = acc[4 * j + h];
-            }
-        }
-    if (!one) finish_splits(part, count, y, N, nb, blockIdx.x * WB * 16, WB * 16, &last_block);
+    // wgmma's accumulators sit as mma.m16n8k16's, per warp: acc[4j + h] is row g + 8·(h >> 1), token 8j + 2·tig + (h & 1)
+    store_out(acc, part, count, y, N, nb, rb * 16, live, g, tig, blockIdx.x * WB * 16, WB * 16, &last_block);
 }
 """
 
@@ -285,7 +273,7 @@ def usable(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, bn: int
 
 def wanted(b: int, n: int, k: int) -> bool:
     """Whether the op sends ``b`` tokens of an n × k weight here rather than to the mma.sync kernel: 17–32 tokens on
-    weights of 40 M or more, 33–64 on 50 M or more, where this kernel was the faster by 4–10% at 70% on the H200
+    weights of 40 M or more, 33–64 on 50 M or more, where this kernel was the faster by 3–9% at 70% on the H200
     (bench/results/sparse_bitmask_wgmma_sweep_h200.json: 32 tokens 44.8 against 47.0 µs on 11008 × 4096, 170 against
     182 on 28672 × 8192; 64 tokens 193 against 212); on smaller weights and at 1–16 tokens it was not (1024 × 4096 at
     64 tokens: 67 against 26 µs). ``LAYERPRUNE_WGMMA=0`` turns it off."""
@@ -297,7 +285,7 @@ def wanted(b: int, n: int, k: int) -> bool:
 def settings(n: int, k: int, b: int) -> tuple[int, int, int, bool, float, bool]:
     """(tokens a pass, warpgroups a block, stages, two register sets, blocks per SM the splits aim at, swizzle) for
     ``b`` tokens. Up to 64 tokens: 4 warpgroups (256 rows share each x stage), 4 stages, one register set, one block
-    a SM, the 128-byte swizzle: the best or within 3% of the best of the sweep's 10 settings on every weight of 40 M
+    a SM, the 128-byte swizzle: the best or within 4% of the best of the sweep's 10 settings on every weight of 40 M
     or more. Past 64 (prefill) the kernel is not used by the op (0.27× of dense at 2048 tokens: BENCHMARKS.md,
     session 21); these settings are the probe's."""
     mt = next((t for t in TOKENS if t >= b), TOKENS[-1])
@@ -325,10 +313,7 @@ def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: 
     two = t0 if two is None else two
     swz = z0 if swz is None else swz
     blocks_per_sm = blocks_per_sm or b0
-    if most is None:
-        known = getattr(offsets, "_layerprune_max_tile", None) is not None
-        most = bitmask_cuda.max_tile(offsets) if known or not torch.cuda.is_current_stream_capturing() else 16 * 128
-    cap = bitmask_cuda.cap_for(most + 7)
+    cap = bitmask_cuda.slot_for(offsets, most)
     fewest = 3 if two else 2
     # weights with full tiles (a large value slot) get fewer stages, then fewer warpgroups, to fit (the static
     # shared memory is padded to the 1024-byte alignment)
@@ -352,13 +337,11 @@ def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: 
         splits = 1
     elif splits is None:
         splits = max(1, min(kt, round(blocks_per_sm * sms / groups)))
-    cps = -(-kt // splits)
-    s = -(-kt // cps)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    count = delta_cuda._counters(dev, stream)
-    if s > 1 and groups > count.numel():
+    plan = bitmask_cuda.split_plan(x, kt, groups, splits, mt, n)
+    if plan is None:
         return None
-    part = torch.empty(s, mt, n, dtype=torch.float32, device=x.device) if s > 1 else count
+    cps, s, count, part = plan
+    stream = torch.cuda.current_stream(x.device).cuda_stream
     vec = int(x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0)
     delta_cuda._launch(kern, (groups, s, zb), 128 * nwg, smem, stream, (x, bitmask, values, offsets, part, count, y),
                        (n, k, kt, B, x.stride(0), cps, vec, values.numel()))
