@@ -1,4 +1,4 @@
-"""Where a 7B prune's time goes, op by op, on the GPU (LLaMA-2-7B dimensions, random bf16 weights, 2 blocks).
+"""Where a 7B prune's time goes, op by op, on the GPU (LLaMA-2-7B dimensions, random bf16 (``--dtype``) weights, 2 blocks).
 
     python3 bench/probe_forward.py --out $OUT/probe.json
 
@@ -48,22 +48,24 @@ def main() -> None:
                          "kernels (the block's CUDA kernels by time, from the profiler), fused (the block with "
                          "layerprune's fused RMSNorm and rotary kernels, its output against the plain one's, "
                          "and its kernels)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     a = ap.parse_args()
     parts = set(a.parts.split(","))
+    dt = getattr(torch, a.dtype)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+        m = AutoModelForCausalLM.from_config(cfg, dtype=dt).eval()
     m.config.use_cache = False
     ad = ModelAdapter.of(m)
     dev = torch.device("cuda")
     ids = torch.randint(0, 32000, (8, 2048))
     r = BlockRunner(m, ad, ids, dev, batch_size=8)
     blk = ad.blocks[0]
-    out: dict = {"attn_implementation": m.config._attn_implementation, "kwargs": sorted(r.kwargs[0][0])}
+    out: dict = {"dtype": a.dtype, "attn_implementation": m.config._attn_implementation, "kwargs": sorted(r.kwargs[0][0])}
     nparam = sum(p.numel() for p in blk.parameters())
     flops = 2 * nparam * 8 * 2048 + 2 * 8 * 32 * 2048 * 2048 * 128  # linears + causal QKᵀ and AV (forward)
     out["block_forward_s"] = timed(lambda: r.run(0, store=False))
@@ -112,11 +114,11 @@ def main() -> None:
         p.data = p.data.pin_memory()
     out["block_h2d_pinned_s"] = timed(lambda: blk.to("cuda"), 1)
     out["block_gb"] = nparam * 2 / 1e9
-    X = torch.randn(8 * 2048, 4096, device=dev, dtype=torch.bfloat16)
-    Xd = torch.randn(8 * 2048, 11008, device=dev, dtype=torch.bfloat16)
+    X = torch.randn(8 * 2048, 4096, device=dev, dtype=dt)
+    Xd = torch.randn(8 * 2048, 11008, device=dev, dtype=dt)
     for name, rows, k, x in (("qkv", 12288, 4096, X), ("down", 4096, 11008, Xd)):
         for fused in (True, False):
-            lin = torch.nn.Linear(k, rows, bias=False, device=dev, dtype=torch.bfloat16)
+            lin = torch.nn.Linear(k, rows, bias=False, device=dev, dtype=dt)
             p = SparseGPTPruner(lin, SparseGPTOptions(fused=fused))
             p.add_batch(x)
             w0 = lin.weight.data.clone()

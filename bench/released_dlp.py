@@ -172,7 +172,8 @@ def ours(a) -> dict:
         raise SystemExit(p.stderr[-2000:])
     rec = json.loads(p.stdout[p.stdout.index("{"):])
     return {"side": "layerprune", "process_wall_s": process_s, "timing": rec.get("timing"), "achieved": rec["sparsity"]["achieved"],
-            "ppl_wikitext2": rec["ppl"]["wikitext2"], "per_block_density": [1 - x for x in rec["per_block"]]}
+            "ppl_wikitext2": rec["ppl"]["wikitext2"], "per_block_density": [1 - x for x in rec["per_block"]],
+            "dense_stats_split": (rec.get("allocation") or {}).get("diagnostics", {}).get("dense_stats_split")}
 
 
 def main() -> None:

@@ -307,7 +307,10 @@ def load(model: str | nn.Module, tokenizer=None, dtype: str = "float32", trust_r
     ``device`` a GPU: a local checkpoint that fits is loaded straight onto it (:func:`load_placement`).
     ``on_tokenizer(tok)`` runs before the weights load (``prune`` starts tokenising there)."""
     if isinstance(model, str):
-        place = load_placement(model, parse_dtype(dtype), torch.device(device))
+        from layerprune.models import preload
+
+        place = (preload.placement(model, parse_dtype(dtype), torch.device(device))
+                 or load_placement(model, parse_dtype(dtype), torch.device(device)))
         m, tok = load_model(model, dtype=parse_dtype(dtype), device=place, trust_remote_code=trust_remote_code,
                             on_tokenizer=on_tokenizer)
         return m, tok, model

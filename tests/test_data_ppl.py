@@ -11,12 +11,18 @@ from layerprune.data.calibration import token_windows
 from layerprune.evaluation.perplexity import perplexity_of_windows
 
 
+class _Enc(dict):
+    __getattr__ = dict.__getitem__
+
+
 class CharTok:
-    """Character-level tokenizer for protocol tests."""
+    """Character-level tokenizer for protocol tests; like a Hugging Face tokenizer it takes a text or a list
+    of texts (then lists of ids)."""
 
     def __call__(self, text, return_tensors=None):
-        ids = torch.tensor([[ord(c) % 128 for c in text]])
-        return type("E", (), {"input_ids": ids})()
+        if isinstance(text, list):
+            return _Enc(input_ids=[[ord(c) % 128 for c in t] for t in text])
+        return _Enc(input_ids=torch.tensor([[ord(c) % 128 for c in text]]))
 
 
 def test_sampler_follows_reference_protocol():
@@ -181,3 +187,40 @@ def test_prune_prefetches_calibration_and_windows_with_the_same_result(tiny_dir,
     plain = api.prune(str(tiny_dir), **kw)
     assert "prefetch_seconds" not in plain["timing"]
     assert rec["ppl"] == plain["ppl"] and rec["per_block"] == plain["per_block"]
+
+
+def test_sampler_tokenising_ahead_draws_what_one_call_per_document_draws(smol_tokenizer):
+    """The batched look-ahead only fills the token cache: with the real tokenizer and the local C4 documents
+    the windows and documents are those of the reference loop (one tokenizer call per drawn document)."""
+    docs = load_documents("c4", "calib")
+    for seed, n, seqlen in ((0, 6, 1024), (3, 4, 256)):
+        rng, cache, want, wdocs = random.Random(seed), {}, [], []
+        for _ in range(n):
+            while True:
+                i = rng.randint(0, len(docs) - 1)
+                if i not in cache:
+                    cache[i] = smol_tokenizer(docs[i], return_tensors="pt").input_ids[0]
+                if cache[i].shape[0] > seqlen:
+                    break
+            j = rng.randint(0, cache[i].shape[0] - seqlen - 1)
+            want.append(cache[i][j:j + seqlen])
+            wdocs.append(i)
+        ids, doc_ids = sample_windows(docs, smol_tokenizer, n, seqlen, seed)
+        assert doc_ids == wdocs and torch.equal(ids, torch.stack(want))
+
+
+def test_prefetch_take_waits_for_its_own_job_only():
+    """The calibration set is taken while the evaluation texts are still being tokenised; a tokenising call
+    still waits for every job."""
+    import threading
+
+    from layerprune.data import prefetch
+
+    tok, release = CharTok(), threading.Event()
+    prefetch.start(tok, {"calib": lambda: "windows", "eval": lambda: release.wait(30) and "texts"})
+    assert prefetch.take(tok, "calib") == "windows"  # returns although "eval" is still running
+    run = prefetch._get(tok)
+    assert run.thread.is_alive() and not run.done["eval"].is_set()
+    release.set()
+    prefetch.settle(tok)
+    assert not run.thread.is_alive() and prefetch.take(tok, "eval") == "texts"

@@ -372,6 +372,37 @@ def _quiet_libraries(quiet: bool) -> None:
             pass
 
 
+_HELPERS: list = []  # helper processes this command started (subprocess.Popen), reaped before it exits
+
+
+def _reap_helpers() -> None:
+    """Stop and reap the helper processes (a warm-up still compiling when the run ends is of no more use)."""
+    while _HELPERS:
+        p = _HELPERS.pop()
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _start_preload(a: argparse.Namespace) -> None:
+    """Start compiling the fused kernels for a local checkpoint in a helper process
+    (:func:`engine.fused.warm_up_process`) and reading its weights onto the GPU (:mod:`layerprune.models.preload`),
+    before transformers is imported; any problem here is left for the load itself to report."""
+    try:
+        from layerprune.engine import fused
+        from layerprune.models import preload
+        from layerprune.models.loading import parse_dtype
+        from layerprune.utils import resolve_device
+
+        dtype, device = parse_dtype(a.dtype), resolve_device(a.device)
+        cfg = Path(a.model).expanduser() / "config.json"
+        if cfg.is_file() and device.type == "cuda":
+            _HELPERS.append(fused.warm_up_process(str(cfg), dtype, device))
+        preload.start(a.model, dtype, device)
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("layerprune").debug("no preload (%s)", e)
+
+
 def main(argv: list[str] | None = None) -> int:
     from layerprune.utils import setup_logging
 
@@ -391,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         fused.ENABLED = False
     from layerprune.cli.commands import COMMANDS
 
+    if a.cmd == "prune" and not a.stream:
+        _start_preload(a)
     try:
         _quiet_libraries(a.quiet)
         with contextlib.redirect_stdout(sys.stderr):  # stray prints from libraries never reach stdout
@@ -447,6 +480,7 @@ def run() -> None:
 
     api.STARTED_AT = layerprune.IMPORTED_AT  # the run record's startup_seconds
     rc = main()
+    _reap_helpers()
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()

@@ -38,6 +38,28 @@ class CalibSet:
         return hashlib.sha256(self.input_ids.numpy().tobytes()).hexdigest()[:16]
 
 
+AHEAD = 64  # documents the sampler may draw next, tokenised together when it meets one not yet tokenised
+
+
+def _tokenize_ahead(docs: list[str], tokenizer, rng: random.Random, i: int, exclude: set[int],
+                    cache: dict[int, torch.Tensor]) -> None:
+    """Tokenise document ``i`` and the documents the sampler would draw after it if none of them were long
+    enough (a copy of ``rng`` replays those draws), in one batched call: the tokenizer's Rust core then runs
+    them in parallel, where one call per document spent most of its time in Python. The sampler itself is
+    unchanged, so it draws exactly what it drew before; a guess that turns out wrong only tokenises a document
+    early (it stays cached) or for nothing."""
+    ahead = random.Random()
+    ahead.setstate(rng.getstate())
+    want = [i]
+    for _ in range(AHEAD - 1):
+        j = ahead.randint(0, len(docs) - 1)
+        if j not in exclude and j not in cache and j not in want:
+            want.append(j)
+    enc = tokenizer([docs[j] for j in want])["input_ids"]
+    for j, e in zip(want, enc):
+        cache[j] = torch.tensor(e, dtype=torch.long)
+
+
 def sample_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int,
                    exclude: set[int] | None = None, max_tries: int = 200_000) -> tuple[torch.Tensor, list[int]]:
     """Reference sampler; documents in ``exclude`` are skipped (for disjoint held-out sets)."""
@@ -60,7 +82,7 @@ def sample_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed:
             if i in exclude:
                 continue
             if i not in cache:
-                cache[i] = tokenizer(docs[i], return_tensors="pt").input_ids[0]
+                _tokenize_ahead(docs, tokenizer, rng, i, exclude, cache)
             if cache[i].shape[0] > seqlen:
                 break
         enc = cache[i]

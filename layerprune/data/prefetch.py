@@ -7,6 +7,7 @@ weight loading). The results are those of the same calls on the main thread: the
 
 One rule keeps the tokenizer single-threaded: every layerprune function that tokenises first calls
 :func:`settle`, which waits for the thread to finish (a no-op when none runs, or on the thread itself).
+:func:`take` waits only for its own job, since taking a result does not tokenise.
 A job that fails leaves no result, so the consumer repeats the call and the error surfaces where it
 always did.
 """
@@ -25,6 +26,7 @@ log = logging.getLogger("layerprune")
 class _Run:
     def __init__(self, jobs: dict[Any, Callable[[], Any]]) -> None:
         self.results: dict[Any, Any] = {}
+        self.done = {key: threading.Event() for key in jobs}
         self.seconds = 0.0
         self.thread = threading.Thread(target=self._work, args=(jobs,), name="layerprune-prefetch", daemon=True)
 
@@ -35,6 +37,8 @@ class _Run:
                 self.results[key] = fn()
             except Exception as e:  # noqa: BLE001 - the consumer repeats the call and reports it
                 log.debug("prefetch of %s failed (%s); it runs again when needed", key, e)
+            finally:
+                self.done[key].set()
         self.seconds = time.perf_counter() - t
         WAITED["prefetch_seconds"] = self.seconds
 
@@ -74,7 +78,18 @@ def settle(tokenizer) -> None:
 
 
 def take(tokenizer, key) -> Any:
-    """The result of job ``key`` (waiting for the jobs first), once; None when there is none."""
-    settle(tokenizer)
+    """The result of job ``key``, once (waiting for that job only: the calibration set is taken while the
+    evaluation texts are still being tokenised); None when there is none. When there is none the caller
+    tokenises itself, so then every job is waited for first."""
     run = _get(tokenizer)
-    return None if run is None else run.results.pop(key, None)
+    if run is None:
+        return None
+    ev = run.done.get(key)
+    if ev is not None and run.thread is not threading.current_thread():
+        t = time.perf_counter()
+        ev.wait()
+        WAITED["prefetch_wait_seconds"] = WAITED.get("prefetch_wait_seconds", 0.0) + time.perf_counter() - t
+    out = run.results.pop(key, None)
+    if out is None:
+        settle(tokenizer)
+    return out

@@ -368,8 +368,16 @@ def load_model(
         if on_tokenizer is not None:
             on_tokenizer(tok)
         t = time.perf_counter()
-        place = {"device_map": {"": device}} if device.type == "cuda" else {}
-        model = AutoModelForCausalLM.from_pretrained(str(loc), dtype=dtype, **place, **cfg_kw)
+        model = None
+        if kind == "dir":
+            from layerprune.models import preload
+
+            tensors, timing["preload_seconds"], timing["preload_wait_seconds"] = preload.take(Path(loc), dtype, device)
+            model = from_preloaded(Path(loc), tensors, dtype, trust_remote_code) if tensors is not None else None
+        if model is None:
+            timing.pop("preload_seconds", None), timing.pop("preload_wait_seconds", None)
+            place = {"device_map": {"": device}} if device.type == "cuda" else {}
+            model = AutoModelForCausalLM.from_pretrained(str(loc), dtype=dtype, **place, **cfg_kw)
     except (OSError, ValueError) as e:
         if kind == "hub":
             raise UserError(
@@ -384,6 +392,45 @@ def load_model(
     model.layerprune_source = str(spec)  # type: ignore[attr-defined]
     model.layerprune_load_timing = timing  # type: ignore[attr-defined]
     return model, tok
+
+
+def from_preloaded(loc: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype, trust_remote_code: bool = False):
+    """The model of checkpoint directory ``loc`` with the tensors :mod:`layerprune.models.preload` read: built
+    from its config with empty (meta) parameters, which then take the tensors as they are (no copy). None,
+    with the tensors dropped, where ``from_pretrained`` would do more than that: checkpoint keys other than
+    the model's own (renamed or extra), parameters it keeps in float32, a quantisation config; the caller
+    then loads it with ``from_pretrained``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    cfg = AutoConfig.from_pretrained(str(loc), trust_remote_code=trust_remote_code)
+    if getattr(cfg, "quantization_config", None):
+        return None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust_remote_code)
+    if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
+        return None
+    own = set(model.state_dict())
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if getattr(cfg, "tie_word_embeddings", False) else set()
+    missing, extra = own - set(tensors), set(tensors) - own
+    if extra or missing - tied:
+        log.debug("preloaded keys differ from the model's (%d missing, %d extra): from_pretrained loads it",
+                  len(missing - tied), len(extra))
+        return None
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    dev = next(iter(tensors.values())).device
+    if any(p.is_meta for p in model.parameters()):
+        return None
+    model.to(dev)  # the buffers (rotary frequencies) built on the host
+    model.eval()
+    model.config._name_or_path = model.name_or_path = str(loc)
+    if (loc / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(loc))
+        except (OSError, ValueError):
+            pass
+    return model
 
 
 def parse_dtype(name: str) -> torch.dtype:

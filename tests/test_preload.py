@@ -1,0 +1,172 @@
+"""The weights read on a background thread while transformers imports (layerprune.models.preload) give the
+model from_pretrained gives; what the fast path cannot reproduce goes back to from_pretrained."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file
+
+from layerprune.models import loading, preload
+
+
+def _saved(tmp_path, arch, shard="200KB", tie=None):
+    m = tiny_model(arch, vocab=96, layers=2)
+    if tie is not None:
+        m.config.tie_word_embeddings = tie
+    m.generation_config.max_new_tokens = 7  # a generation config of its own, which the fast path must keep
+    d = tmp_path / arch
+    m.save_pretrained(d, max_shard_size=shard)
+    return d
+
+
+def test_read_safetensors_equals_load_file_in_any_chunking(tmp_path):
+    d = _saved(tmp_path, "llama")
+    files = preload.shard_files(d)
+    assert len(files) > 1 and (d / "model.safetensors.index.json").is_file()  # sharded: the index is followed
+    for f in files:
+        ref = load_file(str(f))
+        for staging in (None, [torch.empty(4099, dtype=torch.uint8) for _ in range(2)],
+                        [torch.empty(1 << 16, dtype=torch.uint8) for _ in range(3)]):
+            got = preload.read_safetensors(f, torch.device("cpu"), None, staging=staging)
+            assert got.keys() == ref.keys()
+            for k in ref:
+                assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape and torch.equal(got[k], ref[k])
+        half = preload.read_safetensors(f, torch.device("cpu"), torch.bfloat16)
+        assert all(torch.equal(half[k], ref[k].to(torch.bfloat16)) for k in ref)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "mistral", "opt"])
+def test_from_preloaded_gives_the_model_from_pretrained_gives(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    d = _saved(tmp_path, arch, shard="10GB")
+    for dtype in (torch.float32, torch.bfloat16):
+        sd = {}
+        for f in preload.shard_files(d):
+            sd.update(preload.read_safetensors(f, torch.device("cpu"), dtype))
+        fast = loading.from_preloaded(d, sd, dtype)
+        ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype).eval()
+        assert fast is not None and not fast.training
+        a, b = fast.state_dict(), ref.state_dict()
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+        ba, bb = dict(fast.named_buffers()), dict(ref.named_buffers())
+        assert ba.keys() == bb.keys() and all(torch.equal(ba[k], bb[k]) for k in ba)
+        tied = [(n, p) for n, p in ref.named_parameters(remove_duplicate=False)]
+        assert len(list(fast.named_parameters(remove_duplicate=False))) == len(tied)
+        assert sum(1 for _ in fast.parameters()) == sum(1 for _ in ref.parameters())  # the same weights tied
+        assert fast.config.to_dict() == ref.config.to_dict()
+        assert fast.generation_config.max_new_tokens == ref.generation_config.max_new_tokens == 7
+        ids = torch.randint(0, 96, (2, 12))
+        with torch.no_grad():
+            assert torch.equal(fast(ids).logits, ref(ids).logits)
+
+
+def test_from_preloaded_declines_what_from_pretrained_would_rename(tmp_path):
+    d = _saved(tmp_path, "llama", shard="10GB")
+    sd = preload.read_safetensors(d / "model.safetensors", torch.device("cpu"))
+    assert loading.from_preloaded(d, {**sd, "model.extra.weight": torch.zeros(2)}, torch.float32) is None
+    sd.pop("model.norm.weight")
+    assert loading.from_preloaded(d, sd, torch.float32) is None
+
+
+class _Done:
+    """A finished preload (the real one starts only on a GPU)."""
+
+    def __init__(self, d, dtype, tensors):
+        self.key = (str(d.resolve()), dtype, "cpu")
+        self.tensors, self.seconds, self.place = tensors, 1.5, torch.device("cpu")
+        self.placed = threading.Event()
+        self.placed.set()
+        self.thread = threading.Thread(target=lambda: None)
+        self.thread.start()
+
+
+def test_load_model_takes_a_matching_preload_and_drops_any_other(tmp_path, monkeypatch):
+    d = _saved(tmp_path, "llama", shard="10GB")
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **k: _Tok()))
+    sd = preload.read_safetensors(d / "model.safetensors", torch.device("cpu"))
+    marker = next(iter(sd.values()))
+    p = _Done(d, torch.float32, sd)
+    monkeypatch.setattr(preload, "_PENDING", {p.key: p})
+    assert preload.placement(str(d), torch.float32, torch.device("cpu")) == torch.device("cpu")
+    m, _ = loading.load_model(str(d), dtype=torch.float32, device="cpu")
+    assert m.layerprune_load_timing["preload_seconds"] == 1.5
+    assert any(q.data_ptr() == marker.data_ptr() for q in m.parameters())  # the preloaded memory, not a copy
+    assert preload._PENDING == {}
+    # a preload of another dtype is not what this load asks for: dropped, and from_pretrained loads
+    q = _Done(d, torch.bfloat16, dict(sd))
+    monkeypatch.setattr(preload, "_PENDING", {q.key: q})
+    m2, _ = loading.load_model(str(d), dtype=torch.float32, device="cpu")
+    assert "preload_seconds" not in m2.layerprune_load_timing and q.tensors is None and preload._PENDING == {}
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+
+
+class _Tok:
+    pad_token = "<pad>"
+    eos_token = "<pad>"
+
+
+def test_start_does_nothing_without_a_gpu_or_a_local_checkpoint(tmp_path, monkeypatch):
+    from layerprune.engine import fused
+
+    assert fused.warm_up_process(str(tmp_path / "config.json"), torch.float16, torch.device("cpu")) is None
+    monkeypatch.setattr(preload, "_PENDING", {})
+    preload.start(str(tmp_path), torch.float32, torch.device("cpu"))
+    preload.start("org/name", torch.float32, torch.device("cuda"))
+    assert preload._PENDING == {}
+
+
+def _compiled(fn) -> int:
+    return sum(len(v[0]) for v in getattr(fn, "device_caches", {}).values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles the fused Triton kernels for a CUDA device")
+def test_warm_up_compiles_the_kernels_the_first_forward_then_uses(tmp_path):
+    from layerprune.engine import fused, fused_triton
+    from layerprune.engine.runner import BlockRunner
+    from layerprune.models.adapter import ModelAdapter
+
+    m = tiny_model("llama", vocab=96, layers=2).to("cuda", torch.float16)
+    cfg = tmp_path / "config.json"
+    m.config.to_json_file(cfg)
+    helper = fused.warm_up_process(str(cfg), torch.float16, torch.device("cuda"))  # the command line's helper
+    assert helper is not None and helper.wait(timeout=300) == 0
+    fused.warm_up(m.config.to_dict(), torch.float16, torch.device("cuda"))
+    before = (_compiled(fused_triton._rms_norm_kernel), _compiled(fused_triton._rope_kernel))
+    assert before[0] >= 1 and before[1] >= 1
+    ad = ModelAdapter.of(m)
+    r = BlockRunner(m, ad, torch.randint(0, 96, (4, 32)), torch.device("cuda"), batch_size=2)
+    with fused.fused_ops(m, "cuda") as done:
+        assert done["norms"] and done["rotary"]
+        for i in range(ad.n_blocks):
+            r.run(i, store=True)
+    assert (_compiled(fused_triton._rms_norm_kernel), _compiled(fused_triton._rope_kernel)) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="reads through pinned memory onto a CUDA device")
+def test_gpu_read_and_preloaded_load_equal_from_pretrained(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = _saved(tmp_path, "llama")
+    cuda = torch.device("cuda")
+    for f in preload.shard_files(d):
+        ref = load_file(str(f))
+        st = [torch.empty(5000, dtype=torch.uint8, pin_memory=True) for _ in range(2)]  # many pieces per tensor
+        got = preload.read_safetensors(f, cuda, torch.float16, torch.cuda.Stream(), st)
+        assert got.keys() == ref.keys() and all(torch.equal(got[k].cpu(), ref[k].half()) for k in ref)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **k: _Tok()))
+    monkeypatch.setattr(preload, "_PENDING", {})
+    preload.start(str(d), torch.float16, cuda)
+    assert len(preload._PENDING) == 1
+    m, _ = loading.load_model(str(d), dtype=torch.float16, device=cuda)
+    assert "preload_seconds" in m.layerprune_load_timing and preload._PENDING == {}
+    ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float16, device_map={"": cuda})
+    a, b = m.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(t.device.type == "cuda" for t in list(m.parameters()) + list(m.buffers()))
