@@ -79,7 +79,7 @@ class _Done:
     def __init__(self, d, dtype, tensors):
         self.key = (str(d.resolve()), dtype, "cpu")
         self.tensors, self.seconds, self.place = tensors, 1.5, torch.device("cpu")
-        self.placed = threading.Event()
+        self.placed, self.stop = threading.Event(), threading.Event()
         self.placed.set()
         self.thread = threading.Thread(target=lambda: None)
         self.thread.start()
@@ -104,6 +104,7 @@ def test_load_model_takes_a_matching_preload_and_drops_any_other(tmp_path, monke
     monkeypatch.setattr(preload, "_PENDING", {q.key: q})
     m2, _ = loading.load_model(str(d), dtype=torch.float32, device="cpu")
     assert "preload_seconds" not in m2.layerprune_load_timing and q.tensors is None and preload._PENDING == {}
+    assert q.stop.is_set()
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
 
 
@@ -170,3 +171,62 @@ def test_gpu_read_and_preloaded_load_equal_from_pretrained(tmp_path, monkeypatch
     a, b = m.state_dict(), ref.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(t.device.type == "cuda" for t in list(m.parameters()) + list(m.buffers()))
+
+
+def test_discard_stops_a_read_at_its_next_piece(tmp_path):
+    d = _saved(tmp_path, "llama", shard="10GB")
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(InterruptedError):
+        preload.read_safetensors(d / "model.safetensors", torch.device("cpu"), None,
+                                 staging=[torch.empty(4096, dtype=torch.uint8)], stop=stop)
+
+
+def test_command_end_reaps_its_helpers_and_drops_an_untaken_preload(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from layerprune import cli
+
+    d = _saved(tmp_path, "llama", shard="10GB")
+    p = _Done(d, torch.float32, {})
+    monkeypatch.setattr(preload, "_PENDING", {p.key: p})
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(cli, "_HELPERS", [sleeper, None])
+    assert cli.main(["prune", str(d), "--sparsity", "2"]) == 2  # refused before loading: nothing took the preload
+    assert preload._PENDING == {} and p.stop.is_set() and p.tensors is None
+    assert sleeper.poll() is not None and cli._HELPERS == []
+
+
+def _word_level_dir(tmp_path):
+    """A tiny LLaMA with a word-level tokenizer of its own (no packaged model needed on the GPU machine)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = _saved(tmp_path, "llama", shard="10GB")
+    words = "the of and to in a is that for it as was with on by he at from his an".split()
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>", eos_token="</s>").save_pretrained(d)
+    return d
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the command line preloads onto a CUDA device only")
+def test_cli_prune_with_the_preload_gives_the_run_without_it(tmp_path, monkeypatch, capsys):
+    import json
+
+    from layerprune import cli
+
+    d = _word_level_dir(tmp_path)
+    argv = ["prune", str(d), "--device", "cuda", "--dtype", "bfloat16", "--sparsity", "0.5", "--pruner", "wanda", "--allocation",
+            "dlp", "--nsamples", "4", "--seqlen", "64", "--eval", "wikitext2", "--eval-max-windows", "2", "--json",
+            "--quiet", "--no-cache"]
+    recs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LAYERPRUNE_PRELOAD", flag)
+        assert cli.main(argv) == 0
+        recs.append(json.loads(capsys.readouterr().out))
+    on, off = recs
+    assert "preload_seconds" in on["timing"] and "preload_seconds" not in off["timing"]
+    assert on["per_block"] == off["per_block"] and on["ppl"] == off["ppl"]

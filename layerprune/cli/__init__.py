@@ -376,7 +376,11 @@ _HELPERS: list = []  # helper processes this command started (subprocess.Popen),
 
 
 def _reap_helpers() -> None:
-    """Stop and reap the helper processes (a warm-up still compiling when the run ends is of no more use)."""
+    """Stop and reap the helper processes (a warm-up still compiling when the command ends is of no more use),
+    and drop a preload the command did not take (it failed before loading)."""
+    preload = sys.modules.get("layerprune.models.preload")
+    if preload is not None:
+        preload.discard()
     while _HELPERS:
         p = _HELPERS.pop()
         if p is not None and p.poll() is None:
@@ -454,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc(file=sys.stderr)
         print(f"layerprune: failed: {why or f'{type(e).__name__}: {e}'}", file=sys.stderr)
         return 1
+    finally:
+        _reap_helpers()
 
 
 def _has_children() -> bool:
@@ -480,7 +486,6 @@ def run() -> None:
 
     api.STARTED_AT = layerprune.IMPORTED_AT  # the run record's startup_seconds
     rc = main()
-    _reap_helpers()
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()

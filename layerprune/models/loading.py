@@ -374,8 +374,10 @@ def load_model(
 
             tensors, timing["preload_seconds"], timing["preload_wait_seconds"] = preload.take(Path(loc), dtype, device)
             model = from_preloaded(Path(loc), tensors, dtype, trust_remote_code) if tensors is not None else None
+            tensors = None  # when declined, its GPU memory is free again before from_pretrained loads
         if model is None:
-            timing.pop("preload_seconds", None), timing.pop("preload_wait_seconds", None)
+            timing.pop("preload_seconds", None)
+            timing.pop("preload_wait_seconds", None)
             place = {"device_map": {"": device}} if device.type == "cuda" else {}
             model = AutoModelForCausalLM.from_pretrained(str(loc), dtype=dtype, **place, **cfg_kw)
     except (OSError, ValueError) as e:
@@ -396,8 +398,8 @@ def load_model(
 
 def from_preloaded(loc: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype, trust_remote_code: bool = False):
     """The model of checkpoint directory ``loc`` with the tensors :mod:`layerprune.models.preload` read: built
-    from its config with empty (meta) parameters, which then take the tensors as they are (no copy). None,
-    with the tensors dropped, where ``from_pretrained`` would do more than that: checkpoint keys other than
+    from its config with empty (meta) parameters, which then take the tensors as they are (no copy). None
+    where ``from_pretrained`` would do more than that: checkpoint keys other than
     the model's own (renamed or extra), parameters it keeps in float32, a quantisation config; the caller
     then loads it with ``from_pretrained``."""
     from accelerate import init_empty_weights

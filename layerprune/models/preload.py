@@ -49,12 +49,13 @@ def shard_files(d: Path) -> list[Path] | None:
 
 
 def read_safetensors(path: Path, device: torch.device, dtype: torch.dtype | None = None,
-                     stream: torch.cuda.Stream | None = None, staging: list[torch.Tensor] | None = None
-                     ) -> dict[str, torch.Tensor]:
+                     stream: torch.cuda.Stream | None = None, staging: list[torch.Tensor] | None = None,
+                     stop: threading.Event | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of one safetensors file, on ``device``; floating ones converted to ``dtype`` (None: as
     stored). The data section is read in order into the ``staging`` buffers (on a GPU by default two pinned
     buffers of :data:`CHUNK` bytes), which take turns: each piece is copied on ``stream`` into the tensors it
-    overlaps while the next is read. On the CPU without ``staging`` the file is read straight into each tensor."""
+    overlaps while the next is read. On the CPU without ``staging`` the file is read straight into each tensor.
+    ``stop`` set: the read ends (InterruptedError) before its next piece."""
     cuda = device.type == "cuda"
     with open(path, "rb", buffering=0) as f:
         n = int.from_bytes(f.read(8), "little")
@@ -78,6 +79,8 @@ def read_safetensors(path: Path, device: torch.device, dtype: torch.dtype | None
             f.seek(base)
             pos, first, k = 0, 0, 0
             while pos < total:
+                if stop is not None and stop.is_set():
+                    raise InterruptedError(f"reading {path.name} was stopped")
                 buf, ev = bufs[k % len(bufs)], done[k % len(bufs)]
                 if ev is not None:
                     ev.synchronize()  # the copies out of this buffer, len(bufs) pieces ago, have finished
@@ -128,6 +131,7 @@ class Preload:
         self.seconds = 0.0
         self.place: torch.device | None = None  # load_placement's answer, set before the read starts
         self.placed = threading.Event()
+        self.stop = threading.Event()  # set by discard(): the read ends at its next piece
         self.thread = threading.Thread(target=self._work, name="layerprune-preload", daemon=True)
         self.thread.start()
 
@@ -151,7 +155,7 @@ class Preload:
                 staging = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
                 out: dict[str, torch.Tensor] = {}
                 for p in files:
-                    out.update(read_safetensors(p, self.device, self.dtype, stream, staging))
+                    out.update(read_safetensors(p, self.device, self.dtype, stream, staging, self.stop))
                 torch.cuda.current_stream().wait_stream(stream)
             self.tensors = out
         except Exception as e:  # noqa: BLE001 - from_pretrained then loads it (and reports any error)
@@ -206,8 +210,10 @@ def take(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[dict[s
 
 
 def discard() -> None:
-    """Drop every preload not taken (waiting for its thread, so its GPU memory is freed)."""
+    """Drop every preload not taken: its read stops at the next piece, and once its thread has ended its GPU
+    memory is free."""
     while _PENDING:
         _, p = _PENDING.popitem()
+        p.stop.set()
         p.thread.join()
         p.tensors = None
