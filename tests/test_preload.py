@@ -25,7 +25,7 @@ def _saved(tmp_path, arch, shard="200KB", tie=None):
 
 def test_read_safetensors_equals_load_file_in_any_chunking(tmp_path):
     d = _saved(tmp_path, "llama")
-    files = preload.shard_files(d)
+    files = loading.checkpoint_files(d)
     assert len(files) > 1 and (d / "model.safetensors.index.json").is_file()  # sharded: the index is followed
     for f in files:
         ref = load_file(str(f))
@@ -46,7 +46,7 @@ def test_from_preloaded_gives_the_model_from_pretrained_gives(tmp_path, arch):
     d = _saved(tmp_path, arch, shard="10GB")
     for dtype in (torch.float32, torch.bfloat16):
         sd = {}
-        for f in preload.shard_files(d):
+        for f in loading.checkpoint_files(d):
             sd.update(preload.read_safetensors(f, torch.device("cpu"), dtype))
         fast = loading.from_preloaded(d, sd, dtype)
         ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype).eval()
@@ -127,7 +127,7 @@ def _compiled(fn) -> int:
     return sum(len(v[0]) for v in getattr(fn, "device_caches", {}).values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles the fused Triton kernels for a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiles the fused Triton kernels for one); the CI machine has none")
 def test_warm_up_compiles_the_kernels_the_first_forward_then_uses(tmp_path):
     from layerprune.engine import fused, fused_triton
     from layerprune.engine.runner import BlockRunner
@@ -150,13 +150,13 @@ def test_warm_up_compiles_the_kernels_the_first_forward_then_uses(tmp_path):
     assert (_compiled(fused_triton._rms_norm_kernel), _compiled(fused_triton._rope_kernel)) == before
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="reads through pinned memory onto a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (reads through pinned memory onto it); the CI machine has none")
 def test_gpu_read_and_preloaded_load_equal_from_pretrained(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = _saved(tmp_path, "llama")
     cuda = torch.device("cuda")
-    for f in preload.shard_files(d):
+    for f in loading.checkpoint_files(d):
         ref = load_file(str(f))
         st = [torch.empty(5000, dtype=torch.uint8, pin_memory=True) for _ in range(2)]  # many pieces per tensor
         got = preload.read_safetensors(f, cuda, torch.float16, torch.cuda.Stream(), st)
@@ -212,7 +212,7 @@ def _word_level_dir(tmp_path):
     return d
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the command line preloads onto a CUDA device only")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the command line preloads onto one only); the CI machine has none")
 def test_cli_prune_with_the_preload_gives_the_run_without_it(tmp_path, monkeypatch, capsys):
     import json
 

@@ -162,21 +162,26 @@ def _safetensors_size(path: Path) -> int:
     return 8 + n + max((v["data_offsets"][1] for v in meta.values()), default=0)
 
 
-def check_checkpoint(d: Path) -> None:
-    """Every shard named by ``model.safetensors.index.json`` (or the single ``model.safetensors``) exists and
-    is as long as its header says; a missing or truncated one is one clear error naming the file."""
+def checkpoint_files(d: Path) -> list[Path] | None:
+    """The safetensors files ``from_pretrained`` reads from directory ``d``: the shards named by
+    ``model.safetensors.index.json``, or the single ``model.safetensors``; None for other formats (a sparse
+    export, ``.bin``). A damaged index is one clear error."""
     idx = d / "model.safetensors.index.json"
     if idx.is_file():
         try:
-            files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+            return [d / f for f in sorted(set(json.loads(idx.read_text())["weight_map"].values()))]
         except (ValueError, KeyError):
             raise UserError(f"{idx} is damaged: download the checkpoint again") from None
-    elif (d / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        return  # other formats (e.g. a sparse export, .bin): transformers reports what it finds
-    for f in files:
-        p = d / f
+    return [d / "model.safetensors"] if (d / "model.safetensors").is_file() else None
+
+
+def check_checkpoint(d: Path) -> None:
+    """Every shard named by ``model.safetensors.index.json`` (or the single ``model.safetensors``) exists and
+    is as long as its header says; a missing or truncated one is one clear error naming the file."""
+    files = checkpoint_files(d)
+    if files is None:
+        return  # other formats: transformers reports what it finds
+    for p in files:
         if not p.is_file():
             raise UserError(f"{p} is missing: the checkpoint in {d} is incomplete; download or export it again")
         try:

@@ -16,7 +16,6 @@ Only what ``from_pretrained`` would load unchanged is read this way: a local dir
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 import threading
@@ -35,19 +34,6 @@ CHUNK = 128 << 20  # bytes a pinned staging buffer holds; two of them alternate
 SWITCH_S = 0.0005  # the interpreter's thread switch interval while a read runs (default 0.005)
 
 
-def shard_files(d: Path) -> list[Path] | None:
-    """The safetensors files ``from_pretrained`` reads from directory ``d``: the index's shards, or
-    ``model.safetensors``; None when there are none (or the index cannot be read)."""
-    idx = d / "model.safetensors.index.json"
-    if idx.is_file():
-        try:
-            return [d / f for f in sorted(set(json.loads(idx.read_text())["weight_map"].values()))]
-        except (ValueError, KeyError, OSError):
-            return None
-    single = d / "model.safetensors"
-    return [single] if single.is_file() else None
-
-
 def read_safetensors(path: Path, device: torch.device, dtype: torch.dtype | None = None,
                      stream: torch.cuda.Stream | None = None, staging: list[torch.Tensor] | None = None,
                      stop: threading.Event | None = None) -> dict[str, torch.Tensor]:
@@ -56,12 +42,12 @@ def read_safetensors(path: Path, device: torch.device, dtype: torch.dtype | None
     buffers of :data:`CHUNK` bytes), which take turns: each piece is copied on ``stream`` into the tensors it
     overlaps while the next is read. On the CPU without ``staging`` the file is read straight into each tensor.
     ``stop`` set: the read ends (InterruptedError) before its next piece."""
+    from layerprune.models.loading import _safetensors_header
+
     cuda = device.type == "cuda"
+    n, head = _safetensors_header(path)
+    entries = sorted(head.items(), key=lambda kv: kv[1]["data_offsets"][0])
     with open(path, "rb", buffering=0) as f:
-        n = int.from_bytes(f.read(8), "little")
-        head = json.loads(f.read(n))
-        head.pop("__metadata__", None)
-        entries = sorted(head.items(), key=lambda kv: kv[1]["data_offsets"][0])
         for k, v in entries:
             if v["dtype"] not in DTYPES:
                 raise ValueError(f"{path.name}: tensor {k} has dtype {v['dtype']}, which is not read here")
@@ -136,7 +122,7 @@ class Preload:
         self.thread.start()
 
     def _work(self) -> None:
-        from layerprune.models.loading import load_placement
+        from layerprune.models.loading import checkpoint_files, load_placement
 
         t = time.perf_counter()
         # This thread takes the GIL back after every read and copy; with the default 5 ms switch interval it
@@ -145,7 +131,7 @@ class Preload:
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, SWITCH_S))
         try:
-            files = shard_files(self.folder)
+            files = checkpoint_files(self.folder)
             self.place = load_placement(str(self.folder), self.dtype, self.device)
             self.placed.set()
             if files is None or self.place.type != "cuda":
