@@ -136,6 +136,7 @@ class Session:
         self._calib: CalibSet | None = None
         self._stats: DenseStats | None = None
         self._stats_cached = False  # read from the statistics cache rather than computed here
+        self.full_stats = False  # compute every statistic whenever the sweep runs (callers that allocate several ways)
         self._sv: dict[int, torch.Tensor] = {}  # SV windows by length
         self._whash: str | None = None
         self.timing: dict[str, float] = {}  # calibration sampling and weight hashing, for the run record
@@ -184,20 +185,29 @@ class Session:
             self._sv[seqlen] = win[sorted(random.Random(c.seed + 1).sample(range(win.shape[0]), n))]
         return self._sv[seqlen][:n]
 
-    def dense_stats(self) -> DenseStats:
-        if self._stats is None:
-            key = args_hash({"w": self.weights_hash(), "calib": self.calib().fingerprint(), "v": 1})
-            path = cache_dir() / "stats" / f"{key}.json"
-            if self.use_cache and path.is_file():
-                self._stats = DenseStats.from_json(json.loads(path.read_text()))
+    def dense_stats(self, need: str = "full") -> DenseStats:
+        """The dense statistics (``allocation.stats``): ``need="mean"`` is served by any, ``"full"`` only by a
+        full set. From memory, else from the cache (a full entry first), else computed: the means alone
+        when they are all that is needed, unless ``full_stats`` asks for everything whenever the sweep runs."""
+        have = self._stats
+        if have is not None and (have.what == "full" or need == "mean"):
+            return have
+        base = {"w": self.weights_hash(), "calib": self.calib().fingerprint(), "v": 1}
+        what = "full" if need == "full" or self.full_stats else "mean"
+        paths = {w: cache_dir() / "stats" / f"{args_hash(base if w == 'full' else {**base, 'what': w})}.json"
+                 for w in ("full", "mean")}
+        for w in (("full", "mean") if what == "mean" else ("full",)):
+            if self.use_cache and paths[w].is_file():
+                self._stats = DenseStats.from_json(json.loads(paths[w].read_text()))
                 self._stats_cached = True
-                log.info("dense statistics: loaded from cache %s", path.name)
-            else:
-                self._stats = dense_stats_pass(self.model, self.adapter, self.calib().input_ids, self.device,
-                                               self.batch_size, self.offload, progress=self.progress,
-                                               weights=self.weights)
-                if self.use_cache and is_main():
-                    write_atomic(path, json.dumps(self._stats.to_json()))
+                log.info("dense statistics: loaded from cache %s", paths[w].name)
+                return self._stats
+        self._stats = dense_stats_pass(self.model, self.adapter, self.calib().input_ids, self.device,
+                                       self.batch_size, self.offload, progress=self.progress,
+                                       weights=self.weights, what=what)
+        self._stats_cached = False
+        if self.use_cache and is_main():
+            write_atomic(paths[what], json.dumps(self._stats.to_json()))
         return self._stats
 
     def context(self, pruner: PrunerSpec, pruner_options: Any, allow_long: bool = False) -> AllocContext:
@@ -240,10 +250,10 @@ class Session:
             log.info("allocation %s: loaded from cache %s", method, path.name)
             return alloc
         t = time.perf_counter()
-        had_stats = self._stats is not None
+        before = self._stats
         alloc = spec.fn(self.context(pspec, popts, allow_long), target, opts)
         alloc.diagnostics["seconds"] = time.perf_counter() - t
-        if self._stats is not None and not had_stats and not self._stats_cached:  # the pass ran in this call
+        if self._stats is not None and self._stats is not before and not self._stats_cached:  # the pass ran in this call
             alloc.diagnostics["dense_stats_split"] = {**self._stats.split, "seconds": self._stats.seconds}
         if nm is not None:
             self._round_nm(alloc, method, nm)

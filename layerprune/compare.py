@@ -184,6 +184,7 @@ def run_grid(model: str, out: str | Path, allocations: list[str], pruners: list[
     sess = sessions[seeds[0]]
     for other in sessions.values():  # one model: hash its weights once
         other._whash = sess.weights_hash()
+        other.full_stats = True  # several allocations read the statistics: one sweep computes them all
     if res and res.get("weights") != sess.weights_hash():
         raise UserError(f"{d} holds results of a different model ({res.get('model')}): use a new --out directory")
     d.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def test_alphapruning_weighted_mean_and_order():
 def _ctx(model, ids):
     ad = ModelAdapter.of(model)
     stats = dense_stats_pass(model, ad, ids, torch.device("cpu"), batch_size=2, progress=False)
-    return AllocContext(ad, dense_stats=lambda: stats, extra={"device": torch.device("cpu")})
+    return AllocContext(ad, dense_stats=lambda need="full": stats, extra={"device": torch.device("cpu")})
 
 
 @pytest.mark.parametrize("gran", ["block", "linear"])
@@ -139,6 +139,49 @@ def test_ratio_cache_keys_on_resolved_options_and_mixed_nm_warning(tmp_path, mon
     d = s.allocate("dlp", 0.5, {"alpha": 0.01}, nm=(2, 4))
     assert d.nm == [2] * s.adapter.n_blocks
     assert "smaller than one N:M step" in caplog.text
+
+
+def test_mean_only_statistics_are_the_full_sweeps_means():
+    """``what="mean"`` (DLP with the released code's statistic) gives exactly the full sweep's means, per block
+    and per linear, and nothing else; its JSON form reads back."""
+    import json
+
+    from layerprune.allocation.stats import DenseStats
+
+    m = tiny_model("llama", layers=3)
+    ids = torch.randint(0, 128, (4, 32))
+    ad = ModelAdapter.of(m)
+    full = dense_stats_pass(m, ad, ids, torch.device("cpu"), batch_size=2, progress=False)
+    mean = dense_stats_pass(m, ad, ids, torch.device("cpu"), batch_size=2, progress=False, what="mean")
+    assert (full.what, mean.what) == ("full", "mean")
+    assert [b["mean"] for b in mean.per_block] == [b["mean"] for b in full.per_block]
+    assert {n: v["mean"] for n, v in mean.per_linear.items()} == {n: v["mean"] for n, v in full.per_linear.items()}
+    assert all(set(b) == {"mean"} for b in mean.per_block + list(mean.per_linear.values()))
+    back = DenseStats.from_json(json.loads(json.dumps(mean.to_json())))
+    assert (back.per_block, back.per_linear, back.what) == (mean.per_block, mean.per_linear, "mean")
+
+
+def test_session_sweeps_for_means_only_when_only_means_are_read(tmp_path, monkeypatch, tiny_with_tok):
+    """A DLP allocation on the mean statistic runs the mean-only sweep and gives the allocation a full sweep
+    gives; OWL afterwards needs the outlier ratios, so the session sweeps again in full. A cached full entry
+    serves a later mean request without a sweep."""
+    from layerprune.api import Session
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path))
+    model, tok = tiny_with_tok
+    s = Session(model, tok, torch.device("cpu"), nsamples=2, seqlen=32, batch_size=2, progress=False)
+    a = s.allocate("dlp", 0.6, {"stat": "mean"})
+    assert s._stats.what == "mean" and "dense_stats_split" in a.diagnostics
+    full = Session(model, tok, torch.device("cpu"), nsamples=2, seqlen=32, batch_size=2, progress=False,
+                   use_cache=False)
+    full.full_stats = True
+    b = full.allocate("dlp", 0.6, {"stat": "mean"})
+    assert full._stats.what == "full" and b.per_linear == a.per_linear
+    o = s.allocate("owl", 0.6, {})
+    assert s._stats.what == "full" and "dense_stats_split" in o.diagnostics
+    assert len(list((tmp_path / "stats").glob("*.json"))) == 2  # the mean entry and the full one
+    later = Session(model, tok, torch.device("cpu"), nsamples=2, seqlen=32, batch_size=2, progress=False)
+    assert later.dense_stats("mean").what == "full" and later._stats_cached
 
 
 @pytest.mark.parametrize("k_at", ["first", "zeros_end", "median", "last"])

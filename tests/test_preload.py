@@ -230,3 +230,39 @@ def test_cli_prune_with_the_preload_gives_the_run_without_it(tmp_path, monkeypat
     on, off = recs
     assert "preload_seconds" in on["timing"] and "preload_seconds" not in off["timing"]
     assert on["per_block"] == off["per_block"] and on["ppl"] == off["ppl"]
+
+
+def test_gpu_warm_up_shapes_and_when_it_starts(tmp_path):
+    """The warm-up covers each distinct linear shape of a block once (grouped-query attention, an explicit head
+    size); it runs on the CPU path too (a bfloat16 attention with fewer key/value heads); it does not start for a
+    CPU device, a float32 run or a config it cannot read."""
+    import json
+
+    from layerprune.engine import warm
+
+    cfg = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96}
+    assert warm.block_shapes(cfg) == [(64, 64), (64, 96), (64, 128), (96, 64), (128, 64)]
+    warm.warm_up_gpu(cfg, torch.bfloat16, torch.device("cpu"), tokens=32, seqlen=16)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert warm.start(tmp_path / "config.json", torch.bfloat16, torch.device("cpu"), 32, 16) is None
+    assert warm.start(tmp_path / "config.json", torch.float32, torch.device("cuda"), 32, 16) is None
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert warm.start(tmp_path / "config.json", torch.bfloat16, torch.device("cuda"), 32, 16) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (warms cuBLAS and attention on it); the CI machine has none")
+def test_gpu_warm_up_thread_waits_for_placement_and_leaves_nothing_allocated(tmp_path):
+    import json
+
+    from layerprune.engine import warm
+
+    cfg = {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 1376}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    before = torch.cuda.memory_allocated()
+    placed = threading.Event()
+    t = warm.start(tmp_path / "config.json", torch.bfloat16, torch.device("cuda"), 4096, 2048, after=placed)
+    t.join(0.2)
+    assert t.is_alive()  # waits for the preload's placement
+    placed.set()
+    t.join()
+    assert torch.cuda.memory_allocated() == before

@@ -18,14 +18,15 @@ log = logging.getLogger("layerprune")
 class AllocContext:
     """What an allocator may read. Expensive inputs are lazy and computed at most once per run.
 
-    ``dense_stats()`` runs the shared dense calibration sweep (DLP, OWL); ``calib()`` returns the
+    ``dense_stats(need="full")`` runs the shared dense calibration sweep (DLP, OWL; ``need="mean"``: only the
+    means are read, which a cheaper sweep gives); ``calib()`` returns the
     calibration ``input_ids``; ``extra`` carries run settings (device, pruner, pruner options, batch
     size, progress, seqlen, SV ids); ``allow_long`` is the user's consent to a run estimated to take
     over an hour (the CLI's ``--yes``): a run setting, not a method option, so it never enters a cache key.
     """
 
     adapter: ModelAdapter
-    dense_stats: Callable[[], Any] = lambda: None
+    dense_stats: Callable[..., Any] = lambda need="full": None
     calib: Callable[[], Any] = lambda: None
     extra: dict = field(default_factory=dict)
     allow_long: bool = False

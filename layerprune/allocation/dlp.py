@@ -55,7 +55,7 @@ class DLPOptions:
 def allocate_dlp(ctx: AllocContext, target: float, options: DLPOptions | None = None) -> Allocation:
     o = options or DLPOptions()
     alpha, stat, granularity = o.alpha, o.stat, o.granularity
-    stats = ctx.dense_stats()
+    stats = ctx.dense_stats("mean" if stat == "mean" else "full")
     if granularity == "block":
         S = np.array([b[stat] for b in stats.per_block])
         s, diag = dlp_sparsities(S, target, alpha)

@@ -2,7 +2,9 @@
 
 One dense sweep through the engine (``engine.sequential.dense_sweep``) feeds a Wanda accumulator per
 linear; each block's scores give the lower median, the mean and the outlier ratios
-``#{A > M·mean(A)} / numel`` for every M in ``OUTLIER_MS``, per block (concatenated) and per linear.
+``#{A > M·mean(A)} / numel`` for every M in ``OUTLIER_MS``, per block (concatenated) and per linear; or, when
+the allocation reads only the means (DLP with the released code's ``stat="mean"``), the means alone
+(``what="mean"``: the same float64 sums, so the same values, without the selects and counts).
 """
 
 from __future__ import annotations
@@ -29,16 +31,19 @@ class DenseStats:
     nsamples: int
     seconds: float
     split: dict = field(default_factory=dict)  # the sweep's parts (engine.sequential.dense_sweep), seconds
+    what: str = "full"  # "full": median, mean and outlier ratios; "mean": the means only
 
     def to_json(self) -> dict:
         return {"per_block": self.per_block, "per_linear": self.per_linear, "nsamples": self.nsamples,
-                "seconds": self.seconds, "split": self.split}
+                "seconds": self.seconds, "split": self.split, "what": self.what}
 
     @classmethod
     def from_json(cls, d: dict) -> "DenseStats":
-        pb = [{**b, "outlier": {float(k): v for k, v in b["outlier"].items()}} for b in d["per_block"]]
-        pl = {n: {**v, "outlier": {float(k): x for k, x in v["outlier"].items()}} for n, v in d["per_linear"].items()}
-        return cls(pb, pl, d["nsamples"], d["seconds"], d.get("split", {}))
+        def row(v: dict) -> dict:
+            return {**v, "outlier": {float(k): x for k, x in v["outlier"].items()}} if "outlier" in v else dict(v)
+
+        return cls([row(b) for b in d["per_block"]], {n: row(v) for n, v in d["per_linear"].items()}, d["nsamples"],
+                   d["seconds"], d.get("split", {}), d.get("what", "full"))
 
 
 OUTLIER_MS = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)
@@ -94,6 +99,16 @@ def kth_nonneg(parts: list[torch.Tensor], k: int, reduce: Callable[[torch.Tensor
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
+def score_mean(parts: list[torch.Tensor], numel: int, reduce: Callable[[torch.Tensor], torch.Tensor] = _noop,
+               device: torch.device | None = None) -> torch.Tensor:
+    """The mean of the tensors ``parts`` taken together, as a float64 tensor of one element: their float64
+    sums added in order, summed over the ranks by ``reduce``, divided by ``numel`` (all ranks' elements)."""
+    total = torch.zeros(1, dtype=torch.float64, device=device or (parts[0].device if parts else torch.device("cpu")))
+    for t in parts:
+        total += t.sum(dtype=torch.float64)
+    return reduce(total) / numel
+
+
 def score_stats(scores: torch.Tensor | list[torch.Tensor], ms: tuple[float, ...],
                 reduce: Callable[[torch.Tensor], torch.Tensor] = _noop, first: torch.Tensor | None = None,
                 numel: int | None = None, device: torch.device | None = None) -> dict:
@@ -103,10 +118,7 @@ def score_stats(scores: torch.Tensor | list[torch.Tensor], ms: tuple[float, ...]
     parts = [t.reshape(-1) for t in (scores if isinstance(scores, (list, tuple)) else [scores])]
     device = device or (parts[0].device if parts else torch.device("cpu"))
     n = numel if numel is not None else sum(t.numel() for t in parts)
-    total = torch.zeros(1, dtype=torch.float64, device=device)
-    for t in parts:
-        total += t.sum(dtype=torch.float64)
-    mean = reduce(total) / n
+    mean = score_mean(parts, n, reduce, device)
     # thresholds rounded to float32 as ``t > m * mean`` with a Python float would round them
     thr = (mean * torch.tensor(ms, dtype=torch.float64, device=device)).float()
     # #{A > thr} = the values in bins above thr's first digit (the histogram) + those in thr's bin above it
@@ -128,11 +140,11 @@ def score_stats(scores: torch.Tensor | list[torch.Tensor], ms: tuple[float, ...]
 
 
 def block_stats(linears: dict[str, nn.Linear], acc: dict[str, WandaPruner],
-                ms: tuple[float, ...] = OUTLIER_MS) -> tuple[dict[str, dict], dict]:
-    """One block's statistics from its Wanda accumulators: per linear and over the block's linears together.
-    Data-parallel: the linears are dealt over the ranks (each rank holds every Σx² after the sweep's
-    all_reduce); a rank scores its share, and the per-linear rows and the block's histograms, sums and
-    counts are summed over the ranks. The accumulators are freed."""
+                ms: tuple[float, ...] = OUTLIER_MS, what: str = "full") -> tuple[dict[str, dict], dict]:
+    """One block's statistics from its Wanda accumulators: per linear and over the block's linears together
+    (``what="mean"``: the means only). Data-parallel: the linears are dealt over the ranks (each rank holds
+    every Σx² after the sweep's all_reduce); a rank scores its share, and the per-linear rows and the block's
+    histograms, sums and counts are summed over the ranks. The accumulators are freed."""
     names = list(acc)
     dev = linears[names[0]].weight.device
     owner = deal([float(linears[n].weight.numel()) for n in names], world_size())
@@ -140,6 +152,13 @@ def block_stats(linears: dict[str, nn.Linear], acc: dict[str, WandaPruner],
     scores = {n: acc[n].score() for n in mine}
     for a in acc.values():
         a.free()
+    if what == "mean":
+        means = torch.zeros(len(names), dtype=torch.float64, device=dev)
+        for n in mine:
+            means[names.index(n)] = score_mean([scores[n]], scores[n].numel())
+        numel = sum(linears[n].weight.numel() for n in names)
+        blk = score_mean(list(scores.values()), numel, all_reduce_sum, dev)
+        return ({n: {"mean": m} for n, m in zip(names, all_reduce_sum(means).tolist())}, {"mean": float(blk)})
     rows = torch.zeros(len(names), 2 + len(ms), dtype=torch.float64, device=dev)
     first = torch.zeros(1 << DIGITS[0][1], dtype=torch.int64, device=dev)
     for n in mine:
@@ -155,8 +174,9 @@ def block_stats(linears: dict[str, nn.Linear], acc: dict[str, WandaPruner],
 
 def dense_stats_pass(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor, device: torch.device,
                      batch_size: int = 8, offload: str = "auto", ms: tuple[float, ...] = OUTLIER_MS,
-                     progress: bool = True, weights: object = None) -> DenseStats:
-    """The dense sweep with Wanda accumulators: per block and per linear, the statistics of A = |W|·‖X‖.
+                     progress: bool = True, weights: object = None, what: str = "full") -> DenseStats:
+    """The dense sweep with Wanda accumulators: per block and per linear, the statistics of A = |W|·‖X‖
+    (``what="mean"``: their means only, see :func:`block_stats`).
 
     A block's scores are built on the accelerator and its statistics (exact lower median, mean, outlier
     ratios ``#{A > M·mean(A)}/numel``) taken there, per linear and over the block's linears together
@@ -167,11 +187,11 @@ def dense_stats_pass(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.T
     per_linear: dict[str, dict] = {}
 
     def on_block(i: int, linears: dict, acc: dict) -> None:
-        lin_stats, blk = block_stats(linears, acc, ms)
+        lin_stats, blk = block_stats(linears, acc, ms, what)
         per_linear.update({adapter.full_name(i, n): v for n, v in lin_stats.items()})
         per_block.append(blk)
 
     split = dense_sweep(model, adapter, calib_ids, device,
                         lambda i, lins: {n: WandaPruner(lin) for n, lin in lins.items()},
                         on_block, batch_size, offload, progress, desc="dense stats", weights=weights)
-    return DenseStats(per_block, per_linear, int(calib_ids.shape[0]), time.perf_counter() - t0, split)
+    return DenseStats(per_block, per_linear, int(calib_ids.shape[0]), time.perf_counter() - t0, split, what)

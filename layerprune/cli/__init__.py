@@ -390,8 +390,9 @@ def _reap_helpers() -> None:
 
 def _start_preload(a: argparse.Namespace) -> None:
     """Start compiling the fused kernels for a local checkpoint in a helper process
-    (:func:`engine.fused.warm_up_process`) and reading its weights onto the GPU (:mod:`layerprune.models.preload`),
-    before transformers is imported; any problem here is left for the load itself to report."""
+    (:func:`engine.fused.warm_up_process`), reading its weights onto the GPU (:mod:`layerprune.models.preload`)
+    and warming cuBLAS and attention for its block shapes (:func:`engine.warm.start`), all before transformers
+    is imported; any problem here is left for the load itself to report."""
     try:
         from layerprune.engine import fused
         from layerprune.models import preload
@@ -402,7 +403,11 @@ def _start_preload(a: argparse.Namespace) -> None:
         cfg = Path(a.model).expanduser() / "config.json"
         if cfg.is_file() and device.type == "cuda":
             _HELPERS.append(fused.warm_up_process(str(cfg), dtype, device))
-        preload.start(a.model, dtype, device)
+        pending = preload.start(a.model, dtype, device)
+        if pending is not None:
+            from layerprune.engine import warm
+
+            warm.start(cfg, dtype, device, min(a.batch_size, a.nsamples) * a.seqlen, a.seqlen, after=pending.placed)
     except Exception as e:  # noqa: BLE001
         logging.getLogger("layerprune").debug("no preload (%s)", e)
 

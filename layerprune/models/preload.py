@@ -156,20 +156,22 @@ class Preload:
 _PENDING: dict[tuple, Preload] = {}
 
 
-def start(spec: str, dtype: torch.dtype, device: torch.device) -> None:
+def start(spec: str, dtype: torch.dtype, device: torch.device) -> "Preload | None":
     """Begin reading ``spec``'s weights onto ``device`` when it is a local checkpoint directory, ``device`` a
-    GPU, this is one process (not a data-parallel rank) and ``LAYERPRUNE_PRELOAD`` is not ``0``."""
+    GPU, this is one process (not a data-parallel rank) and ``LAYERPRUNE_PRELOAD`` is not ``0``. Returns the
+    pending read (the CUDA context then exists), or None."""
     import os
 
     if (device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) > 1 or not torch.cuda.is_available()
             or os.environ.get("LAYERPRUNE_PRELOAD") == "0"):
-        return
+        return None
     folder = Path(spec).expanduser()
     if not (folder / "config.json").is_file() or (folder / "sparse_config.json").is_file():
-        return
+        return None
     torch.cuda.mem_get_info(device)  # create the CUDA context here: that holds the GIL, which on the thread stalls imports
     p = Preload(folder, dtype, device)
     _PENDING[p.key] = p
+    return p
 
 
 def placement(spec: str, dtype: torch.dtype, device: torch.device) -> torch.device | None:
