@@ -66,7 +66,7 @@ def child(steps: list[str], dtype_name: str) -> dict:
         elif s == "engine":
             from layerprune.engine.warm import warm_up_gpu
 
-            step("engine", lambda: warm_up_gpu({**CFG, "rms_norm_eps": 1e-5, "torch_dtype": dtype_name}, dt, dev, toks))
+            step("engine", lambda: warm_up_gpu(CFG, dt, dev, toks))
     t_imp = time.perf_counter()
     from transformers import AutoModelForCausalLM, LlamaConfig
 

@@ -189,6 +189,8 @@ class Session:
         """The dense statistics (``allocation.stats``): ``need="mean"`` is served by any, ``"full"`` only by a
         full set. From memory, else from the cache (a full entry first), else computed: the means alone
         when they are all that is needed, unless ``full_stats`` asks for everything whenever the sweep runs."""
+        if need not in ("full", "mean"):
+            raise ValueError(f"dense_stats(need={need!r}): 'full' or 'mean'")
         have = self._stats
         if have is not None and (have.what == "full" or need == "mean"):
             return have

@@ -17,12 +17,14 @@ def _prune(method: str, ids: torch.Tensor) -> tuple[dict, list]:
     m = tiny_model("llama", layers=3, seed=7)
     ad = ModelAdapter.of(m)
     stats = dense_stats_pass(m, ad, ids, torch.device("cpu"), batch_size=2, progress=False)
+    means = dense_stats_pass(m, ad, ids, torch.device("cpu"), batch_size=2, progress=False, what="mean")
     plan = {ad.full_name(i, n): Pattern(0.6) for i in range(3) for n in ad.linear_names[i]}
     res = prune_sequential(m, ad, ids, plan, method, torch.device("cpu"), batch_size=2, progress=False)
     assert res.calib_tokens == ids.numel()  # every rank reports the tokens of the whole set
     blocks = [b["median"] for b in stats.per_block] + [b["outlier"][5.0] for b in stats.per_block]
     linears = [v[key] for v in stats.per_linear.values() for key in ("median", "mean")]
-    return {k: v.clone() for k, v in m.state_dict().items()}, blocks + linears
+    means_only = [b["mean"] for b in means.per_block] + [v["mean"] for v in means.per_linear.values()]
+    return {k: v.clone() for k, v in m.state_dict().items()}, blocks + linears + means_only
 
 
 def _worker(rank: int, world: int, init: str, method: str, ids: torch.Tensor, out: str) -> None:
