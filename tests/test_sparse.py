@@ -891,6 +891,61 @@ def test_cuda_kernel_pass_width_follows_shared_memory():
         delta_cuda.source(2, 3)
 
 
+def test_regular_masks_are_told_apart_and_skipped_by_the_unskewed_gather():
+    """``delta_cuda.regular``: N:M masks (2:4, 4:8, 1:4: every group of 32 entries spans 64 or 128 columns) and a
+    dense weight (32) are regular, random masks at 50/70/80%, SparseGPT-like uneven rows and an empty weight are
+    not; the answer is
+    kept on the weight and recomputed after an in-place write. ``unskewed``: the batches whose pass runs without the
+    skew slots on the H200 (4 tokens at K = 28672, 8 at K = 14336), where the op sends a regular weight to the tile
+    kernel."""
+    from layerprune.sparse import delta, delta_cuda
+
+    def packed(kind: str, k: int = 2048):
+        if kind in ("4:8", "1:4"):
+            n, m = (4, 8) if kind == "4:8" else (3, 4)
+            w = torch.randn(48, k)
+            return delta.pack(w.masked_fill(nm_mask(w.abs(), n, m), 0))
+        return delta.pack(_weight(48, k, kind))
+
+    for kind in ("2:4", "4:8", "1:4", "dense"):
+        assert delta_cuda.regular(packed(kind).starts, packed(kind).gptr), kind
+    for kind in ("0.5", "0.7", "0.8", "uneven", "empty"):
+        sp = packed(kind)
+        assert not delta_cuda.regular(sp.starts, sp.gptr), kind
+    sp = packed("2:4")
+    assert delta_cuda.regular(sp.starts, sp.gptr) and sp.starts._layerprune_regular[1]
+    sp.starts[1::2] += 7  # an in-place write (steps of 71 and 57 columns): asked again
+    assert not delta_cuda.regular(sp.starts, sp.gptr)
+    h200 = 232448
+    assert delta_cuda.unskewed(4, 28672, h200) and delta_cuda.unskewed(8, 28672, h200)
+    assert delta_cuda.unskewed(8, 14336, h200) and not delta_cuda.unskewed(4, 14336, h200)
+    assert not any(delta_cuda.unskewed(b, 28672, h200) for b in (1, 2))
+    assert not any(delta_cuda.unskewed(b, 11008, h200) for b in (1, 2, 4, 8))
+    assert not delta_cuda.unskewed(2, 28672, 48 * 1024)  # not even one pass fits: the caller falls back
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("kind", ["2:4", "0.7"])
+def test_cuda_op_routes_regular_weights_past_the_unskewed_gather(kind):
+    """At K = 28672 the op sends 3–8 tokens of a 2:4 weight to the tile kernel (a random mask stays on the gather
+    kernel), and both equal F.linear in fp32 on the same bf16 weight."""
+    from layerprune.sparse import delta, delta_cuda, delta_kernels
+
+    n, k = 256, 28672
+    w = _weight(n, k, kind).to("cuda", torch.bfloat16)
+    sp = delta.pack(w)
+    assert delta_cuda.regular(sp.starts, sp.gptr) == (kind == "2:4")
+    for b in (2, 3, 4, 8):
+        x = torch.randn(b, k, device="cuda", dtype=torch.bfloat16)
+        ref = F.linear(x.float(), w.float())
+        y = torch.ops.layerprune.sparse_linear_delta(x, *sp.buffers(), n, k)
+        assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()), b
+        routed = kind == "2:4" and delta_cuda.unskewed(b, k, delta_cuda._props(0)[1])
+        tile = delta_kernels.tensor_cores(x, *sp.buffers(), n, k)
+        if routed:  # the op's output is the tile kernel's, bit for bit
+            assert torch.equal(y, tile), b
+
+
 @pytest.mark.parametrize("shape", [(37, 200), (50, 1300), (3, 33), (20, 4096)])
 @pytest.mark.parametrize("kind", ["0.7", "0.97", "2:4", "uneven", "empty", "dense"])
 def test_tile_kernel_group_lists_rebuild_the_weight(shape, kind):

@@ -572,6 +572,49 @@ def tokens_per_pass(b: int, k: int, limit: int) -> int:
     return next((t for t in fit if t >= b), fit[-1] if fit else 0)
 
 
+def unskewed(b: int, k: int, limit: int) -> bool:
+    """Whether :func:`spmv` runs ``b`` tokens with ``k`` inputs without the skew slots: its pass width's skewed x
+    does not fit in ``limit`` bytes (4 tokens at k = 28672, 8 at k = 14336 on the H200's 227 KB)."""
+    t = tokens_per_pass(b, k, limit)
+    return t > 0 and smem_bytes(k, t) > limit
+
+
+def regular(starts: torch.Tensor, gptr: torch.Tensor) -> bool:
+    """Whether the weight's groups of 32 entries step through a row at one fixed stride that is a multiple of 16
+    columns (within 3), as an N:M mask's do (2:4: every group spans 64 columns; a dense row 32): then the gather kernel's x
+    without its skew slots serves the groups of a step from one shared-memory bank (a 2:4 weight at 4–8 tokens on
+    k ≥ 14336 ran at 0.22–0.45× of dense: BENCHMARKS.md, session 26). The stride is the spread of the differences of
+    consecutive group starts within a row (standard deviation below 4 columns). Computed once per packed weight
+    and kept on ``starts`` (a host sync the first time; recomputed after an in-place write); ``False`` inside a
+    CUDA-graph capture that has not seen the weight."""
+    try:
+        key = (starts._version, gptr._version)
+    except RuntimeError:  # inference tensors keep no version counter
+        key = ()
+    held = getattr(starts, "_layerprune_regular", None)
+    if held is not None and held[0] == key:
+        return held[1]
+    if starts.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    g = starts.numel()
+    if g < 2:
+        found = False
+    else:
+        st = starts.to(torch.int32) & 0xFFFF
+        step = (st[1:] - st[:-1]).float()
+        same = torch.ones(g - 1, dtype=torch.bool, device=starts.device)
+        last = gptr[1:-1].long() - 1  # a row's last group: the next group starts another row
+        same[last[(last >= 0) & (last < g - 1)]] = False
+        step = step[same]
+        if step.numel() < 2:
+            found = False
+        else:
+            mean, std = float(step.mean()), float(step.std())
+            found = std < 4.0 and abs(mean - 16 * round(mean / 16)) <= 3.0 and mean >= 16
+    starts._layerprune_regular = (key, found)
+    return found
+
+
 def settings(n: int, k: int, tokens: int = 1) -> tuple[int, int, int]:
     """(unroll, warps per block, blocks per SM or 0 for a warp per row) for an n × k weight: the best of
     bench/sparse_delta_cuda.py's sweep on the H200 (one token: geometric mean over 50/70/80%; within 2% of each

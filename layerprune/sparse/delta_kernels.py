@@ -31,7 +31,9 @@ On a CUDA device with bf16 weights, ``sparse_mm``'s default for up to ``CUDA_BAT
 of :mod:`layerprune.sparse.delta_cuda` (x in shared memory; at 70% 1.37–2.08× of dense for one token, 0.97–1.46×
 for four, against these kernels' 1.1–1.5× and 0.6–0.7×, BENCHMARKS.md); these kernels remain its fallback (no
 NVRTC, misaligned buffers) and the path for fp16/fp32; 9–16 bf16 tokens go to the CUDA tensor-core kernel
-(``delta_cuda.spmm_tile``), and so do 17–32 (up to 64 on K > 12288) through :func:`tensor_cores`.
+(``delta_cuda.spmm_tile``), and so do 17–32 (up to 64 on K > 12288) through :func:`tensor_cores`. An N:M weight
+(``delta_cuda.regular``) whose 2–8 tokens the CUDA kernel would run without its skewed x (too wide for shared
+memory: 4 tokens at K = 28672, 8 at K = 14336) goes to the tile kernel too.
 
 ``decompress``: the dense weight, for batches and prefills beyond ``SMALL_BATCH``: by default the CUDA unpack
 kernel (rows built in shared memory), else zeros then one Triton scatter of the entries (scattered 2-byte stores:
@@ -325,7 +327,14 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
 
         if delta_cuda.usable(x, values, deltas):
             if B <= CUDA_BATCH or cuda:
-                y = delta_cuda.spmv(x, values, deltas, starts, gptr, n, k)
+                y = None
+                dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+                if (not cuda and B > 1 and delta_cuda.unskewed(B, k, delta_cuda._props(dev)[1])
+                        and delta_cuda.regular(starts, gptr)):
+                    # an N:M mask gathers from one bank without the skew: the tile kernel instead (session 26)
+                    y = tensor_cores(x, values, deltas, starts, gptr, n, k)
+                if y is None:
+                    y = delta_cuda.spmv(x, values, deltas, starts, gptr, n, k)
             else:
                 y = tensor_cores(x, values, deltas, starts, gptr, n, k)
             if y is not None:
