@@ -922,28 +922,46 @@ def test_regular_masks_are_told_apart_and_skipped_by_the_unskewed_gather():
     assert not any(delta_cuda.unskewed(b, 28672, h200) for b in (1, 2))
     assert not any(delta_cuda.unskewed(b, 11008, h200) for b in (1, 2, 4, 8))
     assert not delta_cuda.unskewed(2, 28672, 48 * 1024)  # not even one pass fits: the caller falls back
+    from layerprune.sparse.delta_kernels import DENSE_PASSES, prefer_tile
+
+    asked = []
+
+    def reg(answer: bool):
+        return lambda: asked.append(answer) or answer
+
+    nk = 8192 * 28672
+    assert prefer_tile(4, 8192, 28672, int(0.5 * nk), h200, reg(True))  # one unskewed pass, N:M
+    assert not prefer_tile(4, 8192, 28672, int(0.5 * nk), h200, reg(False))  # one unskewed pass, random
+    assert prefer_tile(8, 8192, 28672, int((DENSE_PASSES + 0.01) * nk), h200, reg(False))  # two passes, dense enough
+    assert not prefer_tile(8, 8192, 28672, int((DENSE_PASSES - 0.01) * nk), h200, reg(False))  # two passes, sparse
+    assert asked == [True, False, False]  # the regularity is asked only when it decides
+    assert not prefer_tile(2, 8192, 28672, nk, h200, reg(True)) and not prefer_tile(8, 4096, 11008, nk, h200, reg(True))
+    assert asked == [True, False, False]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a CUDA device (run on the GPU machine)")
-@pytest.mark.parametrize("kind", ["2:4", "0.7"])
+@pytest.mark.parametrize("kind", ["2:4", "0.7", "0.5"])
 def test_cuda_op_routes_regular_weights_past_the_unskewed_gather(kind):
-    """At K = 28672 the op sends 3–8 tokens of a 2:4 weight to the tile kernel (a random mask stays on the gather
-    kernel), and both equal F.linear in fp32 on the same bf16 weight."""
+    """At K = 28672 the op sends 3–8 tokens of a 2:4 weight, and 5–8 of a 50% one, to the tile kernel (70% stays on
+    the gather kernel), and every path equals F.linear in fp32 on the same bf16 weight."""
     from layerprune.sparse import delta, delta_cuda, delta_kernels
 
     n, k = 256, 28672
     w = _weight(n, k, kind).to("cuda", torch.bfloat16)
     sp = delta.pack(w)
     assert delta_cuda.regular(sp.starts, sp.gptr) == (kind == "2:4")
-    for b in (2, 3, 4, 8):
+    limit = delta_cuda._props(0)[1]
+    for b in (2, 3, 4, 6, 8):
         x = torch.randn(b, k, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x.float(), w.float())
         y = torch.ops.layerprune.sparse_linear_delta(x, *sp.buffers(), n, k)
         assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max()), b
-        routed = kind == "2:4" and delta_cuda.unskewed(b, k, delta_cuda._props(0)[1])
+        routed = delta_cuda.unskewed(b, k, limit) and (kind == "2:4" or (kind == "0.5" and b > 4))
+        assert delta_kernels.prefer_tile(b, n, k, sp.values.numel(), limit,
+                                         lambda: delta_cuda.regular(sp.starts, sp.gptr)) == routed, b
         tile = delta_kernels.tensor_cores(x, *sp.buffers(), n, k)
-        if routed:  # the op's output is the tile kernel's, bit for bit
-            assert torch.equal(y, tile), b
+        gather = delta_cuda.spmv(x, *sp.buffers(), n, k)
+        assert torch.equal(y, tile if routed else gather), b  # the op's output is the chosen kernel's, bit for bit
 
 
 @pytest.mark.parametrize("shape", [(37, 200), (50, 1300), (3, 33), (20, 4096)])

@@ -33,7 +33,8 @@ for four, against these kernels' 1.1–1.5× and 0.6–0.7×, BENCHMARKS.md); th
 NVRTC, misaligned buffers) and the path for fp16/fp32; 9–16 bf16 tokens go to the CUDA tensor-core kernel
 (``delta_cuda.spmm_tile``), and so do 17–32 (up to 64 on K > 12288) through :func:`tensor_cores`. An N:M weight
 (``delta_cuda.regular``) whose 2–8 tokens the CUDA kernel would run without its skewed x (too wide for shared
-memory: 4 tokens at K = 28672, 8 at K = 14336) goes to the tile kernel too.
+memory: 4 tokens at K = 28672, 8 at K = 14336) goes to the tile kernel too, and so does a weight denser than
+``DENSE_PASSES`` entries per weight whose tokens would take several such passes (5–8 at K = 28672).
 
 ``decompress``: the dense weight, for batches and prefills beyond ``SMALL_BATCH``: by default the CUDA unpack
 kernel (rows built in shared memory), else zeros then one Triton scatter of the entries (scattered 2-byte stores:
@@ -41,6 +42,8 @@ kernel (rows built in shared memory), else zeros then one Triton scatter of the 
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -55,6 +58,10 @@ CUDA_BATCH = 8  # the CUDA kernel's default up to this many tokens (bench/sparse
 MMA_BATCH = 32  # then the tensor-core tile kernel up to this many tokens, and up to MMA_WIDE_BATCH on K > WIDE_MMA_K;
 MMA_WIDE_BATCH = 64  # beyond, unpack + cuBLAS (bench/sparse_delta_cuda.py --tile, BENCHMARKS.md session 16: at 64
 WIDE_MMA_K = 12288  # tokens the tile kernel wins on K = 14336 and 28672, loses on K = 4096-11008)
+# entries per weight above which several unskewed passes of the gather kernel (5–8 tokens on K = 28672) lose to the
+# tile kernel: 50% 0.44× against 0.54× of dense, 60% 0.54× against 0.57×, 70% level, 80% 0.89× against 0.73×
+# (bench/results/sparse_regular_multipass_session26_h200.json)
+DENSE_PASSES = 0.35
 WIDE_K = 8192  # one token on K ≥ WIDE_K: the broadcast kernel (bench/sparse_delta_v2.py)
 
 if HAVE_TRITON:
@@ -329,9 +336,8 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
             if B <= CUDA_BATCH or cuda:
                 y = None
                 dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-                if (not cuda and B > 1 and delta_cuda.unskewed(B, k, delta_cuda._props(dev)[1])
-                        and delta_cuda.regular(starts, gptr)):
-                    # an N:M mask gathers from one bank without the skew: the tile kernel instead (session 26)
+                if not cuda and prefer_tile(B, n, k, values.numel(), delta_cuda._props(dev)[1],
+                                            lambda: delta_cuda.regular(starts, gptr)):
                     y = tensor_cores(x, values, deltas, starts, gptr, n, k)
                 if y is None:
                     y = delta_cuda.spmv(x, values, deltas, starts, gptr, n, k)
@@ -367,6 +373,20 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
                                 R=r, GP=gp, BB=bb, UNMASKED=unmasked, FULL=B == bb,
                                 **_launch(nw, num_stages or 2))
     return y
+
+
+def prefer_tile(b: int, n: int, k: int, entries: int, limit: int, regular: Callable[[], bool]) -> bool:
+    """Whether ``b`` (2–``CUDA_BATCH``) tokens of an n × k delta weight of ``entries`` entries go to the tile kernel
+    rather than the CUDA gather kernel, whose pass would run without its skewed x (``delta_cuda.unskewed``: 4 tokens
+    at k = 28672, 8 at 14336 in 227 KB): when the weight is N:M (``regular()``, asked only then), whose groups then
+    gather from one bank, or when the tokens take several such passes of a weight denser than ``DENSE_PASSES``
+    (BENCHMARKS.md, session 26)."""
+    from layerprune.sparse import delta_cuda
+
+    if b < 2 or not delta_cuda.unskewed(b, k, limit):
+        return False
+    several = delta_cuda.tokens_per_pass(b, k, limit) < b and entries > DENSE_PASSES * n * k
+    return several or regular()
 
 
 def tensor_cores(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor,
