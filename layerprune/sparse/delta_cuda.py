@@ -581,10 +581,10 @@ def unskewed(b: int, k: int, limit: int) -> bool:
 
 def regular(starts: torch.Tensor, gptr: torch.Tensor) -> bool:
     """Whether the weight's groups of 32 entries step through a row at one fixed stride that is a multiple of 16
-    columns (within 3), as an N:M mask's do (2:4: every group spans 64 columns; a dense row 32): then the gather kernel's x
-    without its skew slots serves the groups of a step from one shared-memory bank (a 2:4 weight at 4–8 tokens on
-    k ≥ 14336 ran at 0.22–0.45× of dense: BENCHMARKS.md, session 26). The stride is the spread of the differences of
-    consecutive group starts within a row (standard deviation below 4 columns). Computed once per packed weight
+    columns (within 3), as an N:M mask's do (2:4: every group spans 64 columns; a dense row 32): then the gather
+    kernel's x without its skew slots serves the groups of a step from one shared-memory bank (a 2:4 weight at 4–8
+    tokens on k ≥ 14336 ran at 0.22–0.46× of dense: BENCHMARKS.md, session 26). One fixed stride: the differences of
+    consecutive group starts within a row have a standard deviation below 4 columns. Computed once per packed weight
     and kept on ``starts`` (a host sync the first time; recomputed after an in-place write); ``False`` inside a
     CUDA-graph capture that has not seen the weight."""
     try:
