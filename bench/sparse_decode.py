@@ -7,7 +7,9 @@ pruned by layerprune (Wanda + DLP, 70%), dense vs sparse.
 
 Per linear: CUDA events around the call only, L2 flushed (a 512 MiB buffer zeroed) before each call,
 median of --reps calls, dense and sparse interleaved in one run. cuSPARSELt 2:4
-(``to_sparse_semi_structured``) is timed as a second reference where PyTorch offers it. bf16 throughout.
+(``to_sparse_semi_structured``) is timed as a second reference where PyTorch offers it, as eager calls: each sets up
+cuSPARSELt's plan on the host, which these figures include (``bench/probe_cslt.py --graphs`` times its kernels alone,
+replayed from a CUDA graph: BENCHMARKS.md, session 26). bf16 throughout.
 End to end: random bf16 weights with LLaMA-2-7B dimensions built on the GPU, calibrated on random token
 ids (speed does not depend on the values), pruned by ``layerprune.prune`` (Wanda, DLP at 70%), decoded
 with a static KV cache and one CUDA-graph-captured step (``layerprune.sparse.bench.decode_rate``). The end-to-end
