@@ -894,10 +894,9 @@ def test_cuda_kernel_pass_width_follows_shared_memory():
 def test_regular_masks_are_told_apart_and_skipped_by_the_unskewed_gather():
     """``delta_cuda.regular``: N:M masks (2:4, 4:8, 1:4: every group of 32 entries spans 64 or 128 columns) and a
     dense weight (32) are regular, random masks at 50/70/80%, SparseGPT-like uneven rows and an empty weight are
-    not; the answer is
-    kept on the weight and recomputed after an in-place write. ``unskewed``: the batches whose pass runs without the
-    skew slots on the H200 (4 tokens at K = 28672, 8 at K = 14336), where the op sends a regular weight to the tile
-    kernel."""
+    not; the answer is kept on the weight and recomputed after an in-place write. ``unskewed``: the batches whose
+    pass runs without the skew slots on the H200 (4 tokens at K = 28672, 8 at K = 14336). ``prefer_tile``: the op's
+    choice of the tile kernel there, asking for the regularity only when it decides."""
     from layerprune.sparse import delta, delta_cuda
 
     def packed(kind: str, k: int = 2048):
