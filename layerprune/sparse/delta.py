@@ -59,12 +59,9 @@ class DeltaTensor:
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
 
-def bytes_per_weight(sparsity: float, element_size: int = 2, compact: bool = False) -> float:
-    """The format's bytes per weight for a random mask of this sparsity, fillers and padding left out
-    (``compact``: the compact form of a bf16 weight, 2 bytes an entry and 3 a group)."""
+def bytes_per_weight(sparsity: float, element_size: int = 2) -> float:
+    """The format's bytes per weight for a random mask of this sparsity, fillers and padding left out."""
     d = 1 - sparsity
-    if compact:
-        return d * 2 + d * 3 / GROUP
     return d * (element_size + 0.5) + d * 2 / GROUP
 
 
@@ -110,60 +107,6 @@ def pack(w: torch.Tensor) -> DeltaTensor:
     return DeltaTensor(values, deltas, starts.to(torch.int32).to(torch.int16), gptr.to(torch.int32), (n, k))
 
 
-COMPACT_SPAN = 15  # exponent offsets 1 … 15 above a group's base
-COMPACT_BASE = 127  # the largest base: the kernels scale by the float 2^base
-
-
-def compact(sp: DeltaTensor) -> DeltaTensor | None:
-    """The compact form of a packed bf16 weight, or ``None`` where some group does not fit it (then the weight
-    stays as it is). Each entry becomes one 16-bit word, [sign:1][delta:4][exponent offset:4][mantissa:7]; per group
-    one byte, its *base* b ≤ ``COMPACT_BASE``. Offset 0 (with mantissa and sign 0) is the value 0 (fillers,
-    padding); a nonzero's bf16 exponent is b + offset, so a group fits when its nonzeros' exponents e satisfy
-    1 ≤ e − b ≤ ``COMPACT_SPAN`` for b = min(smallest e − 1, 127): within 15 values of each other, none
-    subnormal, none of magnitude 2^16 or more. Exact: :func:`expand` gives ``sp`` back bit for bit.
-
-    A kernel decodes an entry with two integer operations and one multiplication: the word at the top of a float,
-    its delta masked out, is ±2^(offset − 127)·1.m, and times the float 2^b it is the weight (exactly).
-
-    ``values`` then holds the entries (int16, G·32), ``deltas`` the bases (uint8, G); ``starts`` and ``gptr`` are
-    unchanged. Bytes per group: 64 + 1 + 2 against 64 + 16 + 2, so 0.82× of the plain form: 0.63 bytes per
-    weight at 70% sparsity (``bytes_per_weight(…, compact=True)``), 0.32× of dense bf16."""
-    if sp.values.dtype != torch.bfloat16:
-        return None
-    G = sp.groups
-    bits = sp.values.view(torch.int16).to(torch.int32) & 0xFFFF
-    e = ((bits >> 7) & 0xFF).view(G, GROUP)
-    nz = ((bits & 0x7FFF) != 0).view(G, GROUP)
-    lo = torch.where(nz, e, torch.full_like(e, 0xFF)).amin(1)
-    base = (lo - 1).clamp(0, COMPACT_BASE)
-    off = torch.where(nz, e - base[:, None], torch.zeros_like(e))
-    if bool((nz & ((off < 1) | (off > COMPACT_SPAN))).any()):
-        return None
-    b = bits.view(G, GROUP)
-    word = (b & 0x8000) | (_deltas(sp).to(torch.int32) << 11) | (off << 7) | (b & 0x7F)
-    entries = torch.where(word >= 0x8000, word - 0x10000, word).to(torch.int16).reshape(-1)
-    return DeltaTensor(entries, base.to(torch.uint8), sp.starts, sp.gptr, sp.shape)
-
-
-def is_compact(sp: DeltaTensor) -> bool:
-    return sp.values.dtype == torch.int16
-
-
-def expand(sp: DeltaTensor) -> DeltaTensor:
-    """The plain form (bf16 values, nibble deltas) of a weight in the compact form; a plain one as it is."""
-    if not is_compact(sp):
-        return sp
-    G = sp.groups
-    w = sp.values.to(torch.int32).view(G, GROUP) & 0xFFFF
-    off = (w >> 7) & 15
-    base = sp.deltas.to(torch.int32)[:, None]
-    bits = torch.where(off != 0, (w & 0x8000) | ((base + off) << 7) | (w & 0x7F), torch.zeros_like(w))
-    values = torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(torch.bfloat16).reshape(-1)
-    d = ((w >> 11) & 15).view(G, 2, HALF)
-    deltas = (d[:, 0] | (d[:, 1] << 4)).to(torch.uint8).reshape(-1)
-    return DeltaTensor(values, deltas, sp.starts, sp.gptr, sp.shape)
-
-
 def _starts(delta: torch.Tensor, gptr: torch.Tensor) -> torch.Tensor:
     """Each group's start column (int64, G): the row's running column count before the group."""
     G = delta.shape[0]
@@ -197,7 +140,6 @@ def _rows(sp: DeltaTensor) -> torch.Tensor:
 @torch.no_grad()
 def unpack(sp: DeltaTensor) -> torch.Tensor:
     """The dense (N × K) weight (the plain-PyTorch path: correct, not fast)."""
-    sp = expand(sp)
     n, k = sp.shape
     out = torch.zeros(n, k, dtype=sp.values.dtype, device=sp.values.device)
     if sp.groups:
@@ -216,15 +158,9 @@ def validate(sp: DeltaTensor, name: str = "weight") -> None:
     G = sp.groups
     bad = UserError(f"sparse tensor {name}: its group starts, deltas and row pointers disagree "
                     "(a corrupted or truncated checkpoint): export it again")
-    cpt = is_compact(sp)
-    if (sp.gptr.numel() != n + 1 or sp.values.numel() != G * GROUP or sp.deltas.numel() != (G if cpt else G * HALF)
+    if (sp.gptr.numel() != n + 1 or sp.values.numel() != G * GROUP or sp.deltas.numel() != G * HALF
             or sp.deltas.dtype != torch.uint8 or k >= MAX_K):
         raise UserError(f"sparse tensor {name} has the wrong sizes for {sp.shape}: the checkpoint is damaged")
-    if cpt and G:  # the kernels scale by the float 2^base; a zero offset is the value 0 only with nothing else set
-        w = sp.values.to(torch.int32) & 0xFFFF
-        if bool((sp.deltas > COMPACT_BASE).any()) or bool(((((w >> 7) & 15) == 0) & ((w & 0x807F) != 0)).any()):
-            raise bad
-        sp = expand(sp)
     g = sp.gptr.to(torch.int64)
     if int(g[0]) != 0 or int(g[-1]) != G or bool((g[1:] < g[:-1]).any()):
         raise bad

@@ -131,39 +131,17 @@ __device__ __forceinline__ void load_step(uint4* v, u64* w, u32* s, const u16* _
         const int g = gb + u * 8 + sub;
         const int gc = g < g1 ? g : g0;
         v[u] = __ldcs(reinterpret_cast<const uint4*>(vals) + (size_t)gc * 4 + part);
-        w[u] = CPT ? (u64)reinterpret_cast<const unsigned char*>(dl)[gc] : __ldcs(dl + (size_t)gc * 2 + (part & 1));
+        w[u] = __ldcs(dl + (size_t)gc * 2 + (part & 1));
         s[u] = starts[gc];
     }
-}
-
-// A lane's quarter of a group (8 entries) from its loads: the values (wf), and (returned) the deltas one per byte.
-// CPT = 0: v holds 8 bf16 values, w the delta word (low nibbles for quarters 0-1, high for 2-3). CPT = 1 (the compact
-// form, :func:`layerprune.sparse.delta.compact`): v holds 8 16-bit entries [sign:1][delta:4][exponent offset:4]
-// [mantissa:7], w the group's base exponent b (0-127). An entry shifted to the top of a float and its delta masked out
-// is the float ±2^(offset − 127)·1.m (offset 0 with mantissa 0: the zero of fillers and padding), and times 2^b (exact)
-// the weight; the deltas are bits 3-6 of the entries' high bytes.
-__device__ __forceinline__ u64 entries(const uint4& v, u64 w, int part, float (&wf)[8]) {
-    const u32 h[8] = {v.x << 16, v.x & 0xFFFF0000u, v.y << 16, v.y & 0xFFFF0000u,
-                      v.z << 16, v.z & 0xFFFF0000u, v.w << 16, v.w & 0xFFFF0000u};
-#if CPT
-    const float scale = __uint_as_float(((u32)w + 127u) << 23);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) wf[j] = __uint_as_float(h[j] & 0x87FF0000u) * scale;
-    const u32 lo = __byte_perm(v.x, v.y, 0x7531), hi = __byte_perm(v.z, v.w, 0x7531);
-    return (u64)((lo >> 3) & 0x0F0F0F0Fu) | ((u64)((hi >> 3) & 0x0F0F0F0Fu) << 32);
-#else
-#pragma unroll
-    for (int j = 0; j < 8; ++j) wf[j] = __uint_as_float(h[j]);
-    return (w >> (4 * (part >> 1))) & 0x0F0F0F0F0F0F0F0FULL;
-#endif
 }
 
 // A lane's quarter of a group (8 entries): p holds, byte j, entry j's column past ``base`` (SWAR prefix sum of the
 // nibbles + 1); base is the group's start − 1 plus the columns of the quarters before it (two-step shuffle scan
 // over the group's four lanes). Every lane of the warp must call it (the shuffles).
-__device__ __forceinline__ int quarter(u64 nib, u32 s, int part, u64& p) {
-    const u64 ONE = 0x0101010101010101ULL;
-    p = (nib + ONE) * ONE;
+__device__ __forceinline__ int quarter(u64 w, u32 s, int part, u64& p) {
+    const u64 LO = 0x0F0F0F0F0F0F0F0FULL, ONE = 0x0101010101010101ULL;
+    p = (((w >> (4 * (part >> 1))) & LO) + ONE) * ONE;
     const int tot = (int)(p >> 56);
     int c = __shfl_up_sync(0xffffffffu, tot, 1, 4);
     c = part >= 1 ? c : 0;
@@ -183,15 +161,16 @@ __device__ __forceinline__ void step_dot(float* acc, const uint4* v, const u64* 
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         u64 p;
-        float wf[8];
-        const int base = quarter(entries(v[u], w[u], part, wf), s[u], part, p);
+        const int base = quarter(w[u], s[u], part, p);
+        const u32 vv[8] = {v[u].x & 0xFFFFu, v[u].x >> 16, v[u].y & 0xFFFFu, v[u].y >> 16,
+                           v[u].z & 0xFFFFu, v[u].z >> 16, v[u].w & 0xFFFFu, v[u].w >> 16};
         float a[T];
 #pragma unroll
         for (int t = 0; t < T; ++t) a[t] = 0.f;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int col = slot(base + (int)((p >> (8 * j)) & 0xFF), skw);
-            const float wv = wf[j];
+            const float wv = bf(vv[j]);
 #if T == 1
             a[0] += wv * bf(xs[col]);
 #else
@@ -313,12 +292,12 @@ __device__ __forceinline__ void step_scatter(u16* ws, const uint4* v, const u64*
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         u64 p;
-        float wf[8];
-        const int base = quarter(entries(v[u], w[u], part, wf), s[u], part, p);
+        const int base = quarter(w[u], s[u], part, p);
         if (gb + u * 8 + sub < g1) {
+            const u32 vv[8] = {v[u].x & 0xFFFFu, v[u].x >> 16, v[u].y & 0xFFFFu, v[u].y >> 16,
+                               v[u].z & 0xFFFFu, v[u].z >> 16, v[u].w & 0xFFFFu, v[u].w >> 16};
 #pragma unroll
-            for (int j = 0; j < 8; ++j)  // the compact form stores no zeros: a group may end early inside a row
-                if (!CPT || wf[j] != 0.f) ws[base + (int)((p >> (8 * j)) & 0xFF)] = (u16)(__float_as_uint(wf[j]) >> 16);
+            for (int j = 0; j < 8; ++j) ws[base + (int)((p >> (8 * j)) & 0xFF)] = (u16)vv[j];
         }
     }
 }
@@ -402,7 +381,7 @@ __device__ __forceinline__ void load_items(uint4* v, u64* w, u32* s, const u16* 
         const int i = rows[it];
         const int g = first[i] + it - pre[i];
         v[u] = __ldcs(reinterpret_cast<const uint4*>(vals) + (size_t)g * 4 + q);
-        w[u] = CPT ? (u64)reinterpret_cast<const unsigned char*>(dl)[g] : __ldcs(dl + (size_t)g * 2 + (q & 1));
+        w[u] = __ldcs(dl + (size_t)g * 2 + (q & 1));
         s[u] = (u32)starts[g] | ((u32)i << 16);
     }
 }
@@ -412,14 +391,15 @@ __device__ __forceinline__ void store_items(u16* wt, const uint4* v, const u64* 
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         u64 p;
-        float wf[8];
-        const int base = quarter(entries(v[u], w[u], q, wf), s[u], q, p) - c0;
+        const int base = quarter(w[u], s[u], q, p) - c0;
         if (b + u * 8 + sub < total) {
+            const u32 vv[8] = {v[u].x & 0xFFFFu, v[u].x >> 16, v[u].y & 0xFFFFu, v[u].y >> 16,
+                               v[u].z & 0xFFFFu, v[u].z >> 16, v[u].w & 0xFFFFu, v[u].w >> 16};
             u16* wr = wt + (s[u] >> 16) * XS;
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 const int col = base + (int)((p >> (8 * j)) & 0xFF);
-                if ((unsigned)col < (unsigned)KC && (!CPT || wf[j] != 0.f)) wr[col] = (u16)(__float_as_uint(wf[j]) >> 16);
+                if ((unsigned)col < (unsigned)KC) wr[col] = (u16)vv[j];
             }
         }
     }
@@ -531,46 +511,40 @@ TILE = (8, 1, 256)  # the tensor-core kernel's warps per block, m16 tiles per wa
 _failed: set[int] = set()
 
 
-def source(unroll: int, tokens: int = 1, mma_tokens: int = 16, tile: tuple[int, int, int] = TILE,
-           compact: bool = False) -> str:
+def source(unroll: int, tokens: int = 1, mma_tokens: int = 16, tile: tuple[int, int, int] = TILE) -> str:
     """The kernels' CUDA source for ``unroll`` steps in flight and ``tokens`` tokens per pass (the gather kernel),
-    ``mma_tokens`` per pass and ``tile`` = (warps per block, m16 tiles per warp, chunk) for the tensor-core kernel;
-    ``compact``: for weights in the compact form (:func:`layerprune.sparse.delta.compact`)."""
+    ``mma_tokens`` per pass and ``tile`` = (warps per block, m16 tiles per warp, chunk) for the tensor-core kernel."""
     if tokens not in TOKENS or mma_tokens not in MMA_TOKENS:
         raise ValueError(f"tokens per pass must be one of {TOKENS} (gather) or {MMA_TOKENS} (tensor cores)")
     wb, mw, kc = tile
     if mw not in (1, 2) or kc % 16 or wb < 1:
         raise ValueError(f"tile {tile}: 1 or 2 m16 tiles per warp, a chunk that is a multiple of 16")
     return (f"#define U {unroll}\n#define T {tokens}\n#define MT {mma_tokens}\n#define PAD {PAD}\n"
-            f"#define WB {wb}\n#define MW {mw}\n#define KC {kc}\n#define CPT {int(compact)}\n" + SOURCE)
+            f"#define WB {wb}\n#define MW {mw}\n#define KC {kc}\n" + SOURCE)
 
 
 def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
-    """Whether the kernel can take this call: a CUDA device whose kernel compiled (or can be tried), bf16 (values in
-    bf16, or int16 entries of the compact form), and
+    """Whether the kernel can take this call: a CUDA device whose kernel compiled (or can be tried), bf16, and
     buffers aligned for its vector loads (16 bytes; packed and loaded tensors are)."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and values.dtype in (torch.bfloat16, torch.int16)
-            and torch.version.hip is None
+    return (x.is_cuda and x.dtype == torch.bfloat16 and values.dtype == torch.bfloat16 and torch.version.hip is None
             and hasattr(torch.cuda, "_compile_kernel") and x.device.index not in _failed
             and values.data_ptr() % 16 == 0 and deltas.data_ptr() % 16 == 0)
 
 
 @functools.cache
-def _kernel(device: int, unroll: int, tokens: int, name: str, mma_tokens: int = 16, tile: tuple = TILE,
-            compact: bool = False):
+def _kernel(device: int, unroll: int, tokens: int, name: str, mma_tokens: int = 16, tile: tuple = TILE):
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source(unroll, tokens, mma_tokens, tile, compact), name,
+        return torch.cuda._compile_kernel(source(unroll, tokens, mma_tokens, tile), name,
                                           nvcc_options=["--use_fast_math"])
 
 
 def kernel(device: int, unroll: int, tokens: int = 1, name: str = "delta_spmv_bf16", mma_tokens: int = 16,
-           tile: tuple[int, int, int] = TILE, compact: bool = False):
+           tile: tuple[int, int, int] = TILE):
     """The compiled kernel ``name`` (the product, ``delta_unpack_bf16`` or ``delta_tile_bf16``) for ``unroll``
     steps in flight and ``tokens`` (``mma_tokens``) per pass on CUDA device ``device`` (cached per process), or
-    ``None`` when it cannot be compiled here (one warning; the caller uses Triton). ``compact``: the build for
-    weights in the compact form."""
+    ``None`` when it cannot be compiled here (one warning; the caller uses Triton)."""
     try:
-        return _kernel(device, unroll, tokens, name, mma_tokens, tuple(tile), compact)
+        return _kernel(device, unroll, tokens, name, mma_tokens, tuple(tile))
     except (RuntimeError, OSError, AttributeError) as e:
         _failed.add(device)
         log.warning("the CUDA kernel did not compile (%s); using the Triton kernel",
@@ -705,7 +679,7 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
         return None
     u0, w0, b0 = settings(n, k, tokens)
     unroll, warps, per_sm = unroll or u0, warps or w0, b0 if per_sm is None else per_sm
-    kern = kernel(dev, unroll, tokens, compact=values.dtype == torch.int16)
+    kern = kernel(dev, unroll, tokens)
     if kern is None:
         return None
     if x.stride(-1) != 1:
@@ -737,15 +711,13 @@ def unpack(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gpt
     rs = -(-(k + PAD) // 8) * 8
     if 2 * rs > limit:
         return None
-    compact = values.dtype == torch.int16
-    kern = kernel(dev, unroll, 1, "delta_unpack_bf16", compact=compact)
+    kern = kernel(dev, unroll, 1, "delta_unpack_bf16")
     if kern is None:
         return None
-    dtype = torch.bfloat16 if compact else values.dtype
     if out is None:
-        out = torch.empty(n, k, dtype=dtype, device=values.device)
-    elif out.shape != (n, k) or not out.is_contiguous() or out.dtype != dtype:
-        raise ValueError(f"unpack: out must be a contiguous ({n}, {k}) {dtype} tensor")
+        out = torch.empty(n, k, dtype=values.dtype, device=values.device)
+    elif out.shape != (n, k) or not out.is_contiguous() or out.dtype != values.dtype:
+        raise ValueError(f"unpack: out must be a contiguous ({n}, {k}) {values.dtype} tensor")
     if n == 0 or k == 0:
         return out
     warps = warps or max(1, min(8, (64 * 1024) // (2 * rs)))
@@ -758,16 +730,11 @@ def chunk_index(deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, 
                 chunk: int = TILE[2]) -> torch.Tensor:
     """(n × (⌈k/chunk⌉ + 1)) int32 on the weight's device: entry [r, c] is the first group of row r whose last
     column (padding included) is ≥ c·chunk, the last entry gptr[r + 1]. The groups of row r that reach into chunk
-    c are then [r, c] … min([r, c+1] + 1, [r, -1]) − 1 (the group at [r, c+1] may start inside chunk c). For the
-    compact form, ``deltas`` are its int16 entries."""
+    c are then [r, c] … min([r, c+1] + 1, [r, -1]) − 1 (the group at [r, c+1] may start inside chunk c)."""
     nch = -(-k // chunk)
     dev = gptr.device
-    if deltas.dtype == torch.int16:  # the compact form's entries (deltas in bits 11-14)
-        span = ((deltas.view(-1, 32).to(torch.int32) >> 11) & 15).sum(1)
-    else:
-        d = deltas.view(-1, 16).to(torch.int32)
-        span = (d & 15).sum(1) + (d >> 4).sum(1)
-    last = (starts.to(torch.int32) & 0xFFFF) - 1 + span + 32
+    d = deltas.view(-1, 16).to(torch.int32)
+    last = (starts.to(torch.int32) & 0xFFFF) - 1 + (d & 15).sum(1) + (d >> 4).sum(1) + 32
     rows = torch.repeat_interleave(torch.arange(n, device=dev), (gptr[1:] - gptr[:-1]).long(),
                                    output_size=starts.numel())  # no host sync (CUDA-graph capture)
     key = rows * (1 << 17) + last.long()
@@ -826,7 +793,7 @@ def spmm_tile(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
     smem = 2 * (mt + rows) * (kc + 8)
     if smem + rows * (8 + -(-kc // 32) + 2) + 4 > limit:
         return None
-    kern = kernel(dev, unroll, 1, "delta_tile_bf16", mt, tile, compact=values.dtype == torch.int16)
+    kern = kernel(dev, unroll, 1, "delta_tile_bf16", mt, tile)
     if kern is None:
         return None
     if x.stride(-1) != 1:

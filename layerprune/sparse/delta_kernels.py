@@ -345,7 +345,6 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
                 y = tensor_cores(x, values, deltas, starts, gptr, n, k)
             if y is not None:
                 return y
-    values, deltas = plain(values, deltas, starts, gptr, n, k)
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
     if prefetch is None:  # the default one-token kernel (below WIDE_K, or ≤ 4096 rows), unless another is asked for
         prefetch = (k < WIDE_K or n <= 4096) and bcast is None and unmasked is None and transpose_x is None
@@ -376,19 +375,6 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
     return y
 
 
-def plain(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor, n: int,
-          k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, deltas) of the plain form, for the Triton kernels: a weight in the compact form
-    (:func:`layerprune.sparse.delta.compact`, int16 entries) is expanded (correct, not fast: the CUDA kernels read
-    the compact form as it is)."""
-    if values.dtype != torch.int16:
-        return values, deltas
-    from layerprune.sparse import delta
-
-    sp = delta.expand(delta.DeltaTensor(values, deltas, starts, gptr, (n, k)))
-    return sp.values, sp.deltas
-
-
 def prefer_tile(b: int, n: int, k: int, entries: int, limit: int, regular: Callable[[], bool]) -> bool:
     """Whether ``b`` (2–``CUDA_BATCH``) tokens of an n × k delta weight of ``entries`` entries go to the tile kernel
     rather than the CUDA gather kernel, whose pass would run without its skewed x (``delta_cuda.unskewed``: 4 tokens
@@ -414,7 +400,7 @@ def tensor_cores(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, st
 
     if not delta_cuda.usable(x, values, deltas):
         return None
-    chunks = delta_cuda.chunks_of(values if values.dtype == torch.int16 else deltas, starts, gptr, n, k)
+    chunks = delta_cuda.chunks_of(deltas, starts, gptr, n, k)
     return delta_cuda.spmm_tile(x.contiguous(), values, deltas, starts, chunks, n, k)
 
 
@@ -425,11 +411,10 @@ def decompress(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor,
     if cuda is not False:
         from layerprune.sparse import delta_cuda
 
-        if delta_cuda.usable(values.view(torch.bfloat16), values, deltas):
+        if delta_cuda.usable(values, values, deltas):
             w = delta_cuda.unpack(values, deltas, starts, gptr, n, k)
             if w is not None:
                 return w
-    values, deltas = plain(values, deltas, starts, gptr, n, k)
     w = torch.zeros(n, k, dtype=values.dtype, device=values.device)
     # one row, 16 groups a step, one warp: the best of bench/sparse_delta_decompress.py (62 µs for 4096 × 4096
     # at 70% against 94-105 µs for the other settings; zeroing first beats writing into uninitialised memory)
