@@ -171,9 +171,7 @@ __device__ __forceinline__ void step_dot(float* acc, const uint4* v, const u64* 
         for (int j = 0; j < 8; ++j) {
             const int col = slot(base + (int)((p >> (8 * j)) & 0xFF), skw);
             const float wv = bf(vv[j]);
-#if T == 1 && XF
-            a[0] += wv * reinterpret_cast<const float*>(xs)[col];
-#elif T == 1
+#if T == 1
             a[0] += wv * bf(xs[col]);
 #else
             u32 xw[T / 2];
@@ -221,24 +219,7 @@ extern "C" __global__ void delta_spmv_bf16(const u16* __restrict__ x, const u16*
     u32 s[U], s2[U];
     int gb = g0;
     if (gb < g1) load_step(v, w, s, vals, dl, starts, gb, g0, g1, sub, part);
-#if T == 1 && XF
-    {  // x as fp32: no conversion per entry
-        float* xf = reinterpret_cast<float*>(xs);
-        if (vec) {
-            const uint4* x4 = reinterpret_cast<const uint4*>(x);
-            for (int i = tid; i < (K >> 3); i += nt) {
-                const uint4 q = x4[i];
-                float* d = xf + slot(8 * i, skw);
-                d[0] = bf(q.x & 0xFFFFu); d[1] = bf(q.x >> 16); d[2] = bf(q.y & 0xFFFFu); d[3] = bf(q.y >> 16);
-                d[4] = bf(q.z & 0xFFFFu); d[5] = bf(q.z >> 16); d[6] = bf(q.w & 0xFFFFu); d[7] = bf(q.w >> 16);
-            }
-            for (int i = (K & ~7) + tid; i < K; i += nt) xf[slot(i, skw)] = bf(x[i]);
-        } else {
-            for (int i = tid; i < K; i += nt) xf[slot(i, skw)] = bf(x[i]);
-        }
-        for (int i = K + tid; i < K + PAD; i += nt) xf[slot(i, skw)] = 0.f;
-    }
-#elif T == 1
+#if T == 1
     if (vec) {  // 8 columns (one 16-byte load) stay together in shared memory: 8 | c, so no skew slot among them
         const uint4* x4 = reinterpret_cast<const uint4*>(x);
         for (int i = tid; i < (K >> 3); i += nt) {
@@ -530,8 +511,7 @@ TILE = (8, 1, 256)  # the tensor-core kernel's warps per block, m16 tiles per wa
 _failed: set[int] = set()
 
 
-def source(unroll: int, tokens: int = 1, mma_tokens: int = 16, tile: tuple[int, int, int] = TILE,
-           xf: bool = False) -> str:
+def source(unroll: int, tokens: int = 1, mma_tokens: int = 16, tile: tuple[int, int, int] = TILE) -> str:
     """The kernels' CUDA source for ``unroll`` steps in flight and ``tokens`` tokens per pass (the gather kernel),
     ``mma_tokens`` per pass and ``tile`` = (warps per block, m16 tiles per warp, chunk) for the tensor-core kernel."""
     if tokens not in TOKENS or mma_tokens not in MMA_TOKENS:
@@ -540,7 +520,7 @@ def source(unroll: int, tokens: int = 1, mma_tokens: int = 16, tile: tuple[int, 
     if mw not in (1, 2) or kc % 16 or wb < 1:
         raise ValueError(f"tile {tile}: 1 or 2 m16 tiles per warp, a chunk that is a multiple of 16")
     return (f"#define U {unroll}\n#define T {tokens}\n#define MT {mma_tokens}\n#define PAD {PAD}\n"
-            f"#define WB {wb}\n#define MW {mw}\n#define KC {kc}\n#define XF {int(xf)}\n" + SOURCE)
+            f"#define WB {wb}\n#define MW {mw}\n#define KC {kc}\n" + SOURCE)
 
 
 def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
@@ -552,20 +532,19 @@ def usable(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _kernel(device: int, unroll: int, tokens: int, name: str, mma_tokens: int = 16, tile: tuple = TILE,
-            xf: bool = False):
+def _kernel(device: int, unroll: int, tokens: int, name: str, mma_tokens: int = 16, tile: tuple = TILE):
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source(unroll, tokens, mma_tokens, tile, xf), name,
+        return torch.cuda._compile_kernel(source(unroll, tokens, mma_tokens, tile), name,
                                           nvcc_options=["--use_fast_math"])
 
 
 def kernel(device: int, unroll: int, tokens: int = 1, name: str = "delta_spmv_bf16", mma_tokens: int = 16,
-           tile: tuple[int, int, int] = TILE, xf: bool = False):
+           tile: tuple[int, int, int] = TILE):
     """The compiled kernel ``name`` (the product, ``delta_unpack_bf16`` or ``delta_tile_bf16``) for ``unroll``
     steps in flight and ``tokens`` (``mma_tokens``) per pass on CUDA device ``device`` (cached per process), or
     ``None`` when it cannot be compiled here (one warning; the caller uses Triton)."""
     try:
-        return _kernel(device, unroll, tokens, name, mma_tokens, tuple(tile), xf)
+        return _kernel(device, unroll, tokens, name, mma_tokens, tuple(tile))
     except (RuntimeError, OSError, AttributeError) as e:
         _failed.add(device)
         log.warning("the CUDA kernel did not compile (%s); using the Triton kernel",
@@ -685,8 +664,7 @@ def _props(device: int) -> tuple[int, int]:
 
 def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gptr: torch.Tensor,
          n: int, k: int, unroll: int | None = None, warps: int | None = None,
-         per_sm: int | None = None, tokens: int | None = None, skw: int | None = None,
-         xf: bool = False) -> torch.Tensor | None:
+         per_sm: int | None = None, tokens: int | None = None, skw: int | None = None) -> torch.Tensor | None:
     """y (B × n) = x (B × k) · Wᵀ in bf16 with W packed (delta layout), or ``None`` when the kernel is not
     available (the caller falls back). The B tokens go ``tokens`` at a time (default :func:`tokens_per_pass`),
     each pass one launch that reads the weight once. Settings default to :func:`settings`; ``per_sm`` 0 = a
@@ -701,8 +679,7 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
         return None
     u0, w0, b0 = settings(n, k, tokens)
     unroll, warps, per_sm = unroll or u0, warps or w0, b0 if per_sm is None else per_sm
-    xf = xf and tokens == 1
-    kern = kernel(dev, unroll, tokens, xf=xf)
+    kern = kernel(dev, unroll, tokens)
     if kern is None:
         return None
     if x.stride(-1) != 1:
@@ -711,8 +688,8 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
     if n == 0 or B == 0:
         return y
     if skw is None:
-        skw = (1 if xf else skew(tokens)) if smem_bytes(k, 2 if xf else tokens) <= limit else 0
-    smem = smem_bytes(k, tokens, skw) if not xf else 2 * smem_bytes(k, 1, skw)
+        skw = skew(tokens) if smem_bytes(k, tokens) <= limit else 0
+    smem = smem_bytes(k, tokens, skw)
     rows_grid = -(-n // warps)
     grid = min(sms * per_sm, rows_grid) if per_sm else rows_grid
     stream = torch.cuda.current_stream(x.device).cuda_stream
