@@ -1,7 +1,8 @@
 """The per-linear speed-ups of one ``bench/sparse_decode.py --parts linears`` run as a figure and a goals table: the
 op's speed-up over dense ``F.linear`` against the tokens of a call, one line per weight shape, the ``delta`` layout
-(the default) solid and ``bitmask`` dashed, one panel per sparsity; the sparse-inference issue's goals drawn in.
-The table gives, per sparsity and tokens, the faster layout's range over the shapes and how many meet the goal.
+(the default) solid, ``bitmask`` dashed and, for 2:4 weights where the run has it, ``nm24`` dotted, one panel per
+sparsity; the sparse-inference issue's goals drawn in. The table gives, per sparsity and tokens, the fastest layout's
+range over the shapes and how many meet the goal.
 
     python3 bench/plot_sparse.py bench/results/sparse_goals_session26_h200.json --png bench/results/sparse_goals_session26_h200.png
 """
@@ -28,14 +29,14 @@ def goal(sparsity, batch: int, shape: tuple[int, int]) -> float | None:
 
 
 def best(row: dict) -> float:
-    return max(row["speedup"], row["bitmask_speedup"])
+    return max(row["speedup"], row["bitmask_speedup"], row.get("nm24_speedup", 0.0))
 
 
 def table(rows: list[dict]) -> list[str]:
     groups: dict = defaultdict(list)
     for r in rows:
         groups[(str(r["sparsity"]), r["batch"])].append(r)
-    out = ["| sparsity | tokens | faster layout, speed-up over dense (range over shapes) | goal | shapes meeting it |",
+    out = ["| sparsity | tokens | fastest layout, speed-up over dense (range over shapes) | goal | shapes meeting it |",
            "| --- | --- | --- | --- | --- |"]
     for (s, b), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         v = [best(r) for r in rs]
@@ -67,6 +68,8 @@ def plot(rows: list[dict], png: str, title: str) -> None:
             b = [r["batch"] for r in rs]
             ax.plot(b, [r["speedup"] for r in rs], "-o", ms=3, color=colors(i), label=f"{shape[0]}×{shape[1]}")
             ax.plot(b, [r["bitmask_speedup"] for r in rs], "--", lw=1, color=colors(i), alpha=0.7)
+            if all("nm24_speedup" in r for r in rs):
+                ax.plot(b, [r["nm24_speedup"] for r in rs], ":", lw=1.6, color=colors(i))
         ax.axhline(1.0, color="k", lw=0.8)
         ax.axhline(0.95, color="r", lw=0.8, ls=":", label="0.95× (goal at 64 tokens and prefill)")
         for g, text in {"0.7": ((1.8, "goal 1.8× (7B/8B)"), (2.2, "goal 2.2× (70B)")),
@@ -79,9 +82,9 @@ def plot(rows: list[dict], png: str, title: str) -> None:
         ax.set_xlabel("tokens a call")
         ax.set_title(f"sparsity {s}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("speed-up over dense F.linear (solid: delta, dashed: bitmask)")
+    axes[0].set_ylabel("speed-up over dense F.linear")
     axes[-1].legend(fontsize=7, loc="upper right", title="no data between 64 and 2048 tokens", title_fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title + "\nsolid: delta layout, dashed: bitmask, dotted: nm24 (2:4 weights)", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 

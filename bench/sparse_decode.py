@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layerprune.pruners.masks import nm_mask  # noqa: E402
 from layerprune.sparse import delta_kernels, kernels  # noqa: E402
 from layerprune.sparse.delta import DeltaTensor, pack  # noqa: E402
-from layerprune.sparse.linear import pack_as  # noqa: E402
+from layerprune.sparse.linear import nm24_kernel_wanted, pack_as  # noqa: E402
+from layerprune.sparse.nm24 import NM24Tensor  # noqa: E402
 
 DEV = torch.device("cuda")
 SHAPES = {"llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
@@ -129,6 +130,8 @@ def write_rows(path: str | Path, **parts) -> None:
 def op(x, sp, n, k):
     if isinstance(sp, DeltaTensor):
         return torch.ops.layerprune.sparse_linear_delta(x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k)
+    if isinstance(sp, NM24Tensor):
+        return torch.ops.layerprune.sparse_linear_nm24(x, sp.values, sp.meta, n, k)
     return torch.ops.layerprune.sparse_linear(x, sp.bitmask, sp.values, sp.offsets, n, k, sp.bn, sp.bk)
 
 
@@ -147,8 +150,9 @@ def linears(reps: int, batches: list[int], sparsities: list, on_row=None) -> lis
             for s in sparsities:
                 w = masked(n, k, s)
                 sp, bsp = pack_as(w, "delta"), pack_as(w, "bitmask")
-                cusp = None
+                cusp = nsp = None
                 if s == "2:4":
+                    nsp = pack_as(w, "nm24")
                     try:
                         from torch.sparse import to_sparse_semi_structured
 
@@ -169,13 +173,19 @@ def linears(reps: int, batches: list[int], sparsities: list, on_row=None) -> lis
                            "bitmask_rel_err": err_b, "bitmask_bytes": bsp.nbytes(),
                            "path": delta_path(b, k),
                            "bitmask_path": "decode-kernel" if b <= kernels.SMALL_BATCH else "decompress+cuBLAS"}
+                    if nsp is not None:  # the nm24 layout (2:4 weights only): sparse tensor cores
+                        row["nm24_rel_err"] = float((op(x, nsp, n, k).float() - y_ref.float()).abs().max()
+                                                    / y_ref.float().abs().max())
+                        row["nm24_us"] = timeit(lambda: op(x, nsp, n, k), reps)
+                        row["nm24_speedup"], row["nm24_bytes"] = d / row["nm24_us"], nsp.nbytes()
+                        row["nm24_path"] = "mma.sp-kernel" if nm24_kernel_wanted(b, n, k) else "unpack+cuBLAS"
                     if cusp is not None:
                         try:
                             row["cusparselt_us"] = timeit(lambda: F.linear(x, cusp), reps) if b >= 16 else None
                         except Exception as e:  # noqa: BLE001
                             row["cusparselt_error"] = str(e)[:100]
                     emit(rows, row, on_row)
-                del w, sp, bsp, cusp
+                del w, sp, bsp, cusp, nsp
     return rows
 
 
@@ -323,6 +333,64 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
     return rows, info
 
 
+def e2e_24(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: bool = False,
+           dims: str = "llama2-7b", on_row=None) -> tuple[list[dict], dict]:
+    """End to end for a 2:4 model (``--parts e2e24``): random bf16 weights of ``dims``, Wanda 2:4 (uniform: N:M fixes
+    every linear at 50%), packed in the ``nm24`` layout and in ``delta``, q/k/v and gate/up stacked in both (as
+    ``generate`` and ``bench-decode`` run them); decode tokens/s against the dense model, CUDA graphs."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from layerprune.api import Session, prune
+    from layerprune.data.calibration import CalibSet
+    from layerprune.sparse.bench import decode_rate, weight_bytes
+    from layerprune.sparse.export import sparsify
+    from layerprune.sparse.merge import merge_siblings
+
+    cfg = LlamaConfig(**dict(E2E_DIMS[dims], vocab_size=32000), max_position_embeddings=4096)
+    if smoke:
+        cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=512)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    sess = Session(model, None, DEV, nsamples=nsamples, seqlen=seqlen, batch_size=8, progress=False, use_cache=False)
+    ids = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    sess._calib = CalibSet(ids, "random", 0, list(range(nsamples)))
+    prune(model, session=sess, sparsity=0.5, pattern="2:4", pruner="wanda", allocation="uniform", eval=[],
+          progress=False, device=DEV.type)
+    model.to(DEV)
+    model.config.use_cache = True
+    packed = {}
+    for layout in ("nm24", "delta"):
+        m = copy.deepcopy(model)
+        layers = sparsify(m, layout=layout)
+        merge_siblings(m)
+        packed[layout] = (m, sum(v["format"] == "sparse" for v in layers.values()))
+    dense_merged = copy.deepcopy(model)
+    merge_siblings(dense_merged)
+    x = torch.randint(0, 32000, (1, 16), device=DEV)
+    with torch.no_grad():
+        ref = model(x).logits.float()
+        diffs = {lay: float((m(x).logits.float() - ref).abs().max()) for lay, (m, _) in packed.items()}
+        scale = float(ref.abs().max())
+    rows = []
+    g = DEV.type == "cuda"
+    for b in batches:
+        d, _ = decode_rate(model, b, 32, new_tokens, g, vocab_hi=32000)
+        dm, _ = decode_rate(dense_merged, b, 32, new_tokens, g, vocab_hi=32000)
+        r = {lay: decode_rate(m, b, 32, new_tokens, g, vocab_hi=32000)[0] for lay, (m, _) in packed.items()}
+        name = f"{'smoke (tiny dims)' if smoke else dims + '-dims'}, {cfg.num_hidden_layers} blocks (random bf16, Wanda 2:4)"
+        emit(rows, {"model": name, "sparsity": "2:4", "batch": b, "dense_tok_s": d, "sparse_tok_s": r["nm24"],
+                    "speedup": r["nm24"] / d, "layout": "nm24", "merged": True, "delta_tok_s": r["delta"],
+                    "delta_speedup": r["delta"] / d, "dense_merged_tok_s": dm,
+                    "speedup_vs_dense_merged": r["nm24"] / dm}, on_row)
+    info = {"logit_max_abs_diff": diffs, "logit_max_abs": scale, "dense_weight_bytes": weight_bytes(model),
+            **{f"{lay}_weight_bytes": weight_bytes(m) for lay, (m, _) in packed.items()},
+            **{f"{lay}_sparse_layers": n for lay, (_, n) in packed.items()},
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if DEV.type == "cuda" else None}
+    return rows, info
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -379,6 +447,11 @@ def main() -> None:
                                                         a.nsamples, a.seqlen, a.smoke, a.e2e_dims, a.e2e_blocks,
                                                         a.e2e_compile, partial,
                                                         [int(t) for t in a.e2e_prefill.split(",") if t.strip()])
+        save()
+    if "e2e24" in parts:
+        res["end_to_end_24"], res["end_to_end_24_info"] = e2e_24(
+            [int(b) for b in a.e2e_batches.split(",")], a.new_tokens, a.nsamples, a.seqlen, a.smoke, a.e2e_dims,
+            lambda rows: (res.update(end_to_end_24=rows), save()))
         save()
 
 

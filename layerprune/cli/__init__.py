@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the pruned model + layerprune.json here (resumable)")
     p.add_argument("--sparse-out", default=None,
                    help="also write the compressed sparse model (layerprune export --format sparse) here")
-    p.add_argument("--sparse-layout", default="delta", choices=["delta", "bitmask"],
+    p.add_argument("--sparse-layout", default="delta", choices=["delta", "bitmask", "nm24"],
                    help="layout of --sparse-out (see export --layout)")
     p.add_argument("--stream", action="store_true",
                    help="never hold the whole model in host memory: read each block from the local safetensors "
@@ -253,9 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a pruned model in the compressed sparse format (SparseLinear)")
     x.add_argument("pruned_dir", help="a layerprune output directory (prune --out)")
     x.add_argument("--format", default="sparse", choices=["sparse"], help="sparse: packed nonzeros (SparseLinear)")
-    x.add_argument("--layout", default="delta", choices=["delta", "bitmask"],
+    x.add_argument("--layout", default="delta", choices=["delta", "bitmask", "nm24"],
                    help="delta: values + 4-bit column deltas, fastest decode (default); bitmask: bitmask + values, "
-                        "faster prefill (BENCHMARKS.md 'Sparse inference')")
+                        "faster prefill; nm24: 2:4 linears on the sparse tensor cores (the others in delta) "
+                        "(BENCHMARKS.md 'Sparse inference')")
     x.add_argument("--min-sparsity", type=float, default=None,
                    help="layers below this sparsity stay dense (default: the measured break-even, see BENCHMARKS.md)")
     x.add_argument("--out", required=True)
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true",
                    help="compile each decode step with torch.compile first (fuses the model's elementwise ops; "
                         "tens of seconds of compilation per model and batch size, untimed)")
-    b.add_argument("--layout", default="delta", choices=["delta", "bitmask"],
+    b.add_argument("--layout", default="delta", choices=["delta", "bitmask", "nm24"],
                    help="layout used when MODEL is a prune --out directory (a sparse directory keeps its own)")
     b.add_argument("--no-merge", action="store_true",
                    help="keep q/k/v and gate/up as separate linears (by default the sparse model runs the linears that "

@@ -93,6 +93,27 @@ __device__ __forceinline__ void cp_wait() {
 #endif
 }
 
+// x[t][c0 … c0 + kc − 1] for tokens t < mt into shared memory (row stride xs_stride elements; kc a multiple of 8),
+// by cp.async where 16 bytes are whole and aligned (``vec``), else element by element; tokens past nb and columns past
+// K as zeros. Every thread of the block calls it (tid of nthreads); the caller waits (cp_wait) and syncs.
+__device__ __forceinline__ void stage_x(u16* xt, const u16* __restrict__ x, int sxb, int nb, int K, int c0, int kc,
+                                        int mt, int xs_stride, int vec, int tid, int nthreads) {
+    for (int idx = tid; idx < mt * (kc >> 3); idx += nthreads) {
+        const int t = idx / (kc >> 3), c8 = (idx % (kc >> 3)) << 3, col = c0 + c8;
+        u16* dst = xt + t * xs_stride + c8;
+        const u16* src = x + (size_t)t * sxb + col;
+        if (t < nb && vec && col + 8 <= K) {
+            cp16(dst, src);
+        } else {
+            u32 ev[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) ev[j] = t < nb && col + j < K ? src[j] : 0u;
+            *reinterpret_cast<uint4*>(dst) =
+                make_uint4(ev[0] | (ev[1] << 16), ev[2] | (ev[3] << 16), ev[4] | (ev[5] << 16), ev[6] | (ev[7] << 16));
+        }
+    }
+}
+
 // The second half of a split reduction over gridDim.y column splits: after each block wrote its fp32 partial sums
 // (part[split][token][row]), the last block of row group blockIdx.x to finish (a counter per group, reset by that
 // block for the next launch) adds them for rows r0 … r0 + rows − 1 and writes y as bf16. Every thread calls it.
@@ -440,20 +461,7 @@ extern "C" __global__ void __launch_bounds__(32 * WB) delta_tile_bf16(
         const int c0 = c * KC;
         int bn = 0;
         if (live && c + 2 <= NCH) bn = ci[c + 2];
-        for (int idx = tid; idx < MT * (KC / 8); idx += 32 * WB) {
-            const int t = idx / (KC / 8), c8 = (idx % (KC / 8)) * 8, col = c0 + c8;
-            u16* dst = xt + t * XS + c8;
-            const u16* src = x + (size_t)t * sxb + col;
-            if (t < nb && vec && col + 8 <= K) {
-                cp16(dst, src);
-            } else {
-                u32 ev[8];
-#pragma unroll
-                for (int j = 0; j < 8; ++j) ev[j] = t < nb && col + j < K ? src[j] : 0u;
-                *reinterpret_cast<uint4*>(dst) =
-                    make_uint4(ev[0] | (ev[1] << 16), ev[2] | (ev[3] << 16), ev[4] | (ev[5] << 16), ev[6] | (ev[7] << 16));
-            }
-        }
+        stage_x(xt, x, sxb, nb, K, c0, KC, MT, XS, vec, tid, 32 * WB);
         for (int idx = lane; idx < RW * (KC / 8); idx += 32)
             *reinterpret_cast<uint4*>(wt + (idx / (KC / 8)) * XS + (idx % (KC / 8)) * 8) = make_uint4(0u, 0u, 0u, 0u);
         __syncwarp();

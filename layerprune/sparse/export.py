@@ -2,11 +2,12 @@
 
 A sparse directory holds ``model.safetensors`` (each packed linear as its layout's tensors, e.g.
 ``<name>.values`` / ``.deltas`` / ``.starts`` / ``.gptr`` for ``delta``, next to every other tensor),
-``sparse_config.json`` (format, layout, and per-linear shape, sparsity and bytes), ``config.json``,
+``sparse_config.json`` (format, layout, and per-linear layout, shape, sparsity and bytes), ``config.json``,
 the tokenizer and ``layerprune.json`` (the run record). A linear below ``min_sparsity`` stays a dense
 ``nn.Linear``: its packed form would not be faster (the break-even is measured per layout on the H200,
-BENCHMARKS.md "Sparse inference"). Directories written before the delta layout (``layerprune-sparse-v1``)
-load as ``bitmask``.
+BENCHMARKS.md "Sparse inference"). With ``--layout nm24`` the 2:4 linears take the nm24 layout and the others
+(not 2:4, or N not a multiple of 16 or K of 32) the delta layout; each linear's entry names its layout. Directories
+written before the delta layout (``layerprune-sparse-v1``) load as ``bitmask``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from layerprune.errors import UserError
 from layerprune.export import RECORD, RunDir, check_out_dir, is_layerprune_dir
 from layerprune.models.adapter import ModelAdapter
 from layerprune.record import args_hash, now
-from layerprune.sparse import delta
+from layerprune.sparse import delta, nm24
 from layerprune.sparse.format import BK, BN, SparseTensor, bytes_per_weight, validate
 from layerprune.sparse.linear import BUFFERS, LAYOUTS, SparseLinear
 
@@ -38,7 +39,9 @@ SPARSE_CONFIG = "sparse_config.json"
 # H200 (BENCHMARKS.md "Sparse inference": bench/sparse_decode.py's break-even rows): such layers stay
 # dense. bitmask: break-even 0.68–0.71 over the 7B/8B/70B shapes; delta: 0.98–0.99× at 50%, 1.04–1.09× at
 # 55%. A layer pruned to s holds floor(s·n) zeros per row, just under s: hence 0.695 and 0.545
-MIN_SPARSITY = {"bitmask": 0.695, "delta": 0.545}
+# nm24: a 2:4 weight is 50% sparse, and faster than dense from one to 16 tokens on 7B/8B/70B shapes (1.1-1.7× at one
+# token, BENCHMARKS.md "Session 27")
+MIN_SPARSITY = {"bitmask": 0.695, "delta": 0.545, "nm24": 0.5}
 # bf16 delta linears with more than 2048 rows run the one-token CUDA kernel (delta_cuda) where it is
 # available: faster than dense from below 30% on the 7B/70B shapes (1.04–1.20× at 30%, 1.12–1.28× at 35%,
 # BENCHMARKS.md "Session 14"); 0.345 leaves a margin
@@ -50,6 +53,8 @@ def default_min_sparsity(layout: str, w: torch.Tensor) -> float:
     """The sparsity from which a packed ``w`` is faster than dense for one decode token on the H200."""
     if layout == "delta" and w.dtype == torch.bfloat16 and w.shape[0] > 2048:
         return MIN_SPARSITY_CUDA
+    if layout == "nm24" and not nm24.fits(w):  # packed in the delta layout
+        return default_min_sparsity("delta", w)
     return MIN_SPARSITY[layout]
 
 
@@ -84,23 +89,32 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, layout: str = 
     check_layout(layout)
     ad = ModelAdapter.of(model)
     layers = {}
+    not_nm = []
     for i, n, lin in tqdm(ad.all_linears(), desc="pack", unit="linear", disable=not progress):
         name = ad.full_name(i, n)
         w = lin.weight.data
         ms = default_min_sparsity(layout, w) if min_sparsity is None else min_sparsity
         s = float((w == 0).sum()) / w.numel()
-        too_wide = layout == "delta" and w.shape[1] >= delta.MAX_K
+        lay = layout
+        if layout == "nm24" and s >= ms and not nm24.fits(w):
+            lay = "delta"
+            not_nm.append(name)
+        too_wide = lay == "delta" and w.shape[1] >= delta.MAX_K
         if too_wide and s >= ms:
             log.warning("%s: %d input features do not fit the delta layout's 16-bit group starts: kept dense "
                         "(--layout bitmask packs it)", name, w.shape[1])
         if s >= ms and not too_wide:
-            sl = SparseLinear.from_linear(lin, layout, pack_device)
+            sl = SparseLinear.from_linear(lin, lay, pack_device)
             _set_module(model, name, sl)
-            layers[name] = {"format": "sparse", "sparsity": s, "min_sparsity": ms, "shape": list(w.shape),
-                            "bytes": sl.packed().nbytes(), "dense_bytes": w.numel() * w.element_size()}
+            layers[name] = {"format": "sparse", "layout": lay, "sparsity": s, "min_sparsity": ms,
+                            "shape": list(w.shape), "bytes": sl.packed().nbytes(),
+                            "dense_bytes": w.numel() * w.element_size()}
         else:
             layers[name] = {"format": "dense", "sparsity": s, "min_sparsity": ms, "shape": list(w.shape),
                             "bytes": w.numel() * w.element_size(), "dense_bytes": w.numel() * w.element_size()}
+    if not_nm:
+        log.warning("%d linear(s) are not 2:4 (or their sizes are not multiples of 16 × 32): packed in the delta "
+                    "layout (%s%s)", len(not_nm), ", ".join(not_nm[:3]), ", …" if len(not_nm) > 3 else "")
     return layers
 
 
@@ -169,8 +183,9 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
     info = {"out": str(out), "source": str(pruned_dir), "exported": now(), "layers": layers, "sparse_layers": n_sparse,
             "min_sparsity": ms, "layout": layout, "size": {"dense_bytes": dense_b, "sparse_bytes": sparse_b,
                                                            "ratio": sparse_b / max(dense_b, 1)},
-            "bytes_per_weight_at_0.7": (bytes_per_weight(0.7, model.dtype.itemsize) if layout == "bitmask"
-                                        else delta.bytes_per_weight(0.7, model.dtype.itemsize)),
+            **({"bytes_per_weight_2:4": model.dtype.itemsize / 2 + 0.125} if layout == "nm24" else
+               {"bytes_per_weight_at_0.7": (bytes_per_weight(0.7, model.dtype.itemsize) if layout == "bitmask"
+                                            else delta.bytes_per_weight(0.7, model.dtype.itemsize))}),
             "pack_device": str(dev), "timing": {"load_s": t1 - t0, "pack_s": t2 - t1}}
 
     def write(m: nn.Module, tokenizer: Any, path: Path) -> None:
@@ -227,8 +242,12 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: tor
         if info["format"] != "sparse":
             continue
         lin = model.get_submodule(name)
+        lay = info.get("layout", layout)
+        if lay not in LAYOUTS:
+            raise UserError(f"{path}: unknown sparse layout {lay!r} for {name}: the checkpoint is damaged or newer "
+                            "than this layerprune")
         _set_module(model, name, SparseLinear(lin.in_features, lin.out_features, lin.bias is not None,
-                                              dtype=dt, device=device, layout=layout))
+                                              dtype=dt, device=device, layout=lay))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
@@ -242,7 +261,10 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: tor
             if "crc32" in info and checksum(sd[f"{name}.{b}"] for b in BUFFERS[sl.layout]) != info["crc32"]:
                 raise UserError(f"sparse tensor {name}: checksum mismatch (a corrupted checkpoint): export it again")
             sp = sl.packed()
-            (delta.validate if isinstance(sp, delta.DeltaTensor) else validate)(sp, name)
+            if isinstance(sp, nm24.NM24Tensor):
+                nm24.validate(sp, name)
+            else:
+                (delta.validate if isinstance(sp, delta.DeltaTensor) else validate)(sp, name)
             sl.values.data = sl.values.data.to(dt)
     model.to(device).eval()
     model.config.use_cache = True

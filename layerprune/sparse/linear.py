@@ -1,4 +1,4 @@
-"""``SparseLinear``: a drop-in for ``nn.Linear`` holding a packed weight in one of two layouts.
+"""``SparseLinear``: a drop-in for ``nn.Linear`` holding a packed weight in one of three layouts.
 
 * ``delta`` (default, :mod:`layerprune.sparse.delta`): row-major values + 4-bit column deltas. The fast
   one for decode (bf16, CUDA kernel, at 70% on the H200: one token 1.37–2.08× dense per LLaMA-2 7B–70B linear,
@@ -10,9 +10,12 @@
   7B/8B/70B shapes, BENCHMARKS.md session 20; on Hopper, 17–64 tokens of large weights go to
   :mod:`layerprune.sparse.bitmask_wgmma`, 2–10% faster: session 21); a tile decompression for prefill that costs
   15–25% over dense.
+* ``nm24`` (:mod:`layerprune.sparse.nm24`): for 2:4 weights only, the kept values and metadata in the order of the
+  sparse tensor cores' fragments (``mma.sp``, :mod:`layerprune.sparse.nm24_cuda`, bf16, Ampere and later): 1–64
+  tokens stream the packed weight straight into registers, nothing decoded; more are unpacked for cuBLAS.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
-``layerprune::sparse_linear``), so ``torch.compile`` and CUDA-graph capture take it as it is. The op
+``layerprune::sparse_linear``, ``layerprune::sparse_linear_nm24``), so ``torch.compile`` and CUDA-graph capture take it as it is. The op
 picks the path by where it runs: CUDA with Triton → the decode kernels for small batches (bf16: the CUDA
 kernels of ``delta_cuda`` when they compiled, gathering x for 1–8 tokens, tensor cores for 9–32, or up to 64
 on K > 12288), else decompress + ``F.linear`` (cuBLAS); no CUDA or no Triton → unpack with plain PyTorch and
@@ -28,13 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerprune.sparse import bitmask_cuda, bitmask_wgmma, delta, delta_kernels, kernels
+from layerprune.sparse import bitmask_cuda, bitmask_wgmma, delta, delta_kernels, kernels, nm24, nm24_cuda
 from layerprune.sparse.format import SparseTensor, pack, unpack
 
 log = logging.getLogger("layerprune")
 _warned = False
-LAYOUTS = ("delta", "bitmask")
-BUFFERS = {"delta": ("values", "deltas", "starts", "gptr"), "bitmask": ("bitmask", "values", "offsets")}
+LAYOUTS = ("delta", "bitmask", "nm24")
+BUFFERS = {"delta": ("values", "deltas", "starts", "gptr"), "bitmask": ("bitmask", "values", "offsets"),
+           "nm24": ("values", "meta")}
+NM24_TOKENS = 64  # the nm24 kernel at most up to this many tokens (nm24_kernel_wanted), then unpack + cuBLAS
+Packed = SparseTensor | delta.DeltaTensor | nm24.NM24Tensor
 
 
 def _torch_path(x: torch.Tensor) -> None:
@@ -51,6 +57,7 @@ def _torch_path(x: torch.Tensor) -> None:
 _LIB = torch.library.Library("layerprune", "DEF")
 _LIB.define("sparse_linear(Tensor x, Tensor bitmask, Tensor values, Tensor offsets, int n, int k, int bn, int bk) -> Tensor")
 _LIB.define("sparse_linear_delta(Tensor x, Tensor values, Tensor deltas, Tensor starts, Tensor gptr, int n, int k) -> Tensor")
+_LIB.define("sparse_linear_nm24(Tensor x, Tensor values, Tensor meta, int n, int k) -> Tensor")
 
 
 def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
@@ -110,22 +117,61 @@ def _(x, values, deltas, starts, gptr, n, k):
     return x.new_empty(*x.shape[:-1], n)
 
 
-def pack_as(w: torch.Tensor, layout: str) -> SparseTensor | delta.DeltaTensor:
+def nm24_kernel_wanted(b: int, n: int, k: int) -> bool:
+    """Whether ``b`` tokens of an n × k nm24 weight go to the sparse tensor-core kernel rather than unpack + cuBLAS:
+    up to 8 tokens always, up to 32 on weights of 2048 rows or more, up to ``NM24_TOKENS`` on weights of 32 M or more
+    (on the H200, session 27: 1024 × 4096 at 16–32 tokens ran at 0.29–0.50× in the kernel, 0.68× unpacked at 64;
+    the 7B/8B/70B weights of 45 M or more at 64 tokens 0.51–0.67× in the kernel)."""
+    return b <= 8 or (b <= 32 and n >= 2048) or (b <= NM24_TOKENS and n * k >= 32 * 2**20)
+
+
+def sparse_linear_nm24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """y = x · Wᵀ for a W (n × k) in the nm24 layout; x is (..., k). CUDA (bf16, Ampere and later): the sparse
+    tensor-core kernel up to ``NM24_TOKENS`` tokens, else the weight unpacked (CUDA kernel) and cuBLAS; otherwise
+    unpacked with PyTorch (correct, not fast)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    y = None
+    if nm24_cuda.usable(x2, values):
+        if nm24_kernel_wanted(x2.shape[0], n, k):
+            y = nm24_cuda.spmm(x2, values, meta, n, k)
+        if y is None:
+            w = nm24_cuda.unpack(values, meta, n, k)
+            y = None if w is None else F.linear(x2, w)
+    if y is None:
+        if x.device.type == "cuda":
+            _torch_path(x)
+        y = F.linear(x2, nm24.unpack(nm24.NM24Tensor(values, meta, (n, k))).to(x2.dtype))
+    return y.reshape(*lead, n)
+
+
+_LIB.impl("sparse_linear_nm24", sparse_linear_nm24, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("layerprune::sparse_linear_nm24", lib=_LIB)
+def _(x, values, meta, n, k):
+    return x.new_empty(*x.shape[:-1], n)
+
+
+def pack_as(w: torch.Tensor, layout: str) -> Packed:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown sparse layout {layout!r} (one of {', '.join(LAYOUTS)})")
+    if layout == "nm24":
+        return nm24.pack(w)
     return delta.pack(w) if layout == "delta" else pack(w)
 
 
 class SparseLinear(nn.Module):
     """``nn.Linear`` with a packed weight; the buffers are the layout's tensors (``BUFFERS``)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, sp: SparseTensor | delta.DeltaTensor | None = None,
+    def __init__(self, in_features: int, out_features: int, bias: bool, sp: Packed | None = None,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", layout: str = "delta") -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         if sp is None:  # empty shell, filled by load_state_dict (sizes come from the checkpoint)
             sp = _empty(in_features, out_features, dtype, device, layout)
-        self.layout = "delta" if isinstance(sp, delta.DeltaTensor) else "bitmask"
+        self.layout = ("delta" if isinstance(sp, delta.DeltaTensor) else "nm24" if isinstance(sp, nm24.NM24Tensor)
+                       else "bitmask")
         self.bn, self.bk = (sp.bn, sp.bk) if self.layout == "bitmask" else (0, 0)
         for name in BUFFERS[self.layout]:
             self.register_buffer(name, getattr(sp, name))
@@ -153,20 +199,26 @@ class SparseLinear(nn.Module):
                 setattr(self, name, torch.empty_like(v, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def packed(self) -> SparseTensor | delta.DeltaTensor:
+    def packed(self) -> Packed:
         shape = (self.out_features, self.in_features)
+        if self.layout == "nm24":
+            return nm24.NM24Tensor(self.values, self.meta, shape)
         if self.layout == "delta":
             return delta.DeltaTensor(self.values, self.deltas, self.starts, self.gptr, shape)
         return SparseTensor(self.bitmask, self.values, self.offsets, shape, self.bn, self.bk)
 
     def dense_weight(self) -> torch.Tensor:
         sp = self.packed()
+        if isinstance(sp, nm24.NM24Tensor):
+            return nm24.unpack(sp)
         return delta.unpack(sp) if isinstance(sp, delta.DeltaTensor) else unpack(sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         if self.layout == "delta":
             y = torch.ops.layerprune.sparse_linear_delta(x, self.values, self.deltas, self.starts, self.gptr, n, k)
+        elif self.layout == "nm24":
+            y = torch.ops.layerprune.sparse_linear_nm24(x, self.values, self.meta, n, k)
         else:
             y = torch.ops.layerprune.sparse_linear(x, self.bitmask, self.values, self.offsets, n, k, self.bn, self.bk)
         return y if self.bias is None else y + self.bias
@@ -182,6 +234,9 @@ def _empty(in_features: int, out_features: int, dtype: torch.dtype, device, layo
         return delta.DeltaTensor(torch.zeros(0, dtype=dtype, device=device), torch.zeros(0, dtype=torch.uint8, device=device),
                                  torch.zeros(0, dtype=torch.int16, device=device),
                                  torch.zeros(out_features + 1, dtype=torch.int32, device=device), (out_features, in_features))
+    if layout == "nm24":
+        return nm24.NM24Tensor(torch.zeros(0, 32, 8, dtype=dtype, device=device),
+                               torch.zeros(0, 16, dtype=torch.int32, device=device), (out_features, in_features))
     if layout != "bitmask":
         raise ValueError(f"unknown sparse layout {layout!r} (one of {', '.join(LAYOUTS)})")
     from layerprune.sparse.format import BK, BN

@@ -1,0 +1,245 @@
+"""CUDA kernels for a weight in the ``nm24`` layout (:mod:`layerprune.sparse.nm24`): the product on the sparse tensor
+cores (``nm24_mma_bf16``: ``mma.sp.m16n8k32``, bf16, fp32 accumulation) for 1–64 tokens, and the dense weight
+(``nm24_unpack_bf16``) for larger batches and prefills (then cuBLAS).
+
+The layout stores the A fragments and metadata words as the instruction takes them, so a warp loads its tiles
+straight into registers: nothing is decoded, and the kernel streams the packed bytes. Measured on the H200 against
+``F.linear`` on 2:4 weights of the LLaMA-2-7B / Llama-3-8B / LLaMA-2-70B shapes (BENCHMARKS.md, session 27; the
+delta layout of the same weights in brackets): one token 1.41–1.68× on the eight shapes of 4096 rows or more
+(1.38–1.58×), 1.11× on 1024 × 4096 (1.17×); eight tokens 1.19–1.52× there (0.51–0.80×); sixteen 1.00–1.40×
+(0.47–0.68×); 32 0.64–1.00×; 64 0.51–0.67×. Settings (:func:`settings`): the best of ``bench/probe_nm24.py``'s four
+variants; which token counts come here: ``linear.nm24_kernel_wanted``.
+
+Compiled at first use by NVRTC (``torch.cuda._compile_kernel``, as :mod:`delta_cuda`): compute capability 8.0 or
+later; elsewhere :func:`usable` is false and the op unpacks with PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from layerprune.sparse import delta_cuda
+
+log = logging.getLogger("layerprune")
+
+SOURCE = delta_cuda.PRELUDE + r"""
+// MT tokens a pass (8-64), MW m16 strips a warp, WB warps a block, UU column tiles in flight
+__device__ __forceinline__ void ldsm4b(u32& r0, u32& r1, u32& r2, u32& r3, const u16* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+
+__device__ __forceinline__ void mma_sp(float* c, const uint4& a, u32 b0, u32 b1, u32 b2, u32 b3, u32 e) {
+    asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1), "r"(b2), "r"(b3), "r"(e));
+}
+
+// y (nb × N) = x (nb × K) · Wᵀ, W in the nm24 layout. A block of WB warps owns WB·MW row strips of 16 and the
+// columns k0 … k1 − 1 of its split (blockIdx.y; KC a split): x[MT × KC] is staged in shared memory (cp.async),
+// then each warp streams its strips' tiles (UU column tiles' A fragments and metadata in flight, loaded straight
+// into registers), reads the B fragments of 8 tokens with one ldmatrix.x4 and issues one mma.sp per strip and 8
+// tokens. Several splits: fp32 partial sums, the last block of a row group adds them (finish_splits).
+extern "C" __global__ void __launch_bounds__(32 * WB) nm24_mma_bf16(
+        const u16* __restrict__ x, const uint4* __restrict__ vals, const u32* __restrict__ meta,
+        float* __restrict__ part, int* __restrict__ count, u16* __restrict__ y,
+        int N, int K, int nb, int sxb, int KC, int vec)
+{
+    extern __shared__ __align__(16) u16 xs[];  // MT × (KC + 8)
+    __shared__ int last_block;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int KT = K >> 5, XS = KC + 8;
+    const int k0 = blockIdx.y * KC, k1 = min(K, k0 + KC);
+    stage_x(xs, x, sxb, nb, K, k0, KC, MT, XS, vec, tid, 32 * WB);
+    const int strip0 = (blockIdx.x * WB + warp) * MW;
+    const int kt0 = k0 >> 5, kt1 = k1 >> 5;
+    const int ml = 2 * g + (tig & 1);  // this lane's metadata word (lanes 4g + 2, 4g + 3 load a copy: unused)
+    float acc[MW][MT / 8][4];
+#pragma unroll
+    for (int m = 0; m < MW; ++m)
+#pragma unroll
+        for (int j = 0; j < MT / 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
+    uint4 a[UU][MW], a2[UU][MW];
+    u32 e[UU][MW], e2[UU][MW];
+    bool live[MW];
+#pragma unroll
+    for (int m = 0; m < MW; ++m) live[m] = (strip0 + m) * 16 < N;
+#pragma unroll
+    for (int u = 0; u < UU; ++u)
+#pragma unroll
+        for (int m = 0; m < MW; ++m) {
+            const int kt = min(kt0 + u, kt1 - 1), s = live[m] ? strip0 + m : 0;
+            const size_t tile = (size_t)s * KT + kt;
+            a[u][m] = __ldcs(vals + tile * 32 + lane);
+            e[u][m] = __ldcs(meta + tile * 16 + ml);
+        }
+    cp_wait();
+    __syncthreads();
+    for (int kb = kt0; kb < kt1; kb += UU) {
+        if (kb + UU < kt1) {
+#pragma unroll
+            for (int u = 0; u < UU; ++u)
+#pragma unroll
+                for (int m = 0; m < MW; ++m) {
+                    const int kt = min(kb + UU + u, kt1 - 1), s = live[m] ? strip0 + m : 0;
+                    const size_t tile = (size_t)s * KT + kt;
+                    a2[u][m] = __ldcs(vals + tile * 32 + lane);
+                    e2[u][m] = __ldcs(meta + tile * 16 + ml);
+                }
+        }
+#pragma unroll
+        for (int u = 0; u < UU; ++u) {
+            if (kb + u < kt1) {
+                const int c = ((kb + u) << 5) - k0;
+#pragma unroll
+                for (int j = 0; j < MT / 8; ++j) {
+                    u32 b0, b1, b2, b3;
+                    ldsm4b(b0, b1, b2, b3, xs + (8 * j + (lane & 7)) * XS + c + 8 * (lane >> 3));
+#pragma unroll
+                    for (int m = 0; m < MW; ++m) mma_sp(acc[m][j], a[u][m], b0, b1, b2, b3, e[u][m]);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UU; ++u)
+#pragma unroll
+            for (int m = 0; m < MW; ++m) { a[u][m] = a2[u][m]; e[u][m] = e2[u][m]; }
+    }
+    const bool one = gridDim.y == 1;
+    float* out = part + (size_t)blockIdx.y * nb * N;
+#pragma unroll
+    for (int m = 0; m < MW; ++m)
+#pragma unroll
+        for (int j = 0; j < MT / 8; ++j)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                const int tk = 8 * j + 2 * tig + (h & 1), rr = (strip0 + m) * 16 + g + 8 * (h >> 1);
+                if (tk < nb && rr < N) {
+                    if (one) y[(size_t)tk * N + rr] = to_bf(acc[m][j][h]);
+                    else out[(size_t)tk * N + rr] = acc[m][j][h];
+                }
+            }
+    if (!one) finish_splits(part, count, y, N, nb, blockIdx.x * WB * MW * 16, WB * MW * 16, &last_block);
+}
+
+// The dense weight: thread (tile, lane) writes the four groups of four columns whose kept values its A fragment
+// holds (groups t and t + 4 of rows g and g + 8), 8 bytes each, zeros included: no other thread writes them.
+extern "C" __global__ void nm24_unpack_bf16(const uint4* __restrict__ vals, const u32* __restrict__ meta,
+                                            u16* __restrict__ out, int N, int K, int tiles)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= tiles * 32) return;
+    const int tile = i >> 5, lane = i & 31, g = lane >> 2, t = lane & 3, KT = K >> 5;
+    const int r0 = (tile / KT) * 16 + g, c0 = (tile % KT) * 32;
+    const uint4 v = vals[i];
+    const u32 m0 = meta[(size_t)tile * 16 + 2 * g], m1 = meta[(size_t)tile * 16 + 2 * g + 1];
+    const u32 pv[4] = {v.x, v.y, v.z, v.w};
+    const u32 pm[4] = {m0, m0 >> 16, m1, m1 >> 16};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const u32 m = pm[q] >> (4 * t);
+        const int p0 = m & 3, p1 = (m >> 2) & 3;
+        const unsigned long long w = ((unsigned long long)(pv[q] & 0xFFFFu) << (16 * p0))
+                                   | ((unsigned long long)(pv[q] >> 16) << (16 * p1));
+        const int row = r0 + 8 * (q & 1), col = c0 + 4 * (t + 4 * (q >> 1));
+        *reinterpret_cast<uint2*>(out + (size_t)row * K + col) = make_uint2((u32)w, (u32)(w >> 32));
+    }
+}
+"""
+
+MMA_TOKENS = (8, 16, 32, 64)  # tokens a pass
+_failed: set[int] = set()
+
+
+def usable(x: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the kernels can take this call: a CUDA device of compute capability 8.0 or later whose kernels
+    compiled (or can be tried), bf16 x and values, 16-byte aligned values."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and values.dtype == torch.bfloat16 and torch.version.hip is None
+            and hasattr(torch.cuda, "_compile_kernel") and values.data_ptr() % 16 == 0):
+        return False
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return dev not in _failed and torch.cuda.get_device_capability(dev) >= (8, 0)
+
+
+@functools.cache
+def _kernel(device: int, name: str, mt: int, mw: int, wb: int, uu: int):
+    src = f"#define MT {mt}\n#define MW {mw}\n#define WB {wb}\n#define UU {uu}\n" + SOURCE
+    with torch.cuda.device(device):
+        return torch.cuda._compile_kernel(src, name, nvcc_options=["--use_fast_math"])
+
+
+def kernel(device: int, name: str, mt: int = 8, mw: int = 1, wb: int = 8, uu: int = 4):
+    """The compiled kernel, or ``None`` when it cannot be compiled here (one warning; the caller unpacks)."""
+    try:
+        return _kernel(device, name, mt, mw, wb, uu)
+    except (RuntimeError, OSError, AttributeError) as e:
+        _failed.add(device)
+        log.warning("the nm24 CUDA kernels did not compile (%s); unpacking with PyTorch", str(e).splitlines()[0][:160])
+        return None
+
+
+def settings(n: int, k: int, tokens: int) -> tuple[int, int, int]:
+    """(m16 strips a warp, warps a block, column tiles in flight): up to 32 tokens on weights of 14336 rows or
+    28672 columns or more, two strips a warp (each B fragment serves both), else one (``bench/probe_nm24.py``,
+    session 27: the best of its four variants on 8 of the 9 shapes at 1–16 tokens, 6% short on 14336 × 4096)."""
+    return (2, 8, 4) if (n >= 14336 or k >= 28672) and tokens <= 32 else (1, 8, 4)
+
+
+def split_columns(k: int, tiles: int, sms: int, mt: int) -> int:
+    """Columns a split (a multiple of 64): about four blocks a SM over the row groups, x of a split within 96 KB."""
+    want = max(1, round(4 * sms / tiles))
+    kc = max(64, -(-(-(-k // want)) // 64) * 64)
+    return min(kc, max(64, (96 * 1024 // (2 * mt) - 8) // 64 * 64))
+
+
+def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int,
+         variant: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+    """y (B × n) = x (B × k) · Wᵀ in bf16 on the sparse tensor cores (up to 64 tokens a pass, more in several), or
+    ``None`` when the kernel is not available here. ``variant``: (strips a warp, warps a block, tiles in flight),
+    default :func:`settings`."""
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    B = x.shape[0]
+    mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
+    mw, wb, uu = variant or settings(n, k, B)
+    kern = kernel(dev, "nm24_mma_bf16", mt, mw, wb, uu)
+    if kern is None:
+        return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty(B, n, dtype=x.dtype, device=x.device)
+    if n == 0 or B == 0:
+        return y
+    sms, _ = delta_cuda._props(dev)
+    tiles = -(-n // (16 * mw * wb))
+    kc = split_columns(k, tiles, sms, mt)
+    s = -(-k // kc)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    count = delta_cuda._counters(dev, stream)
+    if s > 1 and tiles > count.numel():
+        return None
+    part = torch.empty(s, mt, n, dtype=torch.float32, device=x.device) if s > 1 else count
+    for p in range(0, B, mt):
+        xp = x[p:]
+        vec = int(xp.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0)
+        delta_cuda._launch(kern, (tiles, s), 32 * wb, 2 * mt * (kc + 8), stream, (xp, values, meta, part, count, y[p:]),
+                           (n, k, min(mt, B - p), x.stride(0), kc, vec))
+    return y
+
+
+def unpack(values: torch.Tensor, meta: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """The dense (n × k) bf16 weight, or ``None`` when the kernel is not available here (bit-exact)."""
+    dev = values.device.index if values.device.index is not None else torch.cuda.current_device()
+    kern = kernel(dev, "nm24_unpack_bf16")
+    if kern is None:
+        return None
+    out = torch.empty(n, k, dtype=values.dtype, device=values.device)
+    tiles = (n // 16) * (k // 32)
+    if tiles:
+        delta_cuda._launch(kern, (-(-tiles * 32 // 256), 1), 256, 0, torch.cuda.current_stream(values.device).cuda_stream,
+                           (values, meta, out), (n, k, tiles))
+    return out

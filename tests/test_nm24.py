@@ -1,0 +1,211 @@
+"""The nm24 layout (2:4 weights in the sparse tensor cores' fragment order): packing, validation, the op's paths,
+export and load; its CUDA kernels on a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerprune.errors import UserError
+from layerprune.pruners.masks import nm_mask
+from layerprune.sparse import nm24
+
+
+def _w24(n: int, k: int, dtype=torch.bfloat16, seed: int = 0, device="cpu") -> torch.Tensor:
+    """A 2:4 weight with every kind of group: two nonzeros (most), one, none, and -0.0 where a zero is."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    w = w.masked_fill(nm_mask(w.abs().float(), 2, 4), 0)
+    w[0, :4] = 0  # an empty group
+    w[1, :4] = torch.tensor([0.0, 0.0, 0.0, 1.5]).to(dtype)  # one nonzero, last position
+    w[2, 4:8] = torch.tensor([-0.0, 2.0, 0.0, 0.0]).to(dtype)
+    if n > 3:
+        w[3] = 0  # an empty row
+    return w.to(device)
+
+
+@pytest.mark.parametrize("shape", [(16, 32), (48, 96), (64, 160), (32, 1024)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nm24_pack_unpack_exact_and_bytes(shape, dtype):
+    w = _w24(*shape, dtype=dtype)
+    sp = nm24.pack(w)
+    assert torch.equal(nm24.unpack(sp), w)
+    n, k = shape
+    assert sp.values.shape == (n // 16 * (k // 32), 32, 8) and sp.meta.shape == (n // 16 * (k // 32), 16)
+    assert sp.nbytes() == n * k // 2 * w.element_size() + n * k // 8  # 1.125 bytes a weight in bf16
+    nm24.validate(sp)
+    p = nm24.positions(sp.meta, n, k).view(n, k // 4, 2)
+    assert bool((p[..., 0] < p[..., 1]).all())  # two ascending positions a group, as the instruction reads them
+
+
+def test_nm24_fragment_order_is_the_instructions():
+    """The documented order (what the GPU test checks against F.linear): lane 4g + t holds row g's kept columns
+    2t, 2t + 1, then row g + 8's, then the same for kept columns 2t + 8, 2t + 9; metadata word 2g + h holds the
+    positions of rows g (low half) and g + 8 (high half), kept columns 8h … 8h + 7, two bits each from bit 0. With
+    every group keeping positions 0 and 2 each half is 0x8888, as in PTX's example."""
+    n, k = 16, 32
+    w = torch.zeros(n, k, dtype=torch.bfloat16)
+    w[:, 0::4] = torch.arange(n * k // 4, dtype=torch.float32).view(n, k // 4).to(torch.bfloat16) + 1
+    w[:, 2::4] = -w[:, 0::4]
+    sp = nm24.pack(w)
+    assert bool((sp.meta.view(torch.int32) == int(0x88888888 - 2**32)).all())
+    kept = torch.stack([w[:, 0::4], w[:, 2::4]], -1).reshape(n, 16)  # kept column 2j + s of group j
+    for lane in (0, 5, 31):
+        g, t = lane // 4, lane % 4
+        want = torch.cat([kept[g, 2 * t:2 * t + 2], kept[g + 8, 2 * t:2 * t + 2], kept[g, 2 * t + 8:2 * t + 10],
+                          kept[g + 8, 2 * t + 8:2 * t + 10]])
+        assert torch.equal(sp.values[0, lane], want)
+
+
+def test_nm24_refuses_what_it_cannot_hold():
+    w = _w24(32, 64)
+    w[5, 8:12] = 1.0  # three nonzeros in one group
+    assert not nm24.fits(w)
+    with pytest.raises(ValueError, match="2:4"):
+        nm24.pack(w)
+    assert not nm24.fits(_w24(16, 48)[:, :40]) and not nm24.fits(_w24(32, 64)[:24])
+    sp = nm24.pack(_w24(32, 64))
+    bad = nm24.NM24Tensor(sp.values, sp.meta.clone(), sp.shape)
+    bad.meta[1] ^= 0b1011  # first group of a row: positions (0, 2) → (3, 1): out of order
+    with pytest.raises(UserError, match="out of order"):
+        nm24.validate(bad)
+    with pytest.raises(UserError, match="wrong sizes"):
+        nm24.validate(nm24.NM24Tensor(sp.values[:-1], sp.meta, sp.shape))
+
+
+@pytest.mark.parametrize("batch", [1, 5, 70])
+def test_sparse_linear_nm24_torch_path_equals_f_linear(batch):
+    from layerprune.sparse.linear import SparseLinear
+
+    lin = torch.nn.Linear(96, 48, bias=True)
+    lin.weight.data = _w24(48, 96, dtype=torch.float32)
+    sl = SparseLinear.from_linear(lin, "nm24")
+    assert sl.layout == "nm24" and "sparsity=0.5" in repr(sl)
+    x = torch.randn(batch, 96)
+    assert torch.allclose(sl(x), lin(x), atol=1e-5)
+    assert torch.equal(sl.dense_weight(), lin.weight.data)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:  # torch.compile traces through the op
+        out = torch.ops.layerprune.sparse_linear_nm24(mode.from_tensor(x), mode.from_tensor(sl.values),
+                                                      mode.from_tensor(sl.meta), 48, 96)
+        assert out.shape == (batch, 48)
+
+
+def test_export_nm24_packs_the_2_4_linears_and_loads_back(tiny_with_tok, tmp_path, capsys):
+    """A 2:4-pruned model exported with --layout nm24: every linear in nm24 (one made not 2:4 falls back to delta,
+    named in its entry), the same logits and greedy tokens as the dense-with-zeros model, and a corrupted
+    metadata word refused on load."""
+    from safetensors.torch import load_file, save_file
+
+    from layerprune.api import prune
+    from layerprune.cli import main
+    from layerprune.models.loading import load_model
+    from layerprune.sparse import load_sparse
+    from layerprune.sparse.linear import SparseLinear
+
+    model, tok = tiny_with_tok
+    prune(model, tokenizer=tok, sparsity=0.5, pattern="2:4", pruner="wanda", allocation="uniform", eval=[],
+          nsamples=2, seqlen=32, device="cpu", out=tmp_path / "pruned", progress=False)
+    shard = next((tmp_path / "pruned").glob("*.safetensors"))
+    sd = load_file(str(shard))
+    key = next(k for k in sd if k.endswith("layers.1.mlp.down_proj.weight"))
+    sd[key][0, :8] = 0.5  # this linear is no longer 2:4 (still sparse enough for the delta layout)
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    assert main(["export", str(tmp_path / "pruned"), "--layout", "nm24", "--min-sparsity", "0.45", "--out",
+                 str(tmp_path / "sp"), "--json", "--quiet"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    lays = {name: v.get("layout") for name, v in info["layers"].items()}
+    assert lays.pop("model.layers.1.mlp.down_proj") == "delta" and set(lays.values()) == {"nm24"}
+    assert info["sparse_layers"] == len(info["layers"]) and info["bytes_per_weight_2:4"] == 4 / 2 + 0.125  # fp32 values
+    sm = load_sparse(tmp_path / "sp")
+    assert {m.layout for m in sm.modules() if isinstance(m, SparseLinear)} == {"nm24", "delta"}
+    dense, _ = load_model(str(tmp_path / "pruned"))
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(sm(ids).logits, dense(ids).logits, atol=1e-4)
+        smm = load_sparse(tmp_path / "sp", merge=True)  # q/k/v and gate/up stacked: the same logits
+        assert torch.equal(smm(ids).logits, sm(ids).logits)
+        g1 = sm.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=5, do_sample=False,
+                         pad_token_id=0)
+        g2 = dense.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=5, do_sample=False,
+                            pad_token_id=0)
+    assert torch.equal(g1, g2)
+    f = tmp_path / "sp" / "model.safetensors"
+    sd = load_file(str(f))
+    key = next(k for k in sd if k.endswith(".meta"))
+    sd[key][0, 0] ^= 0b1011  # (0, 2) → (3, 1) in the first group
+    save_file(sd, str(f))
+    cfg_path = tmp_path / "sp" / "sparse_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for v in cfg["layers"].values():
+        v.pop("crc32", None)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="out of order"):
+        load_sparse(tmp_path / "sp")
+
+
+def test_nm24_source_compiles():
+    """The CUDA source compiles for sm_80 and sm_90 where nvcc is installed (the GPU tests below run it)."""
+    from test_sparse import _nvcc_compiles
+
+    from layerprune.sparse import nm24_cuda
+
+    srcs = [(f"#define MT {mt}\n#define MW {mw}\n#define WB 8\n#define UU 4\n" + nm24_cuda.SOURCE, sm)
+            for mt, mw, sm in ((8, 1, 80), (64, 1, 90), (32, 2, 90))]
+    _nvcc_compiles(srcs)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the nm24 kernels need a CUDA device (the GPU machine)")
+
+
+@CUDA
+@pytest.mark.parametrize("shape", [(48, 96), (2064, 4096), (14336, 544), (128, 28672)])
+@pytest.mark.parametrize("batch", [1, 3, 8, 16, 33, 64, 70, 300])
+def test_cuda_nm24_kernel_equals_f_linear(shape, batch):
+    """The op on the GPU (the sparse tensor-core kernel up to 64 tokens, several passes or unpack + cuBLAS past
+    that) against F.linear on the dense weight: within bf16 rounding of the largest output."""
+    from layerprune.sparse import nm24_cuda
+    from layerprune.sparse.linear import SparseLinear
+
+    n, k = shape
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    lin.weight.data = _w24(n, k, device="cuda")
+    sl = SparseLinear.from_linear(lin, "nm24")
+    x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(x.float(), lin.weight.float())
+    for y in (sl(x), nm24_cuda.spmm(x, sl.values, sl.meta, n, k)):
+        assert (y.float() - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-3
+    xs = torch.randn(batch, k + 8, device="cuda", dtype=torch.bfloat16)[:, 3:3 + k]  # unaligned, strided rows
+    ys = nm24_cuda.spmm(xs, sl.values, sl.meta, n, k)
+    assert (ys.float() - F.linear(xs.float(), lin.weight.float())).abs().max() <= 0.01 * ref.abs().max() + 1e-2
+
+
+@CUDA
+@pytest.mark.parametrize("shape", [(48, 96), (2064, 4096), (128, 28672)])
+def test_cuda_nm24_unpack_is_exact(shape):
+    from layerprune.sparse import nm24_cuda
+
+    w = _w24(*shape, device="cuda")
+    sp = nm24.pack(w)
+    assert torch.equal(nm24_cuda.unpack(sp.values, sp.meta, *shape), w)
+
+
+@CUDA
+def test_cuda_nm24_replays_in_a_cuda_graph():
+    from layerprune.sparse.linear import SparseLinear
+
+    lin = torch.nn.Linear(4096, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
+    lin.weight.data = _w24(2048, 4096, device="cuda")
+    sl = SparseLinear.from_linear(lin, "nm24")
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
+    want = sl(x)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = sl(x)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    assert torch.equal(y, sl(x)) and not torch.equal(y, want)
