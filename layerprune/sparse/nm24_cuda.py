@@ -186,7 +186,8 @@ def kernel(device: int, name: str, mt: int = 8, mw: int = 1, wb: int = 8, uu: in
 def settings(n: int, k: int, tokens: int) -> tuple[int, int, int]:
     """(m16 strips a warp, warps a block, column tiles in flight): up to 32 tokens on weights of 14336 rows or
     28672 columns or more, two strips a warp (each B fragment serves both), else one (``bench/probe_nm24.py``,
-    session 27: the best of its four variants on 8 of the 9 shapes at 1–16 tokens, 6% short on 14336 × 4096)."""
+    session 27: within 1% of the best of its four variants on 8 of the 9 shapes at 1–16 tokens, up to 6% short on
+    14336 × 4096)."""
     return (2, 8, 4) if (n >= 14336 or k >= 28672) and tokens <= 32 else (1, 8, 4)
 
 
