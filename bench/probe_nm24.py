@@ -31,11 +31,6 @@ from layerprune.sparse import delta, nm24, nm24_cuda  # noqa: E402
 from layerprune.sparse import linear  # noqa: E402,F401  (registers the ops)
 
 
-def nm24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int, mw: int, wb: int,
-            uu: int) -> torch.Tensor:
-    return nm24_cuda.spmm(x, values, meta, n, k, (mw, wb, uu))
-
-
 def main() -> None:
     from sparse_decode import DEV, SHAPES, timeit, write_rows
 
@@ -44,7 +39,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--shapes", default="")
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--variants", default="2x4x4,2x8x4,1x8x4,2x4x2")
+    ap.add_argument("--variants", default="2x4x4,2x8x4,1x8x4,2x4x2",
+                    help="strips a warp x warps a block x tiles in flight [x columns of x staged at a time]")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     shapes = [(m, tuple(s)) for m, ss in SHAPES.items() for s in ss]
@@ -70,12 +66,12 @@ def main() -> None:
             row["dense_us"] = timeit(lambda: F.linear(x, w), a.reps)
             op = torch.ops.layerprune.sparse_linear_delta
             row["delta_us"] = timeit(lambda: op(x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k), a.reps)
-            for mw, wb, uu in variants:
-                name = f"nm24_{mw}x{wb}x{uu}"
-                y = nm24_mm(x, vals, meta, n, k, mw, wb, uu)
+            for v in variants:
+                name = "nm24_" + "x".join(map(str, v))
+                y = nm24_cuda.spmm(x, vals, meta, n, k, v)
                 row[name + "_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
-                row[name + "_us"] = timeit(lambda: nm24_mm(x, vals, meta, n, k, mw, wb, uu), a.reps)
-            best = min((row[f"nm24_{mw}x{wb}x{uu}_us"], f"{mw}x{wb}x{uu}") for mw, wb, uu in variants)
+                row[name + "_us"] = timeit(lambda v=v: nm24_cuda.spmm(x, vals, meta, n, k, v), a.reps)
+            best = min((row["nm24_" + "x".join(map(str, v)) + "_us"], "x".join(map(str, v))) for v in variants)
             row["nm24_best"], row["nm24_speedup"] = best[1], row["dense_us"] / best[0]
             row["delta_speedup"] = row["dense_us"] / row["delta_us"]
             rows.append(row)

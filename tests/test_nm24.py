@@ -154,8 +154,8 @@ def test_nm24_source_compiles():
 
     from layerprune.sparse import nm24_cuda
 
-    srcs = [(f"#define MT {mt}\n#define MW {mw}\n#define WB 8\n#define UU 4\n" + nm24_cuda.SOURCE, sm)
-            for mt, mw, sm in ((8, 1, 80), (64, 1, 90), (32, 2, 90))]
+    srcs = [(f"#define MT {mt}\n#define MW {mw}\n#define WB 8\n#define UU 4\n#define CH {ch}\n" + nm24_cuda.SOURCE, sm)
+            for mt, mw, ch, sm in ((8, 1, 0, 80), (64, 1, 256, 90), (32, 2, 0, 90))]
     _nvcc_compiles(srcs)
 
 
@@ -177,7 +177,9 @@ def test_cuda_nm24_kernel_equals_f_linear(shape, batch):
     sl = SparseLinear.from_linear(lin, "nm24")
     x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
     ref = F.linear(x.float(), lin.weight.float())
-    for y in (sl(x), nm24_cuda.spmm(x, sl.values, sl.meta, n, k)):
+    ys = [sl(x)] + [nm24_cuda.spmm(x, sl.values, sl.meta, n, k, v)  # x staged whole, or in chunks of 128-512 columns
+                    for v in (None, (1, 8, 4, 256), (2, 8, 4, 512), (2, 4, 2, 128))]
+    for y in ys:
         assert (y.float() - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-3
     xs = torch.randn(batch, k + 8, device="cuda", dtype=torch.bfloat16)[:, 3:3 + k]  # unaligned, strided rows
     ys = nm24_cuda.spmm(xs, sl.values, sl.meta, n, k)

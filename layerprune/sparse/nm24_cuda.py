@@ -7,8 +7,9 @@ straight into registers: nothing is decoded, and the kernel streams the packed b
 ``F.linear`` on 2:4 weights of the LLaMA-2-7B / Llama-3-8B / LLaMA-2-70B shapes (BENCHMARKS.md, session 27; the
 delta layout of the same weights in brackets): one token 1.41–1.68× on the eight shapes of 4096 rows or more
 (1.38–1.58×), 1.11× on 1024 × 4096 (1.17×); eight tokens 1.19–1.52× there (0.51–0.80×); sixteen 1.00–1.40×
-(0.47–0.68×); 32 0.64–1.00×; 64 0.51–0.67×. Settings (:func:`settings`): the best of ``bench/probe_nm24.py``'s four
-variants; which token counts come here: ``linear.nm24_kernel_wanted``.
+(0.47–0.68×); 32 0.64–1.00×, 64 0.51–0.67× (x staged whole; in 512-column chunks, the settings now used on weights
+of 8192 rows or more, 0.89–1.07× and 0.57–0.86× there). Settings: :func:`settings`; which token counts come here:
+``linear.nm24_kernel_wanted``.
 
 Compiled at first use by NVRTC (``torch.cuda._compile_kernel``, as :mod:`delta_cuda`): compute capability 8.0 or
 later; elsewhere :func:`usable` is false and the op unpacks with PyTorch.
@@ -26,7 +27,8 @@ from layerprune.sparse import delta_cuda
 log = logging.getLogger("layerprune")
 
 SOURCE = delta_cuda.PRELUDE + r"""
-// MT tokens a pass (8-64), MW m16 strips a warp, WB warps a block, UU column tiles in flight
+// MT tokens a pass (8-64), MW m16 strips a warp, WB warps a block, UU column tiles in flight, CH columns of x staged at
+// a time (0: the whole split)
 __device__ __forceinline__ void ldsm4b(u32& r0, u32& r1, u32& r2, u32& r3, const u16* p) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -50,12 +52,12 @@ extern "C" __global__ void __launch_bounds__(32 * WB) nm24_mma_bf16(
         float* __restrict__ part, int* __restrict__ count, u16* __restrict__ y,
         int N, int K, int nb, int sxb, int KC, int vec)
 {
-    extern __shared__ __align__(16) u16 xs[];  // MT × (KC + 8)
+    extern __shared__ __align__(16) u16 xs[];  // MT × (CW + 8)
     __shared__ int last_block;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
-    const int KT = K >> 5, XS = KC + 8;
+    const int CW = CH ? CH : KC;  // columns of x staged at a time: CH (a multiple of 32·UU), or the whole split
+    const int KT = K >> 5, XS = CW + 8;
     const int k0 = blockIdx.y * KC, k1 = min(K, k0 + KC);
-    stage_x(xs, x, sxb, nb, K, k0, KC, MT, XS, vec, tid, 32 * WB);
     const int strip0 = (blockIdx.x * WB + warp) * MW;
     const int kt0 = k0 >> 5, kt1 = k1 >> 5;
     const int ml = 2 * g + (tig & 1);  // this lane's metadata word (lanes 4g + 2, 4g + 3 load a copy: unused)
@@ -78,9 +80,16 @@ extern "C" __global__ void __launch_bounds__(32 * WB) nm24_mma_bf16(
             a[u][m] = __ldcs(vals + tile * 32 + lane);
             e[u][m] = __ldcs(meta + tile * 16 + ml);
         }
-    cp_wait();
-    __syncthreads();
+    int cbase = k0, cend = k0;  // the columns of x in shared memory
     for (int kb = kt0; kb < kt1; kb += UU) {
+        if ((kb << 5) >= cend) {  // the next chunk of x (block-uniform); its UU-tile groups never straddle chunks
+            cbase = kb << 5;
+            cend = min(k1, cbase + CW);
+            if (kb != kt0) __syncthreads();  // every warp is done with the previous chunk
+            stage_x(xs, x, sxb, nb, K, cbase, CW, MT, XS, vec, tid, 32 * WB);
+            cp_wait();
+            __syncthreads();
+        }
         if (kb + UU < kt1) {
 #pragma unroll
             for (int u = 0; u < UU; ++u)
@@ -95,7 +104,7 @@ extern "C" __global__ void __launch_bounds__(32 * WB) nm24_mma_bf16(
 #pragma unroll
         for (int u = 0; u < UU; ++u) {
             if (kb + u < kt1) {
-                const int c = ((kb + u) << 5) - k0;
+                const int c = ((kb + u) << 5) - cbase;
 #pragma unroll
                 for (int j = 0; j < MT / 8; ++j) {
                     u32 b0, b1, b2, b3;
@@ -167,47 +176,55 @@ def usable(x: torch.Tensor, values: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _kernel(device: int, name: str, mt: int, mw: int, wb: int, uu: int):
-    src = f"#define MT {mt}\n#define MW {mw}\n#define WB {wb}\n#define UU {uu}\n" + SOURCE
+def _kernel(device: int, name: str, mt: int, mw: int, wb: int, uu: int, ch: int = 0):
+    src = f"#define MT {mt}\n#define MW {mw}\n#define WB {wb}\n#define UU {uu}\n#define CH {ch}\n" + SOURCE
     with torch.cuda.device(device):
         return torch.cuda._compile_kernel(src, name, nvcc_options=["--use_fast_math"])
 
 
-def kernel(device: int, name: str, mt: int = 8, mw: int = 1, wb: int = 8, uu: int = 4):
+def kernel(device: int, name: str, mt: int = 8, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0):
     """The compiled kernel, or ``None`` when it cannot be compiled here (one warning; the caller unpacks)."""
     try:
-        return _kernel(device, name, mt, mw, wb, uu)
+        return _kernel(device, name, mt, mw, wb, uu, ch)
     except (RuntimeError, OSError, AttributeError) as e:
         _failed.add(device)
         log.warning("the nm24 CUDA kernels did not compile (%s); unpacking with PyTorch", str(e).splitlines()[0][:160])
         return None
 
 
-def settings(n: int, k: int, tokens: int) -> tuple[int, int, int]:
-    """(m16 strips a warp, warps a block, column tiles in flight): up to 32 tokens on weights of 14336 rows or
-    28672 columns or more, two strips a warp (each B fragment serves both), else one (``bench/probe_nm24.py``,
-    session 27: within 1% of the best of its four variants on 8 of the 9 shapes at 1–16 tokens, up to 6% short on
-    14336 × 4096)."""
-    return (2, 8, 4) if (n >= 14336 or k >= 28672) and tokens <= 32 else (1, 8, 4)
+def settings(n: int, k: int, tokens: int) -> tuple[int, int, int, int]:
+    """(m16 strips a warp, warps a block, column tiles in flight, columns of x staged at a time or 0 for the whole
+    split), from ``bench/probe_nm24.py`` on the H200 (session 27). Up to 16 tokens: on weights of 14336 rows or 28672
+    columns or more two strips a warp (each B fragment serves both), else one (within 1% of the best of four
+    variants on 8 of the 9 shapes, up to 6% short on 14336 × 4096). 17–64 tokens on weights of 8192 rows or more: x
+    staged 512 columns at a time, so that few column splits (fp32 partial sums) are needed and x no longer limits
+    the blocks a SM (at 64 tokens 0.51–0.56× → 0.57–0.86× on those five shapes; at 32 0.72–0.91× → 0.89–1.07×)."""
+    if tokens > 16 and n >= 8192:
+        return 1, 8, 4, 512
+    return (2, 8, 4, 0) if n >= 14336 or k >= 28672 else (1, 8, 4, 0)
 
 
-def split_columns(k: int, tiles: int, sms: int, mt: int) -> int:
-    """Columns a split (a multiple of 64): about four blocks a SM over the row groups, x of a split within 96 KB."""
+def split_columns(k: int, tiles: int, sms: int, mt: int, ch: int = 0) -> int:
+    """Columns a split (a multiple of 64, or of ``ch``): about four blocks a SM over the row groups; with the whole
+    split's x staged at once (``ch`` = 0) also x within 96 KB."""
     want = max(1, round(4 * sms / tiles))
-    kc = max(64, -(-(-(-k // want)) // 64) * 64)
-    return min(kc, max(64, (96 * 1024 // (2 * mt) - 8) // 64 * 64))
+    step = ch or 64
+    kc = max(step, -(-(-(-k // want)) // step) * step)
+    return kc if ch else min(kc, max(64, (96 * 1024 // (2 * mt) - 8) // 64 * 64))
 
 
 def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int,
-         variant: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+         variant: tuple[int, ...] | None = None) -> torch.Tensor | None:
     """y (B × n) = x (B × k) · Wᵀ in bf16 on the sparse tensor cores (up to 64 tokens a pass, more in several), or
-    ``None`` when the kernel is not available here. ``variant``: (strips a warp, warps a block, tiles in flight),
-    default :func:`settings`."""
+    ``None`` when the kernel is not available here. ``variant``: (strips a warp, warps a block, tiles in flight[,
+    columns of x staged at a time, 0 for the whole split]), default :func:`settings`."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     B = x.shape[0]
     mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
-    mw, wb, uu = variant or settings(n, k, B)
-    kern = kernel(dev, "nm24_mma_bf16", mt, mw, wb, uu)
+    mw, wb, uu, ch = (tuple(variant) + (0,))[:4] if variant else settings(n, k, B)
+    if ch % (32 * uu):
+        raise ValueError(f"nm24: {ch} columns of x a chunk is not a multiple of 32 × {uu} tiles in flight")
+    kern = kernel(dev, "nm24_mma_bf16", mt, mw, wb, uu, ch)
     if kern is None:
         return None
     if x.stride(-1) != 1:
@@ -217,7 +234,7 @@ def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: i
         return y
     sms, _ = delta_cuda._props(dev)
     tiles = -(-n // (16 * mw * wb))
-    kc = split_columns(k, tiles, sms, mt)
+    kc = split_columns(k, tiles, sms, mt, ch)
     s = -(-k // kc)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     count = delta_cuda._counters(dev, stream)
@@ -227,7 +244,8 @@ def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: i
     for p in range(0, B, mt):
         xp = x[p:]
         vec = int(xp.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0)
-        delta_cuda._launch(kern, (tiles, s), 32 * wb, 2 * mt * (kc + 8), stream, (xp, values, meta, part, count, y[p:]),
+        delta_cuda._launch(kern, (tiles, s), 32 * wb, 2 * mt * ((ch or kc) + 8), stream,
+                           (xp, values, meta, part, count, y[p:]),
                            (n, k, min(mt, B - p), x.stride(0), kc, vec))
     return y
 
