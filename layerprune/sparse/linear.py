@@ -15,7 +15,8 @@
   tokens stream the packed weight straight into registers, nothing decoded; more are unpacked for cuBLAS.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
-``layerprune::sparse_linear``, ``layerprune::sparse_linear_nm24``), so ``torch.compile`` and CUDA-graph capture take it as it is. The op
+``layerprune::sparse_linear``, ``layerprune::sparse_linear_nm24``), so ``torch.compile`` and CUDA-graph capture
+take it as it is. The op
 picks the path by where it runs: CUDA with Triton → the decode kernels for small batches (bf16: the CUDA
 kernels of ``delta_cuda`` when they compiled, gathering x for 1–8 tokens, tensor cores for 9–32, or up to 64
 on K > 12288), else decompress + ``F.linear`` (cuBLAS); no CUDA or no Triton → unpack with plain PyTorch and
@@ -35,7 +36,7 @@ from layerprune.sparse import bitmask_cuda, bitmask_wgmma, delta, delta_kernels,
 from layerprune.sparse.format import SparseTensor, pack, unpack
 
 log = logging.getLogger("layerprune")
-_warned = False
+_warned = _warned_nm24 = False
 LAYOUTS = ("delta", "bitmask", "nm24")
 BUFFERS = {"delta": ("values", "deltas", "starts", "gptr"), "bitmask": ("bitmask", "values", "offsets"),
            "nm24": ("values", "meta")}
@@ -139,8 +140,11 @@ def sparse_linear_nm24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor
             w = nm24_cuda.unpack(values, meta, n, k)
             y = None if w is None else F.linear(x2, w)
     if y is None:
-        if x.device.type == "cuda":
-            _torch_path(x)
+        global _warned_nm24
+        if x.device.type == "cuda" and not _warned_nm24:
+            log.warning("SparseLinear (nm24): the sparse tensor-core kernels need bf16 on compute capability 8.0 or "
+                        "later; using the plain PyTorch path (correct, not fast)")
+            _warned_nm24 = True
         y = F.linear(x2, nm24.unpack(nm24.NM24Tensor(values, meta, (n, k))).to(x2.dtype))
     return y.reshape(*lead, n)
 
