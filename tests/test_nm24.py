@@ -121,6 +121,9 @@ def test_export_nm24_packs_the_2_4_linears_and_loads_back(tiny_with_tok, tmp_pat
     lays = {name: v.get("layout") for name, v in info["layers"].items()}
     assert lays.pop("model.layers.1.mlp.down_proj") == "delta" and set(lays.values()) == {"nm24"}
     assert info["sparse_layers"] == len(info["layers"]) and info["bytes_per_weight_2:4"] == 4 / 2 + 0.125  # fp32 values
+    from layerprune.cli.commands import _other_layouts
+
+    assert _other_layouts(info) == ", 1 linear in delta"  # the summary line of the export's table
     sm = load_sparse(tmp_path / "sp")
     assert {m.layout for m in sm.modules() if isinstance(m, SparseLinear)} == {"nm24", "delta"}
     dense, _ = load_model(str(tmp_path / "pruned"))

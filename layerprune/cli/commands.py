@@ -150,19 +150,28 @@ def cmd_quantize(a: argparse.Namespace) -> tuple[dict, str]:
     return rec, txt
 
 
+def _other_layouts(rec: dict) -> str:
+    """", 3 linears in delta": the packed linears that took another layout than the one asked for (nm24 → delta)."""
+    from collections import Counter
+
+    other = Counter(lr["layout"] for lr in rec["layers"].values() if lr.get("layout", rec["layout"]) != rec["layout"])
+    return "".join(f", {k} linear{'s' if k > 1 else ''} in {lay}" for lay, k in sorted(other.items()))
+
+
 def cmd_export(a: argparse.Namespace) -> tuple[dict, str]:
     from layerprune.sparse.export import export_sparse
 
     rec = export_sparse(a.pruned_dir, a.out, min_sparsity=a.min_sparsity, progress=not a.quiet, layout=a.layout,
                         device=a.device)
-    rows = [[n, lr["sparsity"], lr["format"], lr["bytes"]] for n, lr in list(rec["layers"].items())[:12]]
+    rows = [[n, lr["sparsity"], lr["format"] + (f" ({lr['layout']})" if "layout" in lr else ""), lr["bytes"]]
+            for n, lr in list(rec["layers"].items())[:12]]
     txt = table(["linear", "sparsity", "format", "bytes"], rows)
     if len(rec["layers"]) > 12:
         txt += f"\n… {len(rec['layers']) - 12} more linears"
     s = rec["size"]
     txt += (f"\n\n{rec['sparse_layers']} of {len(rec['layers'])} linears compressed; linear weights "
             f"{s['dense_bytes'] / 2**20:.1f} MiB dense → {s['sparse_bytes'] / 2**20:.1f} MiB ({s['ratio']:.3f}, "
-            f"{rec['layout']} layout); "
+            f"{rec['layout']} layout{_other_layouts(rec)}); "
             f"saved to {rec['out']}")
     return rec, txt
 
