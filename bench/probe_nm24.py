@@ -32,7 +32,7 @@ from layerprune.sparse import linear  # noqa: E402,F401  (registers the ops)
 
 
 def main() -> None:
-    from sparse_decode import DEV, SHAPES, timeit, write_rows
+    from sparse_decode import DEV, SHAPES, shape_list, timeit, write_rows
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -45,7 +45,7 @@ def main() -> None:
     batches = [int(b) for b in a.batches.split(",")]
     shapes = [(m, tuple(s)) for m, ss in SHAPES.items() for s in ss]
     if a.shapes:
-        want = {tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")}
+        want = set(shape_list(a.shapes))
         shapes = [(m, s) for m, s in shapes if s in want]
     variants = [tuple(int(v) for v in s.split("x")) for s in a.variants.split(",")]
     rows = []

@@ -249,33 +249,48 @@ E2E_DIMS = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hid
                                num_key_value_heads=8)}
 
 
-def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: bool = False,
-        dims: str = "llama2-7b", blocks: int = 0, compile: bool = False, on_row=None,
-        prefill: list[int] = ()) -> list[dict]:
+def random_model(dims: str, smoke: bool = False, blocks: int = 0, max_pos: int = 4096):
+    """(model, config): random bf16 weights with ``dims``' dimensions (``blocks`` of its blocks when given) built on
+    DEV, eval mode; ``smoke``: tiny dimensions (a CPU check of the code path)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from layerprune.api import Session, prune
-    from layerprune.data.calibration import CalibSet
-    from layerprune.sparse.bench import decode_rate, prefill_ms, weight_bytes
-    from layerprune.sparse.export import sparsify
-    from layerprune.sparse.merge import merge_siblings
 
     dcfg = dict(E2E_DIMS[dims])
     if blocks:  # a part of the model's blocks (70B: 16 of 80 fit twice on one GPU with the sparse copies)
         dcfg["num_hidden_layers"] = blocks
     dcfg.setdefault("vocab_size", 32000)  # LLaMA-2's; Llama-3's 128256 (its dense lm_head is 1 GB read per step)
-    cfg = LlamaConfig(**dcfg, max_position_embeddings=max(4096, *prefill) if prefill else 4096)
-    if smoke:  # a CPU check of this code path with tiny dimensions
+    cfg = LlamaConfig(**dcfg, max_position_embeddings=max_pos)
+    if smoke:
         cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                           num_key_value_heads=4, vocab_size=32000, max_position_embeddings=512)
     torch.manual_seed(0)
-    t = time.perf_counter()
     with torch.device(DEV):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    build_s = time.perf_counter() - t
+    return model, cfg
+
+
+def random_session(model, nsamples: int, seqlen: int):
+    """A pruning session calibrated on random token ids (speed does not depend on the values)."""
+    from layerprune.api import Session
+    from layerprune.data.calibration import CalibSet
+
     sess = Session(model, None, DEV, nsamples=nsamples, seqlen=seqlen, batch_size=8, progress=False, use_cache=False)
     ids = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     sess._calib = CalibSet(ids, "random", 0, list(range(nsamples)))
+    return sess
+
+
+def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: bool = False,
+        dims: str = "llama2-7b", blocks: int = 0, compile: bool = False, on_row=None,
+        prefill: list[int] = ()) -> list[dict]:
+    from layerprune.api import prune
+    from layerprune.sparse.bench import decode_rate, prefill_ms, weight_bytes
+    from layerprune.sparse.export import sparsify
+    from layerprune.sparse.merge import merge_siblings
+
+    t = time.perf_counter()
+    model, cfg = random_model(dims, smoke, blocks, max(4096, *prefill) if prefill else 4096)
+    build_s = time.perf_counter() - t
+    sess = random_session(model, nsamples, seqlen)
     t = time.perf_counter()
     rec = prune(model, session=sess, sparsity=0.7, pruner="wanda", allocation="dlp", eval=[], progress=False,
                 device=DEV.type)
@@ -338,24 +353,13 @@ def e2e_24(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smok
     """End to end for a 2:4 model (``--parts e2e24``): random bf16 weights of ``dims``, Wanda 2:4 (uniform: N:M fixes
     every linear at 50%), packed in the ``nm24`` layout and in ``delta``, q/k/v and gate/up stacked in both (as
     ``generate`` and ``bench-decode`` run them); decode tokens/s against the dense model, CUDA graphs."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from layerprune.api import Session, prune
-    from layerprune.data.calibration import CalibSet
+    from layerprune.api import prune
     from layerprune.sparse.bench import decode_rate, weight_bytes
     from layerprune.sparse.export import sparsify
     from layerprune.sparse.merge import merge_siblings
 
-    cfg = LlamaConfig(**dict(E2E_DIMS[dims], vocab_size=32000), max_position_embeddings=4096)
-    if smoke:
-        cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=512)
-    torch.manual_seed(0)
-    with torch.device(DEV):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    sess = Session(model, None, DEV, nsamples=nsamples, seqlen=seqlen, batch_size=8, progress=False, use_cache=False)
-    ids = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
-    sess._calib = CalibSet(ids, "random", 0, list(range(nsamples)))
+    model, cfg = random_model(dims, smoke)
+    sess = random_session(model, nsamples, seqlen)
     prune(model, session=sess, sparsity=0.5, pattern="2:4", pruner="wanda", allocation="uniform", eval=[],
           progress=False, device=DEV.type)
     model.to(DEV)

@@ -53,8 +53,6 @@ def default_min_sparsity(layout: str, w: torch.Tensor) -> float:
     """The sparsity from which a packed ``w`` is faster than dense for one decode token on the H200."""
     if layout == "delta" and w.dtype == torch.bfloat16 and w.shape[0] > 2048:
         return MIN_SPARSITY_CUDA
-    if layout == "nm24" and not nm24.fits(w):  # packed in the delta layout
-        return default_min_sparsity("delta", w)
     return MIN_SPARSITY[layout]
 
 
@@ -93,11 +91,10 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, layout: str = 
     for i, n, lin in tqdm(ad.all_linears(), desc="pack", unit="linear", disable=not progress):
         name = ad.full_name(i, n)
         w = lin.weight.data
-        ms = default_min_sparsity(layout, w) if min_sparsity is None else min_sparsity
+        lay = "delta" if layout == "nm24" and not nm24.fits(w) else layout  # the 2:4 check, once per weight
+        ms = default_min_sparsity(lay, w) if min_sparsity is None else min_sparsity
         s = float((w == 0).sum()) / w.numel()
-        lay = layout
-        if layout == "nm24" and s >= ms and not nm24.fits(w):
-            lay = "delta"
+        if lay != layout and s >= ms:
             not_nm.append(name)
         too_wide = lay == "delta" and w.shape[1] >= delta.MAX_K
         if too_wide and s >= ms:
@@ -183,7 +180,7 @@ def export_sparse(pruned_dir: str | Path, out: str | Path, min_sparsity: float |
     info = {"out": str(out), "source": str(pruned_dir), "exported": now(), "layers": layers, "sparse_layers": n_sparse,
             "min_sparsity": ms, "layout": layout, "size": {"dense_bytes": dense_b, "sparse_bytes": sparse_b,
                                                            "ratio": sparse_b / max(dense_b, 1)},
-            **({"bytes_per_weight_2:4": model.dtype.itemsize / 2 + 0.125} if layout == "nm24" else
+            **({"bytes_per_weight_2:4": nm24.bytes_per_weight(model.dtype.itemsize)} if layout == "nm24" else
                {"bytes_per_weight_at_0.7": (bytes_per_weight(0.7, model.dtype.itemsize) if layout == "bitmask"
                                             else delta.bytes_per_weight(0.7, model.dtype.itemsize))}),
             "pack_device": str(dev), "timing": {"load_s": t1 - t0, "pack_s": t2 - t1}}

@@ -43,6 +43,11 @@ class NM24Tensor:
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
 
+def bytes_per_weight(element_size: int = 2) -> float:
+    """The layout's bytes per weight: half the weights as values, 2 bits of position per value."""
+    return element_size / 2 + 0.125
+
+
 def fits(w: torch.Tensor) -> bool:
     """Whether ``w`` can take this layout: 2-D, N % 16 = 0, K % 32 = 0, at most two nonzeros in every four columns."""
     if w.dim() != 2 or w.shape[0] % 16 or w.shape[1] % 32:

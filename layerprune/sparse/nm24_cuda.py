@@ -28,12 +28,7 @@ log = logging.getLogger("layerprune")
 
 SOURCE = delta_cuda.PRELUDE + r"""
 // MT tokens a pass (8-64), MW m16 strips a warp, WB warps a block, UU column tiles in flight, CH columns of x staged at
-// a time (0: the whole split)
-__device__ __forceinline__ void ldsm4b(u32& r0, u32& r1, u32& r2, u32& r3, const u16* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
-}
+// a time (0: the whole split). ldsm4, stage_x, cp_wait, to_bf and finish_splits come from delta_cuda.PRELUDE.
 
 __device__ __forceinline__ void mma_sp(float* c, const uint4& a, u32 b0, u32 b1, u32 b2, u32 b3, u32 e) {
     asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
@@ -108,7 +103,7 @@ extern "C" __global__ void __launch_bounds__(32 * WB) nm24_mma_bf16(
 #pragma unroll
                 for (int j = 0; j < MT / 8; ++j) {
                     u32 b0, b1, b2, b3;
-                    ldsm4b(b0, b1, b2, b3, xs + (8 * j + (lane & 7)) * XS + c + 8 * (lane >> 3));
+                    ldsm4(b0, b1, b2, b3, xs + (8 * j + (lane & 7)) * XS + c + 8 * (lane >> 3));
 #pragma unroll
                     for (int m = 0; m < MW; ++m) mma_sp(acc[m][j], a[u][m], b0, b1, b2, b3, e[u][m]);
                 }
