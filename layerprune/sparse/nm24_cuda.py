@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from layerprune.sparse import delta_cuda
+from layerprune.sparse import bitmask_wgmma, delta_cuda
 
 log = logging.getLogger("layerprune")
 
@@ -131,6 +131,144 @@ extern "C" __global__ void __launch_bounds__(32 * WB) nm24_mma_bf16(
     if (!one) finish_splits(part, count, y, N, nb, blockIdx.x * WB * MW * 16, WB * MW * 16, &last_block);
 }
 
+#if WGMMA
+WG_HELPERS
+WG_SP_FN
+
+// x[t][c0 … c0 + cw − 1] (tokens t < MT; cw a multiple of 32) into shared memory as wgmma's K-major B operand without
+// swizzle: core matrices of 8 tokens × 8 columns (128 bytes), the next along K 128 bytes on, the next 8 tokens cw·16
+// bytes on. 32 lanes fill 512 contiguous bytes (8 tokens × 32 columns) and read 64 bytes of each token row; tokens past
+// nb and columns past K are zeros. Every thread calls it; the caller waits, fences the async proxy and syncs.
+__device__ __forceinline__ void stage_cm(u16* xs, const u16* __restrict__ x, int sxb, int nb, int K, int c0, int cw,
+                                         int vec, int tid, int nthreads) {
+    const int q = cw >> 5;
+    for (int i = tid; i < MT * (cw >> 3); i += nthreads) {
+        const int rest = i >> 5, t = (rest / q) * 8 + (i & 7), c8 = (rest % q) * 4 + ((i >> 3) & 3), col = c0 + c8 * 8;
+        u16* dst = xs + (t >> 3) * (cw * 8) + c8 * 64 + (t & 7) * 8;
+        const u16* src = x + (size_t)t * sxb + col;
+        if (t < nb && vec && col + 8 <= K) {
+            cp16(dst, src);
+        } else {
+            u32 ev[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) ev[j] = t < nb && col + j < K ? src[j] : 0u;
+            *reinterpret_cast<uint4*>(dst) =
+                make_uint4(ev[0] | (ev[1] << 16), ev[2] | (ev[3] << 16), ev[4] | (ev[5] << 16), ev[6] | (ev[7] << 16));
+        }
+    }
+}
+
+// the descriptor of the 32 columns from column c of the staged x (leading byte offset 128: the next 8 columns; stride
+// byte offset cw·16: the next 8 tokens)
+__device__ __forceinline__ u64 desc_cm(const u16* xs, int c, int cw) {
+    const u32 a = (u32)__cvta_generic_to_shared(xs + c * 8);
+    return (u64)((a & 0x3FFFFu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(cw & 0x3FFF) << 32);
+}
+
+// nm24_mma_bf16 on Hopper's warpgroup instructions: each warp still streams its 16-row strip's A fragments and
+// metadata straight into registers (the same bytes: wgmma.sp's register A operand and metadata sit, per warp, as
+// mma.sp.m16n8k32's), but a warpgroup's four strips share one wgmma.sp.m64n{MT}k32 per column tile that reads x
+// from shared memory itself, so x is read from shared memory once per 64 rows instead of once per 16 (ldmatrix)
+// and no B fragments pass through registers. WB a multiple of 4 (warpgroups of consecutive strips); MW groups of
+// WB strips a block, each warp one strip in each.
+extern "C" __global__ void __launch_bounds__(32 * WB) nm24_wg_bf16(
+        const u16* __restrict__ x, const uint4* __restrict__ vals, const u32* __restrict__ meta,
+        float* __restrict__ part, int* __restrict__ count, u16* __restrict__ y,
+        int N, int K, int nb, int sxb, int KC, int vec)
+{
+    extern __shared__ __align__(128) u16 xs[];  // MT × CW, core-matrix order (stage_cm)
+    __shared__ int last_block;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int CW = CH ? CH : KC;
+    const int KT = K >> 5;
+    const int k0 = blockIdx.y * KC, k1 = min(K, k0 + KC);
+    const int kt0 = k0 >> 5, kt1 = k1 >> 5;
+    const int ml = 2 * g + (tig & 1);
+    // MW row groups of WB strips a block; this warp's strip in group m: (blockIdx.x·MW + m)·WB + warp
+    size_t row0[MW];
+#pragma unroll
+    for (int m = 0; m < MW; ++m) {
+        const int strip = (blockIdx.x * MW + m) * WB + warp;
+        row0[m] = (size_t)(strip * 16 < N ? strip : 0) * KT;
+    }
+    float acc[MW][MT / 2];
+#pragma unroll
+    for (int m = 0; m < MW; ++m)
+#pragma unroll
+        for (int i = 0; i < MT / 2; ++i) acc[m][i] = 0.f;
+    uint4 a[UU][MW], a2[UU][MW];
+    u32 e[UU][MW], e2[UU][MW];
+#pragma unroll
+    for (int u = 0; u < UU; ++u)
+#pragma unroll
+        for (int m = 0; m < MW; ++m) {
+            const size_t tile = row0[m] + min(kt0 + u, kt1 - 1);
+            a[u][m] = __ldcs(vals + tile * 32 + lane);
+            e[u][m] = __ldcs(meta + tile * 16 + ml);
+        }
+    int cbase = k0, cend = k0;
+    for (int kb = kt0; kb < kt1; kb += UU) {
+        if ((kb << 5) >= cend) {  // the next chunk of x (block-uniform)
+            cbase = kb << 5;
+            cend = min(k1, cbase + CW);
+            if (kb != kt0) __syncthreads();  // every warpgroup's products of the previous chunk are done (waited below)
+            stage_cm(xs, x, sxb, nb, K, cbase, CW, vec, tid, 32 * WB);
+            cp_wait();
+            fence_async();
+            __syncthreads();
+        }
+        if (kb + UU < kt1) {
+#pragma unroll
+            for (int u = 0; u < UU; ++u)
+#pragma unroll
+                for (int m = 0; m < MW; ++m) {
+                    const size_t tile = row0[m] + min(kb + UU + u, kt1 - 1);
+                    a2[u][m] = __ldcs(vals + tile * 32 + lane);
+                    e2[u][m] = __ldcs(meta + tile * 16 + ml);
+                }
+        }
+        wg_fence();
+#pragma unroll
+        for (int u = 0; u < UU; ++u)
+            if (kb + u < kt1) {
+                const u64 db = desc_cm(xs, ((kb + u) << 5) - cbase, CW);
+#pragma unroll
+                for (int m = 0; m < MW; ++m) wg_sp(acc[m], a[u][m], db, e[u][m]);
+            }
+        wg_commit();
+        wg_wait<0>();
+#pragma unroll
+        for (int m = 0; m < MW; ++m)
+#pragma unroll
+            for (int i = 0; i < MT / 2; ++i) pin(acc[m][i]);
+#pragma unroll
+        for (int u = 0; u < UU; ++u)  // the products read a and e until here: a2 and e2 may not take their registers
+#pragma unroll
+            for (int m = 0; m < MW; ++m) {
+                pin(a[u][m].x); pin(a[u][m].y); pin(a[u][m].z); pin(a[u][m].w); pin(e[u][m]);
+                a[u][m] = a2[u][m];
+                e[u][m] = e2[u][m];
+            }
+    }
+    const bool one = gridDim.y == 1;
+    float* out = part + (size_t)blockIdx.y * nb * N;
+    // wgmma's accumulators sit as mma's, per warp: acc[m][4j + h] is row g + 8·(h >> 1), token 8j + 2·tig + (h & 1)
+#pragma unroll
+    for (int m = 0; m < MW; ++m)
+#pragma unroll
+        for (int j = 0; j < MT / 8; ++j)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                const int tk = 8 * j + 2 * tig + (h & 1), rr = ((blockIdx.x * MW + m) * WB + warp) * 16 + g + 8 * (h >> 1);
+                if (tk < nb && rr < N) {
+                    if (one) y[(size_t)tk * N + rr] = to_bf(acc[m][4 * j + h]);
+                    else out[(size_t)tk * N + rr] = acc[m][4 * j + h];
+                }
+            }
+    if (!one) finish_splits(part, count, y, N, nb, blockIdx.x * MW * WB * 16, MW * WB * 16, &last_block);
+}
+#endif
+
 // The dense weight: thread (tile, lane) writes the four groups of four columns whose kept values its A fragment
 // holds (groups t and t + 4 of rows g and g + 8), 8 bytes each, zeros included: no other thread writes them.
 extern "C" __global__ void nm24_unpack_bf16(const uint4* __restrict__ vals, const u32* __restrict__ meta,
@@ -170,33 +308,62 @@ def usable(x: torch.Tensor, values: torch.Tensor) -> bool:
     return dev not in _failed and torch.cuda.get_device_capability(dev) >= (8, 0)
 
 
+def _sp_fn(mt: int) -> str:
+    """``wg_sp(d, a, db, e)``: d (``mt``/2 fp32 a thread) += A (64 × 32 at 2:4: the four warps' fragments, metadata e)
+    · B (32 × ``mt``, shared-memory descriptor db)."""
+    n = mt // 2
+    regs = ", ".join(f"%{i}" for i in range(n))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n))
+    return ("__device__ __forceinline__ void wg_sp(float* d, const uint4& a, u64 db, u32 e) {\n"
+            f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{n + 6}, 0;\\n"\n'
+            f'                 "wgmma.mma_async.sp.sync.aligned.m64n{mt}k32.f32.bf16.bf16 {{{regs}}}, '
+            f'{{%{n}, %{n + 1}, %{n + 2}, %{n + 3}}}, %{n + 4}, %{n + 5}, 0, p, 1, 1, 0;\\n}}\\n"\n'
+            f'                 : {outs}\n'
+            '                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(db), "r"(e), "r"(1));\n}\n')
+
+
+def source(mt: int, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0, wg: bool = False) -> str:
+    """The CUDA source for ``mt`` tokens a pass; ``wg``: with the sm_90a kernel ``nm24_wg_bf16`` (``mw`` 1, ``wb`` a
+    multiple of 4)."""
+    if wg and wb % 4:
+        raise ValueError(f"nm24_wg_bf16: whole warpgroups ({wb} warps a block)")
+    head = f"#define MT {mt}\n#define MW {mw}\n#define WB {wb}\n#define UU {uu}\n#define CH {ch}\n#define WGMMA {int(wg)}\n"
+    return head + SOURCE.replace("WG_HELPERS", bitmask_wgmma.WG_HELPERS if wg else "").replace(
+        "WG_SP_FN", _sp_fn(mt) if wg else "")
+
+
 @functools.cache
-def _kernel(device: int, name: str, mt: int, mw: int, wb: int, uu: int, ch: int = 0):
-    src = f"#define MT {mt}\n#define MW {mw}\n#define WB {wb}\n#define UU {uu}\n#define CH {ch}\n" + SOURCE
+def _kernel(device: int, name: str, mt: int, mw: int, wb: int, uu: int, ch: int = 0, wg: bool = False):
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(src, name, nvcc_options=["--use_fast_math"])
+        return torch.cuda._compile_kernel(source(mt, mw, wb, uu, ch, wg), name, nvcc_options=["--use_fast_math"],
+                                          **({"compute_capability": "90a"} if wg else {}))
 
 
-def kernel(device: int, name: str, mt: int = 8, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0):
+def kernel(device: int, name: str, mt: int = 8, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0, wg: bool = False):
     """The compiled kernel, or ``None`` when it cannot be compiled here (one warning; the caller unpacks)."""
     try:
-        return _kernel(device, name, mt, mw, wb, uu, ch)
-    except (RuntimeError, OSError, AttributeError) as e:
+        return _kernel(device, name, mt, mw, wb, uu, ch, wg)
+    except (RuntimeError, OSError, AttributeError, TypeError) as e:
         _failed.add(device)
         log.warning("the nm24 CUDA kernels did not compile (%s); unpacking with PyTorch", str(e).splitlines()[0][:160])
         return None
 
 
-def settings(n: int, k: int, tokens: int) -> tuple[int, int, int, int]:
+def hopper(device: int) -> bool:
+    """Whether ``nm24_wg_bf16`` can run here (compute capability 9.0: sm_90a code runs only there)."""
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def settings(n: int, k: int, tokens: int) -> tuple[int, int, int, int, int]:
     """(m16 strips a warp, warps a block, column tiles in flight, columns of x staged at a time or 0 for the whole
-    split), from ``bench/probe_nm24.py`` on the H200 (session 27). Up to 16 tokens: on weights of 14336 rows or 28672
+    split, 1 for the Hopper wgmma kernel), from ``bench/probe_nm24.py`` on the H200 (session 27). Up to 16 tokens: on weights of 14336 rows or 28672
     columns or more two strips a warp (each B fragment serves both), else one (within 1% of the best of four
     variants on 8 of the 9 shapes, up to 6% short on 14336 × 4096). 17–64 tokens on weights of 8192 rows or more: x
     staged 512 columns at a time, so that few column splits (fp32 partial sums) are needed and x no longer limits
     the blocks a SM (at 64 tokens 0.51–0.56× → 0.57–0.86× on those five shapes; at 32 0.72–0.91× → 0.89–1.07×)."""
     if tokens > 16 and n >= 8192:
-        return 1, 8, 4, 512
-    return (2, 8, 4, 0) if n >= 14336 or k >= 28672 else (1, 8, 4, 0)
+        return 1, 8, 4, 512, 0
+    return (2, 8, 4, 0, 0) if n >= 14336 or k >= 28672 else (1, 8, 4, 0, 0)
 
 
 def split_columns(k: int, tiles: int, sms: int, mt: int, ch: int = 0) -> int:
@@ -216,10 +383,11 @@ def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: i
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     B = x.shape[0]
     mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
-    mw, wb, uu, ch = (tuple(variant) + (0,))[:4] if variant else settings(n, k, B)
+    mw, wb, uu, ch, wg = (tuple(variant) + (0, 0))[:5] if variant else settings(n, k, B)
     if ch % (32 * uu):
         raise ValueError(f"nm24: {ch} columns of x a chunk is not a multiple of 32 × {uu} tiles in flight")
-    kern = kernel(dev, "nm24_mma_bf16", mt, mw, wb, uu, ch)
+    wg = bool(wg) and hopper(dev)
+    kern = kernel(dev, "nm24_wg_bf16" if wg else "nm24_mma_bf16", mt, mw, wb, uu, ch, wg)
     if kern is None:
         return None
     if x.stride(-1) != 1:

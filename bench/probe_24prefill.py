@@ -1,0 +1,114 @@
+"""2:4 weights at 64–2048 tokens on the sparse tensor cores through PyTorch's two back ends, side by side with
+dense ``F.linear`` and layerprune's nm24 op (median µs, L2 flushed, ``sparse_decode.timeit``):
+
+- CUTLASS (``torch._sparse_semi_structured_linear``; its layout is written out in PyTorch's
+  ``sparse_semi_structured_from_dense_cutlass``), eager and replayed from a CUDA graph;
+- cuSPARSELt (``torch._cslt_sparse_mm`` on a weight compressed once, the algorithm searched once), eager and graph.
+
+``--dump DIR`` also writes cuSPARSELt's compressed bytes for small shapes whose kept values encode their row and
+kept-column index (4 probes, one mask) and whose masks encode each 4-group's index in base-6 digits (one pattern
+of the six per group and probe), so that its layout can be read off on a CPU.
+
+    python3 bench/probe_24prefill.py --out $OUT/p.json [--dump $OUT/cslt_layout]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from probe_cslt import graphed  # noqa: E402
+from sparse_decode import DEV, brief, masked, op, shape_list, timeit, write_rows  # noqa: E402
+
+from layerprune.sparse.nm24 import pack as npack  # noqa: E402
+
+PATTERNS = list(itertools.combinations(range(4), 2))  # the six ways to keep 2 of 4
+
+
+def mask_from_patterns(pat: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """[n, k] bool keeping, in 4-group g of row r, the two positions PATTERNS[pat[r, g]]."""
+    table = torch.zeros(6, 4, dtype=torch.bool)
+    for i, (a, b) in enumerate(PATTERNS):
+        table[i, a] = table[i, b] = True
+    return table[pat.long()].reshape(n, k)
+
+
+def dump(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for n, k in [(64, 64), (128, 256), (256, 512), (512, 1024)]:
+        g = torch.Generator().manual_seed(n + k)
+        base = torch.randint(0, 6, (n, k // 4), generator=g)
+        m0 = mask_from_patterns(base, n, k)
+        rows = torch.arange(n)[:, None].expand(n, k // 2)
+        cols = torch.arange(k // 2)[None, :].expand(n, k // 2)
+        rec = {"shape": [n, k], "base_patterns": base.to(torch.uint8), "values": {}, "masks": {}}
+        for name, v in {"r_lo": rows % 256 + 1, "r_hi": rows // 256 + 1,
+                        "j_lo": cols % 256 + 1, "j_hi": cols // 256 + 1}.items():
+            w = torch.zeros(n, k)
+            w[m0] = v.reshape(-1).float()
+            c = torch._cslt_compress(w.to(DEV, torch.bfloat16))
+            rec["values"][name] = c.view(torch.uint8).cpu()
+        idx = torch.arange(n * (k // 4)).reshape(n, k // 4)
+        digits = 0
+        while 6 ** digits < n * (k // 4):
+            digits += 1
+        for d in range(digits):
+            pat = (idx // 6 ** d) % 6
+            w = mask_from_patterns(pat, n, k).float()
+            c = torch._cslt_compress(w.to(DEV, torch.bfloat16))
+            rec["masks"][d] = c.view(torch.uint8).cpu()
+        torch.save(rec, out / f"cslt_{n}x{k}.pt")
+        print("dumped", n, k, "compressed bytes", rec["values"]["r_lo"].numel(), "dense bytes", 2 * n * k, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="4096x4096,1024x4096,11008x4096,4096x11008,14336x4096,8192x8192,28672x8192,8192x28672")
+    ap.add_argument("--batches", default="64,256,512,2048")
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--dump", default="")
+    a = ap.parse_args()
+    if a.dump:
+        dump(Path(a.dump))
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS as Cutlass
+    checks, rows = [], []
+    for n, k in shape_list(a.shapes):
+        w = masked(n, k, "2:4")
+        sp = npack(w)
+        cut = Cutlass.from_dense(w)
+        wc = torch._cslt_compress(w)
+        for b in (int(v) for v in a.batches.split(",")):
+            x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
+            ref = F.linear(x.float(), w.float())
+            alg = torch._cslt_sparse_mm_search(wc, x.t())
+            fns = {"dense": lambda: F.linear(x, w),
+                   "nm24_op": lambda: op(x, sp, n, k),
+                   "cutlass": lambda: torch._sparse_semi_structured_linear(x, cut.packed, cut.meta),
+                   "cslt": lambda: torch._cslt_sparse_mm(wc, x.t(), transpose_result=True, alg_id=alg)}
+            row = {"shape": [n, k], "sparsity": "2:4", "batch": b}
+            for name, fn in fns.items():
+                try:
+                    y = fn()
+                    err = float((y.float() - ref).abs().max() / ref.abs().max())
+                    checks.append({"shape": [n, k], "batch": b, "variant": name, "rel_err": err, "ok": err < 1e-2})
+                    row[f"{name}_us"] = timeit(fn, a.reps)
+                    if name != "nm24_op":
+                        row[f"{name}_graph_us"] = timeit(graphed(fn), a.reps)
+                except (RuntimeError, TypeError) as e:
+                    row[f"{name}_error"] = str(e).splitlines()[0][:200]
+            rows.append(row)
+            brief(row, "shape", "batch", "dense_us", "dense_graph_us", "nm24_op_us", "cutlass_us", "cutlass_graph_us",
+                  "cslt_us", "cslt_graph_us", "cutlass_error", "cslt_error")
+            write_rows(a.out, checks=checks, linears=rows)
+    print("correct:", all(c["ok"] for c in checks), flush=True)
+
+
+if __name__ == "__main__":
+    main()
