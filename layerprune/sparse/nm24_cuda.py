@@ -42,7 +42,7 @@ __device__ __forceinline__ void mma_sp(float* c, const uint4& a, u32 b0, u32 b1,
 // then each warp streams its strips' tiles (UU column tiles' A fragments and metadata in flight, loaded straight
 // into registers), reads the B fragments of 8 tokens with one ldmatrix.x4 and issues one mma.sp per strip and 8
 // tokens. Several splits: fp32 partial sums, the last block of a row group adds them (finish_splits).
-extern "C" __global__ void __launch_bounds__(32 * WB) nm24_mma_bf16(
+extern "C" __global__ void __launch_bounds__(32 * WB, MINB) nm24_mma_bf16(
         const u16* __restrict__ x, const uint4* __restrict__ vals, const u32* __restrict__ meta,
         float* __restrict__ part, int* __restrict__ count, u16* __restrict__ y,
         int N, int K, int nb, int sxb, int KC, int vec)
@@ -171,7 +171,7 @@ __device__ __forceinline__ u64 desc_cm(const u16* xs, int c, int cw) {
 // from shared memory itself, so x is read from shared memory once per 64 rows instead of once per 16 (ldmatrix)
 // and no B fragments pass through registers. WB a multiple of 4 (warpgroups of consecutive strips); MW groups of
 // WB strips a block, each warp one strip in each.
-extern "C" __global__ void __launch_bounds__(32 * WB) nm24_wg_bf16(
+extern "C" __global__ void __launch_bounds__(32 * WB, MINB) nm24_wg_bf16(
         const u16* __restrict__ x, const uint4* __restrict__ vals, const u32* __restrict__ meta,
         float* __restrict__ part, int* __restrict__ count, u16* __restrict__ y,
         int N, int K, int nb, int sxb, int KC, int vec)
@@ -322,27 +322,29 @@ def _sp_fn(mt: int) -> str:
             '                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(db), "r"(e), "r"(1));\n}\n')
 
 
-def source(mt: int, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0, wg: bool = False) -> str:
-    """The CUDA source for ``mt`` tokens a pass; ``wg``: with the sm_90a kernel ``nm24_wg_bf16`` (``mw`` 1, ``wb`` a
-    multiple of 4)."""
+def source(mt: int, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0, wg: bool = False, minb: int = 1) -> str:
+    """The CUDA source for ``mt`` tokens a pass; ``wg``: with the sm_90a kernel ``nm24_wg_bf16`` (``wb`` a multiple
+    of 4); ``minb``: blocks a SM the registers must leave room for (``__launch_bounds__``)."""
     if wg and wb % 4:
         raise ValueError(f"nm24_wg_bf16: whole warpgroups ({wb} warps a block)")
-    head = f"#define MT {mt}\n#define MW {mw}\n#define WB {wb}\n#define UU {uu}\n#define CH {ch}\n#define WGMMA {int(wg)}\n"
+    head = (f"#define MT {mt}\n#define MW {mw}\n#define WB {wb}\n#define UU {uu}\n#define CH {ch}\n#define WGMMA {int(wg)}\n"
+            f"#define MINB {minb}\n")
     return head + SOURCE.replace("WG_HELPERS", bitmask_wgmma.WG_HELPERS if wg else "").replace(
         "WG_SP_FN", _sp_fn(mt) if wg else "")
 
 
 @functools.cache
-def _kernel(device: int, name: str, mt: int, mw: int, wb: int, uu: int, ch: int = 0, wg: bool = False):
+def _kernel(device: int, name: str, mt: int, mw: int, wb: int, uu: int, ch: int = 0, wg: bool = False, minb: int = 1):
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source(mt, mw, wb, uu, ch, wg), name, nvcc_options=["--use_fast_math"],
+        return torch.cuda._compile_kernel(source(mt, mw, wb, uu, ch, wg, minb), name, nvcc_options=["--use_fast_math"],
                                           **({"compute_capability": "90a"} if wg else {}))
 
 
-def kernel(device: int, name: str, mt: int = 8, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0, wg: bool = False):
+def kernel(device: int, name: str, mt: int = 8, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0, wg: bool = False,
+           minb: int = 1):
     """The compiled kernel, or ``None`` when it cannot be compiled here (one warning; the caller unpacks)."""
     try:
-        return _kernel(device, name, mt, mw, wb, uu, ch, wg)
+        return _kernel(device, name, mt, mw, wb, uu, ch, wg, minb)
     except (RuntimeError, OSError, AttributeError, TypeError) as e:
         _failed.add(device)
         log.warning("the nm24 CUDA kernels did not compile (%s); unpacking with PyTorch", str(e).splitlines()[0][:160])
@@ -354,16 +356,17 @@ def hopper(device: int) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def settings(n: int, k: int, tokens: int) -> tuple[int, int, int, int, int]:
+def settings(n: int, k: int, tokens: int) -> tuple[int, ...]:
     """(m16 strips a warp, warps a block, column tiles in flight, columns of x staged at a time or 0 for the whole
-    split, 1 for the Hopper wgmma kernel), from ``bench/probe_nm24.py`` on the H200 (session 27). Up to 16 tokens: on weights of 14336 rows or 28672
+    split, 1 for the Hopper wgmma kernel, blocks a SM the registers leave room for, 1 to prefer shared memory over L1),
+    from ``bench/probe_nm24.py`` on the H200 (session 27). Up to 16 tokens: on weights of 14336 rows or 28672
     columns or more two strips a warp (each B fragment serves both), else one (within 1% of the best of four
     variants on 8 of the 9 shapes, up to 6% short on 14336 × 4096). 17–64 tokens on weights of 8192 rows or more: x
     staged 512 columns at a time, so that few column splits (fp32 partial sums) are needed and x no longer limits
     the blocks a SM (at 64 tokens 0.51–0.56× → 0.57–0.86× on those five shapes; at 32 0.72–0.91× → 0.89–1.07×)."""
     if tokens > 16 and n >= 8192:
-        return 1, 8, 4, 512, 0
-    return (2, 8, 4, 0, 0) if n >= 14336 or k >= 28672 else (1, 8, 4, 0, 0)
+        return 1, 8, 4, 512, 0, 1, 0
+    return (2, 8, 4, 0, 0, 1, 0) if n >= 14336 or k >= 28672 else (1, 8, 4, 0, 0, 1, 0)
 
 
 def split_columns(k: int, tiles: int, sms: int, mt: int, ch: int = 0) -> int:
@@ -383,13 +386,15 @@ def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: i
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     B = x.shape[0]
     mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
-    mw, wb, uu, ch, wg = (tuple(variant) + (0, 0))[:5] if variant else settings(n, k, B)
+    mw, wb, uu, ch, wg, minb, carve = (tuple(variant) + (0, 0, 1, 0)[len(variant) - 3:])[:7] if variant else settings(n, k, B)
     if ch % (32 * uu):
         raise ValueError(f"nm24: {ch} columns of x a chunk is not a multiple of 32 × {uu} tiles in flight")
     wg = bool(wg) and hopper(dev)
-    kern = kernel(dev, "nm24_wg_bf16" if wg else "nm24_mma_bf16", mt, mw, wb, uu, ch, wg)
+    kern = kernel(dev, "nm24_wg_bf16" if wg else "nm24_mma_bf16", mt, mw, wb, uu, ch, wg, minb)
     if kern is None:
         return None
+    if carve:
+        delta_cuda.prefer_shared(kern)
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(B, n, dtype=x.dtype, device=x.device)
