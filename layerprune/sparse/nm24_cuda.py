@@ -267,7 +267,128 @@ extern "C" __global__ void __launch_bounds__(32 * WB, MINB) nm24_wg_bf16(
             }
     if (!one) finish_splits(part, count, y, N, nb, blockIdx.x * MW * WB * 16, MW * WB * 16, &last_block);
 }
+
+#if CH > 0  // nm24_wgp_bf16 stages x in chunks
+#ifndef NS
+#define NS 4
 #endif
+#define SB (UU * 576)  // bytes of a stage of a warp's ring: UU tiles' A fragments (512 bytes each), then their metadata
+__device__ __forceinline__ u32 sptr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mb_init(u32 bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mb_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mb_wait(u32 bar, u32 parity) {
+    u32 ok = 0;
+    while (!ok)
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// nm24_wg_bf16 with the weight streamed ahead through shared memory: each warp keeps a ring of NS stages of UU tiles
+// (its strip's A fragments and metadata are contiguous, so lane 0 fetches a stage with two bulk copies that complete
+// on the stage's mbarrier) NS − 1 stages ahead of the tiles it multiplies, and x goes in chunks of CH columns (CH > 0)
+// into two buffers, the next chunk copied while the current one is used. Shared memory: 2·MT·CH·2 bytes of x, then
+// WB·NS·SB bytes of rings, then the WB·NS mbarriers.
+extern "C" __global__ void __launch_bounds__(32 * WB, MINB) nm24_wgp_bf16(
+        const u16* __restrict__ x, const uint4* __restrict__ vals, const u32* __restrict__ meta,
+        float* __restrict__ part, int* __restrict__ count, u16* __restrict__ y,
+        int N, int K, int nb, int sxb, int KC, int vec)
+{
+    extern __shared__ __align__(128) unsigned char sm[];
+    __shared__ int last_block;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+    const int KT = K >> 5;
+    const int k0 = blockIdx.y * KC, k1 = min(K, k0 + KC);
+    const int kt0 = k0 >> 5, kt1 = k1 >> 5;
+    const int ml = 2 * g + (tig & 1);
+    const int strip = blockIdx.x * WB + warp;
+    const size_t row0 = (size_t)(strip * 16 < N ? strip : 0) * KT;
+    u16* xb = reinterpret_cast<u16*>(sm);
+    unsigned char* ring = sm + 4 * MT * CH + warp * NS * SB;
+    const u32 bars = sptr(sm + 4 * MT * CH + WB * NS * SB) + warp * NS * 8;
+    const int groups = (kt1 - kt0 + UU - 1) / UU;
+    auto issue = [&](int q) {  // lane 0: group q of this warp's tiles into stage q % NS
+        const int st = q % NS, t0 = kt0 + q * UU, nt = min(UU, kt1 - t0);
+        const u32 dst = sptr(ring + st * SB), bar = bars + 8 * st;
+        mb_expect(bar, nt * 576);
+        bulk(dst, vals + (row0 + t0) * 32, nt * 512, bar);
+        bulk(dst + UU * 512, meta + (row0 + t0) * 16, nt * 64, bar);
+    };
+    if (lane == 0) {
+        for (int st = 0; st < NS; ++st) mb_init(bars + 8 * st);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        for (int q = 0; q < NS - 1 && q < groups; ++q) issue(q);
+    }
+    __syncwarp();
+    stage_cm(xb, x, sxb, nb, K, k0, CH, vec, tid, 32 * WB);
+    cp_commit();
+    float acc[MT / 2];
+#pragma unroll
+    for (int i = 0; i < MT / 2; ++i) acc[i] = 0.f;
+    uint4 a[UU];
+    u32 e[UU];
+    int cur = -1;
+    for (int q = 0; q < groups; ++q) {
+        const int kb = kt0 + q * UU, ci = ((kb - kt0) << 5) / CH;
+        if (ci != cur) {  // a new chunk of x (block-uniform; groups never straddle chunks)
+            cur = ci;
+            cp_wait();  // this chunk landed (the only copies in flight)
+            fence_async();
+            __syncthreads();  // ... for every thread; and every warp is done with the previous chunk's buffer
+            if (k0 + (ci + 1) * CH < k1) {
+                stage_cm(xb + ((ci + 1) & 1) * MT * CH, x, sxb, nb, K, k0 + (ci + 1) * CH, CH, vec, tid, 32 * WB);
+                cp_commit();
+            }
+        }
+        const u16* xs = xb + (ci & 1) * MT * CH;
+        const int st = q % NS;
+        mb_wait(bars + 8 * st, (q / NS) & 1);
+        const unsigned char* sp = ring + st * SB;
+#pragma unroll
+        for (int u = 0; u < UU; ++u) {
+            a[u] = *reinterpret_cast<const uint4*>(sp + u * 512 + lane * 16);
+            e[u] = *reinterpret_cast<const u32*>(sp + UU * 512 + u * 64 + ml * 4);
+        }
+        __syncwarp();  // every lane has its registers: the stage may be refilled
+        if (lane == 0 && q + NS - 1 < groups) {
+            fence_async();
+            issue(q + NS - 1);
+        }
+        wg_fence();
+#pragma unroll
+        for (int u = 0; u < UU; ++u)
+            if (kb + u < kt1) wg_sp(acc, a[u], desc_cm(xs, ((kb + u) << 5) - (k0 + ci * CH), CH), e[u]);
+        wg_commit();
+        wg_wait<0>();
+#pragma unroll
+        for (int i = 0; i < MT / 2; ++i) pin(acc[i]);
+#pragma unroll
+        for (int u = 0; u < UU; ++u) { pin(a[u].x); pin(a[u].y); pin(a[u].z); pin(a[u].w); pin(e[u]); }
+    }
+    const bool one = gridDim.y == 1;
+    float* out = part + (size_t)blockIdx.y * nb * N;
+#pragma unroll
+    for (int j = 0; j < MT / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            const int tk = 8 * j + 2 * tig + (h & 1), rr = strip * 16 + g + 8 * (h >> 1);
+            if (tk < nb && rr < N) {
+                if (one) y[(size_t)tk * N + rr] = to_bf(acc[4 * j + h]);
+                else out[(size_t)tk * N + rr] = acc[4 * j + h];
+            }
+        }
+    if (!one) finish_splits(part, count, y, N, nb, blockIdx.x * WB * 16, WB * 16, &last_block);
+}
+#endif  // CH > 0
+#endif  // WGMMA
 
 // The dense weight: thread (tile, lane) writes the four groups of four columns whose kept values its A fragment
 // holds (groups t and t + 4 of rows g and g + 8), 8 bytes each, zeros included: no other thread writes them.
@@ -322,29 +443,31 @@ def _sp_fn(mt: int) -> str:
             '                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "l"(db), "r"(e), "r"(1));\n}\n')
 
 
-def source(mt: int, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0, wg: bool = False, minb: int = 1) -> str:
+def source(mt: int, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0, wg: bool = False, minb: int = 1,
+           ns: int = 4) -> str:
     """The CUDA source for ``mt`` tokens a pass; ``wg``: with the sm_90a kernel ``nm24_wg_bf16`` (``wb`` a multiple
     of 4); ``minb``: blocks a SM the registers must leave room for (``__launch_bounds__``)."""
     if wg and wb % 4:
         raise ValueError(f"nm24_wg_bf16: whole warpgroups ({wb} warps a block)")
     head = (f"#define MT {mt}\n#define MW {mw}\n#define WB {wb}\n#define UU {uu}\n#define CH {ch}\n#define WGMMA {int(wg)}\n"
-            f"#define MINB {minb}\n")
+            f"#define MINB {minb}\n#define NS {ns}\n")
     return head + SOURCE.replace("WG_HELPERS", bitmask_wgmma.WG_HELPERS if wg else "").replace(
         "WG_SP_FN", _sp_fn(mt) if wg else "")
 
 
 @functools.cache
-def _kernel(device: int, name: str, mt: int, mw: int, wb: int, uu: int, ch: int = 0, wg: bool = False, minb: int = 1):
+def _kernel(device: int, name: str, mt: int, mw: int, wb: int, uu: int, ch: int = 0, wg: bool = False, minb: int = 1,
+            ns: int = 4):
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source(mt, mw, wb, uu, ch, wg, minb), name, nvcc_options=["--use_fast_math"],
+        return torch.cuda._compile_kernel(source(mt, mw, wb, uu, ch, wg, minb, ns), name, nvcc_options=["--use_fast_math"],
                                           **({"compute_capability": "90a"} if wg else {}))
 
 
 def kernel(device: int, name: str, mt: int = 8, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0, wg: bool = False,
-           minb: int = 1):
+           minb: int = 1, ns: int = 4):
     """The compiled kernel, or ``None`` when it cannot be compiled here (one warning; the caller unpacks)."""
     try:
-        return _kernel(device, name, mt, mw, wb, uu, ch, wg, minb)
+        return _kernel(device, name, mt, mw, wb, uu, ch, wg, minb, ns)
     except (RuntimeError, OSError, AttributeError, TypeError) as e:
         _failed.add(device)
         log.warning("the nm24 CUDA kernels did not compile (%s); unpacking with PyTorch", str(e).splitlines()[0][:160])
@@ -365,8 +488,8 @@ def settings(n: int, k: int, tokens: int) -> tuple[int, ...]:
     staged 512 columns at a time, so that few column splits (fp32 partial sums) are needed and x no longer limits
     the blocks a SM (at 64 tokens 0.51–0.56× → 0.57–0.86× on those five shapes; at 32 0.72–0.91× → 0.89–1.07×)."""
     if tokens > 16 and n >= 8192:
-        return 1, 8, 4, 512, 0, 1, 0
-    return (2, 8, 4, 0, 0, 1, 0) if n >= 14336 or k >= 28672 else (1, 8, 4, 0, 0, 1, 0)
+        return 1, 8, 4, 512, 0, 1, 0, 4
+    return (2, 8, 4, 0, 0, 1, 0, 4) if n >= 14336 or k >= 28672 else (1, 8, 4, 0, 0, 1, 0, 4)
 
 
 def split_columns(k: int, tiles: int, sms: int, mt: int, ch: int = 0) -> int:
@@ -386,11 +509,15 @@ def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: i
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     B = x.shape[0]
     mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
-    mw, wb, uu, ch, wg, minb, carve = (tuple(variant) + (0, 0, 1, 0)[len(variant) - 3:])[:7] if variant else settings(n, k, B)
+    mw, wb, uu, ch, wg, minb, carve, ns = ((tuple(variant) + (0, 0, 1, 0, 4)[len(variant) - 3:])[:8] if variant
+                                          else settings(n, k, B))
     if ch % (32 * uu):
         raise ValueError(f"nm24: {ch} columns of x a chunk is not a multiple of 32 × {uu} tiles in flight")
-    wg = bool(wg) and hopper(dev)
-    kern = kernel(dev, "nm24_wg_bf16" if wg else "nm24_mma_bf16", mt, mw, wb, uu, ch, wg, minb)
+    wg = wg if hopper(dev) else 0
+    if wg == 2 and not ch:
+        raise ValueError("nm24_wgp_bf16 stages x in chunks: give the columns of a chunk")
+    name = ("nm24_mma_bf16", "nm24_wg_bf16", "nm24_wgp_bf16")[wg]
+    kern = kernel(dev, name, mt, mw, wb, uu, ch, wg > 0, minb, ns)
     if kern is None:
         return None
     if carve:
@@ -412,7 +539,8 @@ def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: i
     for p in range(0, B, mt):
         xp = x[p:]
         vec = int(xp.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0)
-        delta_cuda._launch(kern, (tiles, s), 32 * wb, 2 * mt * ((ch or kc) + 8), stream,
+        smem = 4 * mt * ch + wb * ns * (uu * 576 + 8) if wg == 2 else 2 * mt * ((ch or kc) + 8)
+        delta_cuda._launch(kern, (tiles, s), 32 * wb, smem, stream,
                            (xp, values, meta, part, count, y[p:]),
                            (n, k, min(mt, B - p), x.stride(0), kc, vec))
     return y
