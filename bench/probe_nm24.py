@@ -39,15 +39,18 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--shapes", default="")
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--variants", default="2x4x4,2x8x4,1x8x4,2x4x2",
-                    help="strips a warp x warps a block x tiles in flight [x columns of x staged at a time]")
+    ap.add_argument("--variants", default="auto,2x4x4,2x8x4,1x8x4,2x4x2",
+                    help="strips a warp x warps a block x tiles in flight [x columns of x staged at a time [x kernel "
+                         "(0 mma.sp, 1 wgmma.sp, 2 wgmma.sp pipelined) [x blocks a SM for the registers [x 1 to prefer "
+                         "shared memory [x ring stages]]]]]; auto: nm24_cuda.settings")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     shapes = [(m, tuple(s)) for m, ss in SHAPES.items() for s in ss]
     if a.shapes:
         want = set(shape_list(a.shapes))
         shapes = [(m, s) for m, s in shapes if s in want]
-    variants = [tuple(int(v) for v in s.split("x")) for s in a.variants.split(",")]
+    variants = [None if s == "auto" else tuple(int(v) for v in s.split("x")) for s in a.variants.split(",")]
+    label = {v: "auto" if v is None else "x".join(map(str, v)) for v in variants}
     rows = []
     for model, (n, k) in shapes:
         torch.manual_seed(0)
@@ -67,11 +70,11 @@ def main() -> None:
             op = torch.ops.layerprune.sparse_linear_delta
             row["delta_us"] = timeit(lambda: op(x, sp.values, sp.deltas, sp.starts, sp.gptr, n, k), a.reps)
             for v in variants:
-                name = "nm24_" + "x".join(map(str, v))
+                name = "nm24_" + label[v]
                 y = nm24_cuda.spmm(x, vals, meta, n, k, v)
                 row[name + "_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
                 row[name + "_us"] = timeit(lambda v=v: nm24_cuda.spmm(x, vals, meta, n, k, v), a.reps)
-            best = min((row["nm24_" + "x".join(map(str, v)) + "_us"], "x".join(map(str, v))) for v in variants)
+            best = min((row["nm24_" + label[v] + "_us"], label[v]) for v in variants)
             row["nm24_best"], row["nm24_speedup"] = best[1], row["dense_us"] / best[0]
             row["delta_speedup"] = row["dense_us"] / row["delta_us"]
             rows.append(row)
