@@ -40,9 +40,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--variants", default="auto,2x4x4,2x8x4,1x8x4,2x4x2",
-                    help="strips a warp x warps a block x tiles in flight [x columns of x staged at a time [x kernel "
-                         "(0 mma.sp, 1 wgmma.sp, 2 wgmma.sp pipelined) [x blocks a SM for the registers [x 1 to prefer "
-                         "shared memory [x ring stages]]]]]; auto: nm24_cuda.settings")
+                    help="strips a warp x warps a block x tiles in flight [x columns of x staged at a time [x blocks a "
+                         "SM the registers leave room for]]; auto: nm24_cuda.settings")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     shapes = [(m, tuple(s)) for m, ss in SHAPES.items() for s in ss]

@@ -152,15 +152,13 @@ def test_export_nm24_packs_the_2_4_linears_and_loads_back(tiny_with_tok, tmp_pat
 
 
 def test_nm24_source_compiles():
-    """The CUDA source compiles for sm_80 and sm_90, and with the wgmma kernel for sm_90a, where nvcc is installed
-    (the GPU tests below run it)."""
+    """The CUDA source compiles for sm_80 and sm_90 where nvcc is installed (the GPU tests below run it)."""
     from test_sparse import _nvcc_compiles
 
     from layerprune.sparse import nm24_cuda
 
-    srcs = [(nm24_cuda.source(mt, mw, 8, 4, ch, wg), sm)
-            for mt, mw, ch, wg, sm in ((8, 1, 0, False, 80), (64, 1, 256, False, 90), (32, 2, 0, False, 90),
-                                       (64, 1, 512, True, "90a"), (16, 1, 0, True, "90a"), (8, 1, 256, True, "90a"))]
+    srcs = [(nm24_cuda.source(mt, mw, 8, 4, ch, minb), sm)
+            for mt, mw, ch, minb, sm in ((8, 1, 0, 1, 80), (64, 1, 256, 1, 90), (32, 2, 0, 1, 90), (16, 1, 512, 4, 90))]
     _nvcc_compiles(srcs)
 
 
@@ -183,15 +181,11 @@ def test_cuda_nm24_kernel_equals_f_linear(shape, batch):
     x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
     ref = F.linear(x.float(), lin.weight.float())
     ys = [sl(x)] + [nm24_cuda.spmm(x, sl.values, sl.meta, n, k, v)  # x staged whole, or in chunks of 128-512 columns
-                    for v in (None, (1, 8, 4, 256), (2, 8, 4, 512), (2, 4, 2, 128))]
-    if nm24_cuda.hopper(0):  # the wgmma kernel: one or two warpgroups a block, x whole or in chunks
-        ys += [nm24_cuda.spmm(x, sl.values, sl.meta, n, k, v)  # and pipelined (2): rings of 3-6 stages, x in chunks
-               for v in ((1, 4, 4, 0, 1), (1, 8, 4, 512, 1), (1, 8, 2, 128, 1), (1, 4, 8, 256, 1), (1, 8, 4, 256, 2),
-                         (1, 4, 8, 512, 2, 1, 1, 3), (1, 8, 2, 128, 2, 1, 0, 6))]
+                    for v in (None, (1, 8, 4, 256), (2, 8, 4, 512), (2, 4, 2, 128), (1, 8, 4, 512, 4), (1, 4, 4, 256, 8))]
     for y in ys:
         assert (y.float() - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-3
     xs = torch.randn(batch, k + 8, device="cuda", dtype=torch.bfloat16)[:, 3:3 + k]  # unaligned, strided rows
-    for v in (None, (1, 8, 4, 512, 1), (1, 8, 4, 256, 2)):
+    for v in (None, (1, 8, 4, 512, 4)):
         ys = nm24_cuda.spmm(xs, sl.values, sl.meta, n, k, v)
         assert (ys.float() - F.linear(xs.float(), lin.weight.float())).abs().max() <= 0.01 * ref.abs().max() + 1e-2
 

@@ -50,19 +50,6 @@ log = logging.getLogger("layerprune")
 TOKENS = (8, 16, 24, 32, 40, 48, 56, 64, 128, 256)  # tokens a pass (the wgmma's n)
 _failed: set[int] = set()
 
-# wgmma's fences, groups and waits, the generic → async proxy fence for shared memory written before a wgmma reads it,
-# and ``pin`` (a register the compiler must keep where it is while a wgmma may still write it); also used by nm24_cuda
-WG_HELPERS = r"""
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int P> __device__ __forceinline__ void wg_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(P) : "memory");
-}
-__device__ __forceinline__ void fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
-__device__ __forceinline__ void pin(u32& r) { asm volatile("" : "+r"(r) :: "memory"); }
-"""
-
 SOURCE = delta_cuda.PRELUDE + bitmask_cuda.DECODE + r"""
 #ifndef PROBE
 #define PROBE 0  // timing probes only: 1 = no decode, 2 = no products, 3 = neither
@@ -77,7 +64,14 @@ SOURCE = delta_cuda.PRELUDE + bitmask_cuda.DECODE + r"""
 
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int P> __device__ __forceinline__ void cp_wait_n() { asm volatile("cp.async.wait_group %0;\n" :: "n"(P)); }
-WG_HELPERS
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int P> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(P) : "memory");
+}
+__device__ __forceinline__ void fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
+
 // descriptor of a K-major no-swizzle B tile: core matrices of 8 tokens × 16 bytes, the next one along K 128 bytes
 // on (leading byte offset), the next 8 tokens 2048 bytes on (stride byte offset: 16 core matrices of 128 columns)
 __device__ __forceinline__ u64 desc(const void* p) {
@@ -242,7 +236,7 @@ def source(mt: int, nwg: int = 1, nst: int = 3, cap: int = 2056, two: bool = Tru
         raise ValueError(f"bm_wg_bf16: {mt} tokens a pass (a multiple of 8, 8–256), {nwg} warpgroups (1–4), "
                          f"{nst} stages (≥ 3 with two register sets, ≥ 2 with one), slot {cap} (a multiple of 8)")
     return (f"#define PROBE {probe}\n#define SWZ {int(swz)}\n#define MT {mt}\n#define NWG {nwg}\n#define NST {nst}\n#define CAP {cap}\n#define TWO {int(two)}\n"
-            + SOURCE.replace("WG_HELPERS", WG_HELPERS).replace("WG_MMA_FN", _mma_fn(mt)))
+            + SOURCE.replace("WG_MMA_FN", _mma_fn(mt)))
 
 
 def smem_bytes(mt: int, nwg: int, nst: int, cap: int) -> int:

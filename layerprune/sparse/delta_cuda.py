@@ -693,17 +693,6 @@ def _launch(kern, grid: tuple[int, ...], threads: int, smem: int, stream: int, p
         raise RuntimeError(f"delta_cuda: cuLaunchKernel failed with CUDA error {rc}")
 
 
-def prefer_shared(kern) -> None:
-    """Ask for the largest shared-memory carve-out of L1 for ``kern`` (once), so that as many blocks as their shared
-    memory allows fit on a SM rather than as many as the default carve-out leaves room for."""
-    if not getattr(kern, "_carveout", False):
-        lib = ctypes.CDLL("libcuda.so.1")
-        rc = lib.cuFuncSetAttribute(kern.func, 9, 100)  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
-        if rc != 0:
-            raise RuntimeError(f"delta_cuda: cuFuncSetAttribute failed with CUDA error {rc}")
-        kern._carveout = True
-
-
 @functools.cache
 def _props(device: int) -> tuple[int, int]:
     """(SMs, shared memory a block may opt in to) of a CUDA device."""

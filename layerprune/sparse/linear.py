@@ -120,10 +120,10 @@ def _(x, values, deltas, starts, gptr, n, k):
 
 def nm24_kernel_wanted(b: int, n: int, k: int) -> bool:
     """Whether ``b`` tokens of an n × k nm24 weight go to the sparse tensor-core kernel rather than unpack + cuBLAS:
-    up to 8 tokens always, up to 32 on weights of 2048 rows or more, up to ``NM24_TOKENS`` on weights of 32 M or more
-    (on the H200, session 27: 1024 × 4096 at 16–32 tokens ran at 0.29–0.50× in the kernel, 0.68× unpacked at 64;
-    the 7B/8B/70B weights of 45 M or more at 64 tokens 0.51–0.67× in the kernel)."""
-    return b <= 8 or (b <= 32 and n >= 2048) or (b <= NM24_TOKENS and n * k >= 32 * 2**20)
+    up to 32 tokens always, up to ``NM24_TOKENS`` on weights of 32 M or more (on the H200, session 28: 1024 × 4096 at
+    16 and 32 tokens 0.94× and 0.75× in the kernel, about 0.68× unpacked; at 64 tokens 0.48× against 0.68×; the
+    7B/8B/70B weights of 45 M or more at 64 tokens 0.67–0.91× in the kernel)."""
+    return b <= 32 or (b <= NM24_TOKENS and n * k >= 32 * 2**20)
 
 
 def sparse_linear_nm24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int) -> torch.Tensor:
