@@ -10,6 +10,10 @@ kept-column index (4 probes, one mask) and whose masks encode each 4-group's ind
 of the six per group and probe), so that its layout can be read off on a CPU.
 
     python3 bench/probe_24prefill.py --out $OUT/p.json [--dump $OUT/cslt_layout]
+    python3 bench/probe_24prefill.py --read bench/results/cslt_layout_session28   # on a CPU: the layout, checked
+
+What ``--read`` finds (cuSPARSELt 0.8.0, H200, bf16; BENCHMARKS.md session 28): the kept values row-major (n × k/2),
+then one 4-bit code per group of four (i0 | i1 << 2, i0 < i1) at nibble :func:`cslt_nibble` (r, g).
 """
 
 from __future__ import annotations
@@ -37,6 +41,35 @@ def mask_from_patterns(pat: torch.Tensor, n: int, k: int) -> torch.Tensor:
     for i, (a, b) in enumerate(PATTERNS):
         table[i, a] = table[i, b] = True
     return table[pat.long()].reshape(n, k)
+
+
+def cslt_nibble(r: int, g: int, groups: int) -> int:
+    """The nibble of row r's 4-group g in cuSPARSELt's metadata (``groups`` = k/4 a row): 64-row × 8-group blocks of
+    256 bytes, the blocks of a row band in column order; inside, bit 0 = bit 3 of r, bit 1 = bit 2 of g, bits 2-3 = g
+    mod 4, bits 4-6 = r mod 8, bits 7-8 = bits 4-5 of r."""
+    return (((r >> 3) & 1) | (((g >> 2) & 1) << 1) | ((g & 3) << 2) | ((r & 7) << 4) | (((r >> 4) & 3) << 7)
+            | ((g >> 3) << 9) | ((r >> 6) * 64 * groups))
+
+
+def read(folder: Path) -> None:
+    """Check the dumps of :func:`dump` against the row-major values and :func:`cslt_nibble`."""
+    code = {a | (b << 2): i for i, (a, b) in enumerate(PATTERNS)}
+    for f in sorted(folder.glob("cslt_*.pt")):
+        rec = torch.load(f)
+        n, k = rec["shape"]
+        nv = n * k  # bytes of values
+        rows = torch.arange(n)[:, None].expand(n, k // 2)
+        vals = rec["values"]["r_lo"].reshape(-1)[:nv].view(torch.bfloat16).float().reshape(n, k // 2)
+        ok_values = bool((vals == (rows % 256 + 1).float()).all())
+        idx = torch.zeros(n * (k // 4), dtype=torch.long)
+        for d, c in rec["masks"].items():
+            b = c.reshape(-1)[nv:]
+            nib = torch.stack([b & 15, b >> 4], 1).reshape(-1)
+            idx += torch.tensor([code[int(v)] for v in nib]) * 6 ** int(d)
+        want = torch.tensor([cslt_nibble(r, g, k // 4) for r in range(n) for g in range(k // 4)])
+        got = torch.empty_like(idx)
+        got[idx] = torch.arange(idx.numel())
+        print(f"{n}x{k}: values row-major {ok_values}, metadata at cslt_nibble {bool((got == want).all())}")
 
 
 def dump(out: Path) -> None:
@@ -69,12 +102,17 @@ def dump(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--read", default="")
     ap.add_argument("--shapes", default="4096x4096,1024x4096,11008x4096,4096x11008,14336x4096,8192x8192,28672x8192,8192x28672")
     ap.add_argument("--batches", default="64,256,512,2048")
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--dump", default="")
     a = ap.parse_args()
+    if a.read:
+        return read(Path(a.read))
+    if not a.out:
+        ap.error("--out FILE (the timings' JSON) or --read DIR")
     if a.dump:
         dump(Path(a.dump))
     from torch.sparse import SparseSemiStructuredTensorCUTLASS as Cutlass
