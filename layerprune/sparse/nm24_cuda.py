@@ -4,12 +4,11 @@ cores (``nm24_mma_bf16``: ``mma.sp.m16n8k32``, bf16, fp32 accumulation) for 1–
 
 The layout stores the A fragments and metadata words as the instruction takes them, so a warp loads its tiles
 straight into registers: nothing is decoded, and the kernel streams the packed bytes. Measured on the H200 against
-``F.linear`` on 2:4 weights of the LLaMA-2-7B / Llama-3-8B / LLaMA-2-70B shapes (BENCHMARKS.md, session 27; the
-delta layout of the same weights in brackets): one token 1.41–1.68× on the eight shapes of 4096 rows or more
-(1.38–1.58×), 1.11× on 1024 × 4096 (1.17×); eight tokens 1.19–1.52× there (0.51–0.80×); sixteen 1.00–1.40×
-(0.47–0.68×); 32 0.64–1.00×, 64 0.51–0.67× (x staged whole; in 512-column chunks, the settings now used on weights
-of 8192 rows or more, 0.89–1.07× and 0.57–0.86× there). Settings: :func:`settings`; which token counts come here:
-``linear.nm24_kernel_wanted``.
+``F.linear`` on 2:4 weights of the LLaMA-2-7B / Llama-3-8B / LLaMA-2-70B shapes (BENCHMARKS.md, session 28, through
+the op): one token 1.36–1.63× on the eight shapes of 4096 rows or more, 1.15× on 1024 × 4096; eight tokens
+1.31–1.59×; sixteen 1.19–1.46×; 32 0.86–1.19×; 64 0.60–0.89×. Settings: :func:`settings`; which token counts come
+here: ``linear.nm24_kernel_wanted``. Two ``wgmma.sp`` forms of this kernel (Hopper) were exact but no faster and
+were removed (session 28).
 
 Compiled at first use by NVRTC (``torch.cuda._compile_kernel``, as :mod:`delta_cuda`): compute capability 8.0 or
 later; elsewhere :func:`usable` is false and the op unpacks with PyTorch.
