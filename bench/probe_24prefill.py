@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from probe_cslt import graphed  # noqa: E402
+from probe_cslt import graphed, timed_variant  # noqa: E402
 from sparse_decode import DEV, brief, masked, op, shape_list, timeit, write_rows  # noqa: E402
 
 from layerprune.sparse.nm24 import pack as npack  # noqa: E402
@@ -132,15 +132,9 @@ def main() -> None:
                    "cslt": lambda: torch._cslt_sparse_mm(wc, x.t(), transpose_result=True, alg_id=alg)}
             row = {"shape": [n, k], "sparsity": "2:4", "batch": b}
             for name, fn in fns.items():
-                try:
-                    y = fn()
-                    err = float((y.float() - ref).abs().max() / ref.abs().max())
-                    checks.append({"shape": [n, k], "batch": b, "variant": name, "rel_err": err, "ok": err < 1e-2})
-                    row[f"{name}_us"] = timeit(fn, a.reps)
-                    if name != "nm24_op":
-                        row[f"{name}_graph_us"] = timeit(graphed(fn), a.reps)
-                except (RuntimeError, TypeError) as e:
-                    row[f"{name}_error"] = str(e).splitlines()[0][:200]
+                timed_variant(row, checks, name, lambda fn=fn: fn, ref, a.reps, shape=[n, k], batch=b, variant=name)
+                if name != "nm24_op" and f"{name}_us" in row:
+                    row[f"{name}_graph_us"] = timeit(graphed(fn), a.reps)
             rows.append(row)
             brief(row, "shape", "batch", "dense_us", "dense_graph_us", "nm24_op_us", "cutlass_us", "cutlass_graph_us",
                   "cslt_us", "cslt_graph_us", "cutlass_error", "cslt_error")

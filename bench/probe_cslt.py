@@ -32,6 +32,21 @@ def cslt_fn(w: torch.Tensor, x: torch.Tensor, form: str):
     return lambda: torch._cslt_sparse_mm(wc, x.t()).t()
 
 
+def timed_variant(row: dict, checks: list, name: str, make, ref: torch.Tensor, reps: int, wrap=lambda f: f,
+                  **where) -> None:
+    """``make()`` gives a variant's call: run once against ``ref`` (its largest error over ref's largest value goes to
+    ``checks`` with ``where``), then timed into ``row[name + "_us"]`` (through ``wrap``, e.g. :func:`graphed`); a
+    RuntimeError or TypeError (a form the library refuses) goes to ``row[name + "_error"]`` instead."""
+    try:
+        fn = make()
+        y = fn()
+        err = float((y.float() - ref).abs().max() / ref.abs().max())
+        checks.append({**where, "rel_err": err, "ok": err < 1e-2})
+        row[f"{name}_us"] = timeit(wrap(fn), reps)
+    except (RuntimeError, TypeError) as e:
+        row[f"{name}_error"] = str(e).splitlines()[0][:200]
+
+
 def graphed(fn):
     """``fn`` captured in a CUDA graph (after a warm-up on a side stream); returns the replay."""
     s = torch.cuda.Stream()
@@ -69,14 +84,8 @@ def main() -> None:
                    "delta_op_us": timeit(wrap(lambda: op(x, sd, n, k)), a.reps),
                    "bitmask_op_us": timeit(wrap(lambda: op(x, sb, n, k)), a.reps)}
             for form in ("plain", "t", "search"):
-                try:
-                    fn = cslt_fn(w, x, form)
-                    y = fn()
-                    err = float((y.float() - ref).abs().max() / ref.abs().max())
-                    checks.append({"shape": [n, k], "batch": b, "form": form, "rel_err": err, "ok": err < 1e-2})
-                    row[f"cslt_{form}_us"] = timeit(wrap(fn), a.reps)
-                except (RuntimeError, TypeError) as e:
-                    row[f"cslt_{form}_error"] = str(e).splitlines()[0][:200]
+                timed_variant(row, checks, f"cslt_{form}", lambda form=form: cslt_fn(w, x, form), ref, a.reps, wrap,
+                              shape=[n, k], batch=b, form=form)
             rows.append(row)
             brief(row, "shape", "batch", "dense_us", "delta_op_us", "bitmask_op_us", "cslt_plain_us", "cslt_t_us",
                   "cslt_search_us", "cslt_plain_error", "cslt_t_error", "cslt_search_error")
