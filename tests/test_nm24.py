@@ -215,3 +215,24 @@ def test_cuda_nm24_replays_in_a_cuda_graph():
     x.copy_(torch.randn_like(x))
     g.replay()
     assert torch.equal(y, sl(x)) and not torch.equal(y, want)
+
+
+def test_nm24_settings_launch_within_the_limits():
+    """Every shape × token count the op sends to the kernel gets settings it can launch with on a 132-SM device with
+    227 KB of shared memory a block: x chunks a multiple of the tiles in flight, at most 1024 threads, x within the
+    shared memory, registers asked for no more blocks than fit."""
+    from layerprune.sparse import nm24_cuda
+    from layerprune.sparse.linear import NM24_TOKENS, nm24_kernel_wanted
+
+    shapes = [(1024, 4096), (4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (8192, 8192),
+              (28672, 8192), (8192, 28672), (2064, 544), (48, 96)]
+    for n, k in shapes:
+        for b in range(1, NM24_TOKENS + 1):
+            if not nm24_kernel_wanted(b, n, k):
+                continue
+            mw, wb, uu, ch, minb = nm24_cuda.settings(n, k, b)
+            mt = next(t for t in nm24_cuda.MMA_TOKENS if t >= b)
+            assert ch % (32 * uu) == 0 and 32 * wb <= 1024 and 1 <= minb <= 2048 // (32 * wb)
+            tiles = -(-n // (16 * mw * wb))
+            kc = nm24_cuda.split_columns(k, tiles, 132, mt, ch)
+            assert kc % 64 == 0 and 2 * mt * ((ch or kc) + 8) <= 227 * 1024, (n, k, b)
