@@ -51,8 +51,30 @@ def cslt_nibble(r: int, g: int, groups: int) -> int:
             | ((g >> 3) << 9) | ((r >> 6) * 64 * groups))
 
 
-def read(folder: Path) -> None:
-    """Check the dumps of :func:`dump` against the row-major values and :func:`cslt_nibble`."""
+def cslt_pack(w: torch.Tensor) -> torch.Tensor:
+    """A 2:4 bf16 weight (n × k, n a multiple of 64, k of 32) as the bytes ``torch._cslt_compress`` gives on the H200
+    (cuSPARSELt 0.8.0), built without cuSPARSELt: the kept values row-major, then the 4-bit codes at
+    :func:`cslt_nibble`. A group with fewer than two nonzeros keeps them and then its first zero positions (not checked
+    against cuSPARSELt: every group of the dumps had two)."""
+    n, k = w.shape
+    g = w.reshape(n, k // 4, 4)
+    nz = g != 0
+    # the two kept positions of each group: the nonzeros first, then the first zero positions
+    order = torch.sort((~nz).to(torch.int8) * 4 + torch.arange(4, dtype=torch.int8), dim=-1).indices[..., :2]
+    pos = torch.sort(order, dim=-1).values
+    vals = torch.gather(g, -1, pos).reshape(n, k // 2).contiguous()
+    code = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8).reshape(-1)
+    where = torch.tensor([cslt_nibble(r, c, k // 4) for r in range(n) for c in range(k // 4)])
+    nib = torch.empty_like(code)
+    nib[where] = code
+    meta = nib[0::2] | (nib[1::2] << 4)
+    return torch.cat([vals.reshape(-1).view(torch.uint8), meta])
+
+
+def read(folder: Path) -> list[bool]:
+    """Check the dumps of :func:`dump` against the row-major values and :func:`cslt_nibble`, and :func:`cslt_pack`
+    against every dumped compression byte for byte; one line a dump, and every check's outcome returned."""
+    outcomes = []
     code = {a | (b << 2): i for i, (a, b) in enumerate(PATTERNS)}
     for f in sorted(folder.glob("cslt_*.pt")):
         rec = torch.load(f)
@@ -69,7 +91,22 @@ def read(folder: Path) -> None:
         want = torch.tensor([cslt_nibble(r, g, k // 4) for r in range(n) for g in range(k // 4)])
         got = torch.empty_like(idx)
         got[idx] = torch.arange(idx.numel())
-        print(f"{n}x{k}: values row-major {ok_values}, metadata at cslt_nibble {bool((got == want).all())}")
+        same = []
+        base = mask_from_patterns(rec["base_patterns"].long(), n, k)
+        cols = torch.arange(k // 2)[None, :].expand(n, k // 2)
+        enc = {"r_lo": rows % 256 + 1, "r_hi": rows // 256 + 1, "j_lo": cols % 256 + 1, "j_hi": cols // 256 + 1}
+        for name, v in enc.items():
+            w = torch.zeros(n, k)
+            w[base] = v.reshape(-1).float()
+            same.append(torch.equal(cslt_pack(w.bfloat16()), rec["values"][name].reshape(-1)))
+        groups = torch.arange(n * (k // 4)).reshape(n, k // 4)
+        for d, c in rec["masks"].items():
+            w = mask_from_patterns((groups // 6 ** int(d)) % 6, n, k).bfloat16()
+            same.append(torch.equal(cslt_pack(w), c.reshape(-1)))
+        print(f"{n}x{k}: values row-major {ok_values}, metadata at cslt_nibble {bool((got == want).all())}, "
+              f"cslt_pack equals {sum(same)} of {len(same)} compressions byte for byte")
+        outcomes += [ok_values, bool((got == want).all())] + same
+    return outcomes
 
 
 def dump(out: Path) -> None:
@@ -110,7 +147,7 @@ def main() -> None:
     ap.add_argument("--dump", default="")
     a = ap.parse_args()
     if a.read:
-        return read(Path(a.read))
+        sys.exit(0 if all(read(Path(a.read))) else 1)
     if not a.out:
         ap.error("--out FILE (the timings' JSON) or --read DIR")
     if a.dump:

@@ -4,6 +4,7 @@ export and load; its CUDA kernels on a GPU."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +237,18 @@ def test_nm24_settings_launch_within_the_limits():
             tiles = -(-n // (16 * mw * wb))
             kc = nm24_cuda.split_columns(k, tiles, 132, mt, ch)
             assert kc % 64 == 0 and 2 * mt * ((ch or kc) + 8) <= 227 * 1024, (n, k, b)
+
+
+def test_cslt_pack_reproduces_cusparselt_compressions():
+    """bench/probe_24prefill.cslt_pack (cuSPARSELt's 2:4 layout written out) against compressions that
+    ``torch._cslt_compress`` made on the H200 (bench/results/cslt_layout_session28): byte for byte."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        from probe_24prefill import read
+    finally:
+        sys.path.remove(str(root / "bench"))
+    outcomes = read(root / "bench" / "results" / "cslt_layout_session28")
+    assert len(outcomes) == 22 and all(outcomes)
