@@ -44,9 +44,9 @@ def mask_from_patterns(pat: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def cslt_nibble(r: int, g: int, groups: int) -> int:
-    """The nibble of row r's 4-group g in cuSPARSELt's metadata (``groups`` = k/4 a row): 64-row × 8-group blocks of
-    256 bytes, the blocks of a row band in column order; inside, bit 0 = bit 3 of r, bit 1 = bit 2 of g, bits 2-3 = g
-    mod 4, bits 4-6 = r mod 8, bits 7-8 = bits 4-5 of r."""
+    """The nibble of row r's 4-group g in cuSPARSELt's metadata (``groups`` = k/4 a row; ints or integer tensors):
+    64-row × 8-group blocks of 256 bytes, the blocks of a row band in column order; inside, bit 0 = bit 3 of r, bit 1 =
+    bit 2 of g, bits 2-3 = g mod 4, bits 4-6 = r mod 8, bits 7-8 = bits 4-5 of r."""
     return (((r >> 3) & 1) | (((g >> 2) & 1) << 1) | ((g & 3) << 2) | ((r & 7) << 4) | (((r >> 4) & 3) << 7)
             | ((g >> 3) << 9) | ((r >> 6) * 64 * groups))
 
@@ -60,11 +60,12 @@ def cslt_pack(w: torch.Tensor) -> torch.Tensor:
     g = w.reshape(n, k // 4, 4)
     nz = g != 0
     # the two kept positions of each group: the nonzeros first, then the first zero positions
-    order = torch.sort((~nz).to(torch.int8) * 4 + torch.arange(4, dtype=torch.int8), dim=-1).indices[..., :2]
+    order = torch.sort((~nz).to(torch.int8) * 4 + torch.arange(4, dtype=torch.int8, device=w.device), dim=-1).indices[..., :2]
     pos = torch.sort(order, dim=-1).values
     vals = torch.gather(g, -1, pos).reshape(n, k // 2).contiguous()
     code = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8).reshape(-1)
-    where = torch.tensor([cslt_nibble(r, c, k // 4) for r in range(n) for c in range(k // 4)])
+    where = cslt_nibble(torch.arange(n, device=w.device)[:, None], torch.arange(k // 4, device=w.device)[None, :],
+                        k // 4).reshape(-1)
     nib = torch.empty_like(code)
     nib[where] = code
     meta = nib[0::2] | (nib[1::2] << 4)
@@ -159,6 +160,8 @@ def main() -> None:
         sp = npack(w)
         cut = Cutlass.from_dense(w)
         wc = torch._cslt_compress(w)
+        same = torch.equal(cslt_pack(w), wc.view(torch.uint8).reshape(-1))  # the layout read off small dumps, at size
+        print(f"{n}x{k}: cslt_pack equals _cslt_compress: {same}", flush=True)
         for b in (int(v) for v in a.batches.split(",")):
             x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
             ref = F.linear(x.float(), w.float())
@@ -167,7 +170,7 @@ def main() -> None:
                    "nm24_op": lambda: op(x, sp, n, k),
                    "cutlass": lambda: torch._sparse_semi_structured_linear(x, cut.packed, cut.meta),
                    "cslt": lambda: torch._cslt_sparse_mm(wc, x.t(), transpose_result=True, alg_id=alg)}
-            row = {"shape": [n, k], "sparsity": "2:4", "batch": b}
+            row = {"shape": [n, k], "sparsity": "2:4", "batch": b, "cslt_pack_equal": same}
             for name, fn in fns.items():
                 timed_variant(row, checks, name, lambda fn=fn: fn, ref, a.reps, shape=[n, k], batch=b, variant=name)
                 if name != "nm24_op" and f"{name}_us" in row:
