@@ -1,9 +1,13 @@
-"""2:4 weights at 64–2048 tokens on the sparse tensor cores through PyTorch's two back ends, side by side with
-dense ``F.linear`` and layerprune's nm24 op (median µs, L2 flushed, ``sparse_decode.timeit``):
+"""2:4 weights at 64–2048 tokens on the sparse tensor cores through cuSPARSELt, side by side with dense ``F.linear``
+and layerprune's nm24 op (median µs, L2 flushed, ``sparse_decode.timeit``; eager, and replayed from a CUDA graph):
 
-- CUTLASS (``torch._sparse_semi_structured_linear``; its layout is written out in PyTorch's
-  ``sparse_semi_structured_from_dense_cutlass``), eager and replayed from a CUDA graph;
-- cuSPARSELt (``torch._cslt_sparse_mm`` on a weight compressed once, the algorithm searched once), eager and graph.
+- ``cslt``: ``torch._cslt_sparse_mm`` on a weight compressed once by ``torch._cslt_compress``, the algorithm searched
+  once;
+- ``nm24_cslt``: the same product on the nm24 weight converted to cuSPARSELt's layout on every call (the CUDA kernel
+  :data:`CONVERT`; ``convert_us`` its time alone), checked byte for byte against ``_cslt_compress``.
+
+(Session 28's run also timed PyTorch's CUTLASS 2:4 kernels, ``_sparse_semi_structured_linear``: they refuse compute
+capability 9.0.)
 
 ``--dump DIR`` also writes cuSPARSELt's compressed bytes for small shapes whose kept values encode their row and
 kept-column index (4 probes, one mask) and whose masks encode each 4-group's index in base-6 digits (one pattern
@@ -60,7 +64,8 @@ def cslt_pack(w: torch.Tensor) -> torch.Tensor:
     g = w.reshape(n, k // 4, 4)
     nz = g != 0
     # the two kept positions of each group: the nonzeros first, then the first zero positions
-    order = torch.sort((~nz).to(torch.int8) * 4 + torch.arange(4, dtype=torch.int8, device=w.device), dim=-1).indices[..., :2]
+    rank = (~nz).to(torch.int8) * 4 + torch.arange(4, dtype=torch.int8, device=w.device)
+    order = torch.sort(rank, dim=-1).indices[..., :2]
     pos = torch.sort(order, dim=-1).values
     vals = torch.gather(g, -1, pos).reshape(n, k // 2).contiguous()
     code = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8).reshape(-1)
@@ -70,6 +75,55 @@ def cslt_pack(w: torch.Tensor) -> torch.Tensor:
     nib[where] = code
     meta = nib[0::2] | (nib[1::2] << 4)
     return torch.cat([vals.reshape(-1).view(torch.uint8), meta])
+
+
+CONVERT = r"""
+typedef unsigned int u32;
+// cslt_nibble in CUDA: the nibble of row r's 4-group g (G groups a row)
+__device__ __forceinline__ size_t nib(int r, int g, int G) {
+    return (size_t)(((r >> 3) & 1) | (((g >> 2) & 1) << 1) | ((g & 3) << 2) | ((r & 7) << 4) | (((r >> 4) & 3) << 7)
+                    | ((g >> 3) << 9)) + (size_t)(r >> 6) * 64 * G;
+}
+// An nm24 weight (N a multiple of 64) into cuSPARSELt's layout: thread (tile, lane) moves the four value pairs of its
+// A fragment (groups t and t + 4 of rows g and g + 8) and writes the two metadata bytes those groups make (a byte holds
+// rows r and r + 8 of one group).
+extern "C" __global__ void nm24_to_cslt(const uint4* __restrict__ vals, const u32* __restrict__ meta,
+                                        u32* __restrict__ outv, unsigned char* __restrict__ outm, int N, int K,
+                                        int tiles) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= tiles * 32) return;
+    const int tile = i >> 5, lane = i & 31, g = lane >> 2, t = lane & 3, KT = K >> 5, G = K >> 2;
+    const int r0 = (tile / KT) * 16 + g, tc = tile % KT;
+    const uint4 v = vals[i];
+    const u32 pv[4] = {v.x, v.y, v.z, v.w};
+    const u32 m0 = meta[(size_t)tile * 16 + 2 * g], m1 = meta[(size_t)tile * 16 + 2 * g + 1];
+    const u32 pm[4] = {m0, m0 >> 16, m1, m1 >> 16};
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        outv[(size_t)(r0 + 8 * (q & 1)) * (K >> 2) + tc * 8 + t + 4 * (q >> 1)] = pv[q];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const u32 lo = (pm[2 * h] >> (4 * t)) & 15u, hi = (pm[2 * h + 1] >> (4 * t)) & 15u;
+        outm[nib(r0, tc * 8 + t + 4 * h, G) >> 1] = (unsigned char)(lo | (hi << 4));
+    }
+}
+"""
+
+
+def converter(sp, n: int, k: int):
+    """A call that writes the nm24 weight ``sp`` in cuSPARSELt's layout into one preallocated buffer (CUDA kernel
+    :data:`CONVERT`), and that buffer (bf16, as ``torch._cslt_compress`` returns it)."""
+    from layerprune.sparse import delta_cuda
+
+    kern = torch.cuda._compile_kernel(CONVERT, "nm24_to_cslt")
+    buf = torch.empty(n * k * 9 // 8, dtype=torch.uint8, device=sp.values.device)
+    outv, outm = buf[: n * k], buf[n * k:]
+    tiles = (n // 16) * (k // 32)
+    def run():
+        delta_cuda._launch(kern, (-(-tiles * 32 // 256), 1), 256, 0, torch.cuda.current_stream().cuda_stream,
+                           (sp.values, sp.meta, outv, outm), (n, k, tiles))
+        return buf.view(torch.bfloat16)
+    return run, buf.view(torch.bfloat16)
 
 
 def read(folder: Path) -> list[bool]:
@@ -142,7 +196,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     ap.add_argument("--read", default="")
-    ap.add_argument("--shapes", default="4096x4096,1024x4096,11008x4096,4096x11008,14336x4096,8192x8192,28672x8192,8192x28672")
+    ap.add_argument("--shapes", default="4096x4096,1024x4096,11008x4096,4096x11008,14336x4096,8192x8192,"
+                                        "28672x8192,8192x28672")
     ap.add_argument("--batches", default="64,256,512,2048")
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--dump", default="")
@@ -153,31 +208,34 @@ def main() -> None:
         ap.error("--out FILE (the timings' JSON) or --read DIR")
     if a.dump:
         dump(Path(a.dump))
-    from torch.sparse import SparseSemiStructuredTensorCUTLASS as Cutlass
     checks, rows = [], []
     for n, k in shape_list(a.shapes):
         w = masked(n, k, "2:4")
         sp = npack(w)
-        cut = Cutlass.from_dense(w)
         wc = torch._cslt_compress(w)
         same = torch.equal(cslt_pack(w), wc.view(torch.uint8).reshape(-1))  # the layout read off small dumps, at size
-        print(f"{n}x{k}: cslt_pack equals _cslt_compress: {same}", flush=True)
+        conv, wcc = converter(sp, n, k)
+        conv()
+        same_conv = torch.equal(wcc.view(torch.uint8), wc.view(torch.uint8).reshape(-1))
+        print(f"{n}x{k}: cslt_pack equals _cslt_compress: {same}; the nm24 → cuSPARSELt kernel: {same_conv}",
+              flush=True)
         for b in (int(v) for v in a.batches.split(",")):
             x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
             ref = F.linear(x.float(), w.float())
             alg = torch._cslt_sparse_mm_search(wc, x.t())
             fns = {"dense": lambda: F.linear(x, w),
                    "nm24_op": lambda: op(x, sp, n, k),
-                   "cutlass": lambda: torch._sparse_semi_structured_linear(x, cut.packed, cut.meta),
-                   "cslt": lambda: torch._cslt_sparse_mm(wc, x.t(), transpose_result=True, alg_id=alg)}
-            row = {"shape": [n, k], "sparsity": "2:4", "batch": b, "cslt_pack_equal": same}
+                   "cslt": lambda: torch._cslt_sparse_mm(wc, x.t(), transpose_result=True, alg_id=alg),
+                   "nm24_cslt": lambda: torch._cslt_sparse_mm(conv(), x.t(), transpose_result=True, alg_id=alg)}
+            row = {"shape": [n, k], "sparsity": "2:4", "batch": b, "cslt_pack_equal": same, "convert_equal": same_conv}
             for name, fn in fns.items():
                 timed_variant(row, checks, name, lambda fn=fn: fn, ref, a.reps, shape=[n, k], batch=b, variant=name)
                 if name != "nm24_op" and f"{name}_us" in row:
                     row[f"{name}_graph_us"] = timeit(graphed(fn), a.reps)
+            row["convert_us"] = timeit(conv, a.reps)
             rows.append(row)
-            brief(row, "shape", "batch", "dense_us", "dense_graph_us", "nm24_op_us", "cutlass_us", "cutlass_graph_us",
-                  "cslt_us", "cslt_graph_us", "cutlass_error", "cslt_error")
+            brief(row, "shape", "batch", "dense_us", "dense_graph_us", "nm24_op_us", "cslt_us", "cslt_graph_us",
+                  "convert_us", "nm24_cslt_us", "nm24_cslt_graph_us", "cslt_error", "nm24_cslt_error")
             write_rows(a.out, checks=checks, linears=rows)
     print("correct:", all(c["ok"] for c in checks), flush=True)
 
