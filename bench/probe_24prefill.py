@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from probe_cslt import graphed, timed_variant  # noqa: E402
 from sparse_decode import DEV, brief, masked, op, shape_list, timeit, write_rows  # noqa: E402
 
-from layerprune.sparse.nm24 import pack as npack  # noqa: E402
+from layerprune.pruners.masks import nm_mask  # noqa: E402
+from layerprune.sparse.nm24 import kept, pack as npack  # noqa: E402
 
 PATTERNS = list(itertools.combinations(range(4), 2))  # the six ways to keep 2 of 4
 
@@ -58,16 +59,10 @@ def cslt_nibble(r: int, g: int, groups: int) -> int:
 def cslt_pack(w: torch.Tensor) -> torch.Tensor:
     """A 2:4 bf16 weight (n × k, n a multiple of 64, k of 32) as the bytes ``torch._cslt_compress`` gives on the H200
     (cuSPARSELt 0.8.0), built without cuSPARSELt: the kept values row-major, then the 4-bit codes at
-    :func:`cslt_nibble`. A group with fewer than two nonzeros keeps them and then its first zero positions (not checked
-    against cuSPARSELt: every group of the dumps had two)."""
+    :func:`cslt_nibble`. The kept positions as nm24 chooses them (``nm24.kept``; for a group with fewer than two
+    nonzeros not checked against cuSPARSELt: every group of the dumps had two)."""
     n, k = w.shape
-    g = w.reshape(n, k // 4, 4)
-    nz = g != 0
-    # the two kept positions of each group: the nonzeros first, then the first zero positions
-    rank = (~nz).to(torch.int8) * 4 + torch.arange(4, dtype=torch.int8, device=w.device)
-    order = torch.sort(rank, dim=-1).indices[..., :2]
-    pos = torch.sort(order, dim=-1).values
-    vals = torch.gather(g, -1, pos).reshape(n, k // 2).contiguous()
+    pos, vals = kept(w)
     code = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8).reshape(-1)
     where = cslt_nibble(torch.arange(n, device=w.device)[:, None], torch.arange(k // 4, device=w.device)[None, :],
                         k // 4).reshape(-1)
@@ -126,6 +121,29 @@ def converter(sp, n: int, k: int):
     return run, buf.view(torch.bfloat16)
 
 
+def emulate_convert(sp, n: int, k: int) -> torch.Tensor:
+    """:data:`CONVERT`'s index arithmetic run thread by thread in Python on a CPU (small weights only): the bytes it
+    would write for the nm24 weight ``sp``."""
+    vals = sp.values.reshape(-1, 32, 8).view(torch.int32).reshape(-1, 32, 4)
+    meta = sp.meta.reshape(-1, 16)
+    KT, G = k // 32, k // 4
+    outv = torch.zeros(n * k // 4, dtype=torch.int32)
+    outm = torch.zeros(n * k // 8, dtype=torch.uint8)
+    for tile in range(vals.shape[0]):
+        for lane in range(32):
+            g, t = lane >> 2, lane & 3
+            r0, tc = (tile // KT) * 16 + g, tile % KT
+            pv = vals[tile, lane].tolist()
+            m0, m1 = int(meta[tile, 2 * g]) & 0xFFFFFFFF, int(meta[tile, 2 * g + 1]) & 0xFFFFFFFF
+            pm = [m0, m0 >> 16, m1, m1 >> 16]
+            for q in range(4):
+                outv[(r0 + 8 * (q & 1)) * (k >> 2) + tc * 8 + t + 4 * (q >> 1)] = pv[q]
+            for h in range(2):
+                lo, hi = (pm[2 * h] >> (4 * t)) & 15, (pm[2 * h + 1] >> (4 * t)) & 15
+                outm[cslt_nibble(r0, tc * 8 + t + 4 * h, G) >> 1] = lo | (hi << 4)
+    return torch.cat([outv.view(torch.uint8), outm])
+
+
 def read(folder: Path) -> list[bool]:
     """Check the dumps of :func:`dump` against the row-major values and :func:`cslt_nibble`, and :func:`cslt_pack`
     against every dumped compression byte for byte; one line a dump, and every check's outcome returned."""
@@ -161,6 +179,11 @@ def read(folder: Path) -> list[bool]:
         print(f"{n}x{k}: values row-major {ok_values}, metadata at cslt_nibble {bool((got == want).all())}, "
               f"cslt_pack equals {sum(same)} of {len(same)} compressions byte for byte")
         outcomes += [ok_values, bool((got == want).all())] + same
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
+        w = w.masked_fill(nm_mask(w.abs(), 2, 4), 0).bfloat16()
+        conv_ok = torch.equal(emulate_convert(npack(w), n, k), cslt_pack(w))
+        print(f"{n}x{k}: the nm24 → cuSPARSELt kernel's arithmetic, emulated, equals cslt_pack: {conv_ok}")
+        outcomes.append(conv_ok)
     return outcomes
 
 

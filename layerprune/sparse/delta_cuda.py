@@ -811,6 +811,17 @@ def _counters(device: int, stream: int) -> torch.Tensor:
     return torch.zeros(1 << 16, dtype=torch.int32, device=torch.device("cuda", device))
 
 
+def split_buffers(x: torch.Tensor, dev: int, n: int, mt: int, tiles: int, s: int):
+    """(stream, counters, fp32 partial sums) for a launch over ``tiles`` row groups and ``s`` column splits of a kernel
+    that ends in ``finish_splits`` (with one split the counters stand in for the unused partial sums); ``None`` when
+    there are more row groups than counters (the caller falls back)."""
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    count = _counters(dev, stream)
+    if s > 1 and tiles > count.numel():
+        return None
+    return stream, count, torch.empty(s, mt, n, dtype=torch.float32, device=x.device) if s > 1 else count
+
+
 def spmm_tile(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, cidx: torch.Tensor,
               n: int, k: int, splits: int | None = None, tile: tuple[int, int, int] = TILE,
               unroll: int = 4) -> torch.Tensor | None:
@@ -842,11 +853,10 @@ def spmm_tile(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
     tiles = -(-n // rows)
     cps = -(-nch // (splits or tile_splits(n, nch, sms, rows)))
     s = -(-nch // cps)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    count = _counters(dev, stream)
-    if s > 1 and tiles > count.numel():
+    bufs = split_buffers(x, dev, n, mt, tiles, s)
+    if bufs is None:
         return None
-    part = torch.empty(s, mt, n, dtype=torch.float32, device=x.device) if s > 1 else count
+    stream, count, part = bufs
     for p in range(0, B, mt):
         xp = x[p:]
         vec = int(xp.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0)

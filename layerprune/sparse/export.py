@@ -258,10 +258,7 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", dtype: tor
             if "crc32" in info and checksum(sd[f"{name}.{b}"] for b in BUFFERS[sl.layout]) != info["crc32"]:
                 raise UserError(f"sparse tensor {name}: checksum mismatch (a corrupted checkpoint): export it again")
             sp = sl.packed()
-            if isinstance(sp, nm24.NM24Tensor):
-                nm24.validate(sp, name)
-            else:
-                (delta.validate if isinstance(sp, delta.DeltaTensor) else validate)(sp, name)
+            {nm24.NM24Tensor: nm24.validate, delta.DeltaTensor: delta.validate}.get(type(sp), validate)(sp, name)
             sl.values.data = sl.values.data.to(dt)
     model.to(device).eval()
     model.config.use_cache = True

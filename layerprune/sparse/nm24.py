@@ -55,16 +55,23 @@ def fits(w: torch.Tensor) -> bool:
     return bool(((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all())
 
 
+def kept(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of a 2:4 weight (N × K): each group of four's two kept positions, ascending (N, K/4, 2; a group with fewer
+    than two nonzeros keeps them, then its first zero positions), and the kept values row by row (N, K/2)."""
+    n, k = w.shape
+    grp = w.view(n, k // 4, 4)
+    key = (grp == 0).to(torch.int8) * 4 + torch.arange(4, device=w.device, dtype=torch.int8)
+    idx = key.argsort(-1)[..., :2].sort(-1).values
+    return idx, grp.gather(-1, idx).reshape(n, k // 2)
+
+
 @torch.no_grad()
 def pack(w: torch.Tensor) -> NM24Tensor:
     """Compress a 2:4 weight (on its own device); ``ValueError`` when it does not :func:`fit`."""
     if not fits(w):
         raise ValueError("the nm24 layout needs a 2:4 weight with N a multiple of 16 and K of 32")
     n, k = w.shape
-    grp = w.view(n, k // 4, 4)
-    key = (grp == 0).to(torch.int8) * 4 + torch.arange(4, device=w.device, dtype=torch.int8)
-    idx = key.argsort(-1)[..., :2].sort(-1).values  # the nonzeros' positions (then free ones), ascending
-    vals = grp.gather(-1, idx).reshape(n, k // 2)
+    idx, vals = kept(w)
     R, KT = n // 16, k // 32
     v = vals.view(R, 2, 8, KT, 2, 4, 2).permute(0, 3, 2, 5, 4, 1, 6)  # strip, tile, g, t, half, row half, pair
     values = v.reshape(R * KT, 32, 8).contiguous()

@@ -172,7 +172,8 @@ def usable(x: torch.Tensor, values: torch.Tensor) -> bool:
 def source(mt: int, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0, minb: int = 1) -> str:
     """The CUDA source for ``mt`` tokens a pass, ``mw`` strips a warp, ``wb`` warps a block, ``uu`` tiles in flight,
     x staged ``ch`` columns at a time (0: the whole split) and registers left for ``minb`` blocks a SM."""
-    return f"#define MT {mt}\n#define MW {mw}\n#define WB {wb}\n#define UU {uu}\n#define CH {ch}\n#define MINB {minb}\n" + SOURCE
+    return (f"#define MT {mt}\n#define MW {mw}\n#define WB {wb}\n#define UU {uu}\n#define CH {ch}\n"
+            f"#define MINB {minb}\n" + SOURCE)
 
 
 @functools.cache
@@ -239,11 +240,10 @@ def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: i
     tiles = -(-n // (16 * mw * wb))
     kc = split_columns(k, tiles, sms, mt, ch)
     s = -(-k // kc)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    count = delta_cuda._counters(dev, stream)
-    if s > 1 and tiles > count.numel():
+    bufs = delta_cuda.split_buffers(x, dev, n, mt, tiles, s)
+    if bufs is None:
         return None
-    part = torch.empty(s, mt, n, dtype=torch.float32, device=x.device) if s > 1 else count
+    stream, count, part = bufs
     for p in range(0, B, mt):
         xp = x[p:]
         vec = int(xp.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0)
