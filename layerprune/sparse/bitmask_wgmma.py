@@ -325,11 +325,9 @@ def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: 
     kern = kernel(dev, mt, nwg, stages, cap, two, probe, swz)
     if kern is None:
         return None
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty(B, n, dtype=x.dtype, device=x.device)
-    if n == 0 or B == 0 or k == 0:
-        return y.zero_()
+    x, y, done = delta_cuda.io(x, n, k)
+    if done:
+        return y
     kt = -(-k // 128)
     groups = -(-n // (64 * nwg))
     zb = -(-B // mt)

@@ -720,10 +720,8 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
     kern = kernel(dev, unroll, tokens)
     if kern is None:
         return None
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty(B, n, dtype=x.dtype, device=x.device)
-    if n == 0 or B == 0:
+    x, y, done = io(x, n, k)
+    if done:
         return y
     if skw is None:
         skw = skew(tokens) if smem_bytes(k, tokens) <= limit else 0
@@ -811,6 +809,16 @@ def _counters(device: int, stream: int) -> torch.Tensor:
     return torch.zeros(1 << 16, dtype=torch.int32, device=torch.device("cuda", device))
 
 
+def io(x: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """For a kernel call: x with unit column stride, the (B × n) output, and whether there is nothing to multiply
+    (no rows, tokens or columns: then the output is already its answer, zeros)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    done = n == 0 or x.shape[0] == 0 or k == 0
+    return x, y.zero_() if done else y, done
+
+
 def split_buffers(x: torch.Tensor, dev: int, n: int, mt: int, tiles: int, s: int):
     """(stream, counters, fp32 partial sums) for a launch over ``tiles`` row groups and ``s`` column splits of a kernel
     that ends in ``finish_splits`` (with one split the counters stand in for the unused partial sums); ``None`` when
@@ -845,11 +853,9 @@ def spmm_tile(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
     kern = kernel(dev, unroll, 1, "delta_tile_bf16", mt, tile)
     if kern is None:
         return None
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty(B, n, dtype=x.dtype, device=x.device)
-    if n == 0 or B == 0:
-        return y.zero_()
+    x, y, done = io(x, n, k)
+    if done:
+        return y
     tiles = -(-n // rows)
     cps = -(-nch // (splits or tile_splits(n, nch, sms, rows)))
     s = -(-nch // cps)

@@ -231,10 +231,8 @@ def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: i
     kern = kernel(dev, "nm24_mma_bf16", mt, mw, wb, uu, ch, minb)
     if kern is None:
         return None
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty(B, n, dtype=x.dtype, device=x.device)
-    if n == 0 or B == 0:
+    x, y, done = delta_cuda.io(x, n, k)
+    if done:
         return y
     sms, _ = delta_cuda._props(dev)
     tiles = -(-n // (16 * mw * wb))
