@@ -3,8 +3,13 @@ and layerprune's nm24 op (median µs, L2 flushed, ``sparse_decode.timeit``; eage
 
 - ``cslt``: ``torch._cslt_sparse_mm`` on a weight compressed once by ``torch._cslt_compress``, the algorithm searched
   once;
-- ``nm24_cslt``: the same product on the nm24 weight converted to cuSPARSELt's layout on every call (the CUDA kernel
-  :data:`CONVERT`; ``convert_us`` its time alone), checked byte for byte against ``_cslt_compress``.
+- ``nm24_cslt``: the same product on the nm24 weight converted to cuSPARSELt's layout on every call
+  (:func:`layerprune.sparse.cslt.convert`; ``convert_us`` its time alone), checked byte for byte against
+  ``_cslt_compress``;
+- ``mm``: layerprune's own call (:func:`layerprune.sparse.cslt.mm`: the conversion, then cuSPARSELt through ctypes
+  with the plan kept; ``plan_ms`` the first call, which makes the plan and searches its algorithm); ``mm_default``
+  the same with cuSPARSELt's default algorithm (``plan_default_ms``: its plan made);
+- ``unpack_cublas``: the nm24 weight unpacked (CUDA kernel), then ``F.linear``; ``nm24_op``: the op as it routes.
 
 (Session 28's run also timed PyTorch's CUTLASS 2:4 kernels, ``_sparse_semi_structured_linear``: they refuse compute
 capability 9.0.)
@@ -17,7 +22,7 @@ of the six per group and probe), so that its layout can be read off on a CPU.
     python3 bench/probe_24prefill.py --read bench/results/cslt_layout_session28   # on a CPU: the layout, checked
 
 What ``--read`` finds (cuSPARSELt 0.8.0, H200, bf16; BENCHMARKS.md session 28): the kept values row-major (n × k/2),
-then one 4-bit code per group of four (i0 | i1 << 2, i0 < i1) at nibble :func:`cslt_nibble` (r, g).
+then one 4-bit code per group of four (i0 | i1 << 2, i0 < i1) at nibble :func:`layerprune.sparse.cslt.nibble` (r, g).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +41,8 @@ from probe_cslt import graphed, timed_variant  # noqa: E402
 from sparse_decode import DEV, brief, masked, op, shape_list, timeit, write_rows  # noqa: E402
 
 from layerprune.pruners.masks import nm_mask  # noqa: E402
+from layerprune.sparse import cslt, nm24_cuda  # noqa: E402
+from layerprune.sparse.cslt import nibble  # noqa: E402
 from layerprune.sparse.nm24 import kept, pack as npack  # noqa: E402
 
 PATTERNS = list(itertools.combinations(range(4), 2))  # the six ways to keep 2 of 4
@@ -48,77 +56,20 @@ def mask_from_patterns(pat: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return table[pat.long()].reshape(n, k)
 
 
-def cslt_nibble(r: int, g: int, groups: int) -> int:
-    """The nibble of row r's 4-group g in cuSPARSELt's metadata (``groups`` = k/4 a row; ints or integer tensors):
-    64-row × 8-group blocks of 256 bytes, the blocks of a row band in column order; inside, bit 0 = bit 3 of r, bit 1 =
-    bit 2 of g, bits 2-3 = g mod 4, bits 4-6 = r mod 8, bits 7-8 = bits 4-5 of r."""
-    return (((r >> 3) & 1) | (((g >> 2) & 1) << 1) | ((g & 3) << 2) | ((r & 7) << 4) | (((r >> 4) & 3) << 7)
-            | ((g >> 3) << 9) | ((r >> 6) * 64 * groups))
-
-
 def cslt_pack(w: torch.Tensor) -> torch.Tensor:
     """A 2:4 bf16 weight (n × k, n a multiple of 64, k of 32) as the bytes ``torch._cslt_compress`` gives on the H200
     (cuSPARSELt 0.8.0), built without cuSPARSELt: the kept values row-major, then the 4-bit codes at
-    :func:`cslt_nibble`. The kept positions as nm24 chooses them (``nm24.kept``; for a group with fewer than two
+    :func:`layerprune.sparse.cslt.nibble`. The kept positions as nm24 chooses them (``nm24.kept``; for a group with fewer than two
     nonzeros not checked against cuSPARSELt: every group of the dumps had two)."""
     n, k = w.shape
     pos, vals = kept(w)
     code = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8).reshape(-1)
-    where = cslt_nibble(torch.arange(n, device=w.device)[:, None], torch.arange(k // 4, device=w.device)[None, :],
+    where = nibble(torch.arange(n, device=w.device)[:, None], torch.arange(k // 4, device=w.device)[None, :],
                         k // 4).reshape(-1)
     nib = torch.empty_like(code)
     nib[where] = code
     meta = nib[0::2] | (nib[1::2] << 4)
     return torch.cat([vals.reshape(-1).view(torch.uint8), meta])
-
-
-CONVERT = r"""
-typedef unsigned int u32;
-// cslt_nibble in CUDA: the nibble of row r's 4-group g (G groups a row)
-__device__ __forceinline__ size_t nib(int r, int g, int G) {
-    return (size_t)(((r >> 3) & 1) | (((g >> 2) & 1) << 1) | ((g & 3) << 2) | ((r & 7) << 4) | (((r >> 4) & 3) << 7)
-                    | ((g >> 3) << 9)) + (size_t)(r >> 6) * 64 * G;
-}
-// An nm24 weight (N a multiple of 64) into cuSPARSELt's layout: thread (tile, lane) moves the four value pairs of its
-// A fragment (groups t and t + 4 of rows g and g + 8) and writes the two metadata bytes those groups make (a byte holds
-// rows r and r + 8 of one group).
-extern "C" __global__ void nm24_to_cslt(const uint4* __restrict__ vals, const u32* __restrict__ meta,
-                                        u32* __restrict__ outv, unsigned char* __restrict__ outm, int N, int K,
-                                        int tiles) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= tiles * 32) return;
-    const int tile = i >> 5, lane = i & 31, g = lane >> 2, t = lane & 3, KT = K >> 5, G = K >> 2;
-    const int r0 = (tile / KT) * 16 + g, tc = tile % KT;
-    const uint4 v = vals[i];
-    const u32 pv[4] = {v.x, v.y, v.z, v.w};
-    const u32 m0 = meta[(size_t)tile * 16 + 2 * g], m1 = meta[(size_t)tile * 16 + 2 * g + 1];
-    const u32 pm[4] = {m0, m0 >> 16, m1, m1 >> 16};
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-        outv[(size_t)(r0 + 8 * (q & 1)) * (K >> 2) + tc * 8 + t + 4 * (q >> 1)] = pv[q];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const u32 lo = (pm[2 * h] >> (4 * t)) & 15u, hi = (pm[2 * h + 1] >> (4 * t)) & 15u;
-        outm[nib(r0, tc * 8 + t + 4 * h, G) >> 1] = (unsigned char)(lo | (hi << 4));
-    }
-}
-"""
-
-
-def converter(sp, n: int, k: int):
-    """A call that writes the nm24 weight ``sp`` in cuSPARSELt's layout into one preallocated buffer (CUDA kernel
-    :data:`CONVERT`), and that buffer (bf16, as ``torch._cslt_compress`` returns it)."""
-    from layerprune.sparse import delta_cuda
-
-    kern = torch.cuda._compile_kernel(CONVERT, "nm24_to_cslt")
-    buf = torch.empty(n * k * 9 // 8, dtype=torch.uint8, device=sp.values.device)
-    outv, outm = buf[: n * k], buf[n * k:]
-    tiles = (n // 16) * (k // 32)
-    def run():
-        delta_cuda._launch(kern, (-(-tiles * 32 // 256), 1), 256, 0, torch.cuda.current_stream().cuda_stream,
-                           (sp.values, sp.meta, outv, outm), (n, k, tiles))
-        return buf.view(torch.bfloat16)
-    return run, buf.view(torch.bfloat16)
 
 
 def emulate_convert(sp, n: int, k: int) -> torch.Tensor:
@@ -140,12 +91,12 @@ def emulate_convert(sp, n: int, k: int) -> torch.Tensor:
                 outv[(r0 + 8 * (q & 1)) * (k >> 2) + tc * 8 + t + 4 * (q >> 1)] = pv[q]
             for h in range(2):
                 lo, hi = (pm[2 * h] >> (4 * t)) & 15, (pm[2 * h + 1] >> (4 * t)) & 15
-                outm[cslt_nibble(r0, tc * 8 + t + 4 * h, G) >> 1] = lo | (hi << 4)
+                outm[nibble(r0, tc * 8 + t + 4 * h, G) >> 1] = lo | (hi << 4)
     return torch.cat([outv.view(torch.uint8), outm])
 
 
 def read(folder: Path) -> list[bool]:
-    """Check the dumps of :func:`dump` against the row-major values and :func:`cslt_nibble`, and :func:`cslt_pack`
+    """Check the dumps of :func:`dump` against the row-major values and :func:`layerprune.sparse.cslt.nibble`, and :func:`cslt_pack`
     against every dumped compression byte for byte; one line a dump, and every check's outcome returned."""
     outcomes = []
     code = {a | (b << 2): i for i, (a, b) in enumerate(PATTERNS)}
@@ -161,7 +112,7 @@ def read(folder: Path) -> list[bool]:
             b = c.reshape(-1)[nv:]
             nib = torch.stack([b & 15, b >> 4], 1).reshape(-1)
             idx += torch.tensor([code[int(v)] for v in nib]) * 6 ** int(d)
-        want = torch.tensor([cslt_nibble(r, g, k // 4) for r in range(n) for g in range(k // 4)])
+        want = torch.tensor([nibble(r, g, k // 4) for r in range(n) for g in range(k // 4)])
         got = torch.empty_like(idx)
         got[idx] = torch.arange(idx.numel())
         same = []
@@ -215,6 +166,22 @@ def dump(out: Path) -> None:
         print("dumped", n, k, "compressed bytes", rec["values"]["r_lo"].numel(), "dense bytes", 2 * n * k, flush=True)
 
 
+def default_alg(x, sp, n, k):
+    """:func:`layerprune.sparse.cslt.mm` with plans not searched (cuSPARSELt's default algorithm)."""
+    cslt.SEARCH = False
+    try:
+        return cslt.mm(x, sp.values, sp.meta, n, k)
+    finally:
+        cslt.SEARCH = True
+
+
+def served(y):
+    """``y``, or a RuntimeError when the call declined (returned ``None``)."""
+    if y is None:
+        raise RuntimeError("declined (returned None)")
+    return y
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
@@ -237,28 +204,42 @@ def main() -> None:
         sp = npack(w)
         wc = torch._cslt_compress(w)
         same = torch.equal(cslt_pack(w), wc.view(torch.uint8).reshape(-1))  # the layout read off small dumps, at size
-        conv, wcc = converter(sp, n, k)
-        conv()
-        same_conv = torch.equal(wcc.view(torch.uint8), wc.view(torch.uint8).reshape(-1))
+        conv = lambda: cslt.convert(sp.values, sp.meta, n, k).view(torch.bfloat16).view(wc.shape)  # noqa: E731
+        same_conv = torch.equal(conv().view(torch.uint8).reshape(-1), wc.view(torch.uint8).reshape(-1))
         print(f"{n}x{k}: cslt_pack equals _cslt_compress: {same}; the nm24 → cuSPARSELt kernel: {same_conv}",
               flush=True)
         for b in (int(v) for v in a.batches.split(",")):
             x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
             ref = F.linear(x.float(), w.float())
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            cslt.mm(x, sp.values, sp.meta, n, k)  # makes the plan and searches its algorithm
+            torch.cuda.synchronize()
+            plan_ms = 1e3 * (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            default_alg(x, sp, n, k)  # the plan with cuSPARSELt's default algorithm, not searched
+            torch.cuda.synchronize()
+            plan_default_ms = 1e3 * (time.perf_counter() - t0)
             alg = torch._cslt_sparse_mm_search(wc, x.t())
             fns = {"dense": lambda: F.linear(x, w),
                    "nm24_op": lambda: op(x, sp, n, k),
                    "cslt": lambda: torch._cslt_sparse_mm(wc, x.t(), transpose_result=True, alg_id=alg),
-                   "nm24_cslt": lambda: torch._cslt_sparse_mm(conv(), x.t(), transpose_result=True, alg_id=alg)}
-            row = {"shape": [n, k], "sparsity": "2:4", "batch": b, "cslt_pack_equal": same, "convert_equal": same_conv}
+                   "nm24_cslt": lambda: torch._cslt_sparse_mm(conv(), x.t(), transpose_result=True, alg_id=alg),
+                   "mm": lambda: served(cslt.mm(x, sp.values, sp.meta, n, k)),
+                   "mm_default": lambda: served(default_alg(x, sp, n, k)),
+                   "unpack_cublas": lambda: F.linear(x, nm24_cuda.unpack(sp.values, sp.meta, n, k))}
+            row = {"shape": [n, k], "sparsity": "2:4", "batch": b, "cslt_pack_equal": same, "convert_equal": same_conv,
+                   "plan_ms": plan_ms,
+                   "plan_default_ms": plan_default_ms}
             for name, fn in fns.items():
                 timed_variant(row, checks, name, lambda fn=fn: fn, ref, a.reps, shape=[n, k], batch=b, variant=name)
-                if name != "nm24_op" and f"{name}_us" in row:
+                if name not in ("nm24_op", "unpack_cublas") and f"{name}_us" in row:
                     row[f"{name}_graph_us"] = timeit(graphed(fn), a.reps)
             row["convert_us"] = timeit(conv, a.reps)
             rows.append(row)
-            brief(row, "shape", "batch", "dense_us", "dense_graph_us", "nm24_op_us", "cslt_us", "cslt_graph_us",
-                  "convert_us", "nm24_cslt_us", "nm24_cslt_graph_us", "cslt_error", "nm24_cslt_error")
+            brief(row, "shape", "batch", "plan_ms", "dense_us", "dense_graph_us", "nm24_op_us", "unpack_cublas_us",
+                  "plan_default_ms", "mm_us", "mm_graph_us", "mm_default_us", "cslt_us", "cslt_graph_us", "convert_us", "nm24_cslt_us",
+                  "nm24_cslt_graph_us", "cslt_error", "nm24_cslt_error", "mm_error")
             write_rows(a.out, checks=checks, linears=rows)
     print("correct:", all(c["ok"] for c in checks), flush=True)
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layerprune.pruners.masks import nm_mask  # noqa: E402
 from layerprune.sparse import delta_kernels, kernels  # noqa: E402
 from layerprune.sparse.delta import DeltaTensor, pack  # noqa: E402
-from layerprune.sparse.linear import nm24_kernel_wanted, pack_as  # noqa: E402
+from layerprune.sparse.linear import nm24_cslt_wanted, nm24_kernel_wanted, pack_as  # noqa: E402
 from layerprune.sparse.nm24 import NM24Tensor  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -178,7 +178,8 @@ def linears(reps: int, batches: list[int], sparsities: list, on_row=None) -> lis
                                                     / y_ref.float().abs().max())
                         row["nm24_us"] = timeit(lambda: op(x, nsp, n, k), reps)
                         row["nm24_speedup"], row["nm24_bytes"] = d / row["nm24_us"], nsp.nbytes()
-                        row["nm24_path"] = "mma.sp-kernel" if nm24_kernel_wanted(b, n, k) else "unpack+cuBLAS"
+                        row["nm24_path"] = ("mma.sp-kernel" if nm24_kernel_wanted(b, n, k) else
+                                            "cuSPARSELt" if nm24_cslt_wanted(b, n, k) else "unpack+cuBLAS")
                     if cusp is not None:
                         try:
                             row["cusparselt_us"] = timeit(lambda: F.linear(x, cusp), reps) if b >= 16 else None
@@ -349,12 +350,13 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
 
 
 def e2e_24(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: bool = False,
-           dims: str = "llama2-7b", on_row=None) -> tuple[list[dict], dict]:
+           dims: str = "llama2-7b", on_row=None, prefill: list[int] | None = None) -> tuple[list[dict], dict]:
     """End to end for a 2:4 model (``--parts e2e24``): random bf16 weights of ``dims``, Wanda 2:4 (uniform: N:M fixes
     every linear at 50%), packed in the ``nm24`` layout and in ``delta``, q/k/v and gate/up stacked in both (as
-    ``generate`` and ``bench-decode`` run them); decode tokens/s against the dense model, CUDA graphs."""
+    ``generate`` and ``bench-decode`` run them); decode tokens/s against the dense model, CUDA graphs; with
+    ``prefill``, one sequence's prefill of each length (``prefill_ms``: eager, the time to the first token)."""
     from layerprune.api import prune
-    from layerprune.sparse.bench import decode_rate, weight_bytes
+    from layerprune.sparse.bench import decode_rate, prefill_ms, weight_bytes
     from layerprune.sparse.export import sparsify
     from layerprune.sparse.merge import merge_siblings
 
@@ -388,7 +390,14 @@ def e2e_24(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smok
                     "speedup": r["nm24"] / d, "layout": "nm24", "merged": True, "delta_tok_s": r["delta"],
                     "delta_speedup": r["delta"] / d, "dense_merged_tok_s": dm,
                     "speedup_vs_dense_merged": r["nm24"] / dm}, on_row)
-    info = {"logit_max_abs_diff": diffs, "logit_max_abs": scale, "dense_weight_bytes": weight_bytes(model),
+    pre = []
+    for t in prefill or []:
+        d = prefill_ms(model, t, vocab_hi=32000)
+        r = {lay: prefill_ms(m, t, vocab_hi=32000) for lay, (m, _) in packed.items()}
+        pre.append({"tokens": t, "dense_ms": d, "nm24_ms": r["nm24"], "nm24_speedup": d / r["nm24"],
+                    "delta_ms": r["delta"], "delta_speedup": d / r["delta"]})
+        print(json.dumps(pre[-1]), flush=True)
+    info = {"prefill": pre, "logit_max_abs_diff": diffs, "logit_max_abs": scale, "dense_weight_bytes": weight_bytes(model),
             **{f"{lay}_weight_bytes": weight_bytes(m) for lay, (m, _) in packed.items()},
             **{f"{lay}_sparse_layers": n for lay, (_, n) in packed.items()},
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if DEV.type == "cuda" else None}
@@ -455,7 +464,8 @@ def main() -> None:
     if "e2e24" in parts:
         res["end_to_end_24"], res["end_to_end_24_info"] = e2e_24(
             [int(b) for b in a.e2e_batches.split(",")], a.new_tokens, a.nsamples, a.seqlen, a.smoke, a.e2e_dims,
-            lambda rows: (res.update(end_to_end_24=rows), save()))
+            lambda rows: (res.update(end_to_end_24=rows), save()),
+            [int(t) for t in a.e2e_prefill.split(",") if t.strip()])
         save()
 
 

@@ -253,3 +253,94 @@ def test_cslt_pack_reproduces_cusparselt_compressions():
         sys.path.remove(str(root / "bench"))
     outcomes = read(root / "bench" / "results" / "cslt_layout_session28")
     assert len(outcomes) == 24 and all(outcomes)
+
+
+def _probe():
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        import probe_24prefill
+    finally:
+        sys.path.remove(str(root / "bench"))
+    return probe_24prefill
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (128, 352), (192, 1056)])
+def test_cslt_layout_where_a_row_band_is_not_a_power_of_two(shape):
+    """cuSPARSELt's metadata offset (``cslt.nibble``) maps the n·k/4 groups one to one onto the nibbles, also where
+    k/4 is not a power of two (11008 and 28672 columns: session 29 found the probe's version OR-ing the row band's
+    offset in, which is right only for powers of two); the conversion kernel's index arithmetic, emulated, equals
+    ``cslt_pack`` there."""
+    from layerprune.sparse.cslt import nibble
+
+    n, k = shape
+    where = nibble(torch.arange(n)[:, None], torch.arange(k // 4)[None, :], k // 4).reshape(-1)
+    assert torch.equal(where.sort().values, torch.arange(n * k // 4))
+    probe = _probe()
+    w = _w24(n, k)
+    assert torch.equal(probe.emulate_convert(nm24.pack(w), n, k), probe.cslt_pack(w))
+
+
+def test_cslt_declines_off_the_gpu_and_off_its_shapes():
+    from layerprune.sparse import cslt
+    from layerprune.sparse.linear import nm24_cslt_wanted
+
+    w = _w24(64, 64)
+    sp = nm24.pack(w)
+    assert cslt.mm(torch.randn(200, 64, dtype=torch.bfloat16), sp.values, sp.meta, 64, 64) is None
+    assert not cslt.fits(48, 128) and not cslt.fits(64, 96) and cslt.fits(64, 128) and cslt.fits(4096, 11008)
+    assert not nm24_cslt_wanted(4096, 11008 - 16, 8192) and not nm24_cslt_wanted(8, 8192, 8192)
+    assert nm24_cslt_wanted(1024, 4096, 4096) and not nm24_cslt_wanted(512, 4096, 4096)
+    assert nm24_cslt_wanted(512, 14336, 4096) and not nm24_cslt_wanted(2048, 1024, 4096)
+
+
+@CUDA
+@pytest.mark.parametrize("shape", [(64, 128), (192, 1152), (4096, 4096)])
+def test_cuda_cslt_conversion_equals_cusparselt_compress(shape):
+    from layerprune.sparse import cslt
+
+    n, k = shape
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(1)).bfloat16()  # two nonzeros in every group (where
+    w = w.masked_fill(nm_mask(w.abs().float(), 2, 4), 0).cuda()  # one or none, cuSPARSELt keeps other zeros than nm24)
+    sp = nm24.pack(w)
+    got = cslt.convert(sp.values, sp.meta, n, k)
+    assert torch.equal(got, torch._cslt_compress(w).view(torch.uint8).reshape(-1))
+    assert torch.equal(got, _probe().cslt_pack(w))
+
+
+@CUDA
+@pytest.mark.parametrize("shape", [(64, 128), (192, 1152), (4096, 4096)])
+@pytest.mark.parametrize("batch", [1, 100, 128, 300])
+def test_cuda_cslt_mm_equals_f_linear(shape, batch):
+    """cuSPARSELt through layerprune's own plans (the first call makes the plan and searches it, the second reuses
+    it; x with strided rows) and the op routed to it, against F.linear on the dense weight; a replay from a CUDA
+    graph follows x."""
+    from layerprune.sparse import cslt, linear
+
+    n, k = shape
+    w = _w24(n, k, device="cuda")
+    sp = nm24.pack(w)
+    xs = torch.randn(batch, k + 8, device="cuda", dtype=torch.bfloat16)[:, 8:]
+    ref = F.linear(xs.float(), w.float())
+    tol = 0.01 * ref.abs().max() + 1e-3
+    for _ in range(2):
+        y = cslt.mm(xs, sp.values, sp.meta, n, k)
+        assert y is not None and y.shape == (batch, n) and (y.float() - ref).abs().max() <= tol
+    old = linear.CSLT_TOKENS, linear.CSLT_WEIGHTS
+    linear.CSLT_TOKENS, linear.CSLT_WEIGHTS = 1, 0
+    try:
+        if batch > linear.NM24_TOKENS:
+            assert linear.nm24_cslt_wanted(batch, n, k)
+        y = linear.sparse_linear_nm24(xs, sp.values, sp.meta, n, k)
+        assert (y.float() - ref).abs().max() <= tol
+    finally:
+        linear.CSLT_TOKENS, linear.CSLT_WEIGHTS = old
+    x = xs.contiguous()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = cslt.mm(x, sp.values, sp.meta, n, k)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    assert (yg.float() - F.linear(x.float(), w.float())).abs().max() <= 0.01 * ref.abs().max() + 1e-2

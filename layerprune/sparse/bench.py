@@ -132,8 +132,9 @@ def _longest_context(spec: str) -> int | None:
 def prefill_ms(model: nn.Module, tokens: int, reps: int = 3, vocab_hi: int = 1000) -> float:
     """Median milliseconds of one sequence's prefill of ``tokens`` random tokens (seed 0), the forward that
     ``generate`` runs before its first new token: logits of the last position only, eager, with layerprune's
-    fused RMSNorm / rotary kernels as in :func:`decode_rate`. One untimed warm-up first. In the sparse model each
-    linear unpacks its weight for cuBLAS at this many tokens (``SparseLinear``), once per call."""
+    fused RMSNorm / rotary kernels as in :func:`decode_rate`. One untimed warm-up first (it also makes the cuSPARSELt
+    plans of a 2:4 model). In the sparse model each linear unpacks its weight for cuBLAS at this many tokens
+    (``SparseLinear``), once per call, or, in the nm24 layout from 1024 tokens on most shapes, runs cuSPARSELt."""
     from layerprune.engine.fused import fused_ops
 
     dev = next(model.parameters()).device

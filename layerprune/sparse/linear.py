@@ -12,7 +12,9 @@
   15–25% over dense.
 * ``nm24`` (:mod:`layerprune.sparse.nm24`): for 2:4 weights only, the kept values and metadata in the order of the
   sparse tensor cores' fragments (``mma.sp``, :mod:`layerprune.sparse.nm24_cuda`, bf16, Ampere and later): 1–64
-  tokens stream the packed weight straight into registers, nothing decoded; more are unpacked for cuBLAS.
+  tokens stream the packed weight straight into registers, nothing decoded; from 1024 tokens (512 on the largest
+  weights: ``nm24_cslt_wanted``) cuSPARSELt on the sparse tensor cores (:mod:`layerprune.sparse.cslt`: 2048-token
+  prefill 1.02–1.13× of dense, session 29); in between unpacked for cuBLAS.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
 ``layerprune::sparse_linear``, ``layerprune::sparse_linear_nm24``), so ``torch.compile`` and CUDA-graph capture
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerprune.sparse import bitmask_cuda, bitmask_wgmma, delta, delta_kernels, kernels, nm24, nm24_cuda
+from layerprune.sparse import bitmask_cuda, bitmask_wgmma, cslt, delta, delta_kernels, kernels, nm24, nm24_cuda
 from layerprune.sparse.format import SparseTensor, pack, unpack
 
 log = logging.getLogger("layerprune")
@@ -126,16 +128,33 @@ def nm24_kernel_wanted(b: int, n: int, k: int) -> bool:
     return b <= 32 or (b <= NM24_TOKENS and n * k >= 32 * 2**20)
 
 
+CSLT_TOKENS = 1024  # from this many tokens an nm24 weight of CSLT_WEIGHTS or more goes to cuSPARSELt, from half as
+CSLT_WEIGHTS = 4096 * 4096  # many one of 3 × CSLT_WEIGHTS or more (nm24_cslt_wanted)
+
+
+def nm24_cslt_wanted(b: int, n: int, k: int) -> bool:
+    """Whether ``b`` tokens of an n × k nm24 weight go to cuSPARSELt (:mod:`layerprune.sparse.cslt`) rather than
+    unpack + cuBLAS. On the H200 (session 29, ``bench/probe_24prefill.py``, eager, against ``F.linear``): at 2048
+    tokens cuSPARSELt 1.14–1.24× on the seven LLaMA shapes of 4096 × 4096 or more, unpack + cuBLAS 0.81–0.91×; at
+    1024 tokens 0.88–1.03× against 0.74–0.81×; at 512 tokens cuSPARSELt ahead only on the four shapes of 56 M
+    weights or more (0.75–0.80× against 0.65–0.68×); 1024 × 4096 better unpacked at every count."""
+    if not cslt.fits(n, k):
+        return False
+    return (b >= CSLT_TOKENS and n * k >= CSLT_WEIGHTS) or (b >= CSLT_TOKENS // 2 and n * k >= 3 * CSLT_WEIGHTS)
+
+
 def sparse_linear_nm24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """y = x · Wᵀ for a W (n × k) in the nm24 layout; x is (..., k). CUDA (bf16, Ampere and later): the sparse
-    tensor-core kernel up to ``NM24_TOKENS`` tokens, else the weight unpacked (CUDA kernel) and cuBLAS; otherwise
-    unpacked with PyTorch (correct, not fast)."""
+    tensor-core kernel up to ``NM24_TOKENS`` tokens, cuSPARSELt for prefills (``nm24_cslt_wanted``), else the weight
+    unpacked (CUDA kernel) and cuBLAS; otherwise unpacked with PyTorch (correct, not fast)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     y = None
     if nm24_cuda.usable(x2, values):
         if nm24_kernel_wanted(x2.shape[0], n, k):
             y = nm24_cuda.spmm(x2, values, meta, n, k)
+        elif nm24_cslt_wanted(x2.shape[0], n, k):
+            y = cslt.mm(x2, values, meta, n, k)
         if y is None:
             w = nm24_cuda.unpack(values, meta, n, k)
             y = None if w is None else F.linear(x2, w)

@@ -1,6 +1,7 @@
 """CUDA kernels for a weight in the ``nm24`` layout (:mod:`layerprune.sparse.nm24`): the product on the sparse tensor
 cores (``nm24_mma_bf16``: ``mma.sp.m16n8k32``, bf16, fp32 accumulation) for 1–64 tokens, and the dense weight
-(``nm24_unpack_bf16``) for larger batches and prefills (then cuBLAS).
+(``nm24_unpack_bf16``) for larger batches and prefills (then cuBLAS; from 1024 tokens on most shapes
+:mod:`layerprune.sparse.cslt` runs cuSPARSELt instead).
 
 The layout stores the A fragments and metadata words as the instruction takes them, so a warp loads its tiles
 straight into registers: nothing is decoded, and the kernel streams the packed bytes. Measured on the H200 against
