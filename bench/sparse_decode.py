@@ -284,6 +284,7 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
         dims: str = "llama2-7b", blocks: int = 0, compile: bool = False, on_row=None,
         prefill: list[int] = ()) -> list[dict]:
     from layerprune.api import prune
+    from layerprune.sparse import linear
     from layerprune.sparse.bench import decode_rate, prefill_ms, weight_bytes
     from layerprune.sparse.export import sparsify
     from layerprune.sparse.merge import merge_siblings
@@ -356,6 +357,7 @@ def e2e_24(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smok
     ``generate`` and ``bench-decode`` run them); decode tokens/s against the dense model, CUDA graphs; with
     ``prefill``, one sequence's prefill of each length (``prefill_ms``: eager, the time to the first token)."""
     from layerprune.api import prune
+    from layerprune.sparse import linear
     from layerprune.sparse.bench import decode_rate, prefill_ms, weight_bytes
     from layerprune.sparse.export import sparsify
     from layerprune.sparse.merge import merge_siblings
@@ -394,7 +396,14 @@ def e2e_24(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smok
     for t in prefill or []:
         d = prefill_ms(model, t, vocab_hi=32000)
         r = {lay: prefill_ms(m, t, vocab_hi=32000) for lay, (m, _) in packed.items()}
+        old = linear.CSLT_WORK
+        linear.CSLT_WORK = 512 * 4096 * 4096  # nm24 with every 7B linear of 512+ tokens on cuSPARSELt
+        try:
+            forced = prefill_ms(packed["nm24"][0], t, vocab_hi=32000)
+        finally:
+            linear.CSLT_WORK = old
         pre.append({"tokens": t, "dense_ms": d, "nm24_ms": r["nm24"], "nm24_speedup": d / r["nm24"],
+                    "nm24_cslt_ms": forced, "nm24_cslt_speedup": d / forced,
                     "delta_ms": r["delta"], "delta_speedup": d / r["delta"]})
         print(json.dumps(pre[-1]), flush=True)
     info = {"prefill": pre, "logit_max_abs_diff": diffs, "logit_max_abs": scale, "dense_weight_bytes": weight_bytes(model),
