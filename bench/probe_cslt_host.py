@@ -1,5 +1,6 @@
 """Host-side cost of one 2:4 prefill product and whether it waits for the GPU (session 29): for each path (dense
-``F.linear``, nm24 unpack + cuBLAS, cuSPARSELt through :func:`layerprune.sparse.cslt.mm`), the host µs of one call
+``F.linear``, nm24 unpack + cuBLAS, cuSPARSELt through :func:`layerprune.sparse.cslt.mm`, its conversion alone, and the
+nm24 op as routed and with cuSPARSELt forced), the host µs of one call
 with the GPU idle, and with ~30 ms of matmuls queued ahead (a call that returns long after the queue was filled
 waits for the GPU, which in an eager, host-bound forward idles it).
 
@@ -19,7 +20,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layerprune.pruners.masks import nm_mask  # noqa: E402
-from layerprune.sparse import cslt, nm24, nm24_cuda  # noqa: E402
+from layerprune.sparse import cslt, linear, nm24, nm24_cuda  # noqa: E402
+
+
+def forced(x, sp, n, k):
+    """The nm24 op with every product sent to cuSPARSELt."""
+    old, linear.CSLT_WORK = linear.CSLT_WORK, 0
+    try:
+        return linear.sparse_linear_nm24(x, sp.values, sp.meta, n, k)
+    finally:
+        linear.CSLT_WORK = old  # (CSLT_WORK = 0 sends every product that fits)
 
 
 def host_us(fn, reps: int = 20) -> float:
@@ -59,7 +69,9 @@ def main() -> None:
     paths = {"dense": lambda: F.linear(x, w),
              "unpack_cublas": lambda: F.linear(x, nm24_cuda.unpack(sp.values, sp.meta, n, k)),
              "cslt_mm": lambda: cslt.mm(x, sp.values, sp.meta, n, k),
-             "cslt_convert": lambda: cslt.convert(sp.values, sp.meta, n, k)}
+             "cslt_convert": lambda: cslt.convert(sp.values, sp.meta, n, k),
+             "op_unpacked": lambda: linear.sparse_linear_nm24(x, sp.values, sp.meta, n, k),
+             "op_cslt": lambda: forced(x, sp, n, k)}
     out = {"shape": [n, k], "tokens": a.tokens}
     for name, fn in paths.items():
         out[f"{name}_host_us"] = host_us(fn)

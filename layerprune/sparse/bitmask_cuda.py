@@ -296,7 +296,7 @@ def usable(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, bn: int
     return (x.is_cuda and x.dtype == torch.bfloat16 and values.dtype == torch.bfloat16 and torch.version.hip is None
             and (bn, bk) == (16, 128) and hasattr(torch.cuda, "_compile_kernel") and x.device.index not in _failed
             and values.data_ptr() % 16 == 0 and bitmask.data_ptr() % 16 == 0
-            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+            and delta_cuda.capability(x.device.index) >= (8, 0))
 
 
 def wanted(b: int, n: int, k: int, nnz: int) -> bool:
@@ -333,7 +333,7 @@ def split_plan(x: torch.Tensor, kt: int, groups: int, splits: int, mt: int, n: i
     cps = -(-kt // splits)
     s = -(-kt // cps)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    count = delta_cuda._counters(dev, torch.cuda.current_stream(x.device).cuda_stream)
+    count = delta_cuda._counters(dev, delta_cuda.cur_stream(x.device.index))
     if s > 1 and groups > count.numel():
         return None
     return cps, s, count, (torch.empty(s, mt, n, dtype=torch.float32, device=x.device) if s > 1 else count)
@@ -370,7 +370,7 @@ def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: 
     if plan is None:
         return None
     cps, s, count, part = plan
-    stream = torch.cuda.current_stream(x.device).cuda_stream
+    stream = delta_cuda.cur_stream(x.device.index)
     nnz = values.numel()
     for p in range(0, B, mt):
         xp = x[p:]

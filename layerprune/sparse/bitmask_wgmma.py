@@ -268,7 +268,7 @@ def usable(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, bn: int
     if not bitmask_cuda.usable(x, bitmask, values, bn, bk):
         return False
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return dev not in _failed and torch.cuda.get_device_capability(dev) == (9, 0)
+    return dev not in _failed and delta_cuda.capability(dev) == (9, 0)
 
 
 def wanted(b: int, n: int, k: int) -> bool:
@@ -304,7 +304,7 @@ def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: 
     ``probe`` (timing probes only, ``bench/probe_wgmma_bitmask_parts.py``; wrong products): 1 leaves the decode out,
     2 the products, 3 both."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if dev in _failed or torch.cuda.get_device_capability(dev) != (9, 0):
+    if dev in _failed or delta_cuda.capability(dev) != (9, 0):
         return None
     sms, limit = delta_cuda._props(dev)
     B = x.shape[0]
@@ -339,7 +339,7 @@ def spmm(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, offsets: 
     if plan is None:
         return None
     cps, s, count, part = plan
-    stream = torch.cuda.current_stream(x.device).cuda_stream
+    stream = delta_cuda.cur_stream(x.device.index)
     vec = int(x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0)
     delta_cuda._launch(kern, (groups, s, zb), 128 * nwg, smem, stream, (x, bitmask, values, offsets, part, count, y),
                        (n, k, kt, B, x.stride(0), cps, vec, values.numel()))

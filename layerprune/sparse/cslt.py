@@ -97,7 +97,9 @@ def _lib():
     for name in names:
         try:
             lib = ctypes.CDLL(name)
-            lib.cusparseLtInit  # noqa: B018 (the symbol exists)
+            for f in (lib.cusparseLtMatmul, lib.cusparseLtMatmulSearch):
+                f.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int32]
+                f.restype = ctypes.c_int
             return lib
         except (OSError, AttributeError):
             continue
@@ -160,14 +162,19 @@ class _Plan:
         self.searched = True
 
     def run(self, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, search: bool = False) -> None:
-        ws = torch.empty(max(self.workspace, 1), dtype=torch.uint8, device=x.device)
-        alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
+        """The product (or the search) on the current stream. Host time counts in an eager prefill, so the call's
+        arguments are plain addresses into objects made once (the argument types declared in :func:`_lib`)."""
+        dev = x.device.index
+        ws = torch.empty(self.workspace, dtype=torch.uint8, device=x.device) if self.workspace else None
+        if not hasattr(self, "_args"):
+            self._alpha, self._beta, self._stream = ctypes.c_float(1.0), ctypes.c_float(0.0), ctypes.c_void_p(0)
+            addr = ctypes.addressof
+            self._args = (addr(self.h), addr(self.plan), addr(self._alpha), addr(self._beta), addr(self._stream))
+        h, plan, alpha, beta, stream = self._args
+        self._stream.value = delta_cuda.cur_stream(dev)
         f = self.lib.cusparseLtMatmulSearch if search else self.lib.cusparseLtMatmul
-        p = ctypes.c_void_p
-        _check(f(self.h, self.plan, ctypes.byref(alpha), p(a.data_ptr()), p(x.data_ptr()), ctypes.byref(beta),
-                 p(y.data_ptr()), p(y.data_ptr()), p(ws.data_ptr()), ctypes.byref(stream), ctypes.c_int32(1)),
-               "the search" if search else "the product")
+        _check(f(h, plan, alpha, a.data_ptr(), x.data_ptr(), beta, y.data_ptr(), y.data_ptr(),
+                 ws.data_ptr() if ws is not None else None, stream, 1), "the search" if search else "the product")
 
     def close(self) -> None:
         destroy = {"desc": self.lib.cusparseLtMatDescriptorDestroy, "alg": self.lib.cusparseLtMatmulAlgSelectionDestroy,
@@ -216,11 +223,14 @@ class _Plans:
 _plans = _Plans()
 
 
+@functools.cache
+def _capable(dev: int) -> bool:
+    return delta_cuda.capability(dev)[0] >= 8 and _lib() is not None
+
+
 def available(x: torch.Tensor) -> bool:
     """Whether this path can run here: bf16 x on a CUDA device of compute capability 8.0 or later, cuSPARSELt loads."""
-    if x.device.type != "cuda" or x.dtype != torch.bfloat16:
-        return False
-    return torch.cuda.get_device_capability(x.device)[0] >= 8 and _lib() is not None
+    return x.is_cuda and x.dtype == torch.bfloat16 and _capable(x.device.index)
 
 
 def _convert_kernel(device: int):
@@ -246,8 +256,16 @@ def convert(values: torch.Tensor, meta: torch.Tensor, n: int, k: int) -> torch.T
         return None
     out = torch.empty(n * k * 9 // 8, dtype=torch.uint8, device=values.device)
     tiles = (n // 16) * (k // 32)
-    delta_cuda._launch(kern, (-(-tiles * 32 // 256), 1), 256, 0, torch.cuda.current_stream(values.device).cuda_stream,
-                       (values, meta, out[: n * k], out[n * k:]), (n, k, tiles))
+    if tiles:
+        o = out.data_ptr()
+        c = ctypes
+        args = (c.c_void_p(values.data_ptr()), c.c_void_p(meta.data_ptr()), c.c_void_p(o), c.c_void_p(o + n * k),
+                c.c_int(n), c.c_int(k), c.c_int(tiles))
+        argv = (c.c_void_p * 7)(*(c.addressof(v) for v in args))
+        rc = delta_cuda._launcher()(kern.func, -(-tiles * 32 // 256), 1, 1, 256, 1, 1, 0, delta_cuda.cur_stream(dev),
+                                    argv, None)
+        if rc != 0:
+            raise RuntimeError(f"cslt: cuLaunchKernel failed with CUDA error {rc}")
     return out
 
 
@@ -259,7 +277,7 @@ def mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int
     (session 29), paid once per shape and bucket."""
     if not (fits(n, k) and available(x)):
         return None
-    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    dev = x.device.index
     b = x.shape[0]
     if b == 0:
         return x.new_zeros(0, n)

@@ -666,6 +666,21 @@ def settings(n: int, k: int, tokens: int = 1) -> tuple[int, int, int]:
     return 2, 4, 8
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def cur_stream(dev: int) -> int:
+    """The handle of device ``dev``'s current CUDA stream (PyTorch's raw accessor where it has one: a fraction of
+    ``torch.cuda.current_stream``'s host time, which an eager prefill of a 7B model pays hundreds of times)."""
+    return _raw_stream(dev) if _raw_stream is not None else torch.cuda.current_stream(dev).cuda_stream
+
+
+@functools.cache
+def capability(dev: int) -> tuple[int, int]:
+    """Device ``dev``'s compute capability, asked once."""
+    return torch.cuda.get_device_capability(dev)
+
+
 @functools.cache
 def _launcher():
     """``cuLaunchKernel`` with its argument types declared once. (PyTorch's ``_CudaKernel.__call__`` opens
@@ -728,7 +743,7 @@ def spmv(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: to
     smem = smem_bytes(k, tokens, skw)
     rows_grid = -(-n // warps)
     grid = min(sms * per_sm, rows_grid) if per_sm else rows_grid
-    stream = torch.cuda.current_stream(x.device).cuda_stream
+    stream = cur_stream(x.device.index)
     for p in range(0, B, tokens):
         xp = x[p:]
         _launch(kern, (grid, 1), 32 * warps, smem, stream, (xp, values, deltas, starts, gptr, y[p:]),
@@ -757,7 +772,7 @@ def unpack(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor, gpt
     if n == 0 or k == 0:
         return out
     warps = warps or max(1, min(8, (64 * 1024) // (2 * rs)))
-    _launch(kern, (-(-n // warps), 1), 32 * warps, 2 * rs * warps, torch.cuda.current_stream(values.device).cuda_stream,
+    _launch(kern, (-(-n // warps), 1), 32 * warps, 2 * rs * warps, cur_stream(values.device.index),
             (values, deltas, starts, gptr, out), (n, k, rs, int(k % 8 == 0)))
     return out
 
@@ -823,7 +838,7 @@ def split_buffers(x: torch.Tensor, dev: int, n: int, mt: int, tiles: int, s: int
     """(stream, counters, fp32 partial sums) for a launch over ``tiles`` row groups and ``s`` column splits of a kernel
     that ends in ``finish_splits`` (with one split the counters stand in for the unused partial sums); ``None`` when
     there are more row groups than counters (the caller falls back)."""
-    stream = torch.cuda.current_stream(x.device).cuda_stream
+    stream = cur_stream(x.device.index)
     count = _counters(dev, stream)
     if s > 1 and tiles > count.numel():
         return None
@@ -837,7 +852,7 @@ def spmm_tile(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, start
     several), with ``cidx`` = :func:`chunk_index` for ``tile``'s chunk; ``None`` when the kernel is not
     available (before Ampere, or compiling failed)."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if torch.cuda.get_device_capability(dev) < (8, 0):  # no bf16 tensor-core mma before Ampere
+    if capability(dev) < (8, 0):  # no bf16 tensor-core mma before Ampere
         return None
     wb, mw, kc = tile
     nch = -(-k // kc)

@@ -12,9 +12,9 @@
   15–25% over dense.
 * ``nm24`` (:mod:`layerprune.sparse.nm24`): for 2:4 weights only, the kept values and metadata in the order of the
   sparse tensor cores' fragments (``mma.sp``, :mod:`layerprune.sparse.nm24_cuda`, bf16, Ampere and later): 1–64
-  tokens stream the packed weight straight into registers, nothing decoded; large prefill products
-  (``nm24_cslt_wanted``: 2048 tokens of 70B-sized weights) on cuSPARSELt's sparse tensor cores
-  (:mod:`layerprune.sparse.cslt`, session 29); everything else in between unpacked for cuBLAS.
+  tokens stream the packed weight straight into registers, nothing decoded; prefills (``nm24_cslt_wanted``: from
+  1024 tokens, 512 on the largest weights) on cuSPARSELt's sparse tensor cores (:mod:`layerprune.sparse.cslt`,
+  session 29: 2048 tokens 1.07–1.15× of dense per linear); in between unpacked for cuBLAS.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
 ``layerprune::sparse_linear``, ``layerprune::sparse_linear_nm24``), so ``torch.compile`` and CUDA-graph capture
@@ -128,20 +128,23 @@ def nm24_kernel_wanted(b: int, n: int, k: int) -> bool:
     return b <= 32 or (b <= NM24_TOKENS and n * k >= 32 * 2**20)
 
 
-CSLT_WORK = 2048 * 8192 * 8192  # tokens × rows × columns from which an nm24 product goes to cuSPARSELt
+CSLT_TOKENS, CSLT_WEIGHTS = 1024, 4096 * 4096  # nm24 products to cuSPARSELt: this many tokens of weights this large,
+CSLT_WORK = 1536 * 4096 * 4096  # or this many multiply-adds a call (nm24_cslt_wanted)
 
 
 def nm24_cslt_wanted(b: int, n: int, k: int) -> bool:
     """Whether ``b`` tokens of an n × k nm24 weight go to cuSPARSELt (:mod:`layerprune.sparse.cslt`) rather than
-    unpack + cuBLAS: from ``CSLT_WORK`` multiply-adds a call (2048 tokens of an 8192 × 8192 weight, 1024 of the 70B
-    MLP's). Per linear on the H200 (session 29, ``bench/probe_24prefill.py``, GPU time against ``F.linear``)
-    cuSPARSELt is ahead from far less: at 2048 tokens 1.14–1.24× on the LLaMA shapes of 4096 × 4096 or more against
-    0.81–0.91× unpacked, at 1024 tokens 0.88–1.03× against 0.74–0.81×. But a call costs 80–140 µs of host time
-    (``bench/probe_cslt_host.py``; ``F.linear`` 17–43 µs), and a 7B model's eager prefill is bound by the host there:
-    end to end (``sparse_decode.py --parts e2e24 --e2e-prefill``) with every 7B linear of 512+ tokens on cuSPARSELt the
-    2048-token prefill ran at 0.80× of dense against 0.89× unpacked. So only calls of 300 µs or more of GPU work,
-    which hide that host time, go there."""
-    return b * n * k >= CSLT_WORK and cslt.fits(n, k)
+    unpack + cuBLAS: ``CSLT_TOKENS`` tokens or more of a weight of ``CSLT_WEIGHTS`` or more, or ``CSLT_WORK``
+    multiply-adds (512 tokens of the weights of 50 M or more). On the H200 (session 29, ``bench/probe_24prefill.py``,
+    GPU time against ``F.linear``): at 2048 tokens 1.14–1.24× on the LLaMA shapes of 4096 × 4096 or more against
+    0.86–0.94× unpacked; at 1024 tokens 0.88–1.03× against 0.74–0.83×; at 512 tokens ahead only from 50 M weights
+    (0.66–0.80× against 0.63–0.68×); 1024 × 4096 better unpacked. The call's host time (65–85 µs after the ctypes
+    arguments were made once, ``bench/probe_cslt_host.py``) is about the unpack path's, and end to end a 7B model's
+    2048-token prefill ran at 1.06× of dense with cuSPARSELt against 0.99× unpacked (``sparse_decode.py --parts
+    e2e24 --e2e-prefill``)."""
+    if not cslt.fits(n, k):
+        return False
+    return (b >= CSLT_TOKENS and n * k >= CSLT_WEIGHTS) or b * n * k >= CSLT_WORK
 
 
 def sparse_linear_nm24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int) -> torch.Tensor:

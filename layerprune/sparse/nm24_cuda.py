@@ -167,7 +167,7 @@ def usable(x: torch.Tensor, values: torch.Tensor) -> bool:
             and hasattr(torch.cuda, "_compile_kernel") and values.data_ptr() % 16 == 0):
         return False
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return dev not in _failed and torch.cuda.get_device_capability(dev) >= (8, 0)
+    return dev not in _failed and delta_cuda.capability(dev) >= (8, 0)
 
 
 def source(mt: int, mw: int = 1, wb: int = 8, uu: int = 4, ch: int = 0, minb: int = 1) -> str:
@@ -261,6 +261,6 @@ def unpack(values: torch.Tensor, meta: torch.Tensor, n: int, k: int) -> torch.Te
     out = torch.empty(n, k, dtype=values.dtype, device=values.device)
     tiles = (n // 16) * (k // 32)
     if tiles:
-        delta_cuda._launch(kern, (-(-tiles * 32 // 256), 1), 256, 0, torch.cuda.current_stream(values.device).cuda_stream,
+        delta_cuda._launch(kern, (-(-tiles * 32 // 256), 1), 256, 0, delta_cuda.cur_stream(values.device.index),
                            (values, meta, out), (n, k, tiles))
     return out
