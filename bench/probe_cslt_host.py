@@ -25,11 +25,12 @@ from layerprune.sparse import cslt, linear, nm24, nm24_cuda  # noqa: E402
 
 def forced(x, sp, n, k):
     """The nm24 op with every product sent to cuSPARSELt."""
-    old, linear.CSLT_WORK = linear.CSLT_WORK, 0
+    old = linear.CSLT_TOKENS, linear.CSLT_WEIGHTS
+    linear.CSLT_TOKENS = linear.CSLT_WEIGHTS = 0  # every product that fits
     try:
         return linear.sparse_linear_nm24(x, sp.values, sp.meta, n, k)
     finally:
-        linear.CSLT_WORK = old  # (CSLT_WORK = 0 sends every product that fits)
+        linear.CSLT_TOKENS, linear.CSLT_WEIGHTS = old
 
 
 def host_us(fn, reps: int = 20) -> float:

@@ -293,8 +293,7 @@ def test_cslt_declines_off_the_gpu_and_off_its_shapes():
     assert not cslt.fits(48, 128) and not cslt.fits(64, 96) and cslt.fits(64, 128) and cslt.fits(4096, 11008)
     assert not nm24_cslt_wanted(4096, 11008 - 16, 8192) and not nm24_cslt_wanted(8, 8192, 8192)
     assert nm24_cslt_wanted(1024, 4096, 4096) and not nm24_cslt_wanted(512, 4096, 4096)
-    assert nm24_cslt_wanted(512, 14336, 4096) and not nm24_cslt_wanted(512, 11008, 4096)
-    assert not nm24_cslt_wanted(2048, 1024, 4096)
+    assert not nm24_cslt_wanted(512, 28672, 8192) and not nm24_cslt_wanted(2048, 1024, 4096)
 
 
 @CUDA
@@ -329,15 +328,15 @@ def test_cuda_cslt_mm_equals_f_linear(shape, batch):
     for _ in range(2):
         y = cslt.mm(xs, sp.values, sp.meta, n, k)
         assert y is not None and y.shape == (batch, n) and (y.float() - ref).abs().max() <= tol
-    old = linear.CSLT_WORK, linear.CSLT_TOKENS
-    linear.CSLT_WORK = linear.CSLT_TOKENS = 0
+    old = linear.CSLT_TOKENS, linear.CSLT_WEIGHTS
+    linear.CSLT_TOKENS = linear.CSLT_WEIGHTS = 0
     try:
         if batch > linear.NM24_TOKENS:
             assert linear.nm24_cslt_wanted(batch, n, k)
         y = linear.sparse_linear_nm24(xs, sp.values, sp.meta, n, k)
         assert (y.float() - ref).abs().max() <= tol
     finally:
-        linear.CSLT_WORK, linear.CSLT_TOKENS = old
+        linear.CSLT_TOKENS, linear.CSLT_WEIGHTS = old
     x = xs.contiguous()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):

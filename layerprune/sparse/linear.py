@@ -13,7 +13,7 @@
 * ``nm24`` (:mod:`layerprune.sparse.nm24`): for 2:4 weights only, the kept values and metadata in the order of the
   sparse tensor cores' fragments (``mma.sp``, :mod:`layerprune.sparse.nm24_cuda`, bf16, Ampere and later): 1–64
   tokens stream the packed weight straight into registers, nothing decoded; prefills (``nm24_cslt_wanted``: from
-  1024 tokens, 512 on the largest weights) on cuSPARSELt's sparse tensor cores (:mod:`layerprune.sparse.cslt`,
+  1024 tokens) on cuSPARSELt's sparse tensor cores (:mod:`layerprune.sparse.cslt`,
   session 29: 2048 tokens 1.07–1.15× of dense per linear); in between unpacked for cuBLAS.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
@@ -128,23 +128,20 @@ def nm24_kernel_wanted(b: int, n: int, k: int) -> bool:
     return b <= 32 or (b <= NM24_TOKENS and n * k >= 32 * 2**20)
 
 
-CSLT_TOKENS, CSLT_WEIGHTS = 1024, 4096 * 4096  # nm24 products to cuSPARSELt: this many tokens of weights this large,
-CSLT_WORK = 1536 * 4096 * 4096  # or this many multiply-adds a call (nm24_cslt_wanted)
+CSLT_TOKENS, CSLT_WEIGHTS = 1024, 4096 * 4096  # nm24 products to cuSPARSELt: this many tokens of weights this large
 
 
 def nm24_cslt_wanted(b: int, n: int, k: int) -> bool:
     """Whether ``b`` tokens of an n × k nm24 weight go to cuSPARSELt (:mod:`layerprune.sparse.cslt`) rather than
-    unpack + cuBLAS: ``CSLT_TOKENS`` tokens or more of a weight of ``CSLT_WEIGHTS`` or more, or ``CSLT_WORK``
-    multiply-adds (512 tokens of the weights of 50 M or more). On the H200 (session 29, ``bench/probe_24prefill.py``,
-    GPU time against ``F.linear``): at 2048 tokens 1.14–1.24× on the LLaMA shapes of 4096 × 4096 or more against
-    0.86–0.94× unpacked; at 1024 tokens 0.88–1.03× against 0.74–0.83×; at 512 tokens ahead only from 50 M weights
-    (0.66–0.80× against 0.63–0.68×); 1024 × 4096 better unpacked. The call's host time (65–85 µs after the ctypes
-    arguments were made once, ``bench/probe_cslt_host.py``) is about the unpack path's, and end to end a 7B model's
-    2048-token prefill ran at 1.06× of dense with cuSPARSELt against 0.99× unpacked (``sparse_decode.py --parts
-    e2e24 --e2e-prefill``)."""
-    if not cslt.fits(n, k):
-        return False
-    return (b >= CSLT_TOKENS and n * k >= CSLT_WEIGHTS) or b * n * k >= CSLT_WORK
+    unpack + cuBLAS: ``CSLT_TOKENS`` tokens or more of a weight of ``CSLT_WEIGHTS`` or more. On the H200 (session 29,
+    ``bench/probe_24prefill.py``, GPU time against ``F.linear``): at 2048 tokens 1.14–1.24× on the LLaMA shapes of
+    4096 × 4096 or more against 0.86–0.94× unpacked, at 1024 tokens 0.88–1.03× against 0.74–0.83×; 1024 × 4096 is
+    better unpacked. At 512 tokens it is ahead per linear only from 50 M weights (0.66–0.80× against 0.63–0.68×), but
+    a call costs more host time (at 512 tokens 65–68 µs with the GPU idle and 150–206 µs behind queued work, against
+    37–46 and 64–119 µs for the unpack path; ``bench/probe_cslt_host.py``), and a 7B model's eager prefill of 512 tokens, host-bound, lost with
+    its stacked q/k/v and gate/up there (0.54× of dense against 0.67× unpacked; 2048 tokens: 0.95× against 0.83×;
+    ``sparse_decode.py --parts e2e24 --e2e-prefill``)."""
+    return b >= CSLT_TOKENS and n * k >= CSLT_WEIGHTS and cslt.fits(n, k)
 
 
 def sparse_linear_nm24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int) -> torch.Tensor:
