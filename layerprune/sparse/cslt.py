@@ -1,8 +1,8 @@
 """2:4 products at prefill sizes on the sparse tensor cores through cuSPARSELt, from a weight in the ``nm24`` layout.
 
 PyTorch ships cuSPARSELt (``torch._cslt_sparse_mm``), but its op builds and destroys the cuSPARSELt plan on every
-call: hundreds of µs of host time (session 28: eager 0.08–1.27× of dense at 2048 tokens against 1.00–1.47× replayed
-from a CUDA graph on five of eight shapes). Here the library is called through ``ctypes`` with one plan kept per
+call: hundreds of µs of host time (session 28, 2048 tokens: eager 0.08–1.27× of dense, replayed from a CUDA graph
+1.24–1.47× on five of eight shapes). Here the library is called through ``ctypes`` with one plan kept per
 (device, rows, columns, token bucket) (:class:`_Plans`, least recently used dropped past ``PLANS``), the algorithm
 searched once when the plan is made (``cusparseLtMatmulSearch``, as ``torch._cslt_sparse_mm_search``).
 
@@ -10,7 +10,9 @@ The weight stays in the nm24 layout (the decode kernels read it); each call rewr
 layout (:data:`CONVERT`, one CUDA kernel, ``n·k·9/8`` bytes written) and multiplies. cuSPARSELt 0.8.0's layout on the
 H200 (values row-major, then one 4-bit code a group of four at :func:`nibble`) was read off its own compressions
 (``bench/probe_24prefill.py --read``) and the conversion checked byte for byte against ``torch._cslt_compress`` at
-the eight LLaMA shapes (session 29). Which token counts come here: ``linear.nm24_cslt_wanted``.
+the ten LLaMA shapes probed, stacked q/k/v and gate/up included (session 29). Which token counts come here:
+``linear.nm24_cslt_wanted``; a call's host time (the ctypes arguments made once a plan) is why 512-token prefills do
+not.
 
 Descriptors as ``torch._cslt_sparse_mm`` makes them: A (n × k, 2:4, row-major), B = x (b × k row-major, transposed
 by the op), D (n × b column-major, i.e. y as b × n row-major), bf16 in and out, fp32 compute.
@@ -37,7 +39,7 @@ PLANS = 64  # plans kept (one per device, weight shape and token bucket), least 
 BUCKET = 128  # token counts are padded up to a multiple of this: cuSPARSELt refuses counts that are not multiples of
 # 16 (status 10 at 1, 100 and 300 tokens), and fewer distinct counts make fewer plans
 SEARCH = True  # search each new plan's algorithm (cusparseLtMatmulSearch) rather than take the default
-_OPAQUE = 4096  # bytes for each opaque cuSPARSELt struct (512 in 0.10, 1024 in older releases)
+_OPAQUE = 4096  # bytes for each opaque cuSPARSELt struct (512 in 0.10's header; room to spare for other releases)
 _BF16, _ROW, _COL, _NON_T, _T, _COMPUTE_32F = 14, 2, 1, 0, 1, 2  # cudaDataType, cusparseOrder_t, ops, compute type
 
 
@@ -273,7 +275,7 @@ def mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int
     """y (b × n) = x (b × k) · Wᵀ for W (n × k) in the nm24 layout, on the sparse tensor cores through cuSPARSELt, or
     ``None`` when this path cannot serve (then the caller unpacks for cuBLAS). x is padded with zero rows to a
     multiple of ``BUCKET`` tokens; the plan for that count is made (and its algorithm searched, outside CUDA-graph
-    capture, when ``SEARCH``) at its first call: 14–540 ms on the H200 for the LLaMA shapes at 512–2048 tokens
+    capture, when ``SEARCH``) at its first call: 13–542 ms on the H200 for the LLaMA shapes at 128–2048 tokens
     (session 29), paid once per shape and bucket."""
     if not (fits(n, k) and available(x)):
         return None

@@ -135,7 +135,7 @@ def nm24_cslt_wanted(b: int, n: int, k: int) -> bool:
     """Whether ``b`` tokens of an n × k nm24 weight go to cuSPARSELt (:mod:`layerprune.sparse.cslt`) rather than
     unpack + cuBLAS: ``CSLT_TOKENS`` tokens or more of a weight of ``CSLT_WEIGHTS`` or more. On the H200 (session 29,
     ``bench/probe_24prefill.py``, GPU time against ``F.linear``): at 2048 tokens 1.14–1.24× on the LLaMA shapes of
-    4096 × 4096 or more against 0.86–0.94× unpacked, at 1024 tokens 0.88–1.03× against 0.74–0.83×; 1024 × 4096 is
+    4096 × 4096 or more against 0.84–0.94× unpacked, at 1024 tokens 0.88–1.03× against 0.74–0.83×; 1024 × 4096 is
     better unpacked. At 512 tokens it is ahead per linear only from 50 M weights (0.66–0.80× against 0.63–0.68×), but
     a call costs more host time (at 512 tokens 65–68 µs with the GPU idle and 150–206 µs behind queued work, against
     37–46 and 64–119 µs for the unpack path; ``bench/probe_cslt_host.py``), and a 7B model's eager prefill of 512 tokens, host-bound, lost with
