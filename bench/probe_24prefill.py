@@ -59,13 +59,14 @@ def mask_from_patterns(pat: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def cslt_pack(w: torch.Tensor) -> torch.Tensor:
     """A 2:4 bf16 weight (n × k, n a multiple of 64, k of 32) as the bytes ``torch._cslt_compress`` gives on the H200
     (cuSPARSELt 0.8.0), built without cuSPARSELt: the kept values row-major, then the 4-bit codes at
-    :func:`layerprune.sparse.cslt.nibble`. The kept positions as nm24 chooses them (``nm24.kept``; for a group with fewer than two
-    nonzeros not checked against cuSPARSELt: every group of the dumps had two)."""
+    :func:`layerprune.sparse.cslt.nibble`. The kept positions as nm24 chooses them (``nm24.kept``; for a group with
+    fewer than two nonzeros, or a -0.0, the bytes differed from cuSPARSELt's in session 29's GPU test: the byte-for-byte
+    checks use weights with two nonzeros in every group)."""
     n, k = w.shape
     pos, vals = kept(w)
     code = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8).reshape(-1)
     where = nibble(torch.arange(n, device=w.device)[:, None], torch.arange(k // 4, device=w.device)[None, :],
-                        k // 4).reshape(-1)
+                   k // 4).reshape(-1)
     nib = torch.empty_like(code)
     nib[where] = code
     meta = nib[0::2] | (nib[1::2] << 4)
@@ -73,8 +74,8 @@ def cslt_pack(w: torch.Tensor) -> torch.Tensor:
 
 
 def emulate_convert(sp, n: int, k: int) -> torch.Tensor:
-    """:data:`CONVERT`'s index arithmetic run thread by thread in Python on a CPU (small weights only): the bytes it
-    would write for the nm24 weight ``sp``."""
+    """:data:`layerprune.sparse.cslt.CONVERT`'s index arithmetic run thread by thread in Python on a CPU (small
+    weights only): the bytes it would write for the nm24 weight ``sp``."""
     vals = sp.values.reshape(-1, 32, 8).view(torch.int32).reshape(-1, 32, 4)
     meta = sp.meta.reshape(-1, 16)
     KT, G = k // 32, k // 4

@@ -187,8 +187,9 @@ class _Plan:
 
 
 class _Plans:
-    """Plans by (device, n, k, b), the least recently used closed past ``PLANS``; a key whose plan failed is
-    remembered as ``None`` (that shape goes the other way)."""
+    """Plans by (device, n, k, token bucket, whether searched), the least recently used closed past ``PLANS``; a key
+    whose plan failed is remembered as ``None`` (that shape goes the other way). A plan's host-side arguments are
+    shared by its calls: one plan is meant for one thread's stream at a time."""
 
     def __init__(self):
         self.plans: OrderedDict = OrderedDict()
@@ -211,7 +212,6 @@ class _Plans:
                 if old is not None:
                     old.close()
             return plan
-
 
     def drop(self, key) -> None:
         """Remember ``key`` as refused (after a failed product)."""

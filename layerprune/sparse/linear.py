@@ -13,8 +13,8 @@
 * ``nm24`` (:mod:`layerprune.sparse.nm24`): for 2:4 weights only, the kept values and metadata in the order of the
   sparse tensor cores' fragments (``mma.sp``, :mod:`layerprune.sparse.nm24_cuda`, bf16, Ampere and later): 1–64
   tokens stream the packed weight straight into registers, nothing decoded; prefills (``nm24_cslt_wanted``: from
-  1024 tokens) on cuSPARSELt's sparse tensor cores (:mod:`layerprune.sparse.cslt`,
-  session 29: 2048 tokens 1.07–1.15× of dense per linear); in between unpacked for cuBLAS.
+  1024 tokens) on cuSPARSELt's sparse tensor cores (:mod:`layerprune.sparse.cslt`, session 29: 2048 tokens
+  1.02–1.15× of dense per linear); in between unpacked for cuBLAS.
 
 Each layout's forward is one PyTorch custom op (``torch.library``: ``layerprune::sparse_linear_delta``,
 ``layerprune::sparse_linear``, ``layerprune::sparse_linear_nm24``), so ``torch.compile`` and CUDA-graph capture
@@ -138,9 +138,9 @@ def nm24_cslt_wanted(b: int, n: int, k: int) -> bool:
     4096 × 4096 or more against 0.84–0.94× unpacked, at 1024 tokens 0.88–1.03× against 0.74–0.83×; 1024 × 4096 is
     better unpacked. At 512 tokens it is ahead per linear only from 50 M weights (0.66–0.80× against 0.63–0.68×), but
     a call costs more host time (at 512 tokens 65–68 µs with the GPU idle and 150–206 µs behind queued work, against
-    37–46 and 64–119 µs for the unpack path; ``bench/probe_cslt_host.py``), and a 7B model's eager prefill of 512 tokens, host-bound, lost with
-    its stacked q/k/v and gate/up there (0.54× of dense against 0.67× unpacked; 2048 tokens: 0.95× against 0.83×;
-    ``sparse_decode.py --parts e2e24 --e2e-prefill``)."""
+    37–46 and 64–119 µs for the unpack path; ``bench/probe_cslt_host.py``), and a 7B model's eager prefill of 512
+    tokens, host-bound, lost with its stacked q/k/v and gate/up there (0.54× of dense against 0.67× unpacked; 2048
+    tokens: 0.95× against 0.83×; ``sparse_decode.py --parts e2e24 --e2e-prefill``)."""
     return b >= CSLT_TOKENS and n * k >= CSLT_WEIGHTS and cslt.fits(n, k)
 
 
