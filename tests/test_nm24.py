@@ -296,6 +296,39 @@ def test_cslt_declines_off_the_gpu_and_off_its_shapes():
     assert not nm24_cslt_wanted(512, 28672, 8192) and not nm24_cslt_wanted(2048, 1024, 4096)
 
 
+def test_cslt_layout_check_turns_the_path_off_unless_the_bytes_match(monkeypatch):
+    """``cslt.layout_ok`` (run once a device before the first cuSPARSELt product): true when the conversion's bytes
+    equal ``torch._cslt_compress``'s, false when one byte differs or cuSPARSELt is missing (here both faked on the
+    CPU with the probe's ``cslt_pack``)."""
+    from layerprune.sparse import cslt
+
+    probe = _probe()
+    monkeypatch.setattr(cslt, "convert", lambda v, m, n, k: probe.cslt_pack(nm24.unpack(nm24.NM24Tensor(v, m, (n, k)))))
+    monkeypatch.setattr(torch, "_cslt_compress", lambda w: probe.cslt_pack(w).view(torch.bfloat16), raising=False)
+    assert cslt.layout_ok(torch.device("cpu"))
+
+    def off_by_one(w):
+        b = probe.cslt_pack(w)
+        b[-1] ^= 1
+        return b.view(torch.bfloat16)
+
+    monkeypatch.setattr(torch, "_cslt_compress", off_by_one)
+    assert not cslt.layout_ok(torch.device("cpu"))
+
+    def missing(w):
+        raise RuntimeError("cuSPARSELt not supported on your machine.")
+
+    monkeypatch.setattr(torch, "_cslt_compress", missing)
+    assert not cslt.layout_ok(torch.device("cpu"))
+
+
+@CUDA
+def test_cuda_cslt_layout_check_passes_here():
+    from layerprune.sparse import cslt
+
+    assert cslt.layout_ok(torch.device("cuda"))
+
+
 @CUDA
 @pytest.mark.parametrize("shape", [(64, 128), (192, 1152), (4096, 4096)])
 def test_cuda_cslt_conversion_equals_cusparselt_compress(shape):

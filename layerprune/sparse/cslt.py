@@ -108,6 +108,16 @@ def _lib():
     return None
 
 
+_warned = False
+
+
+def _warn(msg: str, *args) -> None:
+    """The first refusal or failure as a warning, later ones at debug level (one for every shape would repeat)."""
+    global _warned
+    (log.debug if _warned else log.warning)(msg, *args)
+    _warned = True
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         raise RuntimeError(f"cuSPARSELt: {what} failed with status {rc}")
@@ -203,8 +213,8 @@ class _Plans:
             try:
                 plan = _Plan(*key)
             except RuntimeError as e:
-                log.warning("cuSPARSELt refused %s tokens of a %s × %s weight (%s); unpacking for cuBLAS instead",
-                            key[3], key[1], key[2], e)
+                _warn("cuSPARSELt refused %s tokens of a %s × %s weight (%s); unpacking for cuBLAS instead",
+                      key[3], key[1], key[2], e)
                 plan = None
             self.plans[key] = plan
             while len(self.plans) > PLANS:
@@ -271,15 +281,50 @@ def convert(values: torch.Tensor, meta: torch.Tensor, n: int, k: int) -> torch.T
     return out
 
 
+def layout_ok(device: torch.device) -> bool:
+    """Whether :func:`convert` writes what cuSPARSELt reads on ``device``: a 192 × 1152 2:4 weight (two nonzeros in
+    every group) converted, against ``torch._cslt_compress`` byte for byte. The layout was read off cuSPARSELt 0.8.0
+    on an H200; another release or architecture may lay its bytes out otherwise, and then this path must not run
+    (it would give wrong products). Any failure here only turns the path off (one warning)."""
+    from layerprune.pruners.masks import nm_mask
+    from layerprune.sparse import nm24
+
+    n, k = 192, 1152
+    try:
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)).bfloat16()
+        w = w.masked_fill(nm_mask(w.abs().float(), 2, 4), 0).to(device)
+        sp = nm24.pack(w)
+        got = convert(sp.values, sp.meta, n, k)
+        ok = got is not None and torch.equal(got, torch._cslt_compress(w).view(torch.uint8).reshape(-1))
+    except Exception as e:  # noqa: BLE001 (whatever went wrong, the other path serves)
+        log.warning("cuSPARSELt's compressed layout could not be checked here (%s); 2:4 prefills unpack for cuBLAS",
+                    str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+        return False
+    if not ok:
+        log.warning("cuSPARSELt's compressed layout on %s differs from the one layerprune writes (read off cuSPARSELt "
+                    "0.8.0 on an H200); 2:4 prefills unpack for cuBLAS", device)
+    return ok
+
+
+_layout: dict[int, bool] = {}
+
+
 def mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
     """y (b × n) = x (b × k) · Wᵀ for W (n × k) in the nm24 layout, on the sparse tensor cores through cuSPARSELt, or
-    ``None`` when this path cannot serve (then the caller unpacks for cuBLAS). x is padded with zero rows to a
+    ``None`` when this path cannot serve (then the caller unpacks for cuBLAS; also where :func:`layout_ok` found
+    another compressed layout on this device). x is padded with zero rows to a
     multiple of ``BUCKET`` tokens; the plan for that count is made (and its algorithm searched, outside CUDA-graph
     capture, when ``SEARCH``) at its first call: 13–542 ms on the H200 for the LLaMA shapes at 128–2048 tokens
     (session 29), paid once per shape and bucket."""
     if not (fits(n, k) and available(x)):
         return None
     dev = x.device.index
+    if dev not in _layout:  # checked once a device, outside CUDA-graph capture
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        _layout[dev] = layout_ok(x.device)
+    if not _layout[dev]:
+        return None
     b = x.shape[0]
     if b == 0:
         return x.new_zeros(0, n)
@@ -301,7 +346,7 @@ def mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int
             plan.search(a, x, y)
         plan.run(a, x, y)
     except RuntimeError as e:
-        log.warning("cuSPARSELt failed on %s tokens of a %s × %s weight (%s); unpacking for cuBLAS instead", b, n, k, e)
+        _warn("cuSPARSELt failed on %s tokens of a %s × %s weight (%s); unpacking for cuBLAS instead", b, n, k, e)
         _plans.drop((dev, n, k, bp, SEARCH))
         return None
     return y[:b]
