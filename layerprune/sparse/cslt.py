@@ -10,7 +10,8 @@ The weight stays in the nm24 layout (the decode kernels read it); each call rewr
 layout (:data:`CONVERT`, one CUDA kernel, ``n·k·9/8`` bytes written) and multiplies. cuSPARSELt 0.8.0's layout on the
 H200 (values row-major, then one 4-bit code a group of four at :func:`nibble`) was read off its own compressions
 (``bench/probe_24prefill.py --read``) and the conversion checked byte for byte against ``torch._cslt_compress`` at
-the ten LLaMA shapes probed, stacked q/k/v and gate/up included (session 29). Which token counts come here:
+the ten LLaMA shapes probed, stacked q/k/v and gate/up included (session 29); :func:`layout_ok` checks it once a
+device before the first product and keeps the path off where it differs. Which token counts come here:
 ``linear.nm24_cslt_wanted``; a call's host time (the ctypes arguments made once a plan) is why 512-token prefills do
 not.
 
