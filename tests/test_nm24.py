@@ -284,8 +284,16 @@ def test_cslt_layout_where_a_row_band_is_not_a_power_of_two(shape):
 
 
 def test_cslt_declines_off_the_gpu_and_off_its_shapes():
+    import os
+    import subprocess
+    import sys
+
     from layerprune.sparse import cslt
     from layerprune.sparse.linear import nm24_cslt_wanted
+
+    off = subprocess.run([sys.executable, "-c", "from layerprune.sparse import cslt; print(cslt.ENABLED)"],
+                         env={**os.environ, "LAYERPRUNE_CUSPARSELT": "0"}, capture_output=True, text=True)
+    assert off.stdout.strip() == "False" and cslt.ENABLED  # the switch, read at import
 
     w = _w24(64, 64)
     sp = nm24.pack(w)

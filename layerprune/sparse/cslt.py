@@ -40,6 +40,7 @@ PLANS = 64  # plans kept (one per device, weight shape and token bucket), least 
 BUCKET = 128  # token counts are padded up to a multiple of this: cuSPARSELt refuses counts that are not multiples of
 # 16 (status 10 at 1, 100 and 300 tokens), and fewer distinct counts make fewer plans
 SEARCH = True  # search each new plan's algorithm (cusparseLtMatmulSearch) rather than take the default
+ENABLED = os.environ.get("LAYERPRUNE_CUSPARSELT", "1") != "0"  # LAYERPRUNE_CUSPARSELT=0: 2:4 prefills unpack instead
 _OPAQUE = 4096  # bytes for each opaque cuSPARSELt struct (512 in 0.10's header; room to spare for other releases)
 _BF16, _ROW, _COL, _NON_T, _T, _COMPUTE_32F = 14, 2, 1, 0, 1, 2  # cudaDataType, cusparseOrder_t, ops, compute type
 
@@ -242,8 +243,9 @@ def _capable(dev: int) -> bool:
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether this path can run here: bf16 x on a CUDA device of compute capability 8.0 or later, cuSPARSELt loads."""
-    return x.is_cuda and x.dtype == torch.bfloat16 and _capable(x.device.index)
+    """Whether this path can run here: ``ENABLED``, bf16 x on a CUDA device of compute capability 8.0 or later,
+    cuSPARSELt loads."""
+    return ENABLED and x.is_cuda and x.dtype == torch.bfloat16 and _capable(x.device.index)
 
 
 def _convert_kernel(device: int):
