@@ -385,3 +385,26 @@ def test_cuda_cslt_mm_equals_f_linear(shape, batch):
     x.copy_(torch.randn_like(x))
     g.replay()
     assert (yg.float() - F.linear(x.float(), w.float())).abs().max() <= 0.01 * ref.abs().max() + 1e-2
+
+
+def test_kernel_launch_takes_tensors_and_device_addresses(monkeypatch):
+    """``delta_cuda._launch`` (every CUDA kernel's launch; the cuSPARSELt conversion passes addresses inside one
+    buffer as ints): the argument block cuLaunchKernel receives holds each pointer, then each int, in order."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from layerprune.sparse import delta_cuda
+
+    seen = {}
+
+    def fake(func, gx, gy, gz, bx, by, bz, smem, stream, argv, extra):
+        slots = ctypes.cast(argv, ctypes.POINTER(ctypes.c_void_p))
+        seen["ptrs"] = [ctypes.cast(slots[i], ctypes.POINTER(ctypes.c_void_p))[0] for i in range(2)]
+        seen["ints"] = [ctypes.cast(slots[i], ctypes.POINTER(ctypes.c_int))[0] for i in range(2, 4)]
+        seen["grid"] = (gx, gy, gz, bx, stream)
+        return 0
+
+    monkeypatch.setattr(delta_cuda, "_launcher", lambda: fake)
+    t = torch.zeros(4)
+    delta_cuda._launch(SimpleNamespace(func=None), (3, 1), 256, 0, 7, (t, t.data_ptr() + 8), (5, -2))
+    assert seen == {"ptrs": [t.data_ptr(), t.data_ptr() + 8], "ints": [5, -2], "grid": (3, 1, 1, 256, 7)}

@@ -37,8 +37,8 @@ from layerprune.sparse import delta_cuda
 log = logging.getLogger("layerprune")
 
 PLANS = 64  # plans kept (one per device, weight shape and token bucket), least recently used dropped
-BUCKET = 128  # token counts are padded up to a multiple of this: cuSPARSELt refuses counts that are not multiples of
-# 16 (status 10 at 1, 100 and 300 tokens), and fewer distinct counts make fewer plans
+BUCKET = 128  # token counts are padded up to a multiple of this: cuSPARSELt refused 1, 100 and 300 tokens (status 10,
+# session 29; counts in multiples of 128 were all taken), and fewer distinct counts make fewer plans
 SEARCH = True  # search each new plan's algorithm (cusparseLtMatmulSearch) rather than take the default
 ENABLED = os.environ.get("LAYERPRUNE_CUSPARSELT", "1") != "0"  # LAYERPRUNE_CUSPARSELT=0: 2:4 prefills unpack instead
 _OPAQUE = 4096  # bytes for each opaque cuSPARSELt struct (512 in 0.10's header; room to spare for other releases)
@@ -87,8 +87,8 @@ extern "C" __global__ void nm24_to_cslt(const uint4* __restrict__ vals, const u3
 
 def fits(n: int, k: int) -> bool:
     """Whether an n × k nm24 weight can take this path: the layout's 64-row bands, and k a multiple of 128 (at k = 96
-    cuSPARSELt pads its compressed rows, which :data:`CONVERT` does not write; every LLaMA shape is a multiple of
-    128)."""
+    cuSPARSELt's compressed bytes differed from :data:`CONVERT`'s and ended in zeros, a padded layout by the look of
+    it; multiples of 64 were not tried; every LLaMA shape is a multiple of 128)."""
     return n > 0 and k > 0 and n % 64 == 0 and k % 128 == 0
 
 
@@ -166,6 +166,10 @@ class _Plan:
         _check(lib.cusparseLtMatmulGetWorkspace(h, self.plan, ctypes.byref(ws)), "the workspace size")
         self.workspace = ws.value
         self.searched = not search
+        # the product's host-side arguments, made once (host time counts in an eager prefill)
+        self._alpha, self._beta, self._stream = ctypes.c_float(1.0), ctypes.c_float(0.0), ctypes.c_void_p(0)
+        addr = ctypes.addressof
+        self._args = (addr(h), addr(self.plan), addr(self._alpha), addr(self._beta), addr(self._stream))
 
     def search(self, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         """Search the algorithm (the plan keeps the fastest), then size the workspace again for it."""
@@ -176,16 +180,10 @@ class _Plan:
         self.searched = True
 
     def run(self, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, search: bool = False) -> None:
-        """The product (or the search) on the current stream. Host time counts in an eager prefill, so the call's
-        arguments are plain addresses into objects made once (the argument types declared in :func:`_lib`)."""
-        dev = x.device.index
+        """The product (or the search) on the current stream (the argument types declared in :func:`_lib`)."""
         ws = torch.empty(self.workspace, dtype=torch.uint8, device=x.device) if self.workspace else None
-        if not hasattr(self, "_args"):
-            self._alpha, self._beta, self._stream = ctypes.c_float(1.0), ctypes.c_float(0.0), ctypes.c_void_p(0)
-            addr = ctypes.addressof
-            self._args = (addr(self.h), addr(self.plan), addr(self._alpha), addr(self._beta), addr(self._stream))
         h, plan, alpha, beta, stream = self._args
-        self._stream.value = delta_cuda.cur_stream(dev)
+        self._stream.value = delta_cuda.cur_stream(x.device.index)
         f = self.lib.cusparseLtMatmulSearch if search else self.lib.cusparseLtMatmul
         _check(f(h, plan, alpha, a.data_ptr(), x.data_ptr(), beta, y.data_ptr(), y.data_ptr(),
                  ws.data_ptr() if ws is not None else None, stream, 1), "the search" if search else "the product")
@@ -248,7 +246,9 @@ def available(x: torch.Tensor) -> bool:
     return ENABLED and x.is_cuda and x.dtype == torch.bfloat16 and _capable(x.device.index)
 
 
+@functools.cache
 def _convert_kernel(device: int):
+    """:data:`CONVERT` compiled for ``device``, or ``None`` (one warning) where it does not compile."""
     try:
         with torch.cuda.device(device):
             return torch.cuda._compile_kernel(CONVERT, "nm24_to_cslt")
@@ -257,30 +257,19 @@ def _convert_kernel(device: int):
         return None
 
 
-_convert_kernels: dict[int, object] = {}
-
-
 def convert(values: torch.Tensor, meta: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
-    """The nm24 weight in cuSPARSELt's compressed layout (``n·k·9/8`` bytes, uint8), or ``None`` when the kernel did
-    not compile here."""
-    dev = values.device.index if values.device.index is not None else torch.cuda.current_device()
-    if dev not in _convert_kernels:
-        _convert_kernels[dev] = _convert_kernel(dev)
-    kern = _convert_kernels[dev]
+    """The nm24 weight in cuSPARSELt's compressed layout (``n·k·9/8`` bytes, uint8: values, then metadata), or
+    ``None`` when the kernel did not compile here."""
+    dev = values.device.index
+    kern = _convert_kernel(dev)
     if kern is None:
         return None
     out = torch.empty(n * k * 9 // 8, dtype=torch.uint8, device=values.device)
     tiles = (n // 16) * (k // 32)
     if tiles:
         o = out.data_ptr()
-        c = ctypes
-        args = (c.c_void_p(values.data_ptr()), c.c_void_p(meta.data_ptr()), c.c_void_p(o), c.c_void_p(o + n * k),
-                c.c_int(n), c.c_int(k), c.c_int(tiles))
-        argv = (c.c_void_p * 7)(*(c.addressof(v) for v in args))
-        rc = delta_cuda._launcher()(kern.func, -(-tiles * 32 // 256), 1, 1, 256, 1, 1, 0, delta_cuda.cur_stream(dev),
-                                    argv, None)
-        if rc != 0:
-            raise RuntimeError(f"cslt: cuLaunchKernel failed with CUDA error {rc}")
+        delta_cuda._launch(kern, (-(-tiles * 32 // 256), 1), 256, 0, delta_cuda.cur_stream(dev),
+                           (values, meta, o, o + n * k), (n, k, tiles))
     return out
 
 

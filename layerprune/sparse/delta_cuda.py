@@ -695,12 +695,13 @@ def _launcher():
 
 
 def _launch(kern, grid: tuple[int, ...], threads: int, smem: int, stream: int, ptrs, ints) -> None:
-    """Launch ``kern`` on ``stream`` over ``grid`` (2 or 3 dimensions) with its pointer arguments (tensors) then its
-    int arguments, in the kernel's order; opts the kernel in to more than 48 KB of shared memory where ``smem`` needs
-    it."""
+    """Launch ``kern`` on ``stream`` over ``grid`` (2 or 3 dimensions) with its pointer arguments (tensors, or device
+    addresses as ints) then its int arguments, in the kernel's order; opts the kernel in to more than 48 KB of shared
+    memory where ``smem`` needs it."""
     if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
         kern.set_shared_memory_config(smem)
-    args = [ctypes.c_void_p(t.data_ptr()) for t in ptrs] + [ctypes.c_int(v) for v in ints]
+    args = ([ctypes.c_void_p(t if isinstance(t, int) else t.data_ptr()) for t in ptrs]
+            + [ctypes.c_int(v) for v in ints])
     argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
     rc = _launcher()(kern.func, grid[0], grid[1], grid[2] if len(grid) > 2 else 1, threads, 1, 1, smem, stream,
                       argv, None)
