@@ -45,9 +45,10 @@ def main() -> None:
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     shapes = [(m, tuple(s)) for m, ss in SHAPES.items() for s in ss]
-    if a.shapes:
-        want = set(shape_list(a.shapes))
-        shapes = [(m, s) for m, s in shapes if s in want]
+    if a.shapes:  # those of SHAPES named by their model, any other (e.g. q/k/v or gate/up stacked) as "other"
+        want = shape_list(a.shapes)
+        shapes = [(m, s) for m, s in shapes if s in want] + [("other", s) for s in want
+                                                             if all(s != t for _, t in shapes)]
     variants = [None if s == "auto" else tuple(int(v) for v in s.split("x")) for s in a.variants.split(",")]
     label = {v: "auto" if v is None else "x".join(map(str, v)) for v in variants}
     rows = []

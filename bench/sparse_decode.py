@@ -351,18 +351,20 @@ def e2e(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: 
 
 
 def e2e_24(batches: list[int], new_tokens: int, nsamples: int, seqlen: int, smoke: bool = False,
-           dims: str = "llama2-7b", on_row=None, prefill: list[int] | None = None) -> tuple[list[dict], dict]:
+           dims: str = "llama2-7b", on_row=None, prefill: list[int] | None = None,
+           blocks: int = 0) -> tuple[list[dict], dict]:
     """End to end for a 2:4 model (``--parts e2e24``): random bf16 weights of ``dims``, Wanda 2:4 (uniform: N:M fixes
     every linear at 50%), packed in the ``nm24`` layout and in ``delta``, q/k/v and gate/up stacked in both (as
     ``generate`` and ``bench-decode`` run them); decode tokens/s against the dense model, CUDA graphs; with
-    ``prefill``, one sequence's prefill of each length (``prefill_ms``: eager, the time to the first token)."""
+    ``prefill``, one sequence's prefill of each length (``prefill_ms``: eager, the time to the first token); ``blocks``:
+    that many of the model's blocks (70B: 16 of 80 fit with the two packed copies and the stacked dense one)."""
     from layerprune.api import prune
     from layerprune.sparse import linear
     from layerprune.sparse.bench import decode_rate, prefill_ms, weight_bytes
     from layerprune.sparse.export import sparsify
     from layerprune.sparse.merge import merge_siblings
 
-    model, cfg = random_model(dims, smoke)
+    model, cfg = random_model(dims, smoke, blocks, max(4096, *prefill) if prefill else 4096)
     sess = random_session(model, nsamples, seqlen)
     prune(model, session=sess, sparsity=0.5, pattern="2:4", pruner="wanda", allocation="uniform", eval=[],
           progress=False, device=DEV.type)
@@ -474,7 +476,7 @@ def main() -> None:
         res["end_to_end_24"], res["end_to_end_24_info"] = e2e_24(
             [int(b) for b in a.e2e_batches.split(",")], a.new_tokens, a.nsamples, a.seqlen, a.smoke, a.e2e_dims,
             lambda rows: (res.update(end_to_end_24=rows), save()),
-            [int(t) for t in a.e2e_prefill.split(",") if t.strip()])
+            [int(t) for t in a.e2e_prefill.split(",") if t.strip()], a.e2e_blocks)
         save()
 
 

@@ -195,16 +195,26 @@ def kernel(device: int, name: str, mt: int = 8, mw: int = 1, wb: int = 8, uu: in
 
 def settings(n: int, k: int, tokens: int) -> tuple[int, int, int, int, int]:
     """(m16 strips a warp, warps a block, column tiles in flight, columns of x staged at a time or 0 for the whole
-    split, blocks a SM the registers leave room for), from ``bench/probe_nm24.py`` on the H200 (session 28, ten
-    settings side by side; session 27 for those kept). Weights of 2048 rows or fewer: x in 256-column chunks and
-    registers for four blocks a SM (1024 × 4096: 0.88 → 1.06× at one token, 0.45 → 0.75× at 32). Up to 16 tokens: x in
-    512-column chunks and registers for four blocks a SM (one token: 1.24–1.52× → 1.34–1.60× on seven shapes of
-    4096–28672 rows), but on weights of 28672 columns two strips a warp with x staged whole, as before (1.65× against
-    1.61×). 17–64 tokens as session 27 chose: x in 512-column chunks on weights of 8192 rows or more."""
+    split, blocks a SM the registers leave room for), from ``bench/probe_nm24.py`` on the H200 (sessions 27, 28 and
+    30, settings side by side in one run). Weights of 2048 rows or fewer: x in 256-column chunks and registers for
+    four blocks a SM up to 16 tokens (1024 × 4096: 0.88 → 1.06× at one token), then four warps a block and two
+    blocks a SM (1024 × 4096 at 64 tokens: 19.6 → 17.4 µs in the kernel, though ``linear.nm24_kernel_wanted`` unpacks
+    that weight past 32 tokens). Up to 16 tokens: x in 512-column chunks and registers for four blocks a
+    SM (one token: 1.24–1.52× → 1.34–1.60× on seven shapes of 4096–28672 rows), but on weights of 28672 columns
+    two strips a warp with x staged whole (1.65× against 1.61×). 17–32 tokens (session 30, two runs within 1%):
+    4096 × 4096 takes the small-weight setting (20.4 → 18.5 µs), and weights at least twice as tall as wide or of
+    28672 columns two strips a warp, four warps a block, two tiles in flight (11008 × 4096: 34.5 → 32.2 µs,
+    28672 × 8192: 112 → 105, 8192 × 28672: 104.5 → 100.8; on 4096 × 11008, 4096 × 14336 and 8192 × 8192 it lost
+    1–18%). Otherwise 17–64 tokens as session 27 chose: x in 512-column chunks on weights of 8192 rows or more."""
     if n <= 2048:
-        return 1, 8, 4, 256, 4
+        return (1, 8, 4, 256, 4) if tokens <= 16 else (1, 4, 4, 512, 2)
     if tokens <= 16:
         return (2, 8, 4, 0, 1) if k >= 28672 else (1, 8, 4, 512, 4)
+    if tokens <= 32:
+        if n <= 4096 and k <= 4096:
+            return 1, 4, 4, 512, 2
+        if n >= 2 * k or k >= 28672:
+            return 2, 4, 2, 512, 1
     return (1, 8, 4, 512, 1) if n >= 8192 else (1, 8, 4, 0, 1)
 
 
