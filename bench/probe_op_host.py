@@ -54,7 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="4096x4096,12288x4096,4096x11008")
-    ap.add_argument("--tokens", default="512,2048")
+    ap.add_argument("--tokens", default="1,4,512,2048")
     ap.add_argument("--calls", type=int, default=200)
     a = ap.parse_args()
     from layerprune.pruners.masks import nm_mask

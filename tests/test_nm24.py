@@ -389,8 +389,10 @@ def test_cuda_cslt_mm_equals_f_linear(shape, batch):
 
 def test_kernel_launch_takes_tensors_and_device_addresses(monkeypatch):
     """``delta_cuda._launch`` (every CUDA kernel's launch; the cuSPARSELt conversion passes addresses inside one
-    buffer as ints): the argument block cuLaunchKernel receives holds each pointer, then each int, in order."""
+    buffer as ints): cuLaunchKernel receives no per-argument array but ``extra`` = (BUFFER_POINTER, buffer,
+    BUFFER_SIZE, &size, END), the buffer holding each pointer (8 bytes), then each int (4 bytes), in order."""
     import ctypes
+    import struct
     from types import SimpleNamespace
 
     from layerprune.sparse import delta_cuda
@@ -398,9 +400,13 @@ def test_kernel_launch_takes_tensors_and_device_addresses(monkeypatch):
     seen = {}
 
     def fake(func, gx, gy, gz, bx, by, bz, smem, stream, argv, extra):
-        slots = ctypes.cast(argv, ctypes.POINTER(ctypes.c_void_p))
-        seen["ptrs"] = [ctypes.cast(slots[i], ctypes.POINTER(ctypes.c_void_p))[0] for i in range(2)]
-        seen["ints"] = [ctypes.cast(slots[i], ctypes.POINTER(ctypes.c_int))[0] for i in range(2, 4)]
+        slots = ctypes.cast(extra, ctypes.POINTER(ctypes.c_void_p))
+        assert argv is None and slots[0] == 1 and slots[2] == 2 and slots[4] is None
+        size = ctypes.cast(slots[3], ctypes.POINTER(ctypes.c_size_t))[0]
+        raw = ctypes.string_at(slots[1], size)
+        assert size == 2 * 8 + 2 * 4
+        seen["ptrs"] = list(struct.unpack("=2Q", raw[:16]))
+        seen["ints"] = list(struct.unpack("=2i", raw[16:]))
         seen["grid"] = (gx, gy, gz, bx, stream)
         return 0
 

@@ -212,6 +212,7 @@ def test_export_load_same_logits_and_greedy_tokens(tiny_with_tok, tmp_path, caps
     assert gens[0]["sparse_layers"] == gens[1]["sparse_layers"] == info["sparse_layers"]
     assert gens[0]["merged_groups"] == 2 * model.config.num_hidden_layers and gens[1]["merged_groups"] == 0
     assert gens[0]["tokens"] == gens[1]["tokens"]
+    assert gens[0]["mode"] == "transformers generate (eager)"  # on the CPU; CUDA graphs need a GPU
 
 
 def test_barely_sparse_layers_stay_dense_and_bad_dirs_refused(tiny_with_tok, tmp_path, capsys):
@@ -1068,3 +1069,85 @@ def test_cuda_packing_on_the_gpu_gives_the_cpu_buffers(layout):
     a, b = SparseLinear.from_linear(lin, layout), SparseLinear.from_linear(lin, layout, pack_device="cuda")
     for name in ("values", "deltas", "starts", "gptr") if layout == "delta" else ("bitmask", "values", "offsets"):
         assert getattr(b, name).device.type == "cpu" and torch.equal(getattr(a, name), getattr(b, name))
+
+
+# ---- generate: static KV cache, the step replayed from a CUDA graph (layerprune/sparse/runtime.py) ----
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_greedy_static_equals_transformers_generate(arch):
+    """The static-cache greedy loop (eager steps here; the same steps a CUDA graph replays on a GPU) gives the tokens
+    of ``model.generate`` with ``do_sample=False``, a sliding-window model included; and stops after the first
+    end-of-sequence token, keeping it, as ``generate`` does."""
+    from layerprune.sparse.runtime import greedy_static
+
+    m = tiny_model(arch, vocab=128, layers=2, seed=3)
+    m.config.use_cache = True
+    m.generation_config.eos_token_id = None
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, use_cache=True)
+    with torch.no_grad():
+        ref = m.generate(ids, max_new_tokens=20, **kw)[0, 7:]
+    got, mode = greedy_static(m, ids, 20, graphs=True)  # on the CPU: eager steps
+    assert mode == "eager" and torch.equal(got, ref)
+    eos = int(ref[5])
+    first = int((ref == eos).nonzero()[0])  # the first time that token comes
+    m.generation_config.eos_token_id = eos
+    with torch.no_grad():
+        ref_eos = m.generate(ids, max_new_tokens=20, eos_token_id=eos, **kw)[0, 7:]
+    got_eos, _ = greedy_static(m, ids, 20)
+    assert torch.equal(got_eos, ref_eos) and len(got_eos) == first + 1 and int(got_eos[-1]) == eos
+    one, _ = greedy_static(m, ids, 1)
+    assert one.tolist() == ref[:1].tolist()
+
+
+def test_plain_argmax_names_a_processor_field():
+    """A generation config with a logits processor (here a repetition penalty) sends generate back to
+    ``model.generate``; the defaults are plain argmax."""
+    from layerprune.sparse.runtime import plain_argmax
+
+    m = tiny_model("llama", layers=1)
+    assert plain_argmax(m) is None
+    m.generation_config.repetition_penalty = 1.3
+    assert plain_argmax(m) == "repetition_penalty"
+
+
+def test_step_runner_on_cpu_is_eager_and_advances_the_cache():
+    """bench.step_runner off CUDA: eager steps; each next token equals the full forward's argmax over the prefix."""
+    from transformers import StaticCache
+
+    from layerprune.sparse.bench import step_runner
+
+    m = tiny_model("llama", layers=2, seed=4)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(1))
+    cache = StaticCache(config=m.config, max_batch_size=1, max_cache_len=12)
+    with torch.no_grad():
+        tok = m(input_ids=ids, past_key_values=cache, cache_position=torch.arange(5), use_cache=True).logits[:, -1:].argmax(-1)
+        pos = torch.tensor([5])
+        run, mode = step_runner(m, cache, tok, pos, graphs=True)
+        seq = torch.cat([ids, tok], 1)
+        for _ in range(3):
+            nxt = run()
+            assert int(nxt) == int(m(input_ids=seq).logits[0, -1].argmax())
+            tok.copy_(nxt)
+            pos.add_(1)
+            seq = torch.cat([seq, nxt], 1)
+    assert mode == "eager"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph replay needs a CUDA device (the GPU machine)")
+def test_cuda_greedy_static_graph_equals_eager_steps():
+    """On the GPU the replayed step gives the tokens of the same loop's eager steps (a sparse model: its ops are
+    captured as they are)."""
+    from layerprune.sparse.export import sparsify
+    from layerprune.sparse.runtime import greedy_static
+
+    m = tiny_model("llama", vocab=128, layers=2, seed=5).to("cuda", torch.bfloat16)
+    m.config.use_cache = True
+    m.generation_config.eos_token_id = None
+    with torch.no_grad():
+        for lin in (x for x in m.model.modules() if isinstance(x, torch.nn.Linear)):
+            lin.weight.masked_fill_(torch.rand(lin.weight.shape, device="cuda") < 0.7, 0)
+    sparsify(m, 0.0)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2)).cuda()
+    eager, mode_e = greedy_static(m, ids, 24, graphs=False)
+    graph, mode_g = greedy_static(m, ids, 24, graphs=True)
+    assert mode_e == "eager" and mode_g == "cuda-graph" and torch.equal(eager, graph)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,10 +67,16 @@ def decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, 
         return _decode_rate(model, batch, prompt_len, new_tokens, graphs, vocab_hi, compile)
 
 
-def _decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, graphs: bool, vocab_hi: int,
-                 compile: bool | str) -> tuple[float, str]:
+def step_runner(model: nn.Module, cache: object, tok: torch.Tensor, pos: torch.Tensor, graphs: bool = True,
+                compile: bool | str = False) -> tuple[Callable[[], torch.Tensor], str]:
+    """``(run, mode)``: ``run()`` is one greedy decode step (the next token, batch × 1, of ``tok`` written at
+    position ``pos`` of the static ``cache``; the caller moves ``tok`` and ``pos`` on), and ``mode`` how it runs:
+    ``cuda-graph`` (captured once after three warm-up steps on a side stream, then replayed: the host does no work per
+    step; the token it returns is one static tensor, overwritten by the next replay) or ``eager`` (``graphs`` off, not
+    CUDA, or a capture that failed: one warning), prefixed ``compiled+`` when ``compile`` (True: Inductor; a string:
+    that backend) compiled the step first. The warm-up steps write the same key/value entries the first replay
+    writes."""
     dev = next(model.parameters()).device
-    cache, tok, pos = prefilled(model, batch, prompt_len, prompt_len + new_tokens + 8, vocab_hi)
 
     def step() -> torch.Tensor:
         return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
@@ -90,14 +97,22 @@ def _decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
             with torch.cuda.graph(g):
                 nxt_static = step()
 
-            def run() -> torch.Tensor:
+            def replay() -> torch.Tensor:
                 g.replay()
                 return nxt_static
 
-            mode = "cuda-graph"
+            run, mode = replay, "cuda-graph"
         except Exception as e:  # noqa: BLE001 - a model whose step cannot be captured runs eagerly
-            log.warning("CUDA-graph capture failed (%s): timing eager decode steps", str(e).splitlines()[0][:120])
+            log.warning("CUDA-graph capture failed (%s): running eager decode steps", str(e).splitlines()[0][:120])
             torch.cuda.synchronize(dev)
+    return run, ("compiled+" if compile else "") + mode
+
+
+def _decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, graphs: bool, vocab_hi: int,
+                 compile: bool | str) -> tuple[float, str]:
+    dev = next(model.parameters()).device
+    cache, tok, pos = prefilled(model, batch, prompt_len, prompt_len + new_tokens + 8, vocab_hi)
+    run, mode = step_runner(model, cache, tok, pos, graphs, compile)
     for _ in range(3):  # warm-up
         run()
     if dev.type == "cuda":
@@ -109,7 +124,7 @@ def _decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
         pos.add_(1)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return batch * new_tokens / (time.perf_counter() - t), ("compiled+" if compile else "") + mode
+    return batch * new_tokens / (time.perf_counter() - t), mode
 
 
 DEFAULT_PREFILL = 2048  # bench-decode's prompt length for the time to the first token, unless asked otherwise

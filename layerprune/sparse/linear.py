@@ -177,6 +177,20 @@ def _(x, values, meta, n, k):
     return x.new_empty(*x.shape[:-1], n)
 
 
+DIRECT = True  # SparseLinear calls the op's implementation directly where ``direct`` allows (off: always the op)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+def direct(x: torch.Tensor) -> bool:
+    """Whether ``SparseLinear.forward`` may call its op's Python implementation itself rather than through
+    ``torch.ops``: a plain CUDA tensor, eager (not traced or compiled: ``torch.compile``, ``torch.export`` and FX see
+    the op), no gradient wanted (the op has no backward). The same function runs either way; the dispatcher's
+    round trip costs a few µs of host time a call, which an eager decode step of a 7B model pays 128–224 times
+    (BENCHMARKS.md, session 30)."""
+    return (DIRECT and type(x) is torch.Tensor and x.is_cuda and not _compiling() and not torch.jit.is_tracing()
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
 def pack_as(w: torch.Tensor, layout: str) -> Packed:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown sparse layout {layout!r} (one of {', '.join(LAYOUTS)})")
@@ -239,7 +253,14 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        if self.layout == "delta":
+        if direct(x):  # eager on CUDA: the op's implementation called as it is, without the dispatcher's round trip
+            if self.layout == "delta":
+                y = sparse_linear_delta(x, self.values, self.deltas, self.starts, self.gptr, n, k)
+            elif self.layout == "nm24":
+                y = sparse_linear_nm24(x, self.values, self.meta, n, k)
+            else:
+                y = sparse_linear(x, self.bitmask, self.values, self.offsets, n, k, self.bn, self.bk)
+        elif self.layout == "delta":
             y = torch.ops.layerprune.sparse_linear_delta(x, self.values, self.deltas, self.starts, self.gptr, n, k)
         elif self.layout == "nm24":
             y = torch.ops.layerprune.sparse_linear_nm24(x, self.values, self.meta, n, k)

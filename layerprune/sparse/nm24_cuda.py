@@ -227,6 +227,25 @@ def split_columns(k: int, tiles: int, sms: int, mt: int, ch: int = 0) -> int:
     return kc if ch else min(kc, max(64, (96 * 1024 // (2 * mt) - 8) // 64 * 64))
 
 
+_plans: dict[tuple[int, int, int, int], tuple] = {}  # (device, n, k, tokens ≤ 64) → spmm's default launch settings
+
+
+def _plan(dev: int, n: int, k: int, B: int, variant: tuple[int, ...] | None) -> tuple | None:
+    """(kernel, tokens a pass, warps a block, columns of x staged at a time, row groups, columns a split, splits) of
+    :func:`spmm`'s launches, or ``None`` when the kernel is not available."""
+    mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
+    mw, wb, uu, ch, minb = (tuple(variant) + (0, 1)[len(variant) - 3:])[:5] if variant else settings(n, k, B)
+    if ch % (32 * uu):
+        raise ValueError(f"nm24: {ch} columns of x a chunk is not a multiple of 32 × {uu} tiles in flight")
+    kern = kernel(dev, "nm24_mma_bf16", mt, mw, wb, uu, ch, minb)
+    if kern is None:
+        return None
+    sms, _ = delta_cuda._props(dev)
+    tiles = -(-n // (16 * mw * wb))
+    kc = split_columns(k, tiles, sms, mt, ch)
+    return kern, mt, wb, ch, tiles, kc, -(-k // kc)
+
+
 def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: int,
          variant: tuple[int, ...] | None = None) -> torch.Tensor | None:
     """y (B × n) = x (B × k) · Wᵀ in bf16 on the sparse tensor cores (up to 64 tokens a pass, more in several), or
@@ -235,20 +254,18 @@ def spmm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, k: i
     :func:`settings`."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     B = x.shape[0]
-    mt = next((t for t in MMA_TOKENS if t >= B), MMA_TOKENS[-1])
-    mw, wb, uu, ch, minb = (tuple(variant) + (0, 1)[len(variant) - 3:])[:5] if variant else settings(n, k, B)
-    if ch % (32 * uu):
-        raise ValueError(f"nm24: {ch} columns of x a chunk is not a multiple of 32 × {uu} tiles in flight")
-    kern = kernel(dev, "nm24_mma_bf16", mt, mw, wb, uu, ch, minb)
-    if kern is None:
-        return None
+    key = (dev, n, k, B)
+    plan = _plans.get(key) if variant is None else None
+    if plan is None:
+        plan = _plan(dev, n, k, B, variant)
+        if plan is None:
+            return None
+        if variant is None and B <= 64:
+            _plans[key] = plan
+    kern, mt, wb, ch, tiles, kc, s = plan
     x, y, done = delta_cuda.io(x, n, k)
     if done:
         return y
-    sms, _ = delta_cuda._props(dev)
-    tiles = -(-n // (16 * mw * wb))
-    kc = split_columns(k, tiles, sms, mt, ch)
-    s = -(-k // kc)
     bufs = delta_cuda.split_buffers(x, dev, n, mt, tiles, s)
     if bufs is None:
         return None
