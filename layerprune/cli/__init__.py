@@ -36,9 +36,10 @@ def csv_list(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, dtype: str = "float32",
+            dtype_help: str = "float32 | bfloat16 | float16 (default float32)") -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+    p.add_argument("--dtype", default=dtype, help=dtype_help)
     _meta(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--no-fused-kernels", action="store_true",
@@ -275,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-merge", action="store_true",
                    help="keep q/k/v and gate/up as separate linears (by default the sparse model runs the linears that "
                         "read one input as one stacked linear: fewer, taller launches; layerprune/sparse/merge.py)")
-    _common(g)
+    _common(g, "auto", "auto | float32 | bfloat16 | float16 (default auto: bfloat16 on a GPU, where the sparse kernels "
+                       "run, float32 on the CPU)")
 
     b = sub.add_parser("bench-decode", help="decode tokens/s, dense vs sparse, with a static KV cache and CUDA graphs")
     b.add_argument("model", help="a sparse directory (export --format sparse) or a layerprune output directory")

@@ -89,10 +89,11 @@ def greedy_static(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, grap
     return torch.tensor(toks[:end + 1] if end is not None else toks, dtype=torch.long), mode
 
 
-def generate(model: str, prompt: str, max_new_tokens: int = 32, device: str = "auto", dtype: str = "float32",
+def generate(model: str, prompt: str, max_new_tokens: int = 32, device: str = "auto", dtype: str = "auto",
              trust_remote_code: bool = False, merge: bool = True, graphs: bool = True) -> dict:
     """Greedy continuation of ``prompt``; a sparse directory runs its ``SparseLinear`` layers, with the linears
-    that read one input stacked (``merge``, :mod:`layerprune.sparse.merge`). On CUDA with ``graphs``:
+    that read one input stacked (``merge``, :mod:`layerprune.sparse.merge`). ``dtype`` "auto": bfloat16 on a GPU,
+    float32 on the CPU. On CUDA with ``graphs``:
     :func:`greedy_static` (static KV cache, the decode step replayed from a CUDA graph), unless the generation config
     asks for logits processors; else (or if the static cache cannot be built for the model: one warning)
     ``model.generate``."""
@@ -106,6 +107,8 @@ def generate(model: str, prompt: str, max_new_tokens: int = 32, device: str = "a
         raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     check_model_spec(model)
     dev = resolve_device(device)
+    if dtype == "auto":  # the sparse CUDA kernels are bf16 kernels; a float32 model on a GPU would unpack every call
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
     m, tok = load_model(model, dtype=parse_dtype(dtype), device=dev, trust_remote_code=trust_remote_code)
     n_sparse = sum(isinstance(x, SparseLinear) for x in m.modules())
     merged = merge_siblings(m) if merge and n_sparse else []
