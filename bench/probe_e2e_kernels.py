@@ -11,7 +11,6 @@ take the difference?
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from collections import defaultdict
@@ -86,23 +85,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--compile", action="store_true", help="also time the step compiled by torch.compile")
     a = ap.parse_args()
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from layerprune.sparse.bench import decode_rate
-    from layerprune.sparse.export import sparsify
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=a.layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        dense = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    dense.config.use_cache = True
-    with torch.no_grad():
-        for blk in dense.model.layers:
-            for lin in (m for m in blk.modules() if isinstance(m, torch.nn.Linear)):
-                lin.weight.masked_fill_(torch.rand(lin.weight.shape, device="cuda") < a.sparsity, 0)
-    sparse = copy.deepcopy(dense)
-    sparsify(sparse)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sparse_decode import masked_pair
+
+    dense, sparse = masked_pair(a.layers, a.sparsity)
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sparsity": a.sparsity,
            "layers": a.layers, "steps": a.steps}
     with torch.no_grad():

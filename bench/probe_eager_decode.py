@@ -10,7 +10,6 @@ With ``--direct both`` the sparse model also runs with ``linear.DIRECT`` off (ev
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -72,27 +71,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--direct", default="on", choices=("on", "both"))
     a = ap.parse_args()
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from layerprune.sparse import linear
     from layerprune.sparse.bench import decode_rate
-    from layerprune.sparse.export import sparsify
-    from layerprune.sparse.merge import merge_siblings
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=a.layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        dense = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    dense.config.use_cache = True
-    with torch.no_grad():
-        for blk in dense.model.layers:
-            for lin in (m for m in blk.modules() if isinstance(m, torch.nn.Linear)):
-                lin.weight.masked_fill_(torch.rand(lin.weight.shape, device="cuda") < a.sparsity, 0)
-    sparse = copy.deepcopy(dense)
-    sparsify(sparse)
-    merge_siblings(sparse)
-    merge_siblings(dense)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sparse_decode import masked_pair
+
+    dense, sparse = masked_pair(a.layers, a.sparsity, merge=True)
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sparsity": a.sparsity,
            "layers": a.layers, "new_tokens": a.new_tokens, "models": {}}
     runs = [("dense", dense, True), ("sparse", sparse, True)]

@@ -10,7 +10,6 @@ The host-side remainder (wall minus the kernels' sum) is what the GPU waits on P
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from collections import defaultdict
@@ -32,19 +31,30 @@ def kind(name: str) -> str:
     return "other"
 
 
-def kernels(model, tokens: int) -> dict:
+def profiled(model, tokens: int) -> dict:
+    """One prefill's GPU kernels under ``torch.profiler`` (summed: all, by kind, the top 8 names) and, for another
+    prefill, the host's functions by own time under cProfile (top 25); a warm prefill first."""
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     from layerprune.engine.fused import fused_ops
 
     dev = next(model.parameters()).device
     ids = torch.randint(10, 32000, (1, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+    pr = cProfile.Profile()
     with fused_ops(model, dev):
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
             torch.cuda.synchronize()
+        pr.enable()
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+        pr.disable()
     per: dict[str, float] = defaultdict(float)
     names: dict[str, float] = defaultdict(float)
     for ev in prof.events():
@@ -52,30 +62,9 @@ def kernels(model, tokens: int) -> dict:
             per[kind(ev.name)] += ev.device_time / 1e3  # ms
             names[ev.name[:90]] += ev.device_time / 1e3
     top = dict(sorted(names.items(), key=lambda t: -t[1])[:8])
-    return {"kernels_ms": sum(per.values()), "by_kind_ms": dict(per), "top_ms": top}
-
-
-def host_profile(model, tokens: int) -> str:
-    """cProfile of one prefill (after a warm one): the host's functions by own time, top 25."""
-    import cProfile
-    import io
-    import pstats
-
-    from layerprune.engine.fused import fused_ops
-
-    dev = next(model.parameters()).device
-    ids = torch.randint(10, 32000, (1, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
-    with fused_ops(model, dev):
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        torch.cuda.synchronize()
-        pr = cProfile.Profile()
-        pr.enable()
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        torch.cuda.synchronize()
-        pr.disable()
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
-    return s.getvalue()
+    return {"kernels_ms": sum(per.values()), "by_kind_ms": dict(per), "top_ms": top, "host_profile": s.getvalue()}
 
 
 def main() -> None:
@@ -85,25 +74,12 @@ def main() -> None:
     ap.add_argument("--tokens", default="512,2048")
     ap.add_argument("--layers", type=int, default=32)
     a = ap.parse_args()
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from layerprune.sparse.bench import prefill_ms
-    from layerprune.sparse.export import sparsify
-    from layerprune.sparse.merge import merge_siblings
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=a.layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        dense = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        for blk in dense.model.layers:
-            for lin in (m for m in blk.modules() if isinstance(m, torch.nn.Linear)):
-                lin.weight.masked_fill_(torch.rand(lin.weight.shape, device="cuda") < a.sparsity, 0)
-    sparse = copy.deepcopy(dense)
-    sparsify(sparse)
-    merge_siblings(sparse)
-    merge_siblings(dense)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sparse_decode import masked_pair
+
+    dense, sparse = masked_pair(a.layers, a.sparsity, merge=True)
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sparsity": a.sparsity,
            "layers": a.layers, "rows": []}
     with torch.no_grad():
@@ -111,9 +87,8 @@ def main() -> None:
             row = {"tokens": t}
             for name, m in (("dense", dense), ("sparse", sparse)):
                 wall = prefill_ms(m, t, vocab_hi=32000)
-                k = kernels(m, t)
-                row[name] = {"wall_ms": wall, **k, "host_gap_ms": wall - k["kernels_ms"],
-                             "host_profile": host_profile(m, t)}
+                k = profiled(m, t)
+                row[name] = {"wall_ms": wall, **k, "host_gap_ms": wall - k["kernels_ms"]}
                 print(t, name, f"wall {wall:.2f} ms, kernels {k['kernels_ms']:.2f} ms",
                       {kk: round(v, 2) for kk, v in k["by_kind_ms"].items()}, flush=True)
             row["speedup"] = row["dense"]["wall_ms"] / row["sparse"]["wall_ms"]

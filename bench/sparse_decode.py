@@ -269,6 +269,27 @@ def random_model(dims: str, smoke: bool = False, blocks: int = 0, max_pos: int =
     return model, cfg
 
 
+def masked_pair(layers: int = 32, sparsity: float = 0.7, merge: bool = False):
+    """(dense, sparse): LLaMA-2-7B dims with ``layers`` blocks (random bf16 on DEV, ``use_cache`` on), every block
+    linear masked at random to ``sparsity``, and its ``sparsify``'d copy; with ``merge`` q/k/v and gate/up stacked in
+    both (as ``generate`` runs them). For the probes that compare one dense and one sparse model."""
+    from layerprune.sparse.export import sparsify
+    from layerprune.sparse.merge import merge_siblings
+
+    dense, _ = random_model("llama2-7b", blocks=layers)
+    dense.config.use_cache = True
+    with torch.no_grad():
+        for blk in dense.model.layers:
+            for lin in (m for m in blk.modules() if isinstance(m, torch.nn.Linear)):
+                lin.weight.masked_fill_(torch.rand(lin.weight.shape, device=lin.weight.device) < sparsity, 0)
+    sparse = copy.deepcopy(dense)
+    sparsify(sparse)
+    if merge:
+        merge_siblings(sparse)
+        merge_siblings(dense)
+    return dense, sparse
+
+
 def random_session(model, nsamples: int, seqlen: int):
     """A pruning session calibrated on random token ids (speed does not depend on the values)."""
     from layerprune.api import Session
