@@ -1114,13 +1114,14 @@ def test_step_runner_on_cpu_is_eager_and_advances_the_cache():
     """bench.step_runner off CUDA: eager steps; each next token equals the full forward's argmax over the prefix."""
     from transformers import StaticCache
 
-    from layerprune.sparse.bench import step_runner
+    from layerprune.sparse.bench import cache_kwarg, step_runner
 
     m = tiny_model("llama", layers=2, seed=4)
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(1))
     cache = StaticCache(config=m.config, max_batch_size=1, max_cache_len=12)
     with torch.no_grad():
-        tok = m(input_ids=ids, past_key_values=cache, cache_position=torch.arange(5), use_cache=True).logits[:, -1:].argmax(-1)
+        tok = m(input_ids=ids, **{cache_kwarg(m): cache}, cache_position=torch.arange(5),
+                use_cache=True).logits[:, -1:].argmax(-1)
         pos = torch.tensor([5])
         run, mode = step_runner(m, cache, tok, pos, graphs=True)
         seq = torch.cat([ids, tok], 1)

@@ -11,6 +11,7 @@ dense model is the dense-with-zeros twin of the sparse one.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +39,15 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def cache_kwarg(model: nn.Module) -> str:
+    """The name the model's forward takes its KV cache by: ``cache`` (transformers ≥ 5.2x, where
+    ``past_key_values`` is deprecated) or ``past_key_values``."""
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
 def prefilled(model: nn.Module, batch: int, prompt_len: int, cache_len: int,
               vocab_hi: int = 1000) -> tuple[object, torch.Tensor, torch.Tensor]:
     """A static KV cache (``cache_len`` positions) after the prefill of a random prompt (seed 0), the greedy next
@@ -47,7 +57,7 @@ def prefilled(model: nn.Module, batch: int, prompt_len: int, cache_len: int,
     dev = next(model.parameters()).device
     cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=cache_len)
     ids = torch.randint(10, vocab_hi, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
-    out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt_len, device=dev),
+    out = model(input_ids=ids, **{cache_kwarg(model): cache}, cache_position=torch.arange(prompt_len, device=dev),
                 use_cache=True)
     return cache, out.logits[:, -1:].argmax(-1), torch.tensor([prompt_len], device=dev)
 
@@ -77,9 +87,10 @@ def step_runner(model: nn.Module, cache: object, tok: torch.Tensor, pos: torch.T
     that backend) compiled the step first. The warm-up steps write the same key/value entries the first replay
     writes."""
     dev = next(model.parameters()).device
+    kw = {cache_kwarg(model): cache}
 
     def step() -> torch.Tensor:
-        return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
+        return model(input_ids=tok, **kw, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
 
     if compile:
         step = torch.compile(step, backend="inductor" if compile is True else compile, fullgraph=True, dynamic=False)

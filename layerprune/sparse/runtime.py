@@ -59,14 +59,14 @@ def greedy_static(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, grap
     so a graph runs ahead of it at most that far (the extra tokens are dropped)."""
     from transformers import StaticCache
 
-    from layerprune.sparse.bench import step_runner
+    from layerprune.sparse.bench import cache_kwarg, step_runner
 
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise ValueError("greedy_static takes one sequence (1 × L token ids)")
     dev = ids.device
     n = ids.shape[1]
     cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=n + max_new_tokens)
-    out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n, device=dev), use_cache=True)
+    out = model(input_ids=ids, **{cache_kwarg(model): cache}, cache_position=torch.arange(n, device=dev), use_cache=True)
     tok = out.logits[:, -1:].argmax(-1)
     pos = torch.tensor([n], device=dev)
     new = torch.empty(1, max_new_tokens, dtype=torch.long, device=dev)
