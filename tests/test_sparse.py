@@ -1152,3 +1152,33 @@ def test_cuda_greedy_static_graph_equals_eager_steps():
     eager, mode_e = greedy_static(m, ids, 24, graphs=False)
     graph, mode_g = greedy_static(m, ids, 24, graphs=True)
     assert mode_e == "eager" and mode_g == "cuda-graph" and torch.equal(eager, graph)
+
+
+def test_cache_counters_restore_and_graph_safety():
+    """transformers' static layers write where their own fill counter points: a step advances it, and
+    restore_counters puts it back (what step_runner does after its warm-up and capture), so the next step writes the
+    same position again and gives the same token. A sliding-window layer is only graph-safe while it cannot fill."""
+    from transformers import StaticCache
+
+    from layerprune.sparse.bench import cache_counters, cache_kwarg, graph_safe, restore_counters
+
+    m = tiny_model("llama", layers=2, seed=6)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    cache = StaticCache(config=m.config, max_batch_size=1, max_cache_len=16)
+    kw = {cache_kwarg(m): cache}
+    with torch.no_grad():
+        tok = m(input_ids=ids, **kw, cache_position=torch.arange(5), use_cache=True).logits[:, -1:].argmax(-1)
+        saved = cache_counters(cache)
+        assert [int(t) for _, t, _ in saved] == [5, 5]
+        step = lambda: m(input_ids=tok, **kw, cache_position=torch.tensor([5]), use_cache=True).logits[0, -1]  # noqa: E731
+        first = step()
+        for _ in range(3):  # like the warm-up steps: each writes one position further
+            step()
+        assert int(cache.layers[0].cumulative_length) == 9
+        restore_counters(saved)
+        assert int(cache.layers[0].cumulative_length) == 5
+        assert torch.equal(step(), first)
+    assert graph_safe(cache, 16) and graph_safe(cache, None)
+    g = tiny_model("gemma3", layers=2, seed=6)  # sliding window 8
+    gc = StaticCache(config=g.config, max_batch_size=1, max_cache_len=40)
+    assert not graph_safe(gc, 40) and not graph_safe(gc, None) and graph_safe(gc, 8)

@@ -77,15 +77,48 @@ def decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, 
         return _decode_rate(model, batch, prompt_len, new_tokens, graphs, vocab_hi, compile)
 
 
+def cache_counters(cache: object) -> list[tuple[object, torch.Tensor | None, int | None]]:
+    """Each cache layer's fill counters, copied: transformers' static layers write a step's keys and values where
+    their own ``cumulative_length`` (a tensor, advanced in place) points, not at the ``cache_position`` they are given;
+    sliding-window layers also keep ``cumulative_length_int`` on the host."""
+    out = []
+    for layer in getattr(cache, "layers", []):
+        t = getattr(layer, "cumulative_length", None)
+        i = getattr(layer, "cumulative_length_int", None)
+        out.append((layer, t.clone() if isinstance(t, torch.Tensor) else None, i if isinstance(i, int) else None))
+    return out
+
+
+def restore_counters(saved: list[tuple[object, torch.Tensor | None, int | None]]) -> None:
+    """Put back what :func:`cache_counters` copied (the warm-up and capture steps advanced them)."""
+    for layer, t, i in saved:
+        if t is not None:
+            layer.cumulative_length.copy_(t)
+        if i is not None:
+            layer.cumulative_length_int = i
+
+
+def graph_safe(cache: object, length: int | None) -> bool:
+    """Whether a replayed step keeps ``cache`` right up to position ``length``: a sliding-window layer decides on the
+    host (its ``cumulative_length_int``) whether its window is full, which a replay would not redo, so it must not
+    fill before ``length`` (unknown length: not safe)."""
+    for layer in getattr(cache, "layers", []):
+        if isinstance(getattr(layer, "cumulative_length_int", None), int):
+            if length is None or length > getattr(layer, "max_cache_len", 0):
+                return False
+    return True
+
+
 def step_runner(model: nn.Module, cache: object, tok: torch.Tensor, pos: torch.Tensor, graphs: bool = True,
-                compile: bool | str = False) -> tuple[Callable[[], torch.Tensor], str]:
+                compile: bool | str = False, length: int | None = None) -> tuple[Callable[[], torch.Tensor], str]:
     """``(run, mode)``: ``run()`` is one greedy decode step (the next token, batch × 1, of ``tok`` written at
     position ``pos`` of the static ``cache``; the caller moves ``tok`` and ``pos`` on), and ``mode`` how it runs:
     ``cuda-graph`` (captured once after three warm-up steps on a side stream, then replayed: the host does no work per
     step; the token it returns is one static tensor, overwritten by the next replay) or ``eager`` (``graphs`` off, not
-    CUDA, or a capture that failed: one warning), prefixed ``compiled+`` when ``compile`` (True: Inductor; a string:
-    that backend) compiled the step first. The warm-up steps write the same key/value entries the first replay
-    writes."""
+    CUDA, a sliding-window cache that would fill before position ``length`` (:func:`graph_safe`), or a capture that
+    failed: one warning), prefixed ``compiled+`` when ``compile`` (True: Inductor; a string: that backend) compiled
+    the step first. The warm-up and capture steps advance the cache's fill counters; they are put back after, so the
+    first replay writes at ``pos`` (what the warm-up steps wrote past it is masked, then overwritten)."""
     dev = next(model.parameters()).device
     kw = {cache_kwarg(model): cache}
 
@@ -96,7 +129,10 @@ def step_runner(model: nn.Module, cache: object, tok: torch.Tensor, pos: torch.T
         step = torch.compile(step, backend="inductor" if compile is True else compile, fullgraph=True, dynamic=False)
     mode = "eager"
     run = step
-    if graphs and dev.type == "cuda":
+    if graphs and dev.type == "cuda" and not graph_safe(cache, length):
+        log.info("a sliding-window KV cache would fill before position %s: eager decode steps", length)
+    elif graphs and dev.type == "cuda":
+        saved = cache_counters(cache)
         try:
             s = torch.cuda.Stream(dev)
             s.wait_stream(torch.cuda.current_stream(dev))
@@ -116,6 +152,8 @@ def step_runner(model: nn.Module, cache: object, tok: torch.Tensor, pos: torch.T
         except Exception as e:  # noqa: BLE001 - a model whose step cannot be captured runs eagerly
             log.warning("CUDA-graph capture failed (%s): running eager decode steps", str(e).splitlines()[0][:120])
             torch.cuda.synchronize(dev)
+        finally:
+            restore_counters(saved)
     return run, ("compiled+" if compile else "") + mode
 
 
@@ -123,7 +161,7 @@ def _decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
                  compile: bool | str) -> tuple[float, str]:
     dev = next(model.parameters()).device
     cache, tok, pos = prefilled(model, batch, prompt_len, prompt_len + new_tokens + 8, vocab_hi)
-    run, mode = step_runner(model, cache, tok, pos, graphs, compile)
+    run, mode = step_runner(model, cache, tok, pos, graphs, compile, length=prompt_len + new_tokens + 8)
     for _ in range(3):  # warm-up
         run()
     if dev.type == "cuda":

@@ -75,7 +75,7 @@ def greedy_static(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, grap
     eos_t = torch.tensor(sorted(eos), device=dev) if eos else None
     done, mode = 1, "eager"
     if max_new_tokens > 1:
-        run, mode = step_runner(model, cache, tok, pos, graphs)
+        run, mode = step_runner(model, cache, tok, pos, graphs, length=n + max_new_tokens)
         while done < max_new_tokens:
             if eos_t is not None and done % 16 == 1 and bool(torch.isin(new[0, :done], eos_t).any()):
                 break
