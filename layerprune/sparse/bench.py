@@ -162,8 +162,10 @@ def _decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
     dev = next(model.parameters()).device
     cache, tok, pos = prefilled(model, batch, prompt_len, prompt_len + new_tokens + 8, vocab_hi)
     run, mode = step_runner(model, cache, tok, pos, graphs, compile, length=prompt_len + new_tokens + 8)
-    for _ in range(3):  # warm-up
+    saved = cache_counters(cache)
+    for _ in range(3):  # warm-up (each step advances the cache's fill counters: put back after, as step_runner does)
         run()
+    restore_counters(saved)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t = time.perf_counter()
