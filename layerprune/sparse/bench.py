@@ -38,7 +38,6 @@ def weight_bytes(model: nn.Module) -> int:
     return tot
 
 
-@torch.no_grad()
 def cache_kwarg(model: nn.Module) -> str:
     """The name the model's forward takes its KV cache by: ``cache`` (transformers ≥ 5.2x, where
     ``past_key_values`` is deprecated) or ``past_key_values``."""
@@ -48,6 +47,7 @@ def cache_kwarg(model: nn.Module) -> str:
         return "past_key_values"
 
 
+@torch.no_grad()
 def prefilled(model: nn.Module, batch: int, prompt_len: int, cache_len: int,
               vocab_hi: int = 1000) -> tuple[object, torch.Tensor, torch.Tensor]:
     """A static KV cache (``cache_len`` positions) after the prefill of a random prompt (seed 0), the greedy next
