@@ -205,7 +205,7 @@ def settings(n: int, k: int, tokens: int) -> tuple[int, int, int, int, int]:
     4096 × 4096 takes the small-weight setting (20.4 → 18.5 µs), and weights at least twice as tall as wide or of
     28672 columns two strips a warp, four warps a block, two tiles in flight (11008 × 4096: 34.5 → 32.2 µs,
     28672 × 8192: 112 → 105, 8192 × 28672: 104.5 → 100.8; on 4096 × 11008, 4096 × 14336 and 8192 × 8192 it lost
-    1–18%). Otherwise 17–64 tokens as session 27 chose: x in 512-column chunks on weights of 8192 rows or more."""
+    1–21%). Otherwise 17–64 tokens as session 27 chose: x in 512-column chunks on weights of 8192 rows or more."""
     if n <= 2048:
         return (1, 8, 4, 256, 4) if tokens <= 16 else (1, 4, 4, 512, 2)
     if tokens <= 16:
