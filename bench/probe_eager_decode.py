@@ -84,17 +84,14 @@ def main() -> None:
     if a.direct == "both":
         runs.append(("sparse_dispatcher", sparse, False))
     for name, m, direct in runs:
-        old = getattr(linear, "DIRECT", None)
-        if old is not None:
-            linear.DIRECT = direct
+        old, linear.DIRECT = linear.DIRECT, direct
         try:
             r = {"eager_tok_s": decode_rate(m, 1, 32, a.new_tokens, False, vocab_hi=32000)[0],
                  "graph_tok_s": decode_rate(m, 1, 32, a.new_tokens, True, vocab_hi=32000)[0],
                  "generate_tok_s": generate_rate(m, a.new_tokens),
                  "static_generate_tok_s": static_rate(m, a.new_tokens)}
         finally:
-            if old is not None:
-                linear.DIRECT = old
+            linear.DIRECT = old
         res["models"][name] = r
         print(name, {k: round(v, 1) for k, v in r.items()}, flush=True)
         Path(a.out).write_text(json.dumps(res, indent=1))

@@ -696,29 +696,28 @@ def _launcher():
 
 
 @functools.cache
-def _packer(nptrs: int, nints: int) -> tuple[struct.Struct, ctypes.Array]:
+def _packer(nptrs: int, nints: int) -> tuple[struct.Struct, int, ctypes.c_size_t]:
     """The layout of a kernel's parameters, ``nptrs`` 8-byte pointers then ``nints`` 4-byte ints (no padding falls
-    between them), and cuLaunchKernel's ``extra`` array that hands them over as one buffer: slot 1 takes the
-    buffer's address per launch; slot 3 points at the buffer's size, kept with the array."""
+    between them), and the address of its size (kept alive with it), for cuLaunchKernel's ``extra``."""
     fmt = struct.Struct(f"={nptrs}Q{nints}i")
     size = ctypes.c_size_t(fmt.size)
-    extra = (ctypes.c_void_p * 5)(1, None, 2, ctypes.addressof(size), 0)  # BUFFER_POINTER, BUFFER_SIZE, END
-    extra._size = size  # the size must outlive every launch that points at it
-    return fmt, extra
+    return fmt, ctypes.addressof(size), size
+
+
+_EXTRA = ctypes.c_void_p * 5  # CU_LAUNCH_PARAM_BUFFER_POINTER, buffer, CU_LAUNCH_PARAM_BUFFER_SIZE, &size, END
 
 
 def _launch(kern, grid: tuple[int, ...], threads: int, smem: int, stream: int, ptrs, ints) -> None:
     """Launch ``kern`` on ``stream`` over ``grid`` (2 or 3 dimensions) with its pointer arguments (tensors, or device
-    addresses as ints) then its int arguments, in the kernel's order (packed into one parameter buffer: a few µs
-    less host time a launch than one ctypes object per argument); opts the kernel in to more than 48 KB of shared
-    memory where ``smem`` needs it. Not thread-safe (one ``extra`` array per argument count), as PyTorch's eager
-    launches from one thread are not either."""
+    addresses as ints) then its int arguments, in the kernel's order, packed into one parameter buffer handed over
+    through cuLaunchKernel's ``extra`` (a few µs less host time a launch than one ctypes object per argument); opts
+    the kernel in to more than 48 KB of shared memory where ``smem`` needs it."""
     if smem >= 48 * 1024 and getattr(kern, "_max_shared_mem_bytes", 0) < smem:
         kern.set_shared_memory_config(smem)
-    fmt, extra = _packer(len(ptrs), len(ints))
+    fmt, size_addr, _ = _packer(len(ptrs), len(ints))
     buf = ctypes.create_string_buffer(fmt.pack(*[t if isinstance(t, int) else t.data_ptr() for t in ptrs], *ints),
                                       fmt.size)
-    extra[1] = ctypes.addressof(buf)
+    extra = _EXTRA(1, ctypes.addressof(buf), 2, size_addr, 0)
     rc = _launcher()(kern.func, grid[0], grid[1], grid[2] if len(grid) > 2 else 1, threads, 1, 1, smem, stream,
                       None, extra)
     if rc != 0:

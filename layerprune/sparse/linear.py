@@ -177,6 +177,9 @@ def _(x, values, meta, n, k):
     return x.new_empty(*x.shape[:-1], n)
 
 
+_PATHS = {"delta": (sparse_linear_delta, torch.ops.layerprune.sparse_linear_delta),  # layout → (implementation, op)
+          "nm24": (sparse_linear_nm24, torch.ops.layerprune.sparse_linear_nm24),
+          "bitmask": (sparse_linear, torch.ops.layerprune.sparse_linear)}
 DIRECT = True  # SparseLinear calls the op's implementation directly where ``direct`` allows (off: always the op)
 _compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
@@ -253,19 +256,15 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        if direct(x):  # eager on CUDA: the op's implementation called as it is, without the dispatcher's round trip
-            if self.layout == "delta":
-                y = sparse_linear_delta(x, self.values, self.deltas, self.starts, self.gptr, n, k)
-            elif self.layout == "nm24":
-                y = sparse_linear_nm24(x, self.values, self.meta, n, k)
-            else:
-                y = sparse_linear(x, self.bitmask, self.values, self.offsets, n, k, self.bn, self.bk)
-        elif self.layout == "delta":
-            y = torch.ops.layerprune.sparse_linear_delta(x, self.values, self.deltas, self.starts, self.gptr, n, k)
+        if self.layout == "delta":
+            args = (self.values, self.deltas, self.starts, self.gptr, n, k)
         elif self.layout == "nm24":
-            y = torch.ops.layerprune.sparse_linear_nm24(x, self.values, self.meta, n, k)
+            args = (self.values, self.meta, n, k)
         else:
-            y = torch.ops.layerprune.sparse_linear(x, self.bitmask, self.values, self.offsets, n, k, self.bn, self.bk)
+            args = (self.bitmask, self.values, self.offsets, n, k, self.bn, self.bk)
+        impl, op = _PATHS[self.layout]
+        # eager on CUDA the op's implementation runs as it is, without the dispatcher's round trip (``direct``)
+        y = impl(x, *args) if direct(x) else op(x, *args)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
