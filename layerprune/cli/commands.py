@@ -180,7 +180,7 @@ def cmd_generate(a: argparse.Namespace) -> tuple[dict, str]:
     from layerprune.sparse.runtime import generate
 
     rec = generate(a.model, a.prompt, a.max_new_tokens, device=a.device, dtype=a.dtype,
-                   trust_remote_code=a.trust_remote_code, merge=not a.no_merge, graphs=a.graphs)
+                   trust_remote_code=a.trust_remote_code, merge=not a.no_merge, graphs=not a.no_graphs)
     return rec, rec["text"]
 
 

@@ -1,14 +1,14 @@
 """Generation with a model spec or a sparse directory (``layerprune generate``).
 
 Driven step by step from Python, as Hugging Face's ``generate`` drives it, a 7B model's decode is bound by the host,
-which hides what the sparse kernels save and charges each sparse linear's launch to every token (LLaMA-2-7B dims at
-70%, batch 1, H200: 0.64× of dense with eager steps, 0.82× through ``generate``, 1.44× with the step replayed from a
-CUDA graph; BENCHMARKS.md, session 30). With ``graphs`` (``generate --graphs``) the greedy decode runs with a static
-KV cache and its one-token step captured once as a CUDA graph and replayed (:func:`greedy_static`, the step of
-``bench-decode``). Opt-in for now: its GPU test failed in session 30 before the fill counters were put back after the
-warm-up (:func:`layerprune.sparse.bench.restore_counters`) and has not run on a GPU since; the same loop with eager
-steps equals ``model.generate`` on the CPU. Without it, or when the model's generation config asks for logits
-processors that greedy ``argmax`` would skip, ``model.generate`` runs.
+which hides what the sparse kernels save and charges each sparse linear's launch to every token. On a GPU the greedy
+decode therefore runs by default with a static KV cache and its one-token step captured once as a CUDA graph and
+replayed (:func:`greedy_static`, the step of ``bench-decode``; ``generate --no-graphs`` turns it off). LLaMA-2-7B
+dims at 70%, batch 1, H200, 64 new tokens, the whole call over two runs: dense 116–126 → sparse 147–177 tokens/s
+this way, against 32–45 → 27–35 through ``model.generate`` (BENCHMARKS.md, session 31). The replayed steps give the
+tokens of the same loop's eager steps (GPU test), and those equal ``model.generate``'s (CPU test). When the model's
+generation config asks for logits processors that greedy ``argmax`` would skip, or the static cache cannot be built,
+``model.generate`` runs.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def greedy_static(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, grap
 
 
 def generate(model: str, prompt: str, max_new_tokens: int = 32, device: str = "auto", dtype: str = "auto",
-             trust_remote_code: bool = False, merge: bool = True, graphs: bool = False) -> dict:
+             trust_remote_code: bool = False, merge: bool = True, graphs: bool = True) -> dict:
     """Greedy continuation of ``prompt``; a sparse directory runs its ``SparseLinear`` layers, with the linears
     that read one input stacked (``merge``, :mod:`layerprune.sparse.merge`). ``dtype`` "auto": bfloat16 on a GPU,
     float32 on the CPU. On CUDA with ``graphs``:
