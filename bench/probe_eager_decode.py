@@ -1,7 +1,8 @@
 """Decode without CUDA graphs, as ``layerprune generate`` runs it (Hugging Face ``generate``, eager), dense against
 sparse: LLaMA-2-7B dims (random bf16, every block linear masked at random to ``--sparsity``, ``sparsify``, q/k/v and
 gate/up stacked in both models), batch 1. Per model: tokens/s of ``sparse.bench.decode_rate`` eager and with CUDA
-graphs, and of ``model.generate`` (greedy, ``--new-tokens``, the fused norms on, as ``sparse.runtime.generate``).
+graphs, of ``model.generate`` (greedy, ``--new-tokens``, the fused norms on, as ``sparse.runtime.generate``), and of
+``sparse.runtime.greedy_static`` as a whole call, also in session 30's form whose warm-up steps were thrown away.
 With ``--direct both`` the sparse model also runs with ``linear.DIRECT`` off (every call through the dispatcher).
 
     python3 bench/probe_eager_decode.py --out $OUT/eager_decode.json [--layers 32] [--new-tokens 64]
@@ -38,7 +39,31 @@ def generate_rate(model, new_tokens: int, reps: int = 3) -> float:
     return sorted(rates)[len(rates) // 2]
 
 
-def static_rate(model, new_tokens: int, reps: int = 3) -> float:
+def greedy_static_discarding(model, ids, max_new_tokens: int):
+    """Session 30's form of ``greedy_static``, for the side-by-side: its three warm-up steps redo the first step's
+    position and are thrown away (no end-of-sequence check: the probe runs the full length)."""
+    from transformers import StaticCache
+
+    from layerprune.sparse.bench import cache_kwarg, step_runner
+
+    n = ids.shape[1]
+    cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=n + max_new_tokens)
+    out = model(input_ids=ids, **{cache_kwarg(model): cache}, cache_position=torch.arange(n, device=ids.device),
+                use_cache=True)
+    tok = out.logits[:, -1:].argmax(-1)
+    pos = torch.tensor([n], device=ids.device)
+    new = torch.empty(1, max_new_tokens, dtype=torch.long, device=ids.device)
+    new[:, :1] = tok
+    run, mode = step_runner(model, cache, tok, pos, True, length=n + max_new_tokens)
+    for done in range(1, max_new_tokens):
+        nxt = run()
+        new[:, done:done + 1] = nxt
+        tok.copy_(nxt)
+        pos.add_(1)
+    return new[0], mode
+
+
+def static_rate(model, new_tokens: int, reps: int = 7, fn=None) -> float:
     """Tokens/s of ``sparse.runtime.greedy_static`` (what ``layerprune generate`` runs on a GPU) as a whole call: the
     prefill, the three warm-up steps and the capture included."""
     from layerprune.engine.fused import fused_ops
@@ -54,7 +79,7 @@ def static_rate(model, new_tokens: int, reps: int = 3) -> float:
             for i in range(reps + 1):
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                new, _ = greedy_static(model, ids, new_tokens, graphs=True)
+                new, _ = (fn or greedy_static)(model, ids, new_tokens)
                 torch.cuda.synchronize()
                 if i:
                     rates.append(len(new) / (time.perf_counter() - t))
@@ -89,7 +114,8 @@ def main() -> None:
             r = {"eager_tok_s": decode_rate(m, 1, 32, a.new_tokens, False, vocab_hi=32000)[0],
                  "graph_tok_s": decode_rate(m, 1, 32, a.new_tokens, True, vocab_hi=32000)[0],
                  "generate_tok_s": generate_rate(m, a.new_tokens),
-                 "static_generate_tok_s": static_rate(m, a.new_tokens)}
+                 "static_generate_tok_s": static_rate(m, a.new_tokens),
+                 "static_discarding_tok_s": static_rate(m, a.new_tokens, fn=greedy_static_discarding)}
         finally:
             linear.DIRECT = old
         res["models"][name] = r

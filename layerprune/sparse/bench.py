@@ -77,6 +77,11 @@ def decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, 
         return _decode_rate(model, batch, prompt_len, new_tokens, graphs, vocab_hi, compile)
 
 
+WARMUP = 3  # eager steps before a capture (on a side stream, as torch.cuda.graphs asks), thrown away after
+REAL_WARMUP = 1  # the same when they are a generation's own steps (step_runner's advance): each is a slow eager
+# step, and one has already run every kernel once (Triton's compile, the launch plans) before the capture
+
+
 def cache_counters(cache: object) -> list[tuple[object, torch.Tensor | None, int | None]]:
     """Each cache layer's fill counters, copied: transformers' static layers write a step's keys and values where
     their own ``cumulative_length`` (a tensor, advanced in place) points, not at the ``cache_position`` they are given;
@@ -110,7 +115,8 @@ def graph_safe(cache: object, length: int | None) -> bool:
 
 
 def step_runner(model: nn.Module, cache: object, tok: torch.Tensor, pos: torch.Tensor, graphs: bool = True,
-                compile: bool | str = False, length: int | None = None) -> tuple[Callable[[], torch.Tensor], str]:
+                compile: bool | str = False, length: int | None = None,
+                advance: Callable[[torch.Tensor], None] | None = None) -> tuple[Callable[[], torch.Tensor], str]:
     """``(run, mode)``: ``run()`` is one greedy decode step (the next token, batch × 1, of ``tok`` written at
     position ``pos`` of the static ``cache``; the caller moves ``tok`` and ``pos`` on), and ``mode`` how it runs:
     ``cuda-graph`` (captured once after three warm-up steps on a side stream, then replayed: the host does no work per
@@ -118,7 +124,10 @@ def step_runner(model: nn.Module, cache: object, tok: torch.Tensor, pos: torch.T
     CUDA, a sliding-window cache that would fill before position ``length`` (:func:`graph_safe`), or a capture that
     failed: one warning), prefixed ``compiled+`` when ``compile`` (True: Inductor; a string: that backend) compiled
     the step first. The warm-up and capture steps advance the cache's fill counters; they are put back after, so the
-    first replay writes at ``pos`` (what the warm-up steps wrote past it is masked, then overwritten)."""
+    first replay writes at ``pos`` (what the warm-up steps wrote past it is masked, then overwritten). With
+    ``advance`` the warm-up is one real decode step instead (``REAL_WARMUP``; three when compiled): its next token is
+    handed to ``advance``, which moves ``tok`` and ``pos`` on as the caller's loop does, and only the capture's
+    counters are put back (a generation does not pay eager steps it throws away)."""
     dev = next(model.parameters()).device
     kw = {cache_kwarg(model): cache}
 
@@ -132,14 +141,18 @@ def step_runner(model: nn.Module, cache: object, tok: torch.Tensor, pos: torch.T
     if graphs and dev.type == "cuda" and not graph_safe(cache, length):
         log.info("a sliding-window KV cache would fill before position %s: eager decode steps", length)
     elif graphs and dev.type == "cuda":
-        saved = cache_counters(cache)
+        saved = None if advance else cache_counters(cache)
         try:
             s = torch.cuda.Stream(dev)
             s.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(s):
-                for _ in range(3):
-                    step()
+                for _ in range(REAL_WARMUP if advance and not compile else WARMUP):
+                    nxt = step()
+                    if advance:
+                        advance(nxt)
             torch.cuda.current_stream(dev).wait_stream(s)
+            if advance:
+                saved = cache_counters(cache)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 nxt_static = step()
@@ -153,7 +166,8 @@ def step_runner(model: nn.Module, cache: object, tok: torch.Tensor, pos: torch.T
             log.warning("CUDA-graph capture failed (%s): running eager decode steps", str(e).splitlines()[0][:120])
             torch.cuda.synchronize(dev)
         finally:
-            restore_counters(saved)
+            if saved is not None:
+                restore_counters(saved)
     return run, ("compiled+" if compile else "") + mode
 
 
@@ -163,7 +177,7 @@ def _decode_rate(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
     cache, tok, pos = prefilled(model, batch, prompt_len, prompt_len + new_tokens + 8, vocab_hi)
     run, mode = step_runner(model, cache, tok, pos, graphs, compile, length=prompt_len + new_tokens + 8)
     saved = cache_counters(cache)
-    for _ in range(3):  # warm-up (each step advances the cache's fill counters: put back after, as step_runner does)
+    for _ in range(WARMUP):  # warm-up (each step advances the cache's fill counters: put back after, as step_runner does)
         run()
     restore_counters(saved)
     if dev.type == "cuda":

@@ -3,12 +3,12 @@
 Driven step by step from Python, as Hugging Face's ``generate`` drives it, a 7B model's decode is bound by the host,
 which hides what the sparse kernels save and charges each sparse linear's launch to every token. On a GPU the greedy
 decode therefore runs by default with a static KV cache and its one-token step captured once as a CUDA graph and
-replayed (:func:`greedy_static`, the step of ``bench-decode``; ``generate --no-graphs`` turns it off). LLaMA-2-7B
-dims at 70%, batch 1, H200, 64 new tokens, the whole call over two runs: dense 116–126 → sparse 147–177 tokens/s
-this way, against 32–45 → 27–35 through ``model.generate`` (BENCHMARKS.md, session 31). The replayed steps give the
-tokens of the same loop's eager steps (GPU test), and those equal ``model.generate``'s (CPU test). When the model's
-generation config asks for logits processors that greedy ``argmax`` would skip, or the static cache cannot be built,
-``model.generate`` runs.
+replayed (:func:`greedy_static`, the step of ``bench-decode``; ``generate --no-graphs`` turns it off). Its one warm-
+up step before the capture is the generation's own first step. LLaMA-2-7B dims at 70%, batch 1, H200, 64 new tokens,
+the whole call: dense 157 → sparse 209 tokens/s (1.33×), against 38 → 42 through ``model.generate`` in the same run
+(BENCHMARKS.md, session 31). The replayed steps give the tokens of the same loop's eager steps (GPU test), and those
+equal ``model.generate``'s (CPU test). When the model's generation config asks for logits processors that greedy
+``argmax`` would skip, or the static cache cannot be built, ``model.generate`` runs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 from layerprune.errors import UserError
 
 log = logging.getLogger("layerprune")
+MIN_REPLAYS = 2  # fewer steps left after the warm-up: eager steps (a capture costs about one eager step)
 
 # Generation-config fields whose non-neutral values change greedy tokens (Hugging Face's logits processors): the
 # static path only takes the argmax, so a model that sets any of them generates through ``model.generate``.
@@ -55,13 +56,14 @@ def _eos_ids(model: nn.Module) -> set[int]:
 @torch.no_grad()
 def greedy_static(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, graphs: bool = True) -> tuple[torch.Tensor, str]:
     """``(new tokens, mode)``: greedy continuation of ``ids`` (1 × L) by argmax, with a ``transformers.StaticCache``
-    of L + ``max_new_tokens`` positions; the decode step replayed from a CUDA graph on a GPU when ``graphs``
-    (:func:`layerprune.sparse.bench.step_runner`; ``mode`` says how it ran). Stops after the first end-of-sequence
+    of L + ``max_new_tokens`` positions; the decode step replayed from a CUDA graph on a GPU when ``graphs`` and at
+    least ``MIN_REPLAYS`` replays would follow the warm-up step (:func:`layerprune.sparse.bench.step_runner`, whose
+    warm-up before the capture is the first real decode step here; ``mode`` says how it ran). Stops after the first end-of-sequence
     token of the generation config, which is kept, as ``model.generate`` does; the host looks for it every 16 steps,
     so a graph runs ahead of it at most that far (the extra tokens are dropped)."""
     from transformers import StaticCache
 
-    from layerprune.sparse.bench import cache_kwarg, step_runner
+    from layerprune.sparse.bench import REAL_WARMUP, cache_kwarg, step_runner
 
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise ValueError("greedy_static takes one sequence (1 × L token ids)")
@@ -76,16 +78,22 @@ def greedy_static(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, grap
     eos = _eos_ids(model)
     eos_t = torch.tensor(sorted(eos), device=dev) if eos else None
     done, mode = 1, "eager"
+
+    def advance(nxt: torch.Tensor) -> None:  # one decode step taken: its token kept, the next step's input set
+        nonlocal done
+        new[:, done:done + 1] = nxt
+        tok.copy_(nxt)
+        pos.add_(1)
+        done += 1
+
     if max_new_tokens > 1:
-        run, mode = step_runner(model, cache, tok, pos, graphs, length=n + max_new_tokens)
+        # a capture pays off only with a few steps left after the warm-up step (a real step here)
+        run, mode = step_runner(model, cache, tok, pos, graphs and max_new_tokens - 1 - REAL_WARMUP >= MIN_REPLAYS,
+                                length=n + max_new_tokens, advance=advance)
         while done < max_new_tokens:
             if eos_t is not None and done % 16 == 1 and bool(torch.isin(new[0, :done], eos_t).any()):
                 break
-            nxt = run()
-            new[:, done:done + 1] = nxt
-            tok.copy_(nxt)
-            pos.add_(1)
-            done += 1
+            advance(run())
     toks = new[0, :done].tolist()
     end = next((i for i, t in enumerate(toks) if t in eos), None)
     return torch.tensor(toks[:end + 1] if end is not None else toks, dtype=torch.long), mode
