@@ -1150,8 +1150,10 @@ def test_cuda_greedy_static_graph_equals_eager_steps():
     sparsify(m, 0.0)
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2)).cuda()
     eager, mode_e = greedy_static(m, ids, 24, graphs=False)
-    graph, mode_g = greedy_static(m, ids, 24, graphs=True)
+    graph, mode_g = greedy_static(m, ids, 24, graphs=True)  # one real warm-up step, then the capture
     assert mode_e == "eager" and mode_g == "cuda-graph" and torch.equal(eager, graph)
+    short, mode_s = greedy_static(m, ids, 3, graphs=True)  # too few steps left to pay for a capture
+    assert mode_s == "eager" and torch.equal(short, eager[:3])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph replay needs a CUDA device (the GPU machine)")

@@ -3,12 +3,12 @@
 Driven step by step from Python, as Hugging Face's ``generate`` drives it, a 7B model's decode is bound by the host,
 which hides what the sparse kernels save and charges each sparse linear's launch to every token. On a GPU the greedy
 decode therefore runs by default with a static KV cache and its one-token step captured once as a CUDA graph and
-replayed (:func:`greedy_static`, the step of ``bench-decode``; ``generate --no-graphs`` turns it off). Its one warm-
-up step before the capture is the generation's own first step. LLaMA-2-7B dims at 70%, batch 1, H200, 64 new tokens,
-the whole call: dense 157 → sparse 209 tokens/s (1.33×), against 38 → 42 through ``model.generate`` in the same run
-(BENCHMARKS.md, session 31). The replayed steps give the tokens of the same loop's eager steps (GPU test), and those
-equal ``model.generate``'s (CPU test). When the model's generation config asks for logits processors that greedy
-``argmax`` would skip, or the static cache cannot be built, ``model.generate`` runs.
+replayed (:func:`greedy_static`, the step of ``bench-decode``; ``generate --no-graphs`` turns it off). Its one
+warm-up step before the capture is the generation's own first step. LLaMA-2-7B dims at 70%, batch 1, H200, 64 new
+tokens, the whole call: dense 157 → sparse 209 tokens/s (1.33×), against 38 → 42 through ``model.generate`` in the
+same run (BENCHMARKS.md, session 31). The replayed steps give the tokens of the same loop's eager steps (GPU test),
+and those equal ``model.generate``'s (CPU test). When the model's generation config asks for logits processors that
+greedy ``argmax`` would skip, or the static cache cannot be built, ``model.generate`` runs.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def greedy_static(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, grap
     """``(new tokens, mode)``: greedy continuation of ``ids`` (1 × L) by argmax, with a ``transformers.StaticCache``
     of L + ``max_new_tokens`` positions; the decode step replayed from a CUDA graph on a GPU when ``graphs`` and at
     least ``MIN_REPLAYS`` replays would follow the warm-up step (:func:`layerprune.sparse.bench.step_runner`, whose
-    warm-up before the capture is the first real decode step here; ``mode`` says how it ran). Stops after the first end-of-sequence
-    token of the generation config, which is kept, as ``model.generate`` does; the host looks for it every 16 steps,
-    so a graph runs ahead of it at most that far (the extra tokens are dropped)."""
+    warm-up before the capture is the first real decode step here; ``mode`` says how it ran). Stops after the first
+    end-of-sequence token of the generation config, which is kept, as ``model.generate`` does; the host looks for it
+    every 16 steps, so a graph runs ahead of it at most that far (the extra tokens are dropped)."""
     from transformers import StaticCache
 
     from layerprune.sparse.bench import REAL_WARMUP, cache_kwarg, step_runner
