@@ -25,25 +25,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from layerprune.sparse import delta_cuda  # noqa: E402
 from layerprune.sparse.delta import pack  # noqa: E402
+from sparse_chunked import graphed  # noqa: E402
 
 SHAPES = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))
 
 
 def replay_ms(fn, reps: int) -> float:
-    """Median ms of one replay of ``fn`` captured as a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    """Median ms of one replay of ``fn`` captured as a CUDA graph (``sparse_chunked.graphed``: two warm-up calls on a
+    side stream, then the capture)."""
+    g, _ = graphed(fn)
     for _ in range(3):
         g.replay()
     ts = []
