@@ -298,6 +298,42 @@ def test_smollm2_sparse_generates_the_same_greedy_tokens(tmp_path, smol):
 
 
 # ---- the delta layout (layerprune/sparse/delta.py, delta_kernels.py) ----
+
+
+def test_probe_delta16_words_round_trip_exactly():
+    """bench/probe_delta16.py's 16-bit word a nonzero (BENCHMARKS.md, session 31), both forms: packing a delta weight
+    and decoding the words as its kernel does gives the weight back bit for bit (empty rows, fillers and padding
+    included); the scaled form refuses exactly the groups holding a nonzero subnormal, the offset form keeps them."""
+    import sys
+    from pathlib import Path
+
+    from layerprune.sparse import delta
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        import probe_delta16 as p16
+    finally:
+        sys.path.remove(bench)
+    torch.manual_seed(3)
+    w = p16.magnitude_masked(40, 700, 0.7, torch.device("cpu"))
+    w[7] = 0
+    w[9, 600:] = 0  # a long run of zeros: filler entries
+    dt = delta.pack(w)
+    for scaled in (False, True):
+        words, sb, bad = p16.pack16(dt, scaled)
+        assert bad == 0 and words.numel() == dt.values.numel() and sb.numel() == dt.starts.numel()
+        assert torch.equal(p16.unpack16_ref(words, sb, dt.gptr, (40, 700), scaled), w)
+    w[5, ::100] = torch.tensor(1e-39, dtype=torch.bfloat16)  # subnormals in 1 row
+    dt = delta.pack(w)
+    words, sb, bad = p16.pack16(dt, False)
+    assert bad == 0 and torch.equal(p16.unpack16_ref(words, sb, dt.gptr, (40, 700)), w)
+    v = dt.values.view(-1, 32)
+    has_sub = ((v.float().abs() < 1e-37) & (v != 0)).any(1)  # groups holding a nonzero subnormal
+    rows = torch.repeat_interleave(torch.arange(40), (dt.gptr[1:] - dt.gptr[:-1]).long())
+    assert set(rows[has_sub].tolist()) == {5}
+    assert p16.pack16(dt, True)[2] == int(has_sub.sum()) > 0
+
 DKINDS = ["0.7", "0.5", "2:4", "uneven", "empty", "dense", "0.97"]  # 0.97: gaps ≥ 16 need filler entries
 
 
