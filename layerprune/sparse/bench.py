@@ -119,7 +119,7 @@ def step_runner(model: nn.Module, cache: object, tok: torch.Tensor, pos: torch.T
                 advance: Callable[[torch.Tensor], None] | None = None) -> tuple[Callable[[], torch.Tensor], str]:
     """``(run, mode)``: ``run()`` is one greedy decode step (the next token, batch × 1, of ``tok`` written at
     position ``pos`` of the static ``cache``; the caller moves ``tok`` and ``pos`` on), and ``mode`` how it runs:
-    ``cuda-graph`` (captured once after three warm-up steps on a side stream, then replayed: the host does no work per
+    ``cuda-graph`` (captured once after ``WARMUP`` warm-up steps on a side stream, then replayed: the host does no work per
     step; the token it returns is one static tensor, overwritten by the next replay) or ``eager`` (``graphs`` off, not
     CUDA, a sliding-window cache that would fill before position ``length`` (:func:`graph_safe`), or a capture that
     failed: one warning), prefixed ``compiled+`` when ``compile`` (True: Inductor; a string: that backend) compiled
